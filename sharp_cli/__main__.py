@@ -1,0 +1,3 @@
+from sharp_cli.cli import main
+
+main()

@@ -1,0 +1,317 @@
+"""The `sharp` command line: thin commands over engine, bench and eval.
+
+Answers go to stdout, tables and progress to stderr. Errors are one line on stderr with exit code
+1 (runtime) or 2 (usage); 130 on Ctrl-C. SHARP_DEBUG=1 shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from typing import Annotated, Optional
+
+import typer
+from typer.core import TyperGroup
+
+from sharp_cli.errors import SharpError, UsageError, one_line
+
+
+class SharpGroup(TyperGroup):
+    """Turns every failure into one line and an exit code, for users and the CLI test runner alike."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        try:
+            code = super().main(args=args, prog_name=prog_name, complete_var=complete_var,
+                                standalone_mode=False, **extra)
+        except KeyboardInterrupt:
+            _fail("interrupted", 130)
+        except SharpError as exc:
+            _debug_reraise()
+            _fail(str(exc), exc.exit_code)
+        except Exception as exc:  # noqa: BLE001 - last line of defence: never a traceback
+            # Typer vendors click in recent releases: recognise its exceptions by shape, not class.
+            if type(exc).__name__ == "Abort":
+                _fail("interrupted", 130)
+            if hasattr(exc, "format_message") and isinstance(getattr(exc, "exit_code", None), int):
+                ctx = getattr(exc, "ctx", None)
+                hint = f" (see '{ctx.command_path} --help')" if ctx is not None and exc.exit_code == 2 else ""
+                _fail(exc.format_message() + hint, exc.exit_code)
+            _debug_reraise()
+            _fail(_describe(exc), 1)
+        sys.exit(code if isinstance(code, int) else 0)
+
+
+def _debug_reraise():
+    if os.environ.get("SHARP_DEBUG") not in (None, "", "0"):
+        raise
+
+
+def _describe(exc: Exception) -> str:
+    name = type(exc).__name__
+    if name == "OutOfMemoryError" or "out of memory" in str(exc).lower():
+        return ("out of GPU memory; lower --frames, --max-pixels or --ratio, or use --quant nf4 "
+                f"({one_line(str(exc), 160)})")
+    return f"{name}: {exc} (SHARP_DEBUG=1 shows the traceback)"
+
+
+def _fail(message: str, code: int):
+    sys.stderr.write(f"sharp: error: {one_line(message)}\n")
+    sys.stderr.flush()
+    sys.exit(code)
+
+
+app = typer.Typer(
+    cls=SharpGroup, no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+    rich_markup_mode=None, help="Ask questions about videos with a video LLM, made fast by ShaRP token pruning.",
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+# -- options shared by ask, bench and eval ----------------------------------------------------------
+Model = Annotated[str, typer.Option("-m", "--model", envvar="SHARP_MODEL",
+                                    help="Hub id or local folder of a supported video LLM.")]
+Device = Annotated[str, typer.Option(help="auto, cuda or cpu.")]
+Quant = Annotated[str, typer.Option(help="auto (nf4 on CUDA, none on CPU), nf4, int8 or none.")]
+Dtype = Annotated[str, typer.Option(help="auto (bfloat16 on CUDA, float32 on CPU), bfloat16, float16, float32.")]
+RandomWeights = Annotated[bool, typer.Option("--random-weights", help="Build the model's architecture from its "
+                                             "shipped config with random weights (speed measurements, no download).")]
+TrustRemoteCode = Annotated[bool, typer.Option("--trust-remote-code", help="Allow model code from the hub (off by default).")]
+Frames = Annotated[int, typer.Option(help="Frames sampled uniformly over the video.")]
+Fps = Annotated[Optional[float], typer.Option(help="Sample this many frames per second instead (capped by --max-frames).")]
+MaxFrames = Annotated[int, typer.Option(help="Upper bound on frames sampled with --fps.")]
+MaxPixels = Annotated[Optional[int], typer.Option(help="Upper bound on pixels per frame (so on visual tokens per frame).")]
+Decoder = Annotated[str, typer.Option(help="Video decoder: auto (decord, then PyAV), decord or pyav.")]
+Method = Annotated[str, typer.Option(help="sharp, fastv, random or none.")]
+Ratio = Annotated[float, typer.Option(help="Fraction of visual tokens kept from layer K on, in (0, 1].")]
+Layer = Annotated[int, typer.Option(help="K: the decoder layer where pruning happens (layers 0..K-1 see all tokens).")]
+Query = Annotated[str, typer.Option(help="Text rows that score the video: last (token) or text (all after the video).")]
+SegmentMask = Annotated[bool, typer.Option(help="sharp: segment-aware causal mask in layers 0..K-1.")]
+SegmentFrames = Annotated[Optional[int], typer.Option(help="sharp: video frames per segment (default: one model frame step).")]
+Debias = Annotated[str, typer.Option(help="sharp: positional debiasing: subtract, divide or none.")]
+Dedup = Annotated[bool, typer.Option(help="sharp: skip near-duplicate and register tokens, refilling the budget.")]
+DedupThreshold = Annotated[float, typer.Option(help="sharp: cosine similarity above which a token is a duplicate.")]
+DedupWindow = Annotated[int, typer.Option(help="sharp: token frames before/after searched for duplicates.")]
+RegisterZ = Annotated[float, typer.Option(help="sharp: norm z-score above which a token is a register outlier (0: off).")]
+Seed = Annotated[int, typer.Option(help="Seed of the random baseline.")]
+JsonOut = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")]
+
+
+def prune_config(method, ratio, layer, query, segment_mask, segment_frames, debias, dedup, dedup_threshold,
+                 dedup_window, register_z, seed):
+    from sharp_cli.prune.config import PruneConfig
+
+    return PruneConfig(method=method, ratio=ratio, layer=layer, query=query, segment_mask=segment_mask,
+                       segment_frames=segment_frames, debias=debias, dedup=dedup, dedup_threshold=dedup_threshold,
+                       dedup_window=dedup_window, register_z=register_z, seed=seed).validate()
+
+
+def stderr_console(quiet: bool = False):
+    from rich.console import Console
+
+    return Console(stderr=True, quiet=quiet, highlight=False)
+
+
+def quiet_transformers():
+    """transformers' progress bars and advisory warnings would drown the one-line contract."""
+    import warnings
+
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=UserWarning, module="transformers")
+    from transformers.utils import logging
+
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()
+
+
+@app.command()
+def ask(
+    video: Annotated[str, typer.Argument(help="Video file (mp4, mkv, webm, ...).")],
+    question: Annotated[str, typer.Argument(help="The question about the video.")],
+    model: Model = "Qwen/Qwen2.5-VL-7B-Instruct",
+    device: Device = "auto", quant: Quant = "auto", dtype: Dtype = "auto",
+    frames: Frames = 32, fps: Fps = None, max_frames: MaxFrames = 768, max_pixels: MaxPixels = None,
+    decoder: Decoder = "auto",
+    method: Method = "sharp", ratio: Ratio = 0.15, layer: Layer = 2, query: Query = "last",
+    segment_mask: SegmentMask = True, segment_frames: SegmentFrames = None, debias: Debias = "subtract",
+    dedup: Dedup = True, dedup_threshold: DedupThreshold = 0.9, dedup_window: DedupWindow = 1,
+    register_z: RegisterZ = 8.0, seed: Seed = 0,
+    max_new_tokens: Annotated[int, typer.Option(help="Upper bound on answer tokens (greedy, stops at EOS).")] = 128,
+    json_out: JsonOut = False,
+    quiet: Annotated[bool, typer.Option("-q", "--quiet", help="Print the answer only.")] = False,
+    random_weights: RandomWeights = False, trust_remote_code: TrustRemoteCode = False,
+    no_prior_cache: Annotated[bool, typer.Option("--no-prior-cache", help="Do not read or write the on-disk positional-prior cache.")] = False,
+):
+    """Answer QUESTION about VIDEO; the answer goes to stdout, what it cost to stderr."""
+    cfg = prune_config(method, ratio, layer, query, segment_mask, segment_frames, debias, dedup,
+                       dedup_threshold, dedup_window, register_z, seed)
+    if max_new_tokens < 1:
+        raise UsageError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
+    if not question.strip():
+        raise UsageError("the question is empty")
+    console = stderr_console(quiet)
+    from sharp_cli import video as video_mod
+
+    with console.status("decoding video"):
+        clip = video_mod.load_video(video, frames=frames, fps=fps, max_frames=max_frames,
+                                    max_pixels=max_pixels, backend=decoder)
+    for note in clip.notes:
+        console.print(f"note: {note}")
+    quiet_transformers()
+    from sharp_cli import engine, report
+    from sharp_cli.prune.prior import PriorStore
+
+    with console.status(f"loading {model}"):
+        loaded = engine.load(model, device=device, quant=quant, dtype=dtype, random_weights=random_weights,
+                             trust_remote_code=trust_remote_code)
+    with console.status("answering"):
+        answer = engine.ask(loaded, clip, question, cfg, max_new_tokens=max_new_tokens, max_pixels=max_pixels,
+                            store=PriorStore(use_disk=not no_prior_cache))
+    record = report.ask_record(loaded, clip, cfg, answer)
+    if json_out:
+        report.print_json(record)
+    else:
+        typer.echo(answer.text)
+    if not quiet:
+        console.print(report.ask_table(record))
+
+
+def _split_list(values: list[str] | None, cast, name: str) -> list:
+    out = []
+    for value in values or []:
+        for part in str(value).split(","):
+            if part.strip():
+                try:
+                    out.append(cast(part.strip()))
+                except ValueError:
+                    raise UsageError(f"{name}: cannot read '{part.strip()}'") from None
+    return out
+
+
+@app.command()
+def bench(
+    video: Annotated[Optional[str], typer.Option(help="A real video; default: a synthetic one of the layout below.")] = None,
+    frames: Frames = 32,
+    height: Annotated[int, typer.Option(help="Synthetic video frame height in pixels.")] = 392,
+    width: Annotated[int, typer.Option(help="Synthetic video frame width in pixels.")] = 784,
+    question: Annotated[str, typer.Option(help="The question asked in every run.")] = "What happens in this video?",
+    model: Model = "Qwen/Qwen2.5-VL-7B-Instruct",
+    device: Device = "auto", quant: Quant = "auto", dtype: Dtype = "auto",
+    random_weights: RandomWeights = False, trust_remote_code: TrustRemoteCode = False,
+    methods: Annotated[str, typer.Option(help="Comma list of methods to compare.")] = "none,fastv,random,sharp",
+    ratio: Annotated[Optional[list[str]], typer.Option(help="Ratio(s) kept; repeat or give a comma list.")] = None,
+    layer: Layer = 2, query: Query = "last",
+    segment_mask: SegmentMask = True, segment_frames: SegmentFrames = None, debias: Debias = "subtract",
+    dedup: Dedup = True, dedup_threshold: DedupThreshold = 0.9, dedup_window: DedupWindow = 1,
+    register_z: RegisterZ = 8.0, seed: Seed = 0,
+    max_pixels: MaxPixels = None, decoder: Decoder = "auto",
+    warmup: Annotated[int, typer.Option(help="Untimed runs per row before timing.")] = 1,
+    iters: Annotated[int, typer.Option(help="Timed runs per row (the median is reported).")] = 5,
+    decode_tokens: Annotated[int, typer.Option(help="Tokens decoded once per row for decode speed (0: skip).")] = 16,
+    cuda_graphs: Annotated[bool, typer.Option(help="Replay the pruned layers from CUDA graphs (CUDA only).")] = True,
+    json_out: JsonOut = False,
+    output_json: Annotated[Optional[str], typer.Option(help="Also write the JSON result to this file.")] = None,
+    plot: Annotated[Optional[str], typer.Option(help="Write a PNG of speed-up and memory vs ratio (needs matplotlib).")] = None,
+    quiet: Annotated[bool, typer.Option("-q", "--quiet", help="No table or progress on stderr.")] = False,
+):
+    """Speed, FLOPs and memory of every method side by side, on the same inputs."""
+    from sharp_cli.prune.config import METHODS
+
+    method_list = _split_list([methods], str, "--methods")
+    for m in method_list:
+        if m not in METHODS:
+            raise UsageError(f"--methods: unknown method '{m}'; choose from {', '.join(METHODS)}")
+    ratios = _split_list(ratio or ["0.15"], float, "--ratio")
+    base = prune_config("sharp", ratios[0] if ratios else 0.15, layer, query, segment_mask, segment_frames, debias,
+                        dedup, dedup_threshold, dedup_window, register_z, seed)
+    for r in ratios:
+        prune_config("sharp", r, layer, query, segment_mask, segment_frames, debias, dedup, dedup_threshold,
+                     dedup_window, register_z, seed)
+    if iters < 1 or warmup < 0 or decode_tokens < 0:
+        raise UsageError("--iters must be >= 1, --warmup and --decode-tokens >= 0")
+    if frames < 1 or height < 28 or width < 28:
+        raise UsageError("--frames must be >= 1 and --height/--width >= 28")
+    for path in (output_json, plot):
+        if path and os.path.isdir(path):
+            raise UsageError(f"'{path}' is a directory")
+    console = stderr_console(quiet)
+    from sharp_cli import bench as bench_mod
+    from sharp_cli import video as video_mod
+
+    if video:
+        clip = video_mod.load_video(video, frames=frames, max_pixels=max_pixels, backend=decoder)
+    else:
+        clip = bench_mod.synthetic_clip(frames, height, width)
+    quiet_transformers()
+    from sharp_cli import engine, report
+
+    with console.status(f"loading {model}"):
+        loaded = engine.load(model, device=device, quant=quant, dtype=dtype, random_weights=random_weights,
+                             trust_remote_code=trust_remote_code)
+    loaded.use_cuda_graphs(cuda_graphs)
+    from rich.progress import Progress
+
+    rows = bench_mod.plan_rows(method_list, ratios)
+    with Progress(console=console, transient=True) as progress:
+        task = progress.add_task("benchmarking", total=len(rows))
+        result = bench_mod.run(loaded, clip, question, base, method_list, ratios, warmup=warmup, iters=iters,
+                               decode_tokens=decode_tokens, max_pixels=max_pixels,
+                               progress=lambda: progress.advance(task))
+    if output_json:
+        _write_atomic(output_json, json.dumps(result, indent=2, default=str) + "\n")
+    if plot:
+        bench_mod.plot(result, plot)
+    if json_out:
+        report.print_json(result)
+    if not quiet:
+        console.print(bench_mod.table(result))
+
+
+def _write_atomic(path: str, text: str) -> None:
+    """Write through a temp file so an interrupted run never leaves half a file behind."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as fh:
+        fh.write(text)
+    os.replace(tmp, path)
+
+
+@app.command()
+def env():
+    """Versions of Python, torch, transformers, bitsandbytes, the video decoders, CUDA and the GPU."""
+    import importlib.metadata as md
+    import platform
+
+    def version(dist):
+        try:
+            return md.version(dist)
+        except md.PackageNotFoundError:
+            return "not installed"
+
+    lines = [("python", platform.python_version()), ("sharp-cli", version("sharp-cli"))]
+    for dist in ("torch", "torchvision", "transformers", "accelerate", "bitsandbytes", "av", "decord2", "decord"):
+        lines.append((dist, version(dist)))
+    import torch
+
+    lines.append(("cuda (torch build)", torch.version.cuda or "none (CPU build)"))
+    if torch.cuda.is_available():
+        for i in range(torch.cuda.device_count()):
+            props = torch.cuda.get_device_properties(i)
+            lines.append((f"gpu {i}", f"{props.name}, {props.total_memory / 2**30:.1f} GiB"))
+    else:
+        lines.append(("gpu", "none visible"))
+    from sharp_cli.video import available_backends
+
+    found = [f"{k} {v}" for k, v in available_backends().items() if v]
+    lines.append(("video decoders", ", ".join(found) or "none"))
+    width = max(len(k) for k, _ in lines)
+    for key, value in lines:
+        typer.echo(f"{key.ljust(width)}  {value}")
+
+
+def main():
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,128 @@
+"""What the engine needs to know about a model family, in one small object per family.
+
+An adapter answers: which modules stay out of quantization, where the decoder layers are, how a
+question and a video become model inputs, where the visual tokens sit in the sequence and which
+(frame, row, column) each one came from, and which positions the next decoded token takes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass
+class VisualLayout:
+    """Where the prunable visual tokens are.
+
+    `indices[n]` is the sequence position of visual token n; tokens are ordered frame-major, then
+    row, then column, over a regular (T, H, W) token grid. `frames_per_step` is how many sampled
+    video frames one token frame covers (Qwen merges 2; LLaVA 1).
+    """
+
+    indices: Any  # LongTensor (N,)
+    grid: tuple[int, int, int]
+    frames_per_step: int
+    seq_len: int
+
+    @property
+    def num_visual(self) -> int:
+        t, h, w = self.grid
+        return t * h * w
+
+    def token_frame(self):
+        """Token-frame index t of every visual token, shape (N,)."""
+        import torch
+
+        t, h, w = self.grid
+        return torch.arange(t, device=self.indices.device).repeat_interleave(h * w)
+
+    def segment_runs(self, segment_frames: int) -> list[tuple[int, int]]:
+        """Sequence ranges [start, end) of the visual segments: `segment_frames` video frames each,
+        rounded up to whole token frames. Runs are contiguous in the sequence by construction."""
+        t, h, w = self.grid
+        steps = max(1, -(-segment_frames // self.frames_per_step))
+        idx = self.indices.tolist()
+        runs = []
+        for first in range(0, t, steps):
+            last = min(t, first + steps)
+            a, b = idx[first * h * w], idx[last * h * w - 1] + 1
+            if b - a != (last - first) * h * w:
+                raise ValueError("visual tokens of a segment are not contiguous in the sequence")
+            runs.append((a, b))
+        return runs
+
+    def describe(self) -> str:
+        t, h, w = self.grid
+        return f"{t}x{h}x{w}"
+
+
+@dataclass
+class Encoded:
+    """Everything prefill needs, produced by the adapter (vision encoder already run)."""
+
+    inputs_embeds: Any  # (1, L, D)
+    position_ids: Any  # family-specific, passed to the text model as is
+    layout: VisualLayout
+    next_position: Any  # position id tensor for the first decoded token (same rank as position_ids)
+    extra: dict  # family-specific kwargs for the text model (e.g. Qwen3-VL DeepStack)
+
+
+class Adapter:
+    """Base class: one subclass per model family."""
+
+    family: str = ""
+    model_types: tuple[str, ...] = ()
+    hub_examples: tuple[str, ...] = ()
+    min_layer: int = 1  # smallest pruning layer K the family supports
+
+    def skip_modules(self) -> list[str]:
+        raise NotImplementedError
+
+    def text_model(self, model):
+        return model.model.language_model
+
+    def decoder_layers(self, model):
+        return self.text_model(model).layers
+
+    def lm_head(self, model):
+        return model.lm_head
+
+    def embed(self, model, input_ids):
+        return model.get_input_embeddings()(input_ids)
+
+    def rope(self, layer):
+        """The family's own apply_rotary_pos_emb(q, k, cos, sin), taken from its modeling module so
+        that scoring applies exactly the rotation the attention layer applies."""
+        import sys
+
+        return sys.modules[type(layer.self_attn).__module__].apply_rotary_pos_emb
+
+    def chat_messages(self, question: str) -> list[dict]:
+        return [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": question}]}]
+
+    def prompt(self, processor, question: str) -> str:
+        return processor.apply_chat_template(
+            self.chat_messages(question), add_generation_prompt=True, tokenize=False
+        )
+
+    def processor_inputs(self, processor, prompt: str, clip, max_pixels: int | None) -> dict:
+        raise NotImplementedError
+
+    def encode(self, model, inputs) -> Encoded:
+        """Run the vision encoder and build prefill inputs. Timed by the engine."""
+        raise NotImplementedError
+
+    def decode_position(self, encoded: Encoded, step: int):
+        """Position ids of the step-th decoded token (0 = the token sampled after prefill)."""
+        return encoded.next_position + step
+
+    # For synthetic processors (tests and --random-weights): the family's special tokens and template.
+    def special_tokens(self, config) -> dict[str, int]:
+        raise NotImplementedError
+
+    def synthetic_chat_template(self) -> str:
+        raise NotImplementedError
+
+    def build_processor(self, tokenizer, config):
+        raise NotImplementedError

@@ -1,0 +1,154 @@
+"""Qwen2-VL and Qwen2.5-VL: one contiguous <|video_pad|> block, (T/2)(H/28)(W/28) tokens, 3-D M-RoPE."""
+
+from __future__ import annotations
+
+import inspect
+
+from sharp_cli.models.base import Adapter, Encoded, VisualLayout
+
+# Our own minimal template for synthetic processors (real checkpoints ship theirs).
+_QWEN_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for part in message['content'] %}"
+    "{% if part['type'] == 'video' %}<|vision_start|><|video_pad|><|vision_end|>"
+    "{% elif part['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def _pooled(output):
+    """get_video_features returns a ModelOutput whose pooler_output is a per-video tuple."""
+    import torch
+
+    pooled = getattr(output, "pooler_output", output)
+    if isinstance(pooled, (tuple, list)):
+        pooled = torch.cat(list(pooled), dim=0)
+    return pooled
+
+
+def _call_with_supported(fn, **kwargs):
+    """Pass only the keyword arguments `fn` accepts (signatures moved between 5.x releases)."""
+    params = inspect.signature(fn).parameters
+    if any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        return fn(**{k: v for k, v in kwargs.items() if v is not None})
+    return fn(**{k: v for k, v in kwargs.items() if k in params and v is not None})
+
+
+class QwenVLAdapter(Adapter):
+    family = "qwen2.5-vl"
+    model_types = ("qwen2_5_vl",)
+    hub_examples = ("Qwen/Qwen2.5-VL-7B-Instruct", "Qwen/Qwen2.5-VL-3B-Instruct")
+
+    def skip_modules(self) -> list[str]:
+        # bitsandbytes matches from the start of the full module name; the list replaces the
+        # default, so lm_head must be named or 4-bit loading breaks.
+        return ["model.visual", "lm_head"]
+
+    def processor_inputs(self, processor, prompt, clip, max_pixels):
+        video_kwargs = {"do_sample_frames": False, "video_metadata": [clip.metadata()]}
+        vp = processor.video_processor
+        if max_pixels:
+            size = dict(vp.size) if vp.size is not None else {}
+            shortest = min(int(size.get("shortest_edge") or max_pixels), max_pixels)
+            video_kwargs["size"] = {"shortest_edge": shortest, "longest_edge": int(max_pixels)}
+        if hasattr(type(vp), "cap_pixels_per_frame"):
+            video_kwargs["cap_pixels_per_frame"] = True
+        return processor(text=[prompt], videos=[clip.frames], return_tensors="pt", **video_kwargs)
+
+    def encode(self, model, inputs) -> Encoded:
+        import torch
+
+        inner = model.model
+        input_ids = inputs["input_ids"]
+        grid_thw = inputs["video_grid_thw"]
+        video = _pooled(inner.get_video_features(inputs["pixel_values_videos"], grid_thw))
+        embeds = self.embed(model, input_ids)
+        is_video = input_ids == model.config.video_token_id
+        if int(is_video.sum()) != video.shape[0]:
+            raise ValueError(f"{int(is_video.sum())} video tokens but {video.shape[0]} video features")
+        embeds = embeds.masked_scatter(is_video.unsqueeze(-1), video.to(embeds.dtype))
+        position_ids, _ = _call_with_supported(
+            inner.get_rope_index,
+            input_ids=input_ids,
+            mm_token_type_ids=inputs.get("mm_token_type_ids"),
+            video_grid_thw=grid_thw,
+            second_per_grid_ts=inputs.get("second_per_grid_ts"),
+            attention_mask=inputs.get("attention_mask"),
+        )
+        merge = model.config.vision_config.spatial_merge_size
+        t, h, w = (int(x) for x in grid_thw[0])
+        layout = VisualLayout(
+            indices=is_video[0].nonzero().squeeze(-1),
+            grid=(t, h // merge, w // merge),
+            frames_per_step=int(model.config.vision_config.temporal_patch_size),
+            seq_len=input_ids.shape[1],
+        )
+        next_position = position_ids.amax(dim=-1, keepdim=True) + 1  # (3, 1, 1)
+        return Encoded(embeds, position_ids, layout, next_position, {})
+
+    def special_tokens(self, config) -> dict[str, int]:
+        return {
+            "<|endoftext|>": config.bos_token_id if getattr(config, "bos_token_id", None) is not None else 0,
+            "<|im_start|>": _text_attr(config, "eos_token_id") - 1,
+            "<|im_end|>": _text_attr(config, "eos_token_id"),
+            "<|vision_start|>": config.vision_start_token_id,
+            "<|vision_end|>": config.vision_end_token_id,
+            "<|vision_pad|>": getattr(config, "vision_token_id", None) or config.vision_start_token_id + 2,
+            "<|image_pad|>": config.image_token_id,
+            "<|video_pad|>": config.video_token_id,
+        }
+
+    def synthetic_chat_template(self) -> str:
+        return _QWEN_TEMPLATE
+
+    def build_processor(self, tokenizer, config):
+        from transformers import AutoProcessor  # noqa: F401  (registers processor classes)
+        from transformers.models.qwen2_5_vl import Qwen2_5_VLProcessor
+        from transformers.models.qwen2_vl import Qwen2VLImageProcessor, Qwen2VLVideoProcessor
+
+        vc = config.vision_config
+        common = dict(
+            patch_size=vc.patch_size,
+            temporal_patch_size=vc.temporal_patch_size,
+            merge_size=vc.spatial_merge_size,
+        )
+        return Qwen2_5_VLProcessor(
+            image_processor=Qwen2VLImageProcessor(**common),
+            video_processor=Qwen2VLVideoProcessor(**common),
+            tokenizer=tokenizer,
+            chat_template=self.synthetic_chat_template(),
+        )
+
+
+class Qwen2VLAdapter(QwenVLAdapter):
+    family = "qwen2-vl"
+    model_types = ("qwen2_vl",)
+    hub_examples = ("Qwen/Qwen2-VL-7B-Instruct",)
+
+    def build_processor(self, tokenizer, config):
+        from transformers.models.qwen2_vl import (
+            Qwen2VLImageProcessor,
+            Qwen2VLProcessor,
+            Qwen2VLVideoProcessor,
+        )
+
+        vc = config.vision_config
+        common = dict(patch_size=vc.patch_size, temporal_patch_size=vc.temporal_patch_size, merge_size=vc.spatial_merge_size)
+        return Qwen2VLProcessor(
+            image_processor=Qwen2VLImageProcessor(**common),
+            video_processor=Qwen2VLVideoProcessor(**common),
+            tokenizer=tokenizer,
+            chat_template=self.synthetic_chat_template(),
+        )
+
+
+def _text_attr(config, name):
+    value = getattr(config, name, None)
+    if value is None and hasattr(config, "text_config"):
+        value = getattr(config.text_config, name, None)
+    if isinstance(value, (list, tuple)):
+        value = value[0]
+    return value

@@ -1,0 +1,134 @@
+"""Models with random weights: the real architecture from a config, no download.
+
+Speed does not depend on the weights, so `--random-weights` measures real-size prefill on any
+machine; tests build tiny versions of the same classes. The tokenizer is a word-level one made
+with `tokenizers`, with the family's special tokens at the ids the config expects.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+_WORDS = (
+    "the a an of in on at to and or is are was were be it this that what which who where when how why "
+    "video clip frame frames scene happens happen does do did color colour shape ball box object objects "
+    "red green blue yellow white black orange purple grey gray circle square triangle moves move moving "
+    "left right up down first second last before after appears appear count many one two three four five "
+    "six seven eight nine ten zero yes no answer option options letter with only describe person man woman "
+    "car dog cat small large big top bottom middle direction event events please question the choose"
+).split()
+_PUNCT = list(".,?!:;()'\"-") + [chr(c) for c in range(ord("A"), ord("Z") + 1)] + [str(d) for d in range(10)]
+
+
+def packaged_configs() -> dict[str, Path]:
+    """Hub id -> folder of the config files shipped with sharp."""
+    return {p.name.replace("--", "/"): p for p in sorted(CONFIG_DIR.iterdir()) if (p / "config.json").exists()}
+
+
+def load_config(name_or_path: str):
+    """A shipped config by hub id (or a folder/config.json path)."""
+    from transformers import AutoConfig
+
+    from sharp_cli.errors import ModelError
+
+    shipped = packaged_configs()
+    path = Path(name_or_path)
+    if name_or_path in shipped:
+        path = shipped[name_or_path]
+    if path.is_file():
+        path = path.parent
+    if not (path / "config.json").exists():
+        raise ModelError(
+            f"no config for '{name_or_path}' to build random weights from; shipped: {', '.join(shipped)}"
+        )
+    return AutoConfig.from_pretrained(str(path))
+
+
+def synthetic_tokenizer(special: dict[str, int], vocab_size: int):
+    """Word-level tokenizer whose special tokens sit at the ids the model config expects."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"[UNK]": 0}
+    taken = set(special.values())
+    next_id = 1
+    for word in _WORDS + _PUNCT:
+        while next_id in taken:
+            next_id += 1
+        if next_id >= vocab_size:
+            break
+        if word not in vocab:
+            vocab[word] = next_id
+            next_id += 1
+    vocab.update(special)
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]")
+    fast.add_special_tokens({"additional_special_tokens": list(special)})
+    eos = [t for t in special if t in ("<|im_end|>", "<|eot_id|>")] or list(special)[:1]
+    fast.eos_token = eos[0]
+    fast.pad_token = list(special)[0]
+    return fast
+
+
+def tiny_config(family: str = "qwen2.5-vl", *, layers: int = 4, vocab: int = 512):
+    """A few-MB config of the family's real classes, for tests."""
+    from transformers import Qwen2_5_VLConfig, Qwen2VLConfig
+
+    special = {"bos": vocab - 12, "im_start": vocab - 11, "eos": vocab - 10, "vstart": vocab - 9,
+               "vend": vocab - 8, "vpad": vocab - 7, "image": vocab - 6, "video": vocab - 5}
+    text = dict(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=layers, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=vocab, max_position_embeddings=8192, rms_norm_eps=1e-6,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
+        bos_token_id=special["bos"], eos_token_id=special["eos"], tie_word_embeddings=False,
+    )
+    ids = dict(
+        image_token_id=special["image"], video_token_id=special["video"],
+        vision_start_token_id=special["vstart"], vision_end_token_id=special["vend"],
+        vision_token_id=special["vpad"], bos_token_id=special["bos"], eos_token_id=special["eos"],
+    )
+    if family == "qwen2.5-vl":
+        vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
+                      patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=56,
+                      fullatt_block_indexes=[1], tokens_per_second=2)
+        return Qwen2_5_VLConfig(vision_config=vision, text_config=text, **ids)
+    if family == "qwen2-vl":
+        vision = dict(depth=2, embed_dim=32, hidden_size=64, num_heads=2, mlp_ratio=2, patch_size=14,
+                      spatial_merge_size=2, temporal_patch_size=2)
+        return Qwen2VLConfig(vision_config=vision, text_config=text, **ids)
+    raise ValueError(f"no tiny config for family {family!r}")
+
+
+def build_random(config, *, dtype="bfloat16", device="cpu", seed: int = 0):
+    """(model, processor) with random weights, built in place on `device`."""
+    import torch
+    from transformers import AutoModelForImageTextToText
+
+    from sharp_cli.models import adapter_for
+
+    adapter = adapter_for(config)
+    torch.manual_seed(seed)
+    torch_dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    config._attn_implementation = "sdpa"
+    with torch.device(device):
+        model = AutoModelForImageTextToText.from_config(config, dtype=torch_dtype)
+    model.eval()
+    vocab = config.text_config.vocab_size if hasattr(config, "text_config") else config.vocab_size
+    tokenizer = synthetic_tokenizer(adapter.special_tokens(config), vocab)
+    return model, adapter.build_processor(tokenizer, config)
+
+
+def write_random_model(config, out_dir: str | Path, *, dtype="bfloat16", device="cpu", seed: int = 0) -> Path:
+    """A loadable model folder (safetensors + tokenizer + processor) with random weights, so the real
+    `from_pretrained` path can be exercised offline."""
+    out = Path(out_dir)
+    model, processor = build_random(config, dtype=dtype, device=device, seed=seed)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out, safe_serialization=True)
+    processor.save_pretrained(out)
+    (out / "sharp_random_weights.json").write_text(json.dumps({"random_weights": True, "seed": seed}) + "\n")
+    return out

@@ -1,0 +1,119 @@
+"""Pruning inside one prefill, composed from transformers' own decoder layers (no copied code).
+
+For one prefill, the text model's layer list becomes  layers[0..K-1] + [PrunedTail(layers[K..])].
+The tail scores the visual tokens with layer K's projections, keeps the chosen ones, slices the
+hidden states and the shared rotary embeddings (kept tokens keep their original positions, so
+decoding goes on from them) and runs layers K..L-1 on the short sequence: eagerly, or replayed
+from a CUDA graph (prune/graphs.py), since the short sequence is launch-bound. Layers 0..K-1 cache
+every token, layers K.. only the kept ones; the original list is back in place after prefill.
+"""
+
+from __future__ import annotations
+
+from contextlib import ExitStack
+
+import torch
+from torch import nn
+
+from sharp_cli.prune import attention
+from sharp_cli.prune.baselines import select_fastv, select_random
+from sharp_cli.prune.config import PruneConfig
+from sharp_cli.prune.sharp import query_rows, question_attention, select_sharp
+
+
+class StopPrefill(Exception):
+    """Raised once layer K's scores exist in a score-only pass (the positional prior)."""
+
+
+class PrunedTail(nn.Module):
+    def __init__(self, session: "PruneSession", layers):
+        super().__init__()
+        self.session = session
+        self.tail = list(layers)  # a plain list: not registered, so nothing is re-parented
+
+    def forward(self, hidden_states, attention_mask=None, position_embeddings=None, past_key_values=None,
+                **kwargs):
+        s = self.session
+        if hidden_states.shape[1] != s.layout.seq_len:
+            raise RuntimeError("sharp's pruned tail runs in prefill only")
+        if s.timer is not None:
+            s.timer.start()
+        kept = s.choose(self.tail[0], hidden_states, position_embeddings)
+        positions = s.keep_positions_for(kept, hidden_states.device)
+        cos, sin = position_embeddings
+        short_pe = (cos.index_select(-2, positions), sin.index_select(-2, positions))
+        short = hidden_states.index_select(1, positions)
+        if s.timer is not None:
+            s.timer.stop()
+        if s.graphs is not None:
+            return s.graphs.run(self.tail, short, short_pe, past_key_values)
+        # batch 1 without padding: causal SDPA needs no mask; position_ids only serve packed batches
+        kwargs = dict(kwargs, attention_mask=None, position_ids=None, position_embeddings=short_pe,
+                      past_key_values=past_key_values)
+        for layer in self.tail:
+            short = layer(short, **kwargs)
+            short = short[0] if isinstance(short, tuple) else short
+        return short
+
+
+class PruneSession:
+    def __init__(self, adapter, model, encoded, cfg: PruneConfig, *, prior=None, score_only=False,
+                 forced_keep=None, timer=None, graphs=None):
+        self.adapter, self.model, self.encoded, self.cfg = adapter, model, encoded, cfg
+        self.layout = encoded.layout
+        self.prior = prior
+        self.score_only = score_only
+        self.forced_keep = forced_keep
+        self.timer = timer  # measure.Stopwatch for the selection step, or None
+        self.graphs = graphs  # prune.graphs.TailGraphs, or None for eager layers
+        self.scores = None  # raw layer-K scores of the visual tokens
+        self.kept = None  # kept visual token numbers (0..N-1), sorted
+        self.keep_positions = None  # kept sequence positions (text and visual), sorted
+        self.details = {}
+        self._stack = ExitStack()
+
+    def __enter__(self):
+        text = self.adapter.text_model(self.model)
+        original = text.layers
+        k = self.cfg.layer
+        text.layers = nn.ModuleList([*original[:k], PrunedTail(self, original[k:])])
+        self._stack.callback(setattr, text, "layers", original)
+        if self.cfg.uses_segment_mask:
+            frames = self.cfg.segment_frames or self.layout.frames_per_step
+            runs = self.layout.segment_runs(frames)
+            plan = attention.SegmentPlan(k, self.layout.seq_len, attention.row_blocks(self.layout.seq_len, runs))
+            self._stack.enter_context(attention.segment_plan(plan))
+        return self
+
+    def __exit__(self, *exc):
+        self._stack.close()
+        return False
+
+    def keep_positions_for(self, kept, device):
+        is_visual = torch.zeros(self.layout.seq_len, dtype=torch.bool, device=device)
+        is_visual[self.layout.indices] = True
+        keep = ~is_visual
+        keep[self.layout.indices[kept]] = True
+        self.keep_positions = keep.nonzero().squeeze(-1)
+        return self.keep_positions
+
+    def choose(self, layer, hidden, position_embeddings) -> torch.Tensor:
+        """Kept visual token numbers, sorted. `layer` is decoder layer K."""
+        cfg, layout = self.cfg, self.layout
+        if self.forced_keep is not None:
+            kept = self.forced_keep.to(hidden.device)
+        elif cfg.method == "random":
+            kept = select_random(layout.num_visual, cfg.ratio, cfg.seed, hidden.device)
+        else:
+            rows = query_rows(layout, "last" if cfg.method == "fastv" else cfg.query)
+            self.scores = question_attention(layer, self.adapter.rope(layer), hidden, position_embeddings,
+                                             layout, rows)
+            if self.score_only:
+                raise StopPrefill
+            if cfg.method == "fastv":
+                kept = select_fastv(self.scores, cfg.ratio)
+            else:
+                visual_hidden = hidden[0].index_select(0, layout.indices)
+                kept, self.details = select_sharp(self.scores, self.prior, visual_hidden, layout, cfg)
+        self.kept = kept
+        return kept

@@ -1,0 +1,79 @@
+"""Shared fixtures: tiny random models of the real classes (built offline), and small clips."""
+
+from __future__ import annotations
+
+import os
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+FAMILIES = ["qwen2.5-vl", "qwen2-vl"]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_cache(tmp_path_factory):
+    """Positional priors and random-model folders go to a temp dir, never the user's cache."""
+    os.environ["SHARP_CACHE_DIR"] = str(tmp_path_factory.mktemp("sharp-cache"))
+
+
+@pytest.fixture(scope="session")
+def model_dirs(tmp_path_factory):
+    """family -> folder with config, random safetensors, tokenizer and processor (from_pretrained-able)."""
+    from sharp_cli.models.random_init import tiny_config, write_random_model
+
+    root = tmp_path_factory.mktemp("models")
+    return {f: write_random_model(tiny_config(f), root / f, dtype="float32") for f in FAMILIES}
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(model_dirs):
+    return model_dirs["qwen2.5-vl"]
+
+
+def load_tiny(family="qwen2.5-vl", layers=4):
+    import torch
+
+    from sharp_cli import engine
+    from sharp_cli.models import adapter_for
+    from sharp_cli.models.random_init import build_random, tiny_config
+
+    config = tiny_config(family, layers=layers)
+    model, processor = build_random(config, dtype="float32")
+    return engine._ready(engine.Loaded(model, processor, adapter_for(config), f"tiny-{family}",
+                                       torch.device("cpu"), torch.float32, "none", True))
+
+
+@pytest.fixture(scope="session")
+def tiny():
+    return load_tiny()
+
+
+def make_clip(frames=8, height=56, width=56, seed=0, content=None):
+    """An in-memory clip (what video.load_video returns) of random or given frames."""
+    from sharp_cli.video import VideoClip
+
+    if content is None:
+        content = np.random.default_rng(seed).integers(0, 256, (frames, height, width, 3), dtype=np.uint8)
+    n = content.shape[0]
+    return VideoClip(frames=content, fps=4.0, total_frames=n, indices=list(range(n)), backend="memory",
+                     path="<memory>", notes=[])
+
+
+@pytest.fixture
+def clip():
+    return make_clip()
+
+
+def encode(loaded, clip, question="what colour is the ball?", max_pixels=56 * 56 * 4):
+    from sharp_cli import engine
+
+    inputs = engine.prepare(loaded, clip, question, max_pixels)
+    encoded, _ = engine.encode(loaded, inputs)
+    return encoded
+
+
+helpers = SimpleNamespace(load_tiny=load_tiny, make_clip=make_clip, encode=encode)

@@ -1,0 +1,286 @@
+"""Correctness of pruning on tiny random models (CPU): identities, positions, caches, components."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import encode, load_tiny, make_clip
+from sharp_cli import engine
+from sharp_cli.prune import PruneConfig, keep_count
+from sharp_cli.prune import attention as seg
+from sharp_cli.prune.prior import PriorStore
+from sharp_cli.prune.session import PruneSession
+from sharp_cli.prune.sharp import (debias, find_duplicates, find_registers, question_attention, query_rows,
+                                   select_sharp, select_with_refill)
+
+PLAIN = dict(segment_mask=False, debias="none", dedup=False)
+
+
+def _prefill(loaded, encoded, **kw):
+    cfg = PruneConfig(**kw).validate(loaded.num_layers)
+    return engine.prefill(loaded, encoded, cfg)
+
+
+@pytest.mark.parametrize("method", ["sharp", "fastv"])
+def test_ratio_one_without_components_is_the_unpruned_model(tiny, clip, method):
+    encoded = encode(tiny, clip)
+    base = _prefill(tiny, encoded, method="none")
+    kw = PLAIN if method == "sharp" else {}
+    pruned = _prefill(tiny, encoded, method=method, ratio=1.0, layer=2, **kw)
+    assert pruned.kept.numel() == encoded.layout.num_visual
+    assert torch.equal(pruned.logits, base.logits)
+
+
+def test_segment_mask_changes_the_early_layers(tiny, clip):
+    encoded = encode(tiny, clip)
+    base = _prefill(tiny, encoded, method="none")
+    masked = _prefill(tiny, encoded, method="sharp", ratio=1.0, layer=2, segment_mask=True, debias="none", dedup=False)
+    assert not torch.allclose(masked.logits, base.logits)
+
+
+@pytest.mark.parametrize("method", ["sharp", "fastv", "random"])
+@pytest.mark.parametrize("ratio", [0.1, 0.15, 0.5])
+def test_kept_set_is_exact_sorted_unique_in_range(tiny, clip, method, ratio):
+    encoded = encode(tiny, clip)
+    n = encoded.layout.num_visual
+    out = _prefill(tiny, encoded, method=method, ratio=ratio, layer=2)
+    kept = out.kept.tolist()
+    assert len(kept) == keep_count(ratio, n) == max(1, int(ratio * n + 0.5))
+    assert kept == sorted(set(kept)) and 0 <= kept[0] and kept[-1] < n
+    text_tokens = encoded.layout.seq_len - n
+    assert out.kept_len == text_tokens + len(kept)
+
+
+def test_random_is_deterministic_per_seed(tiny, clip):
+    encoded = encode(tiny, clip)
+    a = _prefill(tiny, encoded, method="random", ratio=0.25, seed=7).kept
+    b = _prefill(tiny, encoded, method="random", ratio=0.25, seed=7).kept
+    c = _prefill(tiny, encoded, method="random", ratio=0.25, seed=8).kept
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_kv_cache_is_short_from_layer_k(tiny, clip):
+    encoded = encode(tiny, clip)
+    out = _prefill(tiny, encoded, method="fastv", ratio=0.25, layer=2)
+    from sharp_cli.measure import cache_tensors
+
+    lengths = [k.shape[2] for k, _ in cache_tensors(out.cache)]
+    assert lengths[:2] == [encoded.layout.seq_len] * 2
+    assert lengths[2:] == [out.kept_len] * (len(lengths) - 2)
+    layers = len(lengths)
+    assert out.kv_cache_bytes / out.kv_cache_bytes_unpruned == pytest.approx(
+        (2 * encoded.layout.seq_len + (layers - 2) * out.kept_len) / (layers * encoded.layout.seq_len))
+
+
+def test_pruned_run_equals_masked_reference_at_original_positions(tiny, clip):
+    """Pruning must equal the full model whose layers K.. simply cannot see the dropped tokens:
+    same hidden states, same (original) rotary positions."""
+    encoded = encode(tiny, clip)
+    k = 2
+    cfg = PruneConfig(method="fastv", ratio=0.3, layer=k).validate()
+    pruned = engine.prefill(tiny, encoded, cfg)
+    keep_pos = pruned.session.keep_positions
+    length = encoded.layout.seq_len
+    visible = torch.zeros(length, dtype=torch.bool)
+    visible[keep_pos] = True
+    mask = torch.ones(length, length, dtype=torch.bool).tril() & visible.view(1, -1)
+    mask = mask | torch.eye(length, dtype=torch.bool)  # dropped rows attend to themselves (ignored)
+    float_mask = torch.zeros(1, 1, length, length).masked_fill(~mask, float("-inf"))
+    layers = tiny.adapter.decoder_layers(tiny.model)
+    text = tiny.adapter.text_model(tiny.model)
+    text.config._attn_implementation = "sdpa"
+    hooks = [layer.register_forward_pre_hook(lambda m, a, kw: (a, dict(kw, attention_mask=float_mask)),
+                                             with_kwargs=True) for layer in layers[k:]]
+    try:
+        with torch.inference_mode():
+            out = text(inputs_embeds=encoded.inputs_embeds, position_ids=encoded.position_ids, use_cache=False)
+            ref_logits = tiny.model.lm_head(out.last_hidden_state[:, -1:])
+    finally:
+        for hook in hooks:
+            hook.remove()
+        text.config._attn_implementation = seg.ATTN_NAME
+    torch.testing.assert_close(pruned.logits, ref_logits, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("method", ["sharp", "fastv"])
+def test_cached_decoding_equals_recompute_on_the_pruned_sequence(tiny, clip, method):
+    encoded = encode(tiny, clip)
+    cfg = PruneConfig(method=method, ratio=0.25, layer=2).validate()
+    state = engine.prefill(tiny, encoded, cfg)
+    tokens, _ = engine.decode(tiny, encoded, state, max_new_tokens=6)
+    kept = state.kept
+    embed = tiny.adapter.embed
+    for step in range(1, len(tokens)):
+        prefix = torch.tensor([tokens[:step]])
+        extra_pos = torch.cat([tiny.adapter.decode_position(encoded, i) for i in range(step)], dim=-1)
+        grown = type(encoded)(
+            inputs_embeds=torch.cat([encoded.inputs_embeds, embed(tiny.model, prefix)], dim=1),
+            position_ids=torch.cat([encoded.position_ids, extra_pos], dim=-1),
+            layout=type(encoded.layout)(encoded.layout.indices, encoded.layout.grid,
+                                        encoded.layout.frames_per_step, encoded.layout.seq_len + step),
+            next_position=encoded.next_position, extra={})
+        again = engine.prefill(tiny, grown, cfg, forced_keep=kept)
+        assert int(again.next_token) == tokens[step], f"step {step}"
+
+
+def test_query_row_scores_equal_eager_attention(tiny, clip):
+    """Scores from post-RoPE q/k of the query rows equal layer K's full attention matrix rows."""
+    encoded = encode(tiny, clip)
+    k = 2
+    text = tiny.adapter.text_model(tiny.model)
+    layers = tiny.adapter.decoder_layers(tiny.model)
+    for mode in ("last", "text"):
+        captured = {}
+
+        def grab(layer, args, kwargs):
+            rows = query_rows(encoded.layout, mode)
+            captured["scores"] = question_attention(layer, tiny.adapter.rope(layer), args[0],
+                                                    kwargs["position_embeddings"], encoded.layout, rows)
+            captured["rows"] = rows
+
+        hook = layers[k].register_forward_pre_hook(grab, with_kwargs=True)
+        text.config._attn_implementation = "eager"
+        try:
+            with torch.inference_mode():
+                out = text(inputs_embeds=encoded.inputs_embeds, position_ids=encoded.position_ids,
+                           use_cache=False, output_attentions=True)
+        finally:
+            hook.remove()
+            text.config._attn_implementation = seg.ATTN_NAME
+        probs = out.attentions[k][0]  # (H, L, L), reference only: tiny model
+        ref = probs[:, captured["rows"]][..., encoded.layout.indices].mean(dim=(0, 1))
+        torch.testing.assert_close(captured["scores"], ref, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("gqa", [1, 2])
+def test_segment_attention_equals_dense_mask_reference(gqa):
+    torch.manual_seed(0)
+    length, heads, dim = 50, 4, 8
+    segments = [(3, 13), (13, 23), (26, 40)]  # text between segments too
+    q = torch.randn(1, heads, length, dim)
+    k = torch.randn(1, heads // gqa, length, dim)
+    v = torch.randn(1, heads // gqa, length, dim)
+    out = seg.segment_causal_attention(q, k, v, seg.row_blocks(length, segments), scaling=dim**-0.5)
+    rep = lambda t: t.repeat_interleave(gqa, dim=1)  # noqa: E731
+    mask = seg.dense_segment_mask(length, segments)
+    ref = torch.nn.functional.scaled_dot_product_attention(q, rep(k), rep(v), attn_mask=mask).transpose(1, 2)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_segment_mask_in_the_model_equals_dense_reference(tiny, clip):
+    encoded = encode(tiny, clip)
+    cfg = PruneConfig(method="sharp", ratio=1.0, layer=2, segment_mask=True, debias="none", dedup=False)
+    ours = engine.prefill(tiny, encoded, cfg)
+    runs = encoded.layout.segment_runs(encoded.layout.frames_per_step)
+    dense = seg.dense_segment_mask(encoded.layout.seq_len, runs)
+    float_mask = torch.zeros(1, 1, *dense.shape).masked_fill(~dense, float("-inf"))
+    causal = torch.zeros_like(float_mask).masked_fill(~torch.ones_like(dense).tril(), float("-inf"))
+    layers = tiny.adapter.decoder_layers(tiny.model)
+    text = tiny.adapter.text_model(tiny.model)
+    text.config._attn_implementation = "sdpa"
+    hooks = [layer.register_forward_pre_hook(
+        lambda m, a, kw, i=i: (a, dict(kw, attention_mask=float_mask if i < 2 else causal)), with_kwargs=True)
+        for i, layer in enumerate(layers)]
+    try:
+        with torch.inference_mode():
+            out = text(inputs_embeds=encoded.inputs_embeds, position_ids=encoded.position_ids, use_cache=False)
+            ref = tiny.model.lm_head(out.last_hidden_state[:, -1:])
+    finally:
+        for hook in hooks:
+            hook.remove()
+        text.config._attn_implementation = seg.ATTN_NAME
+    torch.testing.assert_close(ours.logits, ref, rtol=1e-4, atol=1e-4)
+
+
+# -- each component changes the kept set where it should -------------------------------------------
+class _Layout:
+    def __init__(self, t, h, w):
+        self.grid = (t, h, w)
+        self.num_visual = t * h * w
+
+
+def test_dedup_skips_a_duplicated_frame_and_refills():
+    torch.manual_seed(0)
+    layout = _Layout(4, 2, 2)
+    hidden = torch.randn(16, 32)
+    hidden[4:8] = hidden[0:4]  # frame 1 repeats frame 0
+    scores = torch.linspace(0.1, 1.0, 16).flip(0)  # frames 0 and 1 score highest
+    cfg = PruneConfig(ratio=0.5, debias="none", dedup=True, register_z=0)
+    plain = select_with_refill(scores, torch.zeros(16, dtype=torch.bool), 8)
+    kept, stats = select_sharp(scores, None, hidden, layout, cfg)
+    assert plain.tolist() == list(range(8))
+    assert stats["duplicates"][4:8].all() and not stats["duplicates"][:4].any()
+    assert kept.numel() == 8 and not set(kept.tolist()) & {4, 5, 6, 7}
+
+
+def test_dedup_refills_from_duplicates_when_budget_demands():
+    layout = _Layout(2, 1, 2)
+    hidden = torch.ones(4, 8)  # everything identical
+    kept, stats = select_sharp(torch.tensor([4.0, 3.0, 2.0, 1.0]), None, hidden, layout,
+                               PruneConfig(ratio=1.0, debias="none", register_z=0))
+    assert kept.tolist() == [0, 1, 2, 3]
+
+
+def test_debias_removes_a_prior_that_favours_late_frames():
+    n = 32
+    prior = torch.linspace(0.0, 1.0, n) ** 4  # late frames attract attention whatever the content
+    content = torch.zeros(n)
+    content[[3, 7, 11]] = 0.02
+    scores = prior + content
+    k = 3
+    plain = torch.topk(scores, k).indices.sort().values.tolist()
+    fixed = torch.topk(debias(scores, prior, "subtract"), k).indices.sort().values.tolist()
+    assert plain == [29, 30, 31] and fixed == [3, 7, 11]
+    assert torch.topk(debias(scores, prior + 1e-3, "divide"), k).indices.sort().values.tolist() == [3, 7, 11]
+
+
+def test_register_outliers_are_skipped():
+    torch.manual_seed(0)
+    hidden = torch.randn(64, 16)
+    hidden[10] *= 100
+    flags = find_registers(hidden, 8.0)
+    assert flags.nonzero().flatten().tolist() == [10]
+    assert not find_registers(hidden, 0).any()
+
+
+def test_duplicates_respect_the_window():
+    layout = _Layout(4, 1, 1)
+    hidden = torch.ones(4, 8)
+    scores = torch.tensor([1.0, 0.0, 0.0, 0.0])
+    near = find_duplicates(hidden, scores, layout, 0.9, window=1)
+    assert near.tolist() == [False, True, True, True]  # each has a better similar neighbour
+    different = torch.eye(4, 8)
+    assert not find_duplicates(different, scores, layout, 0.9, window=3).any()
+
+
+def test_prior_pass_is_cached_on_disk_and_reused(tiny, clip, tmp_path):
+    cfg = PruneConfig(method="sharp", ratio=0.25, layer=2).validate()
+    store = PriorStore(tmp_path)
+    first = engine.ask(tiny, clip, "what colour is the ball?", cfg, max_new_tokens=2, max_pixels=56 * 56 * 4,
+                       store=store)
+    assert not first.prior.cached and list((tmp_path / "priors").glob("*.safetensors"))
+    second = engine.ask(tiny, make_clip(seed=3), "where is the dog?", cfg, max_new_tokens=2,
+                        max_pixels=56 * 56 * 4, store=PriorStore(tmp_path))
+    assert second.prior.cached
+    torch.testing.assert_close(second.prior.prior, first.prior.prior)
+
+
+def test_debias_changes_the_kept_set_in_the_model(tiny, clip):
+    base = dict(method="sharp", ratio=0.25, layer=2, dedup=False)
+    with_prior = engine.ask(tiny, clip, "what colour is the ball?", PruneConfig(**base), max_new_tokens=1,
+                            max_pixels=56 * 56 * 4, store=PriorStore(use_disk=False))
+    without = engine.ask(tiny, clip, "what colour is the ball?", PruneConfig(**base, debias="none"),
+                         max_new_tokens=1, max_pixels=56 * 56 * 4, store=PriorStore(use_disk=False))
+    assert not torch.equal(with_prior.prefill.kept, without.prefill.kept)
+
+
+def test_layer_bounds_are_checked(tiny):
+    from sharp_cli.errors import UsageError
+
+    with pytest.raises(UsageError, match="--layer must be < 4"):
+        PruneConfig(layer=4).validate(tiny.num_layers)
+    with pytest.raises(UsageError, match="--layer must be >= 1"):
+        PruneConfig(layer=0).validate(tiny.num_layers)
+    with pytest.raises(UsageError, match="--ratio"):
+        PruneConfig(ratio=0).validate()
