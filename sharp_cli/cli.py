@@ -151,16 +151,17 @@ def ask(
     if not question.strip():
         raise UsageError("the question is empty")
     console = stderr_console(quiet)
+    quiet_transformers()
+    from sharp_cli import engine, report
     from sharp_cli import video as video_mod
+    from sharp_cli.prune.prior import PriorStore
 
+    engine.check_prune_config(model, cfg, random_weights=random_weights, trust_remote_code=trust_remote_code)
     with console.status("decoding video"):
         clip = video_mod.load_video(video, frames=frames, fps=fps, max_frames=max_frames,
                                     max_pixels=max_pixels, backend=decoder)
     for note in clip.notes:
         console.print(f"note: {note}")
-    quiet_transformers()
-    from sharp_cli import engine, report
-    from sharp_cli.prune.prior import PriorStore
 
     with console.status(f"loading {model}"):
         loaded = engine.load(model, device=device, quant=quant, dtype=dtype, random_weights=random_weights,

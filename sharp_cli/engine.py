@@ -142,6 +142,18 @@ def load(name: str = DEFAULT_MODEL, *, device: str = "auto", quant: str = "auto"
     return _ready(Loaded(model, processor, adapter, name, dev, tdtype, qmode, random_weights))
 
 
+def check_prune_config(name: str, cfg: PruneConfig, *, random_weights: bool = False,
+                       trust_remote_code: bool = False) -> None:
+    """Validate --layer against the model's depth from its config alone, before any heavy work."""
+    if random_weights:
+        from sharp_cli.models import random_init
+
+        config = random_init.load_config(name)
+    else:
+        config = _read_config(name, trust_remote_code)
+    cfg.validate(measure.text_dims(config)["layers"], adapter_for(config).min_layer)
+
+
 def _random_folder(name: str, config, device) -> Path:
     from sharp_cli.models import random_init
     from sharp_cli.prune.prior import cache_dir

@@ -1,17 +1,16 @@
 """Open a video file and sample frames from it for a video LLM.
 
-Two decoders: decord (fast batched random access, but optional and quirky) and PyAV
-(always installed). PyAV opens every file first: it is cheap (headers only) and turns
-non-videos into clear errors before decord can print FFmpeg noise or crash on them.
-The PyAV reader seeks to the keyframe before each sampled frame, so its cost follows
-the number of sampled frames, not the length of the video.
-
-Every failure the user can cause becomes one line: VideoError for the file,
-UsageError for the sampling arguments.
+PyAV opens every file first: that reads headers only, and turns non-videos into clear
+errors before decord can crash or print FFmpeg noise on them. Frames then come from
+decord (fast batched random access, optional, quirky) or PyAV, which seeks to the
+keyframe before each sampled frame so its cost follows the number of frames sampled,
+not the length of the video. User-caused failures become one line: VideoError for
+the file, UsageError for the sampling arguments.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 import re
@@ -24,13 +23,13 @@ from sharp_cli.errors import UsageError, VideoError, one_line
 
 BACKENDS = ("auto", "decord", "pyav")
 
-# Targets closer than this to the last decoded frame are reached by decoding forward:
-# a seek would land on the same or an earlier keyframe and redo that work.
+# Targets this close to the last decoded frame are reached by decoding forward: a seek
+# would most likely land on the same keyframe and redo the work.
 SEEK_GAP_SECONDS = 2.0
 
 _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
-# FFmpeg's still-image demuxers ("png_pipe", "jpeg_pipe", ..., "image2") happily open
-# a renamed photo as a one-frame "video"; the user almost certainly passed the wrong file.
+# FFmpeg's still-image demuxers (png_pipe, jpeg_pipe, ..., image2) open a renamed photo
+# as a one-frame video; the user almost certainly passed the wrong file.
 _IMAGE_FORMAT = re.compile(r"_pipe$|^image2$")
 
 
@@ -49,57 +48,44 @@ class VideoClip:
         return self.total_frames / self.fps
 
     def metadata(self) -> dict:
-        """Video metadata in the form transformers' video processors take."""
-        return {
-            "total_num_frames": self.total_frames,
-            "fps": self.fps,
-            "frames_indices": list(self.indices),
-            "duration": self.duration,
-        }
+        """The video metadata transformers' video processors take."""
+        return {"total_num_frames": self.total_frames, "fps": self.fps,
+                "frames_indices": list(self.indices), "duration": self.duration}
 
 
 def available_backends() -> dict[str, str | None]:
-    """Installed decoder versions, None where a decoder cannot be imported."""
+    """Installed decoder versions, None where one cannot be imported."""
     found: dict[str, str | None] = {}
     for name, module in (("decord", "decord"), ("pyav", "av")):
         try:
             found[name] = str(__import__(module).__version__)
-        except Exception:  # a broken native library raises OSError and friends, not ImportError
+        except Exception:  # a broken native library raises OSError and friends too
             found[name] = None
     return found
 
 
-def sample_indices(
-    total_frames: int,
-    source_fps: float,
-    *,
-    frames: int | None = 32,
-    fps: float | None = None,
-    max_frames: int = 768,
-) -> list[int]:
-    """Frame indices to sample, sorted, unique, in [0, total_frames).
+def sample_indices(total_frames: int, source_fps: float, *, frames: int | None = 32, fps: float | None = None,
+                   max_frames: int = 768) -> list[int]:
+    """Frame indices to sample: sorted, unique, in [0, total_frames).
 
-    fps given: one frame every 1/fps seconds (the centre of each interval); when that
-    would exceed max_frames, max_frames frames spread uniformly over the whole video.
-    Otherwise `frames` frames, the centre of each of `frames` equal bins (frames=None:
-    every frame). Both modes are capped at max_frames, and a video shorter than the
-    request gives all of its frames.
+    fps given: one frame every 1/fps seconds (the centre of each interval); if that is
+    more than max_frames, max_frames frames spread uniformly over the whole video.
+    Else `frames` frames, the centre of each of `frames` equal bins (None: every frame),
+    also capped at max_frames. A video with fewer frames than asked gives all of them.
     """
     _check_sampling(frames, fps, max_frames)
     if total_frames < 0 or not source_fps > 0:
         raise ValueError(f"bad source: total_frames={total_frames}, source_fps={source_fps}")
     if total_frames == 0:
         return []
+    count = total_frames if frames is None else frames
     if fps is not None:
-        if fps >= source_fps:  # at least one sample per source frame: all of them
-            count = total_frames
-        else:
-            step = source_fps / fps  # > 1 source frames per sample, so floors never repeat
+        step = source_fps / fps
+        count = total_frames  # fps at or above the source rate: every frame
+        if step > 1:  # more than one frame per sample, so the floors never repeat
             count = max(1, math.ceil(total_frames / step - 0.5))
             if count <= max_frames:
                 return [min(int((j + 0.5) * step), total_frames - 1) for j in range(count)]
-    else:
-        count = total_frames if frames is None else frames
     count = min(count, max_frames)
     if total_frames <= count:
         return list(range(total_frames))
@@ -107,20 +93,13 @@ def sample_indices(
     return [(2 * k + 1) * total_frames // (2 * count) for k in range(count)]
 
 
-def load_video(
-    path: str | os.PathLike,
-    *,
-    frames: int | None = 32,
-    fps: float | None = None,
-    max_frames: int = 768,
-    max_pixels: int | None = None,
-    backend: str = "auto",
-) -> VideoClip:
-    """Decode the sampled frames of a video file (see sample_indices for the sampling).
+def load_video(path: str | os.PathLike, *, frames: int | None = 32, fps: float | None = None, max_frames: int = 768,
+               max_pixels: int | None = None, backend: str = "auto") -> VideoClip:
+    """Decode the frames sample_indices picks from a video file.
 
-    backend: "auto" (decord, falling back to PyAV if decord is missing or fails),
-    "decord" or "pyav". max_pixels: each frame is downscaled while it is decoded so
-    that H*W <= max_pixels (aspect ratio kept), so full-size frames never pile up.
+    backend: "auto" (decord, or PyAV if decord is missing or fails), "decord" or "pyav".
+    max_pixels: frames are scaled down while decoding (aspect ratio kept) so that
+    H*W <= max_pixels; full-size frames never pile up.
     """
     _check_sampling(frames, fps, max_frames)
     if max_pixels is not None and max_pixels < 1:
@@ -137,14 +116,14 @@ def load_video(
                 import decord
             except Exception as exc:
                 if backend == "decord":
-                    raise UsageError(f"the decord backend is not available ({_short(exc)}); install decord2 or use the pyav backend") from None
+                    raise UsageError(f"decord is not available ({_short(exc)}); install decord2 or use pyav") from exc
                 notes.append("decord is not installed; used PyAV")
             else:
                 try:
-                    return _load_decord(decord, path, stream, sampling, max_pixels, notes)
+                    return _load_decord(decord, path, container, stream, sampling, max_pixels, notes)
                 except Exception as exc:
                     if backend == "decord":
-                        raise _fail(path, f"decord cannot decode it ({_short(exc)})") from None
+                        raise _fail(path, f"decord cannot decode it ({_short(exc)})") from exc
                     notes.append(f"decord failed ({_short(exc)}); used PyAV")
         return _load_pyav(path, container, stream, sampling, max_pixels, notes)
 
@@ -152,18 +131,18 @@ def load_video(
 def _check_sampling(frames, fps, max_frames) -> None:
     if frames is not None and frames < 1:
         raise UsageError(f"frames must be at least 1 (got {frames})")
-    if fps is not None and not fps > 0:  # `not >` also rejects NaN
+    if fps is not None and not fps > 0:  # `not >` rejects NaN too
         raise UsageError(f"fps must be greater than 0 (got {fps})")
     if max_frames < 1:
         raise UsageError(f"max_frames must be at least 1 (got {max_frames})")
 
 
 def _fail(path: str, reason: str) -> VideoError:
-    return VideoError(one_line(f"cannot read video '{path}': {reason}"))
+    return VideoError(one_line(f"cannot read video '{path}': {reason}"))  # one_line: paths may hold newlines
 
 
 def _short(exc: BaseException) -> str:
-    """An exception as a short phrase: decord prefixes '[time] /src/file.cc:123: '."""
+    """An exception as a short phrase, without decord's '[time] /src/file.cc:123: '."""
     text = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
     text = re.sub(r"^\[[\d:]+\] \S+:\d+: ", "", one_line(text))
     return text if len(text) <= 160 else text[:157] + "..."
@@ -183,7 +162,7 @@ def _check_path(path: str | os.PathLike) -> str:
         with open(path, "rb") as f:
             empty = not f.read(1)
     except OSError as exc:  # PermissionError, mostly
-        raise _fail(path, exc.strerror or str(exc)) from None
+        raise _fail(path, exc.strerror or str(exc)) from exc
     if empty:
         raise _fail(path, "the file is empty (0 bytes)")
     return path
@@ -195,161 +174,203 @@ def _open(path: str):
     try:
         return av.open(path, metadata_errors="ignore")
     except (av.error.FFmpegError, ValueError, OSError) as exc:
-        raise _fail(path, f"not a video file, or truncated or corrupted ({_short(exc)})") from None
+        raise _fail(path, f"not a video file, or truncated or corrupted ({_short(exc)})") from exc
 
 
 def _video_stream(path: str, container):
     if _IMAGE_FORMAT.search(container.format.name):
-        kind = container.format.name.removesuffix("_pipe")
-        raise _fail(path, f"it is a still image ({kind}), not a video")
+        raise _fail(path, f"it is a still image ({container.format.name.removesuffix('_pipe')}), not a video")
     if not container.streams.video:
         raise _fail(path, "no video stream found (is it an audio-only file?)")
     return container.streams.video[0]
 
 
 def _target_size(width: int, height: int, max_pixels: int | None) -> tuple[int, int] | None:
-    """(width, height) scaled down to at most max_pixels, or None when no resize is needed."""
+    """(width, height) scaled to at most max_pixels; None when already small enough."""
     if not max_pixels or width * height <= max_pixels:
         return None
     scale = math.sqrt(max_pixels / (width * height))
-    w, h = max(1, int(width * scale)), max(1, int(height * scale))
-    while w * h > max_pixels:  # only when a side was clamped to 1
-        w, h = (w - 1, h) if w >= h else (w, h - 1)
-    return w, h
+    w = max(1, int(width * scale))
+    h = max(1, min(int(height * scale), max_pixels // w))  # min(): when w was clamped to 1
+    return min(w, max_pixels // h), h
 
 
-def _load_decord(decord, path, stream, sampling, max_pixels, notes) -> VideoClip:
-    # PyAV already read the coded size, so decord can scale while it decodes. It also
-    # applies 180-degree display rotation itself (decord2 3.4 crashes on 90/270, which
-    # sends those files to PyAV).
+def _frame_rate(stream) -> Fraction | None:
+    rates = (stream.average_rate, stream.guessed_rate, stream.base_rate)
+    return next((Fraction(rate) for rate in rates if rate and rate > 0), None)
+
+
+def _frame_count(container, stream, rate: Fraction, count_packets: bool = True) -> tuple[int, str | None]:
+    """The frame count (0: unknown, if not counting packets) and a note if estimated."""
+    if stream.frames > 0:
+        return stream.frames, None
+    # WebM/VP9 and some MKV leave the count out, but their durations are reliable.
+    if stream.duration and stream.time_base:
+        seconds = stream.duration * stream.time_base
+    else:
+        seconds = Fraction(container.duration or 0, 1_000_000)  # in av.time_base
+    if seconds:
+        return max(1, round(seconds * rate)), "frame count estimated from the duration"
+    if not count_packets:
+        return 0, None
+    # Last resort, for raw streams: demuxing without decoding is fast even for long files.
+    count = sum(1 for packet in container.demux(stream) if packet.size)
+    return max(1, count), "frame count from counting packets (no duration in the file)"
+
+
+def _load_decord(decord, path, container, stream, sampling, max_pixels, notes) -> VideoClip:
+    # decord scales while decoding, to the size computed from PyAV's header. It applies
+    # 180-degree display rotations itself; decord2 3.4 fails on 90/270 (PyAV takes over).
     size = _target_size(stream.width, stream.height, max_pixels)
     w, h = size or (stream.width, stream.height)
     vr = decord.VideoReader(path, ctx=decord.cpu(0), width=w if size else -1, height=h if size else -1)
     total, fps = len(vr), float(vr.get_avg_fps())
     if total < 1 or not fps > 0:
-        raise RuntimeError(f"reports {total} frames at {fps} fps")
+        raise RuntimeError(f"it reports {total} frames at {fps} fps")
+    # decord counts the frames it can reach, so a truncated file just looks short.
+    rate = _frame_rate(stream)
+    promised = _frame_count(container, stream, rate, count_packets=False)[0] if rate else 0
+    if total < promised * 0.98 - 1:
+        notes.append(f"the video ends at frame {total}, not {promised} as its header says (truncated?)")
     indices = sample_indices(total, fps, **sampling)
     batch = vr.get_batch(indices)
-    vr.seek(0)  # otherwise decord keeps decoder buffers from the batch alive (known leak)
+    vr.seek(0)  # else decord keeps the batch's decoder buffers alive (known memory blow-up)
     frames = batch.asnumpy() if hasattr(batch, "asnumpy") else np.asarray(batch)
     if frames.shape != (len(indices), h, w, 3) or frames.dtype != np.uint8:
-        raise RuntimeError(f"returned frames of shape {frames.shape}, expected {(len(indices), h, w, 3)}")
+        raise RuntimeError(f"it returned frames of shape {frames.shape}, not {(len(indices), h, w, 3)}")
     return VideoClip(frames, fps, total, indices, "decord", path, notes)
 
 
-def _frame_rate(stream) -> Fraction | None:
-    for rate in (stream.average_rate, stream.guessed_rate, stream.base_rate):
-        if rate and rate > 0:
-            return Fraction(rate)
-    return None
-
-
-def _frame_count(container, stream, rate: Fraction) -> tuple[int, str | None]:
-    """Frame count, and a note when it had to be estimated."""
-    if stream.frames > 0:
-        return stream.frames, None
-    # WebM/VP9 and some MKV leave the count out; their durations are reliable.
-    if stream.duration and stream.time_base:
-        seconds = stream.duration * stream.time_base
-    elif container.duration:
-        seconds = Fraction(container.duration, 1_000_000)  # av.time_base
-    else:
-        seconds = None
-    if seconds:
-        return max(1, round(seconds * rate)), "frame count estimated from the duration"
-    # Last resort: count packets; demuxing without decoding is fast even for long files.
-    count = sum(1 for packet in container.demux(stream) if packet.size)
-    return max(1, count), "frame count from counting packets (no duration in the file)"
-
-
-class _NoTimestamps(Exception):
-    """A decoded frame has no timestamp, so its position after a seek is unknown."""
+class _Unseekable(Exception):
+    """Seeking fails, or frames carry no timestamps to tell where a seek landed."""
 
 
 def _load_pyav(path, container, stream, sampling, max_pixels, notes) -> VideoClip:
+    import av
+
     rate = _frame_rate(stream)
     if rate is None:
         raise _fail(path, "the video stream has no frame rate")
     total, note = _frame_count(container, stream, rate)
     notes += [note] if note else []
-    indices = sample_indices(total, float(rate), **sampling)
-    stream.thread_type = "AUTO"  # frame + slice threads; output is identical to single-threaded
-    import av
 
-    try:
+    def decode(indices):
         try:
-            got, frames, end, damaged = _decode_at(container, stream, indices, rate, max_pixels, seek=True)
-        except _NoTimestamps:
-            # Without timestamps only counting from the start tells which frame is which.
-            notes.append("frames have no timestamps; decoded from the start")
-            container.seek(0)
-            got, frames, end, damaged = _decode_at(container, stream, indices, rate, max_pixels, seek=False)
-    except (av.error.FFmpegError, ValueError, OSError) as exc:  # seek or scaler failures: still a bad file
-        raise _fail(path, f"decoding failed ({_short(exc)})") from exc
+            try:
+                return _decode_at(container, stream, indices, rate, max_pixels, seek=True)
+            except _Unseekable:
+                pass
+            # Raw streams (.h264) and the like: count frames from the start of a fresh read.
+            note = "cannot seek in this file; decoded it from the start"
+            notes.extend([note] if note not in notes else [])
+            with _open(path) as fresh:
+                return _decode_at(fresh, fresh.streams.video[0], indices, rate, max_pixels, seek=False)
+        except (av.error.FFmpegError, ValueError, OSError) as exc:  # damage beyond skipping
+            raise _fail(path, f"decoding failed ({_short(exc)})") from exc
+
+    got, frames, end, damaged = decode(sample_indices(total, float(rate), **sampling))
+    if end is not None:
+        # Fewer frames than the header (or the duration estimate) promised: sample again
+        # within the frames that exist, so the clip spans all of the readable part.
+        notes.append(f"the video ends at frame {end}, not {total} as its header says (truncated?)")
+        total = end
+        indices = sample_indices(total, float(rate), **sampling)
+        again = decode(indices) if indices != got else ([],)
+        if len(again[0]) > len(got):
+            got, frames, _, damaged = again
     if damaged:
         notes.append(f"skipped {damaged} damaged packet(s)")
     if not got:
         raise _fail(path, "no frame could be decoded (the file is truncated or corrupted)")
-    if end is not None:  # ran out of frames before the last target
-        notes.append(f"the video ended at frame {end} of the expected {total}; got {len(got)} of {len(indices)} frames")
-        total = end
     return VideoClip(np.stack(frames), float(rate), total, got, "pyav", path, notes)
 
 
 def _decode_at(container, stream, indices, rate, max_pixels, *, seek: bool):
-    """Decode the frames at `indices`: (indices got, frames, frame count if the stream
-    ended early else None, damaged packets skipped)."""
+    """Decode the frames at `indices` (ascending): (indices got, frames, the frame count
+    if the stream ended before the last target else None, damaged packets skipped)."""
     import av
 
-    time_base = stream.time_base
-    start = stream.start_time or 0
-    gap = max(1, int(SEEK_GAP_SECONDS * rate))
+    if not stream.codec_context.is_open:  # settable only before the first decode
+        stream.thread_type = "AUTO"  # frame + slice threads; the output is the same
+    time_base, start = stream.time_base, stream.start_time or 0
     size = _target_size(stream.width, stream.height, max_pixels)
-    damaged = [0]  # mutable, so the decoding generator can count into it
+    entries = stream.index_entries  # keyframes: complete for mp4, the cues for mkv/webm
+    gap = max(1, int(SEEK_GAP_SECONDS * rate))
+    damaged, pos, pos_pts = 0, -1, None  # pos, pos_pts: the last frame decoded
+
+    def timestamp(index: int) -> int:
+        return start + int(index / rate / time_base)
 
     def decoded():
+        nonlocal damaged
         try:
             for packet in container.demux(stream):
                 try:
                     yield from stream.decode(packet)
-                except av.error.FFmpegError:  # a damaged packet: skip it, like ffmpeg does
-                    damaged[0] += 1
+                except av.error.FFmpegError:  # a damaged packet: skip it, as ffmpeg does
+                    damaged += 1
         except av.error.FFmpegError:  # the demuxer hit a damaged or missing part: stop there
-            damaged[0] += 1
+            damaged += 1
 
-    def position(frame, previous):
-        pts = frame.pts if frame.pts is not None else frame.dts
-        if pts is None:
+    def position(frame) -> int:
+        nonlocal pos, pos_pts
+        pos_pts = frame.pts if frame.pts is not None else frame.dts
+        if pos_pts is None:
             if seek:
-                raise _NoTimestamps
-            return previous + 1
-        # Round to the nearest frame slot: timestamps jitter by a tick or two in some muxers.
-        return round((pts - start) * time_base * rate)
+                raise _Unseekable
+            pos += 1
+        else:  # the nearest frame slot: some muxers jitter timestamps by a tick
+            pos = round((pos_pts - start) * time_base * rate)
+        return pos
 
-    got, frames = [], []
-    source, pos = iter(decoded()), -1  # pos: index of the last frame decoded
+    def worth_seeking(target: int) -> bool:
+        """A seek saves work only if a keyframe lies between here and the target."""
+        if pos < 0:
+            return True
+        if target - pos <= gap:
+            return False
+        ts, n = timestamp(target), len(entries)
+        if not n or entries[n - 1].timestamp < ts:  # the index hasn't been read that far
+            return True
+        key = entries.search_timestamp(ts, backward=True)
+        return key < 0 or entries[key].timestamp > pos_pts
+
+    def seek_to(target: int):
+        back = 0
+        while True:
+            at = max(target - back, 0)
+            try:
+                container.seek(timestamp(at), stream=stream, backward=True, any_frame=False)
+            except av.error.FFmpegError as exc:
+                raise _Unseekable from exc
+            frames = decoded()
+            first = next(frames, None)
+            if first is None or at == 0 or position(first) <= target:
+                return itertools.chain([first] if first is not None else [], frames)
+            # Formats without an index (MPEG-TS) land on any packet, and the decoder
+            # drops frames up to the next keyframe, which may be past the target.
+            back = max(2 * back, int(rate), 1)
+
+    got, out, source = [], [], decoded()
     for target in indices:
-        if seek and (not got or target - pos > gap):
-            container.seek(start + int(target / rate / time_base), stream=stream, backward=True, any_frame=False)
-            source = iter(decoded())
+        if seek and worth_seeking(target):
+            source = seek_to(target)
         for frame in source:
-            pos = position(frame, pos)
-            if pos >= target:
+            if position(frame) >= target:
                 break
         else:
-            return got, frames, pos + 1, damaged[0]
-        # One size for the whole clip, even if the stream changes resolution midway.
-        size = size or (frame.width, frame.height)
-        frames.append(_to_rgb(frame, size))
+            return got, out, pos + 1, damaged
+        size = size or (frame.width, frame.height)  # one size, even if the stream changes
+        out.append(_to_rgb(frame, size))
         got.append(target)
-    return got, frames, None, damaged[0]
+    return got, out, None, damaged
 
 
 def _to_rgb(frame, size: tuple[int, int]) -> np.ndarray:
-    # Scaling inside the colour conversion (swscale) costs less than converting first.
+    # Scaling inside the colour conversion (one swscale pass) is cheap even for 4K frames.
     rgb = frame.to_ndarray(width=size[0], height=size[1], format="rgb24", interpolation="AREA")
-    # frame.rotation: counter-clockwise degrees from the display matrix, the turn the
-    # player applies to show the frame upright; np.rot90 turns counter-clockwise too.
-    # Mirroring in the matrix is not exposed by PyAV 18 and is ignored.
+    # frame.rotation: the display matrix's counter-clockwise turn that shows the frame
+    # upright; np.rot90 turns counter-clockwise too. PyAV 18 doesn't expose the
+    # matrix's mirroring, so mirrored videos stay mirrored.
     turns = round(frame.rotation / 90) % 4
     return np.ascontiguousarray(np.rot90(rgb, turns)) if turns else rgb

@@ -53,16 +53,11 @@ def synthetic_tokenizer(special: dict[str, int], vocab_size: int):
     from transformers import PreTrainedTokenizerFast
 
     vocab = {"[UNK]": 0}
-    taken = set(special.values())
-    next_id = 1
-    for word in _WORDS + _PUNCT:
-        while next_id in taken:
-            next_id += 1
-        if next_id >= vocab_size:
-            break
-        if word not in vocab:
-            vocab[word] = next_id
-            next_id += 1
+    free = (i for i in range(1, vocab_size) if i not in set(special.values()))
+    for word, token_id in zip(dict.fromkeys(_WORDS + _PUNCT), free):
+        vocab[word] = token_id
+    # Every other id gets a filler word, so what a random model says is visible, not blank.
+    vocab.update({f"w{token_id}": token_id for token_id in free})
     vocab.update(special)
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()

@@ -1,0 +1,205 @@
+"""Every command through the CLI runner, as a user runs it: stdout, stderr, JSON, exit codes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from sharp_cli.cli import app
+import videos  # noqa: F401
+from videos import make_video
+
+runner = CliRunner()
+ASK_KEYS = {"answer", "model", "method", "ratio", "layer", "frames", "visual_tokens_total", "visual_tokens_kept",
+            "prefill_seconds", "kv_cache_bytes", "kv_cache_bytes_unpruned", "peak_memory_bytes", "device", "quant"}
+SMALL = ["--frames", "8", "--max-pixels", str(56 * 56 * 4), "--max-new-tokens", "4"]
+
+
+@pytest.fixture(scope="module")
+def video(tmp_path_factory):
+    return str(make_video(tmp_path_factory.mktemp("v") / "clip one.mp4", n_frames=24, fps=8, size=(112, 84)))
+
+
+def sharp(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+@pytest.mark.parametrize("family", ["qwen2.5-vl", "qwen2-vl"])
+def test_ask_prints_answer_on_stdout_and_table_on_stderr(model_dirs, video, family):
+    result = sharp("ask", video, "what colour is the ball?", "-m", model_dirs[family], *SMALL)
+    assert result.exit_code == 0, result.stderr
+    answer = json.loads(sharp("ask", video, "what colour is the ball?", "-m", model_dirs[family], *SMALL,
+                              "--json").stdout)["answer"]
+    assert answer and result.stdout == answer + "\n"
+    for label in ("visual tokens", "LLM prefill", "KV cache", "memory saved", "peak GPU memory"):
+        assert label in result.stderr
+    assert "none (CPU: no quantization)" in result.stderr
+
+
+def test_ask_json_has_the_documented_keys(model_dirs, video):
+    result = sharp("ask", video, "what colour is the ball?", "-m", model_dirs["qwen2.5-vl"], *SMALL,
+                   "--json", "--method", "fastv", "--ratio", "0.25")
+    assert result.exit_code == 0, result.stderr
+    record = json.loads(result.stdout)
+    assert ASK_KEYS <= set(record)
+    assert record["method"] == "fastv" and record["ratio"] == 0.25 and record["layer"] == 2
+    assert record["visual_tokens_kept"] == max(1, int(0.25 * record["visual_tokens_total"] + 0.5))
+    assert record["kv_cache_bytes"] < record["kv_cache_bytes_unpruned"]
+    assert record["frames"] == 8 and record["device"] == "cpu" and record["quant"] == "none"
+
+
+def test_ask_method_none_reports_ratio_one(model_dirs, video):
+    result = sharp("ask", video, "what?", "-m", model_dirs["qwen2.5-vl"], *SMALL, "--json", "--method", "none")
+    record = json.loads(result.stdout)
+    assert record["ratio"] == 1.0 and record["visual_tokens_kept"] == record["visual_tokens_total"]
+    assert record["kv_cache_bytes"] == record["kv_cache_bytes_unpruned"]
+
+
+def test_quiet_prints_the_answer_alone(model_dirs, video):
+    result = sharp("ask", video, "what?", "-m", model_dirs["qwen2.5-vl"], *SMALL, "-q")
+    assert result.exit_code == 0
+    assert result.stderr == "" and len(result.stdout.strip().splitlines()) <= 1
+
+
+def test_model_from_environment_variable(model_dirs, video, monkeypatch):
+    monkeypatch.setenv("SHARP_MODEL", str(model_dirs["qwen2.5-vl"]))
+    result = sharp("ask", video, "what?", *SMALL, "--json")
+    assert result.exit_code == 0 and json.loads(result.stdout)["model"] == str(model_dirs["qwen2.5-vl"])
+
+
+def test_same_input_same_answer_and_kept_set(model_dirs, video):
+    args = ("ask", video, "what colour?", "-m", model_dirs["qwen2.5-vl"], *SMALL, "--json")
+    a, b = json.loads(sharp(*args).stdout), json.loads(sharp(*args).stdout)
+    assert a["answer"] == b["answer"] and a["visual_tokens_kept"] == b["visual_tokens_kept"]
+
+
+def test_pyav_fallback_when_decord_breaks(model_dirs, video, monkeypatch):
+    import decord
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("simulated decord failure")
+
+    monkeypatch.setattr(decord, "VideoReader", broken)
+    result = sharp("ask", video, "what?", "-m", model_dirs["qwen2.5-vl"], *SMALL, "--json")
+    assert result.exit_code == 0, result.stderr
+    assert json.loads(result.stdout)["decoder"] == "pyav"
+    assert "decord" in result.stderr  # the note says why
+
+
+@pytest.mark.parametrize("args, code, message", [
+    (["--ratio", "0"], 2, "--ratio must be in (0, 1]"),
+    (["--ratio", "1.5"], 2, "--ratio must be in (0, 1]"),
+    (["--layer", "0"], 2, "--layer must be >= 1"),
+    (["--layer", "4"], 2, "--layer must be < 4"),
+    (["--method", "magic"], 2, "unknown method 'magic'"),
+    (["--frames", "0"], 2, "frames"),
+    (["--fps", "0"], 2, "fps"),
+    (["--debias", "sideways"], 2, "--debias"),
+    (["--device", "cuda"], 1, "no CUDA GPU"),
+    (["--quant", "nf4"], 2, "--quant nf4 needs a CUDA GPU"),
+    (["--bogus-flag"], 2, "No such option"),
+])
+def test_bad_arguments_get_one_line_and_an_exit_code(model_dirs, video, args, code, message):
+    result = sharp("ask", video, "what?", "-m", model_dirs["qwen2.5-vl"], *SMALL, *args)
+    assert result.exit_code == code, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("sharp: error:") and message in lines[0]
+    assert "Traceback" not in result.output
+
+
+def test_empty_question_is_a_usage_error(model_dirs, video):
+    result = sharp("ask", video, "   ", "-m", model_dirs["qwen2.5-vl"])
+    assert result.exit_code == 2 and "question is empty" in result.stderr
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda d: d / "missing.mp4", "not found"),
+    (lambda d: d, "directory"),
+])
+def test_bad_video_paths(model_dirs, tmp_path, make, message):
+    result = sharp("ask", make(tmp_path), "what?", "-m", model_dirs["qwen2.5-vl"])
+    assert result.exit_code == 1 and message in result.stderr.lower() and len(result.stderr.splitlines()) == 1
+
+
+def test_unknown_model_offline_is_one_line(video, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    result = sharp("ask", video, "what?", "-m", "nobody/no-such-model-xyz", *SMALL)
+    assert result.exit_code == 1 and "cannot load" in result.stderr and len(result.stderr.splitlines()) == 1
+
+
+def test_a_folder_that_is_not_a_video_llm(tmp_path, video):
+    folder = tmp_path / "bert"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"model_type": "bert", "hidden_size": 8}))
+    result = sharp("ask", video, "what?", "-m", folder, *SMALL)
+    assert result.exit_code == 1 and "not a supported video LLM" in result.stderr
+    assert "qwen2.5-vl" in result.stderr
+
+
+def test_help_lists_commands_without_importing_torch():
+    code = "import sys; from sharp_cli.cli import app; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+    result = sharp("--help")
+    assert result.exit_code == 0 and "ask" in result.stdout and "bench" in result.stdout
+
+
+def test_fresh_process_end_to_end(model_dirs, video):
+    """A real `python -m sharp_cli` process: catches import-order crashes in-process tests hide."""
+    env = dict(os.environ, SHARP_DEBUG="0")
+    out = subprocess.run([sys.executable, "-m", "sharp_cli", "ask", video, "what?", "-m", str(model_dirs["qwen2.5-vl"]),
+                          *SMALL, "--json", "-q"], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert json.loads(out.stdout)["decoder"] == "decord"
+
+
+def test_env_lists_versions():
+    result = sharp("env")
+    assert result.exit_code == 0
+    for name in ("python", "torch", "transformers", "bitsandbytes", "video decoders", "gpu"):
+        assert name in result.stdout
+
+
+def test_debug_env_shows_the_traceback(model_dirs, tmp_path, monkeypatch):
+    monkeypatch.setenv("SHARP_DEBUG", "1")
+    result = sharp("ask", tmp_path / "missing.mp4", "what?", "-m", model_dirs["qwen2.5-vl"])
+    assert result.exit_code != 0 and result.exception is not None
+
+
+def test_bench_rows_and_consistency(model_dirs, tmp_path):
+    out_file = tmp_path / "bench.json"
+    result = sharp("bench", "-m", model_dirs["qwen2.5-vl"], "--frames", "8", "--height", "56", "--width", "112",
+                   "--ratio", "0.25,0.5", "--iters", "2", "--warmup", "0", "--decode-tokens", "3", "--json",
+                   "--output-json", out_file)
+    assert result.exit_code == 0, result.stderr
+    data = json.loads(result.stdout)
+    assert json.loads(out_file.read_text())["rows"] == data["rows"]
+    rows = data["rows"]
+    assert [(r["method"], r["ratio"]) for r in rows] == [("none", 1.0)] + [
+        (m, r) for m in ("fastv", "random", "sharp") for r in (0.25, 0.5)]
+    base = rows[0]
+    assert base["speedup"] == 1.0 and base["flops_limit"] == 1.0
+    from sharp_cli.measure import prefill_flops, text_dims
+    from sharp_cli.models.random_init import tiny_config
+
+    dims = text_dims(tiny_config("qwen2.5-vl"))
+    n = base["visual_tokens_total"]
+    for r in rows[1:]:
+        assert r["visual_tokens_kept"] == max(1, int(r["ratio"] * n + 0.5))
+        assert r["tokens_after_pruning"] == base["sequence_tokens"] - n + r["visual_tokens_kept"]
+        assert r["prefill_flops"] == prefill_flops(dims, base["sequence_tokens"], r["tokens_after_pruning"], 2)
+        assert r["flops_limit"] == pytest.approx(base["prefill_flops"] / r["prefill_flops"])
+        assert r["efficiency"] == pytest.approx(r["speedup"] / r["flops_limit"])
+        assert r["kv_cache_bytes"] < base["kv_cache_bytes"]
+    assert "sharp bench" in result.stderr
+
+
+def test_bench_rejects_unknown_methods(model_dirs):
+    result = sharp("bench", "-m", model_dirs["qwen2.5-vl"], "--methods", "none,warp")
+    assert result.exit_code == 2 and "unknown method 'warp'" in result.stderr

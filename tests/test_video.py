@@ -1,0 +1,413 @@
+"""Frame sampling and decoding (sharp_cli/video.py) on small synthetic videos."""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from sharp_cli.errors import UsageError, VideoError
+from sharp_cli.video import VideoClip, available_backends, load_video, sample_indices
+
+sys.path.insert(0, os.path.dirname(__file__))
+from videos import frame_indices, make_audio_only, make_long_video, make_video, truncate  # noqa: E402
+
+HAS_DECORD = available_backends()["decord"] is not None
+BACKENDS = ["pyav", pytest.param("decord", marks=pytest.mark.skipif(not HAS_DECORD, reason="decord not installed"))]
+
+
+@pytest.fixture(scope="module")
+def vids(tmp_path_factory):
+    """The test videos, encoded once for the module (about a second in all)."""
+    d = tmp_path_factory.mktemp("videos")
+    return {
+        "h264": make_video(d / "h264.mp4"),
+        "vp9": make_video(d / "vp9.webm", codec="libvpx-vp9"),
+        "mpeg4": make_video(d / "mpeg4.mp4", codec="mpeg4"),
+        # B-frames (pts order != decode order) and keyframes every 7 frames: seeks land mid-file.
+        "bframes": make_video(d / "bframes.mp4", n_frames=60, gop=7, codec_options={"preset": "medium"}),
+        "mkv_gop5": make_video(d / "gop5.mkv", n_frames=60, gop=5),
+        # No index: seeks land on any packet, often past the keyframe the target needs.
+        "mpegts": make_video(d / "ts.ts", n_frames=60, gop=10),
+    }
+
+
+# ---------------------------------------------------------------- sample_indices
+
+
+def _check_basic(idx: list[int], total: int) -> None:
+    assert idx == sorted(set(idx)), "sorted and unique"
+    assert all(0 <= i < total for i in idx)
+    assert all(isinstance(i, int) for i in idx)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    total=st.integers(0, 200_000),
+    src=st.floats(0.5, 240),
+    frames=st.integers(1, 2000),
+    max_frames=st.integers(1, 1000),
+)
+def test_sample_indices_frames_mode(total, src, frames, max_frames):
+    idx = sample_indices(total, src, frames=frames, max_frames=max_frames)
+    _check_basic(idx, total)
+    assert len(idx) == min(total, frames, max_frames)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    total=st.integers(1, 500_000),
+    src=st.floats(1, 120),
+    fps=st.floats(0.01, 60),
+    max_frames=st.integers(1, 1000),
+)
+def test_sample_indices_fps_mode(total, src, fps, max_frames):
+    idx = sample_indices(total, src, frames=32, fps=fps, max_frames=max_frames)
+    _check_basic(idx, total)
+    assert 1 <= len(idx) <= max_frames
+    wanted = total if fps >= src else max(1, math.ceil(total * fps / src - 0.5))
+    assert len(idx) == min(wanted, max_frames)
+    if fps < src and wanted <= max_frames and len(idx) > 1:
+        # One sample per 1/fps seconds, the centre of each interval.
+        step = src / fps
+        assert abs(idx[0] - step / 2) <= 1
+        assert all(abs((b - a) - step) <= 1 for a, b in zip(idx, idx[1:]))
+
+
+def test_sample_indices_examples():
+    assert sample_indices(40, 10, frames=8) == [2, 7, 12, 17, 22, 27, 32, 37]
+    assert sample_indices(100, 10, fps=1) == [5, 15, 25, 35, 45, 55, 65, 75, 85, 95]
+    assert sample_indices(5, 10, frames=32) == [0, 1, 2, 3, 4]
+    assert sample_indices(5, 10, fps=30) == [0, 1, 2, 3, 4]  # fps above the source rate: every frame
+    assert sample_indices(1, 25, frames=32) == [0]
+    assert sample_indices(1, 25, fps=0.01) == [0]  # shorter than one interval: still one frame
+    assert sample_indices(0, 25) == []
+    # fps mode over the cap: max_frames spread uniformly over the whole video instead
+    assert sample_indices(10_000, 10, fps=5, max_frames=4) == sample_indices(10_000, 10, frames=4)
+    assert sample_indices(10_000, 10, frames=1000, max_frames=10) == sample_indices(10_000, 10, frames=10)
+    assert sample_indices(7, 10, frames=None) == list(range(7))
+
+
+@pytest.mark.parametrize(
+    "kwargs", [{"frames": 0}, {"frames": -3}, {"fps": 0}, {"fps": -1.0}, {"fps": float("nan")}, {"max_frames": 0}]
+)
+def test_bad_sampling_arguments_are_usage_errors(kwargs, vids):
+    with pytest.raises(UsageError):
+        sample_indices(100, 10, **kwargs)
+    with pytest.raises(UsageError):
+        load_video(vids["h264"], **kwargs)
+
+
+def test_other_bad_arguments(vids):
+    with pytest.raises(UsageError, match="backend"):
+        load_video(vids["h264"], backend="opencv")
+    with pytest.raises(UsageError, match="max_pixels"):
+        load_video(vids["h264"], max_pixels=0)
+
+
+# ---------------------------------------------------------------- decoding
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kind", ["h264", "vp9", "mpeg4", "bframes", "mkv_gop5", "mpegts"])
+def test_frames_match_indices(vids, kind, backend):
+    clip = load_video(vids[kind], frames=8, backend=backend)
+    total = 60 if kind in ("bframes", "mkv_gop5", "mpegts") else 40
+    assert isinstance(clip, VideoClip)
+    assert clip.backend == backend
+    assert clip.path == os.fspath(vids[kind])
+    assert clip.total_frames == total and clip.fps == pytest.approx(10)
+    assert clip.indices == sample_indices(total, 10, frames=8)
+    assert clip.frames.dtype == np.uint8 and clip.frames.shape == (8, 48, 64, 3)
+    assert frame_indices(clip.frames) == clip.indices
+    assert clip.duration == pytest.approx(total / 10)
+    assert clip.metadata() == {
+        "total_num_frames": total,
+        "fps": clip.fps,
+        "frames_indices": clip.indices,
+        "duration": clip.duration,
+    }
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fps_mode_and_every_frame(vids, backend):
+    clip = load_video(vids["h264"], fps=2, backend=backend)
+    assert clip.indices == [2, 7, 12, 17, 22, 27, 32, 37]
+    assert frame_indices(clip.frames) == clip.indices
+    clip = load_video(vids["bframes"], frames=None, backend=backend)
+    assert frame_indices(clip.frames) == clip.indices == list(range(60))
+
+
+def test_webm_frame_count_is_estimated(vids):
+    clip = load_video(vids["vp9"], frames=40, backend="pyav")
+    assert clip.total_frames == 40 and frame_indices(clip.frames) == list(range(40))
+    assert any("estimated" in n for n in clip.notes)
+
+
+@pytest.fixture
+def seeks(monkeypatch):
+    """The seeks PyAV's reader makes, logged."""
+    import av
+
+    log = []
+    real_open = av.open
+
+    class Counting:  # av's containers are extension types, so wrap one instead of patching it
+        def __init__(self, c):
+            self._c = c
+
+        def __getattr__(self, name):
+            return getattr(self._c, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self._c.close()
+
+        def seek(self, *args, **kwargs):
+            log.append(args)
+            return self._c.seek(*args, **kwargs)
+
+    monkeypatch.setattr(av, "open", lambda *a, **k: Counting(real_open(*a, **k)))
+    return log
+
+
+def test_nearby_targets_decode_forward_without_reseeking(vids, seeks):
+    clip = load_video(vids["mkv_gop5"], frames=None, backend="pyav")
+    assert frame_indices(clip.frames) == list(range(60))
+    assert len(seeks) == 1
+
+
+def test_raw_stream_without_timestamps_or_seeking(tmp_path):
+    # A raw H.264 stream: no duration, no timestamps, no seeking. Its rate is FFmpeg's
+    # 25 fps guess, since the raw stream doesn't carry the real 10 fps.
+    clip = load_video(make_video(tmp_path / "raw.h264", n_frames=30, gop=10), frames=6, backend="pyav")
+    assert clip.total_frames == 30 and frame_indices(clip.frames) == clip.indices == sample_indices(30, 25, frames=6)
+    assert any("counting packets" in n for n in clip.notes) and any("cannot seek" in n for n in clip.notes)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fewer_frames_than_requested(tmp_path, backend):
+    clip = load_video(make_video(tmp_path / "five.mp4", n_frames=5), frames=32, backend=backend)
+    assert clip.indices == [0, 1, 2, 3, 4] and frame_indices(clip.frames) == clip.indices
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_one_frame_video(tmp_path, backend):
+    path = make_video(tmp_path / "one.mp4", n_frames=1)
+    for kwargs in ({"frames": 32}, {"fps": 0.1}, {"fps": 100}):
+        clip = load_video(path, backend=backend, **kwargs)
+        assert clip.indices == [0] and clip.total_frames == 1 and clip.frames.shape == (1, 48, 64, 3)
+        assert frame_indices(clip.frames) == [0]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_odd_size(tmp_path, backend):
+    clip = load_video(make_video(tmp_path / "odd.mp4", size=(33, 17)), frames=6, backend=backend)
+    assert clip.frames.shape == (6, 17, 33, 3)
+    assert frame_indices(clip.frames) == clip.indices
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_max_pixels_bounds_every_frame(tmp_path, backend):
+    path = make_video(tmp_path / "vga.mp4", n_frames=12, size=(640, 480))
+    clip = load_video(path, frames=4, max_pixels=64 * 48, backend=backend)
+    t, h, w, _ = clip.frames.shape
+    assert t == 4 and h * w <= 64 * 48 and (h, w) == (48, 64)
+    assert frame_indices(clip.frames) == clip.indices
+    clip = load_video(path, frames=4, max_pixels=1000, backend="pyav")  # not a neat fraction
+    t, h, w, _ = clip.frames.shape
+    assert h * w <= 1000 and abs(w / h - 4 / 3) < 0.1
+    assert frame_indices(clip.frames) == clip.indices
+    assert load_video(path, frames=2, max_pixels=10**9, backend=backend).frames.shape == (2, 480, 640, 3)
+
+
+@pytest.mark.parametrize("backend", ["pyav", "auto"])
+@pytest.mark.parametrize("rotation", [90, -90])
+def test_quarter_turn_rotation_is_applied(tmp_path, rotation, backend):
+    # rotation is counter-clockwise (FFmpeg's display matrix convention, which
+    # VideoFrame.rotation reports); upright frames are the stored ones turned that way.
+    clip = load_video(make_video(tmp_path / "rot.mp4", rotation=rotation), frames=5, backend=backend)
+    assert clip.frames.shape == (5, 64, 48, 3)
+    assert frame_indices(np.rot90(clip.frames, -rotation // 90, axes=(1, 2))) == clip.indices
+    if backend == "auto" and HAS_DECORD:
+        # decord2 3.4 crashes on 90-degree rotations; auto mode must cope via PyAV.
+        assert clip.backend == "pyav" and any("decord failed" in n for n in clip.notes)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_half_turn_rotation_is_applied(tmp_path, backend):
+    clip = load_video(make_video(tmp_path / "rot180.mp4", rotation=180), frames=5, backend=backend)
+    assert clip.frames.shape == (5, 48, 64, 3)
+    assert frame_indices(np.rot90(clip.frames, 2, axes=(1, 2))) == clip.indices
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_long_video_is_sampled_quickly(tmp_path_factory, backend, seeks):
+    path = tmp_path_factory.getbasetemp() / "long.mp4"
+    if not path.exists():
+        make_long_video(path)  # 3 hours at 1 fps, 64x48, a keyframe every 5 minutes
+    start = time.perf_counter()
+    clip = load_video(path, frames=32, backend=backend)
+    elapsed = time.perf_counter() - start
+    assert clip.total_frames == 10800 and clip.duration == pytest.approx(3 * 3600)
+    assert len(clip.indices) == 32 and frame_indices(clip.frames) == clip.indices
+    assert elapsed < 10, f"sampling 32 frames took {elapsed:.1f}s"
+    if backend == "pyav":
+        assert len(seeks) == 32  # one per frame: they are 5.6 minutes apart, keyframes 5 minutes
+        # 42 s apart: the mp4 index shows most have no keyframe in between, so no seek either
+        clip = load_video(path, frames=256, backend="pyav")
+        assert frame_indices(clip.frames) == clip.indices and len(seeks) - 32 <= 10800 // 300
+
+
+@pytest.mark.parametrize("backend", BACKENDS + ["auto"])
+def test_deterministic(vids, backend):
+    a = load_video(vids["bframes"], frames=9, backend=backend)
+    b = load_video(vids["bframes"], frames=9, backend=backend)
+    assert a.indices == b.indices and np.array_equal(a.frames, b.frames)
+
+
+# ---------------------------------------------------------------- decord fallback
+
+
+@pytest.mark.skipif(not HAS_DECORD, reason="decord not installed")
+def test_auto_falls_back_to_pyav_when_decord_raises(vids, monkeypatch):
+    import decord
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(decord, "VideoReader", broken)
+    clip = load_video(vids["h264"], frames=8)
+    assert clip.backend == "pyav" and frame_indices(clip.frames) == clip.indices
+    assert any("decord failed (boom)" in n for n in clip.notes)
+    with pytest.raises(VideoError, match="boom") as err:
+        load_video(vids["h264"], backend="decord")
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.skipif(not HAS_DECORD, reason="decord not installed")
+def test_auto_falls_back_when_decord_returns_garbage(vids, monkeypatch):
+    import decord
+
+    class Garbage:
+        def __init__(self, *args, **kwargs):
+            pass
+
+        def __len__(self):
+            return 40
+
+        def get_avg_fps(self):
+            return 10.0
+
+        def get_batch(self, indices):
+            return np.zeros((len(indices), 2, 2, 3), np.uint8)
+
+        def seek(self, pos):
+            pass
+
+    monkeypatch.setattr(decord, "VideoReader", Garbage)
+    clip = load_video(vids["h264"], frames=8)
+    assert clip.backend == "pyav" and frame_indices(clip.frames) == clip.indices
+    assert any("decord failed" in n and "shape" in n for n in clip.notes)
+
+
+def test_missing_decord(vids, monkeypatch):
+    monkeypatch.setitem(sys.modules, "decord", None)  # makes `import decord` raise ImportError
+    clip = load_video(vids["h264"], frames=4)
+    assert clip.backend == "pyav" and any("not installed" in n for n in clip.notes)
+    with pytest.raises(UsageError, match="decord"):
+        load_video(vids["h264"], backend="decord")
+    assert available_backends()["decord"] is None
+
+
+def test_available_backends():
+    found = available_backends()
+    assert set(found) == {"decord", "pyav"} and found["pyav"]
+
+
+def test_import_is_cheap():
+    code = "import sys, sharp_cli.video; print(sorted({'av', 'decord', 'torch', 'transformers'} & set(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+# ---------------------------------------------------------------- bad input
+
+
+def _assert_one_line_error(path, match, backend="auto"):
+    with pytest.raises(VideoError) as err:
+        load_video(path, backend=backend)
+    message = str(err.value)
+    assert "\n" not in message and os.fspath(path) in message and match in message, message
+    assert err.value.exit_code == 1
+    return message
+
+
+@pytest.mark.parametrize("backend", ["auto", "pyav", "decord"])
+def test_unreadable_inputs(tmp_path, vids, backend):
+    if backend == "decord" and not HAS_DECORD:
+        pytest.skip("decord not installed")
+    (tmp_path / "empty.mp4").touch()
+    (tmp_path / "notes.mp4").write_text("this is not a video\n" * 20)
+    (tmp_path / "photo.mp4").write_bytes(_png_bytes())
+    cases = {
+        tmp_path / "missing.mp4": "not found",
+        tmp_path: "directory",
+        tmp_path / "empty.mp4": "empty",
+        tmp_path / "notes.mp4": "not a video file",
+        tmp_path / "photo.mp4": "still image",
+        make_audio_only(tmp_path / "song.mp4"): "no video stream found (is it an audio-only file?)",
+        # mp4 keeps its index (moov) at the end: cut in half, nothing is readable
+        truncate(vids["h264"], tmp_path / "cut.mp4"): "truncated",
+    }
+    for path, match in cases.items():
+        _assert_one_line_error(path, match, backend)
+
+
+@pytest.mark.parametrize("url", ["http://example.com/a.mp4", "https://x.org/v.webm", "rtsp://cam/stream", "s3://b/k.mp4"])
+def test_urls_are_rejected(url):
+    message = _assert_one_line_error(url, "URLs are not supported; download the file first")
+    assert message.startswith(f"cannot read video '{url}'")
+
+
+def test_unreadable_permissions(tmp_path, vids, monkeypatch):
+    import sharp_cli.video as video
+
+    def denied(path, *args, **kwargs):  # chmod does not stop root, so fake the refusal
+        raise PermissionError(13, "Permission denied", path)
+
+    monkeypatch.setattr(video, "open", denied, raising=False)
+    _assert_one_line_error(vids["h264"], "Permission denied")
+
+
+@pytest.mark.parametrize("backend", BACKENDS + ["auto"])
+def test_truncated_file_returns_the_readable_part(tmp_path, backend):
+    # Matroska and faststart mp4 keep their index up front: the first half still decodes.
+    for path in [
+        make_video(tmp_path / "a.mkv", n_frames=100, gop=10),
+        make_video(tmp_path / "b.mp4", n_frames=100, gop=10, size=(128, 96), container_options={"movflags": "faststart"}),
+    ]:
+        cut = truncate(path, tmp_path / f"cut-{os.path.basename(path)}")
+        clip = load_video(cut, frames=8, backend=backend)
+        assert 10 <= clip.total_frames < 100 and len(clip.indices) == 8
+        assert all(i < clip.total_frames for i in clip.indices)
+        assert frame_indices(clip.frames) == clip.indices
+        assert any("truncated" in n for n in clip.notes)
+
+
+def _png_bytes() -> bytes:
+    import av
+
+    frame = av.VideoFrame.from_ndarray(np.zeros((8, 8, 3), np.uint8), format="rgb24")
+    codec = av.CodecContext.create("png", "w")
+    codec.width, codec.height, codec.pix_fmt = 8, 8, "rgb24"
+    return b"".join(bytes(p) for p in codec.encode(frame))
