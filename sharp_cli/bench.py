@@ -75,7 +75,10 @@ def _measure_row(loaded, clip, inputs, cfg, store, dims, warmup, iters, decode_t
             vision_s.append(vis)
             select_s.append(state.selection_seconds)
     peak = measure.peak_memory_bytes(loaded.device)
-    tokens, dec_s = engine.decode(loaded, encoded, state, decode_tokens) if decode_tokens > 1 else ([0], 0.0)
+    tokens, dec_s = [0], 0.0
+    if decode_tokens > 1:
+        engine.decode(loaded, encoded, engine.prefill(loaded, encoded, cfg, prior=prior.prior), 3)  # warm-up
+        tokens, dec_s = engine.decode(loaded, encoded, state, decode_tokens)
     layout = encoded.layout
     kept = int(state.kept.numel()) if state.kept is not None else layout.num_visual
     flops = measure.prefill_flops(dims, layout.seq_len, state.kept_len, cfg.layer)

@@ -56,9 +56,9 @@ class VideoClip:
 def available_backends() -> dict[str, str | None]:
     """Installed decoder versions, None where one cannot be imported."""
     found: dict[str, str | None] = {}
-    for name, module in (("decord", "decord"), ("pyav", "av")):
+    for name, load in (("decord", lambda: _import_decord()), ("pyav", lambda: __import__("av"))):
         try:
-            found[name] = str(__import__(module).__version__)
+            found[name] = str(load().__version__)
         except Exception:  # a broken native library raises OSError and friends too
             found[name] = None
     return found
@@ -113,19 +113,31 @@ def load_video(path: str | os.PathLike, *, frames: int | None = 32, fps: float |
         stream = _video_stream(path, container)
         if backend != "pyav":
             try:
-                import decord
+                decord = _import_decord()
             except Exception as exc:
                 if backend == "decord":
                     raise UsageError(f"decord is not available ({_short(exc)}); install decord2 or use pyav") from exc
                 notes.append("decord is not installed; used PyAV")
             else:
                 try:
-                    return _load_decord(decord, path, container, stream, sampling, max_pixels, notes)
+                    return _load_decord(decord, path, container, stream, sampling, max_pixels, notes, backend)
                 except Exception as exc:
                     if backend == "decord":
                         raise _fail(path, f"decord cannot decode it ({_short(exc)})") from exc
                     notes.append(f"decord failed ({_short(exc)}); used PyAV")
         return _load_pyav(path, container, stream, sampling, max_pixels, notes)
+
+
+def _import_decord():
+    # decord2's bundled libraries break torch's CPU BLAS (segfaults in linear layers) when they
+    # are loaded first; loading torch first is safe. Seen with decord2 3.4.0 and torch 2.14.1.
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        pass
+    import decord
+
+    return decord
 
 
 def _check_sampling(frames, fps, max_frames) -> None:
@@ -142,9 +154,9 @@ def _fail(path: str, reason: str) -> VideoError:
 
 
 def _short(exc: BaseException) -> str:
-    """An exception as a short phrase, without decord's '[time] /src/file.cc:123: '."""
+    """An exception as a short phrase, without decord's '[time] /src/file.cc:123: ' (nested)."""
     text = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
-    text = re.sub(r"^\[[\d:]+\] \S+:\d+: ", "", one_line(text))
+    text = re.sub(r"^(\[[\d:]+\] \S+:\d+: )+", "", one_line(text))
     return text if len(text) <= 160 else text[:157] + "..."
 
 
@@ -218,19 +230,27 @@ def _frame_count(container, stream, rate: Fraction, count_packets: bool = True) 
     return max(1, count), "frame count from counting packets (no duration in the file)"
 
 
-def _load_decord(decord, path, container, stream, sampling, max_pixels, notes) -> VideoClip:
+def _load_decord(decord, path, container, stream, sampling, max_pixels, notes, backend) -> VideoClip:
     # decord scales while decoding, to the size computed from PyAV's header. It applies
     # 180-degree display rotations itself; decord2 3.4 fails on 90/270 (PyAV takes over).
     size = _target_size(stream.width, stream.height, max_pixels)
     w, h = size or (stream.width, stream.height)
-    vr = decord.VideoReader(path, ctx=decord.cpu(0), width=w if size else -1, height=h if size else -1)
+    decord.logging.set_level(decord.logging.QUIET)  # its FFmpeg prints to stderr; errors still raise
+    # One decoder thread: with decord2's threaded decoder, a busy CPU makes its frame skipping give
+    # up ("did not respond after 10000 attempts") and return the wrong frames without an error
+    # (6 of 18 runs wrong with 3 processes at once, 0 of 18 with num_threads=1).
+    vr = decord.VideoReader(path, ctx=decord.cpu(0), width=w if size else -1, height=h if size else -1,
+                            num_threads=1)
     total, fps = len(vr), float(vr.get_avg_fps())
     if total < 1 or not fps > 0:
         raise RuntimeError(f"it reports {total} frames at {fps} fps")
-    # decord counts the frames it can reach, so a truncated file just looks short.
+    # decord counts the frames it can reach, so a truncated file just looks short. On the
+    # damaged tail it fails at random (~10% of runs), so auto mode hands such files to PyAV.
     rate = _frame_rate(stream)
     promised = _frame_count(container, stream, rate, count_packets=False)[0] if rate else 0
     if total < promised * 0.98 - 1:
+        if backend == "auto":
+            raise RuntimeError(f"the file looks truncated, {total} of {promised} frames")
         notes.append(f"the video ends at frame {total}, not {promised} as its header says (truncated?)")
     indices = sample_indices(total, fps, **sampling)
     batch = vr.get_batch(indices)

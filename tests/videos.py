@@ -113,7 +113,7 @@ def make_long_video(path: str | os.PathLike, hours: float = 3.0, fps: float = 1,
     """A long, tiny video: 3 h at 1 fps = 10800 frames, encoded in about a second.
 
     64x48 rather than 16x16: decord2 3.4 fails on frame widths such as 16, 24, 32, 48
-    and 96 (see tests/test_video.py), and this video should exercise both backends.
+    and 96 (PyAV takes over in auto mode), and this video should exercise both backends.
     """
     return make_video(path, int(hours * 3600 * fps), fps, size, gop=gop)
 

@@ -24,6 +24,16 @@ class VisualLayout:
     grid: tuple[int, int, int]
     frames_per_step: int
     seq_len: int
+    text_positions: Any = None  # LongTensor of every other position; computed once at encode time
+
+    def __post_init__(self):
+        import torch
+
+        if self.text_positions is None:  # one host sync here spares one inside prefill
+            is_text = torch.ones(self.seq_len, dtype=torch.bool, device=self.indices.device)
+            is_text[self.indices] = False
+            self.text_positions = is_text.nonzero().squeeze(-1)
+        self.visual_end = int(self.indices[-1]) + 1 if self.indices.numel() else 0
 
     @property
     def num_visual(self) -> int:

@@ -91,7 +91,7 @@ class QwenVLAdapter(Adapter):
 
     def special_tokens(self, config) -> dict[str, int]:
         return {
-            "<|endoftext|>": config.bos_token_id if getattr(config, "bos_token_id", None) is not None else 0,
+            "<|endoftext|>": _text_attr(config, "bos_token_id") or _text_attr(config, "eos_token_id") - 2,
             "<|im_start|>": _text_attr(config, "eos_token_id") - 1,
             "<|im_end|>": _text_attr(config, "eos_token_id"),
             "<|vision_start|>": config.vision_start_token_id,

@@ -52,8 +52,11 @@ def synthetic_tokenizer(special: dict[str, int], vocab_size: int):
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
+    taken = set(special.values())
+    if 0 in taken:
+        raise ValueError("special tokens must not take id 0 (the unknown token's)")
     vocab = {"[UNK]": 0}
-    free = (i for i in range(1, vocab_size) if i not in set(special.values()))
+    free = (i for i in range(1, vocab_size) if i not in taken)
     for word, token_id in zip(dict.fromkeys(_WORDS + _PUNCT), free):
         vocab[word] = token_id
     # Every other id gets a filler word, so what a random model says is visible, not blank.

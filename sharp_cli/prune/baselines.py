@@ -17,4 +17,7 @@ def select_random(num_visual: int, ratio: float, seed: int, device=None) -> torc
     """A uniform random subset, the same for the same seed and layout."""
     k = keep_count(ratio, num_visual)
     gen = torch.Generator().manual_seed(seed)
-    return torch.randperm(num_visual, generator=gen)[:k].sort().values.to(device)
+    kept = torch.randperm(num_visual, generator=gen)[:k].sort().values
+    if device is not None and torch.device(device).type == "cuda":
+        kept = kept.pin_memory().to(device, non_blocking=True)  # pageable copies would sync
+    return kept

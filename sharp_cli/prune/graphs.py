@@ -42,7 +42,7 @@ def _run_layers(tail, hidden, position_embeddings, cache):
 
 
 class TailGraphs:
-    def __init__(self, bucket: int = 64, capture_after: int = 1):
+    def __init__(self, bucket: int = 16, capture_after: int = 1):
         self.bucket = bucket
         self.capture_after = capture_after  # sightings of a bucket before it is captured
         self._graphs: dict = {}

@@ -90,11 +90,10 @@ class PruneSession:
         return False
 
     def keep_positions_for(self, kept, device):
-        is_visual = torch.zeros(self.layout.seq_len, dtype=torch.bool, device=device)
-        is_visual[self.layout.indices] = True
-        keep = ~is_visual
-        keep[self.layout.indices[kept]] = True
-        self.keep_positions = keep.nonzero().squeeze(-1)
+        # Sorting a known number of positions needs no host sync (a boolean mask + nonzero would),
+        # so the CPU keeps queueing work while layers 0..K-1 still run on the GPU.
+        both = torch.cat([self.layout.text_positions, self.layout.indices[kept]])
+        self.keep_positions = both.sort().values
         return self.keep_positions
 
     def choose(self, layer, hidden, position_embeddings) -> torch.Tensor:

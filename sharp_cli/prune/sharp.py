@@ -21,10 +21,8 @@ from sharp_cli.prune.config import PruneConfig, keep_count
 def query_rows(layout, mode: str) -> torch.Tensor:
     """Sequence positions of the text rows that score the video: the last token, or every text
     token after the video (the question and the template's tail)."""
-    if mode == "last":
-        return torch.tensor([layout.seq_len - 1], device=layout.indices.device)
-    after = int(layout.indices[-1]) + 1
-    return torch.arange(after, layout.seq_len, device=layout.indices.device)
+    first = layout.seq_len - 1 if mode == "last" else layout.visual_end
+    return torch.arange(first, layout.seq_len, device=layout.indices.device)  # no host copy, no sync
 
 
 def question_attention(layer, rope, hidden, position_embeddings, layout, rows) -> torch.Tensor:
