@@ -11,6 +11,7 @@ the file, UsageError for the sampling arguments.
 from __future__ import annotations
 
 import itertools
+import importlib.util
 import math
 import os
 import re
@@ -109,6 +110,8 @@ def load_video(path: str | os.PathLike, *, frames: int | None = 32, fps: float |
     path = _check_path(path)
     sampling = dict(frames=frames, fps=fps, max_frames=max_frames)
     notes: list[str] = []
+    if backend != "pyav" and importlib.util.find_spec("av") is None:
+        return _load_decord_alone(path, sampling, max_pixels, notes)
     with _open(path) as container:
         stream = _video_stream(path, container)
         if backend != "pyav":
@@ -258,6 +261,34 @@ def _load_decord(decord, path, container, stream, sampling, max_pixels, notes, b
     frames = batch.asnumpy() if hasattr(batch, "asnumpy") else np.asarray(batch)
     if frames.shape != (len(indices), h, w, 3) or frames.dtype != np.uint8:
         raise RuntimeError(f"it returned frames of shape {frames.shape}, not {(len(indices), h, w, 3)}")
+    return VideoClip(frames, fps, total, indices, "decord", path, notes)
+
+
+def _load_decord_alone(path, sampling, max_pixels, notes) -> VideoClip:
+    """Without PyAV (a minimal install): decord reads the header too, with its own errors."""
+    try:
+        decord = _import_decord()
+    except Exception as exc:
+        raise VideoError(f"no video decoder is installed ({_short(exc)}); pip install av or decord2") from None
+    decord.logging.set_level(decord.logging.QUIET)
+    try:
+        probe = decord.VideoReader(path, ctx=decord.cpu(0), num_threads=1)
+        height, width = probe[0].shape[:2]
+        size = _target_size(width, height, max_pixels)
+        w, h = size or (width, height)
+        vr = probe if size is None else decord.VideoReader(path, ctx=decord.cpu(0), width=w, height=h, num_threads=1)
+        total, fps = len(vr), float(vr.get_avg_fps())
+        if total < 1 or not fps > 0:
+            raise RuntimeError(f"it reports {total} frames at {fps} fps")
+        indices = sample_indices(total, fps, **sampling)
+        frames = vr.get_batch(indices).asnumpy()
+        vr.seek(0)
+    except (UsageError, VideoError):
+        raise
+    except Exception as exc:
+        raise _fail(path, f"decord cannot decode it ({_short(exc)}); PyAV is not installed") from None
+    if frames.shape != (len(indices), h, w, 3):
+        raise _fail(path, f"decord returned frames of shape {frames.shape}; PyAV is not installed")
     return VideoClip(frames, fps, total, indices, "decord", path, notes)
 
 

@@ -430,3 +430,17 @@ def _png_bytes() -> bytes:
     codec = av.CodecContext.create("png", "w")
     codec.width, codec.height, codec.pix_fmt = 8, 8, "rgb24"
     return b"".join(bytes(p) for p in codec.encode(frame))
+
+
+def test_decord_alone_when_pyav_is_missing(vids, monkeypatch):
+    """A minimal install with decord2 but no PyAV still samples the right frames."""
+    import importlib.util
+
+    import sharp_cli.video as video
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "av" else real(name, *a))
+    clip = video.load_video(vids["h264"], frames=6)
+    assert clip.backend == "decord" and frame_indices(clip.frames) == clip.indices
+    with pytest.raises(VideoError, match="cannot read video"):
+        video.load_video(__file__, frames=2)
