@@ -82,6 +82,7 @@ def _measure_row(loaded, clip, inputs, cfg, store, dims, warmup, iters, decode_t
     layout = encoded.layout
     kept = int(state.kept.numel()) if state.kept is not None else layout.num_visual
     flops = measure.prefill_flops(dims, layout.seq_len, state.kept_len, cfg.layer)
+    causal = measure.prefill_flops(dims, layout.seq_len, state.kept_len, cfg.layer, measure.causal_layer_flops)
     prefill, vision = measure.summarize(prefill_s), measure.summarize(vision_s)
     return {
         "method": cfg.method, "ratio": cfg.ratio, "layer": cfg.layer if cfg.prunes else None,
@@ -92,7 +93,7 @@ def _measure_row(loaded, clip, inputs, cfg, store, dims, warmup, iters, decode_t
         "ttft_seconds": prefill["median"] + vision["median"],
         "selection_seconds": measure.summarize(select_s)["median"] if cfg.prunes else 0.0,
         "prior_seconds": prior.seconds if prior is not None else 0.0,
-        "prefill_flops": flops,
+        "prefill_flops": flops, "prefill_flops_causal": causal,
         "kv_cache_bytes": state.kv_cache_bytes, "kv_cache_bytes_unpruned": state.kv_cache_bytes_unpruned,
         "peak_memory_bytes": peak,
         "decode_tokens_per_second": (len(tokens) - 1) / dec_s if dec_s > 0 and len(tokens) > 1 else None,
@@ -104,11 +105,14 @@ def _relative_to_unpruned(rows: list[dict]) -> None:
     base = next((r for r in rows if r["method"] == "none"), None)
     for row in rows:
         if base is None:
-            row.update(speedup=None, flops_limit=None, efficiency=None, ttft_speedup=None, selection_share=None)
+            row.update(speedup=None, flops_limit=None, efficiency=None, ttft_speedup=None, selection_share=None,
+                       flops_limit_causal=None, efficiency_causal=None, kv_cache_share=None)
             continue
         row["flops_limit"] = base["prefill_flops"] / row["prefill_flops"]
         row["speedup"] = base["prefill_seconds"] / row["prefill_seconds"]
         row["efficiency"] = row["speedup"] / row["flops_limit"]
+        row["flops_limit_causal"] = base["prefill_flops_causal"] / row["prefill_flops_causal"]
+        row["efficiency_causal"] = row["speedup"] / row["flops_limit_causal"]
         row["ttft_speedup"] = base["ttft_seconds"] / row["ttft_seconds"]
         row["selection_share"] = row["selection_seconds"] / base["prefill_seconds"]
         row["kv_cache_share"] = row["kv_cache_bytes"] / base["kv_cache_bytes"]

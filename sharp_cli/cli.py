@@ -142,12 +142,16 @@ def ask(
     quiet: Annotated[bool, typer.Option("-q", "--quiet", help="Print the answer only.")] = False,
     random_weights: RandomWeights = False, trust_remote_code: TrustRemoteCode = False,
     no_prior_cache: Annotated[bool, typer.Option("--no-prior-cache", help="Do not read or write the on-disk positional-prior cache.")] = False,
+    warmup: Annotated[int, typer.Option(help="Untimed passes before the timed one (first CUDA runs load kernels).")] = 0,
+    cuda_graphs: Annotated[bool, typer.Option(help="Replay the pruned layers from CUDA graphs (a length is captured the second time it is seen).")] = True,
 ):
     """Answer QUESTION about VIDEO; the answer goes to stdout, what it cost to stderr."""
     cfg = prune_config(method, ratio, layer, query, segment_mask, segment_frames, debias, dedup,
                        dedup_threshold, dedup_window, register_z, seed)
     if max_new_tokens < 1:
         raise UsageError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
+    if warmup < 0:
+        raise UsageError(f"--warmup must be >= 0, got {warmup}")
     if not question.strip():
         raise UsageError("the question is empty")
     console = stderr_console(quiet)
@@ -166,10 +170,12 @@ def ask(
     with console.status(f"loading {model}"):
         loaded = engine.load(model, device=device, quant=quant, dtype=dtype, random_weights=random_weights,
                              trust_remote_code=trust_remote_code)
+    loaded.use_cuda_graphs(cuda_graphs)
     with console.status("answering"):
         answer = engine.ask(loaded, clip, question, cfg, max_new_tokens=max_new_tokens, max_pixels=max_pixels,
-                            store=PriorStore(use_disk=not no_prior_cache))
+                            store=PriorStore(use_disk=not no_prior_cache), warmup=warmup)
     record = report.ask_record(loaded, clip, cfg, answer)
+    record["warmup"] = warmup
     if json_out:
         report.print_json(record)
     else:

@@ -167,10 +167,16 @@ def _random_folder(name: str, config, device) -> Path:
 
 
 def _ready(loaded: Loaded) -> Loaded:
-    """Route the text model's attention through sharp_sdpa (stock SDPA unless a segment plan is on)."""
+    """Route the text model's attention through sharp_sdpa (stock SDPA unless a segment plan is on),
+    and a packed vision tower's through one SDPA call per window length instead of one per window."""
+    from sharp_cli.models import vision_attention
+
     name = attention.register()
     text_config = loaded.adapter.text_model(loaded.model).config
     text_config._attn_implementation = name
+    visual = getattr(getattr(loaded.model, "model", None), "visual", None)
+    if visual is not None and getattr(visual.config, "_attn_implementation", None) == "sdpa":
+        visual.config._attn_implementation = vision_attention.register()
     return loaded.use_cuda_graphs(True)
 
 
@@ -333,10 +339,16 @@ class Answer:
 
 
 def ask(loaded: Loaded, clip, question: str, cfg: PruneConfig, *, max_new_tokens: int = 128,
-        max_pixels: int | None = None, store: PriorStore | None = None) -> Answer:
+        max_pixels: int | None = None, store: PriorStore | None = None, warmup: int = 0) -> Answer:
+    """One question end to end. `warmup` untimed passes first: a fresh CUDA process spends most of
+    its first prefill loading kernels, which says nothing about the method."""
     cfg.validate(loaded.num_layers, loaded.adapter.min_layer)
     store = store or PriorStore()
     inputs = prepare(loaded, clip, question, max_pixels)
+    for _ in range(warmup):
+        encoded, _ = encode(loaded, inputs)
+        prior = positional_prior(loaded, clip, encoded, cfg, store, max_pixels)
+        decode(loaded, encoded, prefill(loaded, encoded, cfg, prior=prior.prior), 2)
     measure.reset_peak_memory(loaded.device)
     encoded, vision_s = encode(loaded, inputs)
     prior = positional_prior(loaded, clip, encoded, cfg, store, max_pixels)

@@ -88,7 +88,9 @@ def ask_table(record: dict):
         ("frames sampled", f"{record['frames']} ({record['decoder']}), token grid {'x'.join(map(str, record['token_grid']))}"),
         ("visual tokens", f"{record['visual_tokens_kept']:,} kept of {record['visual_tokens_total']:,}"),
         ("vision encoder", fmt_seconds(record["vision_seconds"])),
-        ("LLM prefill", fmt_seconds(record["prefill_seconds"])),
+        ("LLM prefill", fmt_seconds(record["prefill_seconds"])
+         + ("  (first run in this process: includes CUDA warm-up; see --warmup)"
+            if record["device"].startswith("cuda") and not record.get("warmup") else "")),
     ]
     if record["method"] != "none":
         rows.append(("  selection step", fmt_seconds(record["selection_seconds"])))
