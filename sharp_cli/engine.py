@@ -345,6 +345,8 @@ def ask(loaded: Loaded, clip, question: str, cfg: PruneConfig, *, max_new_tokens
     cfg.validate(loaded.num_layers, loaded.adapter.min_layer)
     store = store or PriorStore()
     inputs = prepare(loaded, clip, question, max_pixels)
+    if warmup and loaded.graphs is not None:
+        loaded.graphs.capture_after = 0  # warming up says the length will be reused: capture now
     for _ in range(warmup):
         encoded, _ = encode(loaded, inputs)
         prior = positional_prior(loaded, clip, encoded, cfg, store, max_pixels)
