@@ -39,6 +39,8 @@ class SharpGroup(TyperGroup):
                 _fail(exc.format_message() + hint, exc.exit_code)
             _debug_reraise()
             _fail(_describe(exc), 1)
+        if code == 130:  # recent Typer turns Ctrl-C into a bare exit code
+            _fail("interrupted", 130)
         sys.exit(code if isinstance(code, int) else 0)
 
 

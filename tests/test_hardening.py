@@ -1,0 +1,120 @@
+"""Failure modes: one line and an exit code, nothing half-written; selection invariants."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from typer.testing import CliRunner
+
+from sharp_cli.cli import app
+from sharp_cli.prune import keep_count
+from sharp_cli.prune.baselines import select_fastv, select_random
+from sharp_cli.prune.sharp import select_with_refill
+from videos import make_video
+
+runner = CliRunner()
+SMALL = ["--frames", "8", "--max-pixels", str(56 * 56 * 4), "--max-new-tokens", "3"]
+
+
+@pytest.fixture(scope="module")
+def video(tmp_path_factory):
+    return str(make_video(tmp_path_factory.mktemp("h") / "clip é ü.mp4", n_frames=16, fps=8, size=(112, 84)))
+
+
+def test_out_of_memory_names_what_to_lower(model_dirs, video, monkeypatch):
+    from sharp_cli import engine
+
+    def oom(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    monkeypatch.setattr(engine, "prefill", oom)
+    result = runner.invoke(app, ["ask", video, "what?", "-m", str(model_dirs["qwen2.5-vl"]), *SMALL])
+    assert result.exit_code == 1
+    line = result.stderr.strip()
+    assert "\n" not in line and "out of GPU memory" in line
+    assert "--frames" in line and "--max-pixels" in line and "--ratio" in line
+
+
+def test_ctrl_c_exits_130_and_leaves_no_partial_output(model_dirs, tmp_path, monkeypatch):
+    from sharp_cli import bench
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(bench, "run", interrupted)
+    target = tmp_path / "result.json"
+    target.write_text("previous results\n")
+    result = runner.invoke(app, ["bench", "-m", str(model_dirs["qwen2.5-vl"]), "--frames", "4", "--height", "56",
+                                 "--width", "56", "--output-json", str(target)])
+    assert result.exit_code == 130 and "interrupted" in result.stderr
+    assert target.read_text() == "previous results\n"  # the user's file is untouched
+    assert [p.name for p in tmp_path.iterdir()] == ["result.json"]  # no temp file left behind
+
+
+def test_output_json_is_replaced_atomically(model_dirs, tmp_path):
+    target = tmp_path / "r.json"
+    target.write_text("old")
+    result = runner.invoke(app, ["bench", "-m", str(model_dirs["qwen2.5-vl"]), "--frames", "4", "--height", "56",
+                                 "--width", "56", "--iters", "1", "--warmup", "0", "--decode-tokens", "0",
+                                 "--methods", "none,random", "--output-json", str(target), "-q"])
+    assert result.exit_code == 0, result.stderr
+    assert json.loads(target.read_text())["rows"][1]["method"] == "random"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.json"]
+
+
+def test_unicode_and_spaces_in_paths(model_dirs, video):
+    result = runner.invoke(app, ["ask", video, "what?", "-m", str(model_dirs["qwen2.5-vl"]), *SMALL, "--json"])
+    assert result.exit_code == 0, result.stderr
+    assert json.loads(result.stdout)["video"] == video
+
+
+def test_remote_code_is_off_unless_asked(monkeypatch, model_dirs):
+    from sharp_cli import engine
+
+    seen = {}
+    from transformers import AutoModelForImageTextToText
+
+    real = AutoModelForImageTextToText.from_pretrained
+
+    def spy(name, **kwargs):
+        seen.update(kwargs)
+        return real(name, **kwargs)
+
+    monkeypatch.setattr(AutoModelForImageTextToText, "from_pretrained", spy)
+    engine.load(str(model_dirs["qwen2.5-vl"]), device="cpu")
+    assert seen["trust_remote_code"] is False and seen["use_safetensors"] is True
+    engine.load(str(model_dirs["qwen2.5-vl"]), device="cpu", trust_remote_code=True)
+    assert seen["trust_remote_code"] is True
+
+
+def test_pickle_weights_are_refused(model_dirs, tmp_path):
+    import shutil
+
+    folder = tmp_path / "pickled"
+    shutil.copytree(model_dirs["qwen2.5-vl"], folder)
+    (folder / "model.safetensors").rename(folder / "pytorch_model.bin")
+    result = runner.invoke(app, ["ask", __file__, "what?", "-m", str(folder), "--frames", "2"])
+    assert result.exit_code == 1 and len(result.stderr.strip().splitlines()) == 1
+
+
+@settings(max_examples=60, deadline=None)
+@given(n=st.integers(1, 3000), ratio=st.floats(0.001, 1.0), seed=st.integers(0, 10_000))
+def test_selection_invariants(n, ratio, seed):
+    k = keep_count(ratio, n)
+    assert 1 <= k <= n
+    gen = torch.Generator().manual_seed(seed)
+    scores = torch.rand(n, generator=gen)
+    flagged = torch.rand(n, generator=gen) < 0.3
+    for kept in (select_fastv(scores, ratio), select_random(n, ratio, seed), select_with_refill(scores, flagged, k)):
+        values = kept.tolist()
+        assert len(values) == k and values == sorted(set(values)) and 0 <= values[0] and values[-1] < n
+    refill = set(select_with_refill(scores, flagged, k).tolist())
+    unflagged = int((~flagged).sum())
+    if k <= unflagged:  # flagged tokens are used only when the unflagged ones run out
+        assert not any(flagged[i] for i in refill)
+    else:
+        assert sum(1 for i in refill if not flagged[i]) == unflagged  # every unflagged one is kept
