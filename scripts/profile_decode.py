@@ -19,12 +19,16 @@ from sharp_cli.prune.prior import PriorStore
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="Qwen/Qwen2.5-VL-7B-Instruct")
-    ap.add_argument("--method", default="none")
+    ap.add_argument("--methods", default="none,random")
     ap.add_argument("--quant", default="none")
     args = ap.parse_args()
     loaded = engine.load(args.model, device="cuda", quant=args.quant, random_weights=True)
     clip = synthetic_clip(32, 392, 784)
-    cfg = PruneConfig(method=args.method).validate(loaded.num_layers)
+    for method in args.methods.split(","):
+        profile_one(loaded, clip, PruneConfig(method=method).validate(loaded.num_layers), args.quant)
+
+
+def profile_one(loaded, clip, cfg, quant):
     inputs = engine.prepare(loaded, clip, "What happens in this video?")
     encoded, _ = engine.encode(loaded, inputs)
     prior = engine.positional_prior(loaded, clip, encoded, cfg, PriorStore(use_disk=False))
@@ -45,7 +49,7 @@ def main():
             token = head(out.last_hidden_state[:, -1:]).argmax(-1)
             torch.cuda.synchronize()
             steps.append(time.perf_counter() - t0)
-        print(f"{args.method}/{args.quant}: decode step ms:", " ".join(f"{s * 1e3:.1f}" for s in steps))
+        print(f"{cfg.method}/{quant}: decode step ms:", " ".join(f"{s * 1e3:.1f}" for s in steps))
         from torch.profiler import ProfilerActivity, profile
 
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
@@ -55,7 +59,7 @@ def main():
                            past_key_values=state.cache, use_cache=True)
                 token = head(out.last_hidden_state[:, -1:]).argmax(-1)
             torch.cuda.synchronize()
-    print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=18, max_name_column_width=60))
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=12, max_name_column_width=50))
 
 
 if __name__ == "__main__":
