@@ -130,7 +130,9 @@ def load(name: str = DEFAULT_MODEL, *, device: str = "auto", quant: str = "auto"
                   use_safetensors=True)
     qconfig = quantization_config(qmode, adapter)
     if qconfig is not None:
-        kwargs.update(quantization_config=qconfig, device_map={"": dev.index or 0})
+        # The current device, not GPU 0: sharded evals set it per rank (torch.cuda.set_device).
+        kwargs.update(quantization_config=qconfig,
+                      device_map={"": dev.index if dev.index is not None else torch.cuda.current_device()})
     try:
         model = AutoModelForImageTextToText.from_pretrained(name, **kwargs)
         processor = AutoProcessor.from_pretrained(name, trust_remote_code=trust_remote_code)
@@ -151,7 +153,7 @@ def check_prune_config(name: str, cfg: PruneConfig, *, random_weights: bool = Fa
         config = random_init.load_config(name)
     else:
         config = _read_config(name, trust_remote_code)
-    cfg.validate(measure.text_dims(config)["layers"], adapter_for(config).min_layer)
+    adapter_for(config).validate_prune(cfg, measure.text_dims(config)["layers"])
 
 
 def _random_folder(name: str, config, device) -> Path:
@@ -166,6 +168,15 @@ def _random_folder(name: str, config, device) -> Path:
     return folder
 
 
+def _freeze_gc() -> None:
+    """A loaded model is ~10^5 long-lived Python objects; moving them out of the collector's view
+    keeps full collections from stalling decode steps (CPU-bound in eager transformers)."""
+    import gc
+
+    gc.collect()
+    gc.freeze()
+
+
 def _ready(loaded: Loaded) -> Loaded:
     """Route the text model's attention through sharp_sdpa (stock SDPA unless a segment plan is on),
     and a packed vision tower's through one SDPA call per window length instead of one per window."""
@@ -177,6 +188,7 @@ def _ready(loaded: Loaded) -> Loaded:
     visual = getattr(getattr(loaded.model, "model", None), "visual", None)
     if visual is not None and getattr(visual.config, "_attn_implementation", None) == "sdpa":
         visual.config._attn_implementation = vision_attention.register()
+    _freeze_gc()
     return loaded.use_cuda_graphs(True)
 
 
@@ -342,7 +354,7 @@ def ask(loaded: Loaded, clip, question: str, cfg: PruneConfig, *, max_new_tokens
         max_pixels: int | None = None, store: PriorStore | None = None, warmup: int = 0) -> Answer:
     """One question end to end. `warmup` untimed passes first: a fresh CUDA process spends most of
     its first prefill loading kernels, which says nothing about the method."""
-    cfg.validate(loaded.num_layers, loaded.adapter.min_layer)
+    loaded.adapter.validate_prune(cfg, loaded.num_layers)
     store = store or PriorStore()
     inputs = prepare(loaded, clip, question, max_pixels)
     if warmup and loaded.graphs is not None:
