@@ -118,3 +118,43 @@ def test_selection_invariants(n, ratio, seed):
         assert not any(flagged[i] for i in refill)
     else:
         assert sum(1 for i in refill if not flagged[i]) == unflagged  # every unflagged one is kept
+
+
+_MEMORY_PROBE = """
+import resource, sys, time
+sys.path.insert(0, {tests!r})
+from sharp_cli.video import load_video
+start = time.perf_counter()
+clip = load_video({path!r}, frames={frames}, max_pixels={max_pixels} or None, backend={backend!r})
+print(clip.frames.shape, round(time.perf_counter() - start, 2), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+"""
+
+
+def _probe(path, frames, max_pixels, backend):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = _MEMORY_PROBE.format(tests=str(Path(__file__).parent), path=str(path), frames=frames,
+                                max_pixels=max_pixels, backend=backend)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    shape, seconds, rss_kib = out.stdout.strip().rsplit(" ", 2)
+    return shape, float(seconds), int(rss_kib) * 1024
+
+
+@pytest.mark.parametrize("backend", ["pyav", "auto"])
+def test_8k_frames_are_resized_while_decoding(tmp_path, backend):
+    """7680x4320 frames come back small, and the process never holds the sampled frames at full
+    size (each full RGB frame is 100 MB; 4 of them would be 400 MB)."""
+    path = make_video(tmp_path / "8k.mp4", n_frames=4, fps=2, size=(7680, 4320), gop=1)
+    shape, _, peak = _probe(path, 4, 640 * 360, backend)
+    assert shape == "(4, 360, 640, 3)"
+    assert peak < 1.5 * 2**30
+
+
+def test_three_hour_video_is_sampled_with_little_memory(tmp_path):
+    from videos import make_long_video
+
+    path = make_long_video(tmp_path / "long.mp4")
+    shape, seconds, peak = _probe(path, 32, 0, "auto")
+    assert shape.startswith("(32,") and peak < 2 * 2**30 and seconds < 20
