@@ -50,11 +50,13 @@ def main():
     clip = synthetic_clip(args.frames, 392, 784)
     results = []
     for method in ("fastv", "sharp", "random"):
-        cfg = PruneConfig(method=method, ratio=0.15, layer=2).validate(loaded.num_layers)
+        layer = max(2, loaded.adapter.min_layer)  # Qwen3-VL: 3 (DeepStack)
+        cfg = loaded.adapter.validate_prune(PruneConfig(method=method, ratio=0.15, layer=layer), loaded.num_layers)
         results.append(compare_graphs(loaded, clip, cfg, f"{args.quant} {method} 0.15"))
     if args.quant != "none":
         model = loaded.model
-        kinds = {type(m).__name__ for n, m in model.named_modules() if n.startswith("model.visual")}
+        vision = tuple(p for p in loaded.adapter.skip_modules() if p != "lm_head")
+        kinds = {type(m).__name__ for n, m in model.named_modules() if n.startswith(vision)}
         head = type(model.lm_head).__name__
         ok = not any("4bit" in k or "8bit" in k for k in kinds) and "bit" not in head.lower()
         print(f"[{'ok' if ok else 'FAIL'}] {args.quant}: vision tower and lm_head kept unquantized "

@@ -11,6 +11,7 @@ import time
 import torch
 
 from sharp_cli import engine
+from sharp_cli.compat import cache_kwargs
 from sharp_cli.bench import synthetic_clip
 from sharp_cli.prune import PruneConfig
 from sharp_cli.prune.prior import PriorStore
@@ -44,8 +45,8 @@ def profile_one(loaded, clip, cfg, quant):
             torch.cuda.synchronize()
             t0 = time.perf_counter()
             out = text(inputs_embeds=loaded.adapter.embed(loaded.model, token),
-                       position_ids=loaded.adapter.decode_position(encoded, step), past_key_values=state.cache,
-                       use_cache=True)
+                       position_ids=loaded.adapter.decode_position(encoded, step), use_cache=True,
+                       **cache_kwargs(text, state.cache))
             token = head(out.last_hidden_state[:, -1:]).argmax(-1)
             torch.cuda.synchronize()
             steps.append(time.perf_counter() - t0)
@@ -56,7 +57,7 @@ def profile_one(loaded, clip, cfg, quant):
             for step in range(12, 15):
                 out = text(inputs_embeds=loaded.adapter.embed(loaded.model, token),
                            position_ids=loaded.adapter.decode_position(encoded, step),
-                           past_key_values=state.cache, use_cache=True)
+                           use_cache=True, **cache_kwargs(text, state.cache))
                 token = head(out.last_hidden_state[:, -1:]).argmax(-1)
             torch.cuda.synchronize()
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=12, max_name_column_width=50))

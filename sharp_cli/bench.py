@@ -47,7 +47,7 @@ def run(loaded, clip, question: str, base: PruneConfig, methods: list[str], rati
     dims = loaded.dims
     results = []
     for method, ratio in plan_rows(methods, ratios):
-        cfg = replace(base, method=method, ratio=ratio).validate(loaded.num_layers, loaded.adapter.min_layer)
+        cfg = loaded.adapter.validate_prune(replace(base, method=method, ratio=ratio), loaded.num_layers)
         results.append(_measure_row(loaded, clip, inputs, cfg, store, dims, warmup, iters, decode_tokens,
                                     max_pixels))
         if progress is not None:

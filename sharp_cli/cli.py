@@ -255,6 +255,8 @@ def bench(
     quiet_transformers()
     from sharp_cli import engine, report
 
+    if any(m != "none" for m in method_list):  # --layer against the model, before loading weights
+        engine.check_prune_config(model, base, random_weights=random_weights, trust_remote_code=trust_remote_code)
     with console.status(f"loading {model}"):
         loaded = engine.load(model, device=device, quant=quant, dtype=dtype, random_weights=random_weights,
                              trust_remote_code=trust_remote_code)

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from sharp_cli import measure
+from sharp_cli.compat import cache_kwargs
 from sharp_cli.errors import DeviceError, ModelError, UsageError
 from sharp_cli.models import adapter_for
 from sharp_cli.prune import attention
@@ -239,7 +240,7 @@ def prefill(loaded: Loaded, encoded, cfg: PruneConfig, prior=None, forced_keep=N
     watch = measure.Stopwatch(loaded.device)
     with watch, (session or nullcontext()):
         out = text(inputs_embeds=encoded.inputs_embeds, position_ids=encoded.position_ids,
-                   past_key_values=cache, use_cache=True, **encoded.extra)
+                   use_cache=True, **cache_kwargs(text, cache), **encoded.extra)
         logits = loaded.adapter.lm_head(loaded.model)(out.last_hidden_state[:, -1:])
         token = logits.argmax(-1)
     kept = session.kept if session else None
@@ -264,7 +265,7 @@ def decode(loaded: Loaded, encoded, state: Prefill, max_new_tokens: int) -> tupl
                 break
             embeds = loaded.adapter.embed(loaded.model, token)
             out = text(inputs_embeds=embeds, position_ids=loaded.adapter.decode_position(encoded, step),
-                       past_key_values=state.cache, use_cache=True)
+                       use_cache=True, **cache_kwargs(text, state.cache))
             token = head(out.last_hidden_state[:, -1:]).argmax(-1)
             tokens.append(int(token))
     return tokens, watch.seconds

@@ -11,7 +11,7 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
-FAMILIES = ["qwen2.5-vl", "qwen2-vl"]
+FAMILIES = ["qwen2.5-vl", "qwen2-vl", "qwen3-vl", "llava-onevision"]
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -48,8 +48,26 @@ def load_tiny(family="qwen2.5-vl", layers=4):
 
 
 @pytest.fixture(scope="session")
-def tiny():
-    return load_tiny()
+def tiny_models():
+    """family -> tiny loaded model, built once per session (per worker)."""
+    cache = {}
+
+    def get(family="qwen2.5-vl"):
+        if family not in cache:
+            cache[family] = load_tiny(family)
+        return cache[family]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def tiny(tiny_models):
+    return tiny_models("qwen2.5-vl")
+
+
+def prune_layer(loaded) -> int:
+    """The K the tests prune at: 2, or the family's smallest (3 on Qwen3-VL, DeepStack)."""
+    return max(2, loaded.adapter.min_layer)
 
 
 def make_clip(frames=8, height=56, width=56, seed=0, content=None):
@@ -76,4 +94,4 @@ def encode(loaded, clip, question="what colour is the ball?", max_pixels=56 * 56
     return encoded
 
 
-helpers = SimpleNamespace(load_tiny=load_tiny, make_clip=make_clip, encode=encode)
+helpers = SimpleNamespace(load_tiny=load_tiny, make_clip=make_clip, encode=encode, prune_layer=prune_layer)

@@ -121,12 +121,15 @@ def test_selection_invariants(n, ratio, seed):
 
 
 _MEMORY_PROBE = """
-import resource, sys, time
+import re, sys, time
 sys.path.insert(0, {tests!r})
 from sharp_cli.video import load_video
 start = time.perf_counter()
 clip = load_video({path!r}, frames={frames}, max_pixels={max_pixels} or None, backend={backend!r})
-print(clip.frames.shape, round(time.perf_counter() - start, 2), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+# VmHWM, not getrusage's ru_maxrss: Linux carries ru_maxrss across fork and exec, so a child of a
+# pytest worker that has loaded models would report the worker's peak instead of its own.
+peak_kib = re.search(r"VmHWM:\\s+(\\d+)", open("/proc/self/status").read()).group(1)
+print(clip.frames.shape, round(time.perf_counter() - start, 2), peak_kib)
 """
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import encode, load_tiny, make_clip
+from conftest import FAMILIES, encode, make_clip, prune_layer
 from sharp_cli import engine
 from sharp_cli.prune import PruneConfig, keep_count
 from sharp_cli.prune import attention as seg
@@ -18,16 +18,37 @@ PLAIN = dict(segment_mask=False, debias="none", dedup=False)
 
 
 def _prefill(loaded, encoded, **kw):
-    cfg = PruneConfig(**kw).validate(loaded.num_layers)
+    cfg = loaded.adapter.validate_prune(PruneConfig(**kw), loaded.num_layers)
     return engine.prefill(loaded, encoded, cfg)
 
 
+def _text_model_forward(loaded, encoded, **kw):
+    """The unmodified text model on the whole sequence (DeepStack kwargs included), for references."""
+    text = loaded.adapter.text_model(loaded.model)
+    return text(inputs_embeds=encoded.inputs_embeds, position_ids=encoded.position_ids, use_cache=False,
+                **encoded.extra, **kw)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_encode_and_prefill_equal_the_models_own_forward(tiny_models, clip, family):
+    """Our vision encoding, embedding, positions (and DeepStack / newline) are the model's own."""
+    loaded = tiny_models(family)
+    inputs = engine.prepare(loaded, clip, "what colour is the ball?", 56 * 56 * 4)
+    encoded, _ = engine.encode(loaded, inputs)
+    ours = _prefill(loaded, encoded, method="none")
+    with torch.inference_mode():
+        ref = loaded.model(**inputs).logits[:, -1:]
+    torch.testing.assert_close(ours.logits, ref, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("method", ["sharp", "fastv"])
-def test_ratio_one_without_components_is_the_unpruned_model(tiny, clip, method):
-    encoded = encode(tiny, clip)
-    base = _prefill(tiny, encoded, method="none")
+def test_ratio_one_without_components_is_the_unpruned_model(tiny_models, clip, method, family):
+    loaded = tiny_models(family)
+    encoded = encode(loaded, clip)
+    base = _prefill(loaded, encoded, method="none")
     kw = PLAIN if method == "sharp" else {}
-    pruned = _prefill(tiny, encoded, method=method, ratio=1.0, layer=2, **kw)
+    pruned = _prefill(loaded, encoded, method=method, ratio=1.0, layer=prune_layer(loaded), **kw)
     assert pruned.kept.numel() == encoded.layout.num_visual
     assert torch.equal(pruned.logits, base.logits)
 
@@ -39,12 +60,14 @@ def test_segment_mask_changes_the_early_layers(tiny, clip):
     assert not torch.allclose(masked.logits, base.logits)
 
 
+@pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("method", ["sharp", "fastv", "random"])
 @pytest.mark.parametrize("ratio", [0.1, 0.15, 0.5])
-def test_kept_set_is_exact_sorted_unique_in_range(tiny, clip, method, ratio):
-    encoded = encode(tiny, clip)
+def test_kept_set_is_exact_sorted_unique_in_range(tiny_models, clip, method, ratio, family):
+    loaded = tiny_models(family)
+    encoded = encode(loaded, clip)
     n = encoded.layout.num_visual
-    out = _prefill(tiny, encoded, method=method, ratio=ratio, layer=2)
+    out = _prefill(loaded, encoded, method=method, ratio=ratio, layer=prune_layer(loaded))
     kept = out.kept.tolist()
     assert len(kept) == keep_count(ratio, n) == max(1, int(ratio * n + 0.5))
     assert kept == sorted(set(kept)) and 0 <= kept[0] and kept[-1] < n
@@ -60,24 +83,44 @@ def test_random_is_deterministic_per_seed(tiny, clip):
     assert torch.equal(a, b) and not torch.equal(a, c)
 
 
-def test_kv_cache_is_short_from_layer_k(tiny, clip):
-    encoded = encode(tiny, clip)
-    out = _prefill(tiny, encoded, method="fastv", ratio=0.25, layer=2)
+@pytest.mark.parametrize("family", FAMILIES)
+def test_kv_cache_is_short_from_layer_k(tiny_models, clip, family):
+    loaded = tiny_models(family)
+    encoded = encode(loaded, clip)
+    k = prune_layer(loaded)
+    out = _prefill(loaded, encoded, method="fastv", ratio=0.25, layer=k)
     from sharp_cli.measure import cache_tensors
 
-    lengths = [k.shape[2] for k, _ in cache_tensors(out.cache)]
-    assert lengths[:2] == [encoded.layout.seq_len] * 2
-    assert lengths[2:] == [out.kept_len] * (len(lengths) - 2)
+    lengths = [t.shape[2] for t, _ in cache_tensors(out.cache)]
+    assert lengths[:k] == [encoded.layout.seq_len] * k
+    assert lengths[k:] == [out.kept_len] * (len(lengths) - k)
     layers = len(lengths)
     assert out.kv_cache_bytes / out.kv_cache_bytes_unpruned == pytest.approx(
-        (2 * encoded.layout.seq_len + (layers - 2) * out.kept_len) / (layers * encoded.layout.seq_len))
+        (k * encoded.layout.seq_len + (layers - k) * out.kept_len) / (layers * encoded.layout.seq_len))
 
 
-def test_pruned_run_equals_masked_reference_at_original_positions(tiny, clip):
+def test_graph_tail_fallback_writes_the_cache(tiny, clip, monkeypatch):
+    """The CUDA-graph tail's eager path (used before a bucket is captured, or when capture fails)
+    must hand the cache to the layers under the name this transformers release takes."""
+    from sharp_cli.prune.graphs import TailGraphs
+
+    encoded = encode(tiny, clip)
+    eager = _prefill(tiny, encoded, method="fastv", ratio=0.25)
+    monkeypatch.setattr(tiny, "graphs", TailGraphs(capture_after=10**9))
+    tail = _prefill(tiny, encoded, method="fastv", ratio=0.25)
+    from sharp_cli.measure import cache_tensors
+
+    assert [t.shape[2] for t, _ in cache_tensors(tail.cache)] == [t.shape[2] for t, _ in cache_tensors(eager.cache)]
+    assert torch.equal(tail.logits, eager.logits)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_pruned_run_equals_masked_reference_at_original_positions(tiny_models, clip, family):
     """Pruning must equal the full model whose layers K.. simply cannot see the dropped tokens:
     same hidden states, same (original) rotary positions."""
+    tiny = tiny_models(family)
     encoded = encode(tiny, clip)
-    k = 2
+    k = prune_layer(tiny)
     cfg = PruneConfig(method="fastv", ratio=0.3, layer=k).validate()
     pruned = engine.prefill(tiny, encoded, cfg)
     keep_pos = pruned.session.keep_positions
@@ -94,7 +137,7 @@ def test_pruned_run_equals_masked_reference_at_original_positions(tiny, clip):
                                              with_kwargs=True) for layer in layers[k:]]
     try:
         with torch.inference_mode():
-            out = text(inputs_embeds=encoded.inputs_embeds, position_ids=encoded.position_ids, use_cache=False)
+            out = _text_model_forward(tiny, encoded)
             ref_logits = tiny.model.lm_head(out.last_hidden_state[:, -1:])
     finally:
         for hook in hooks:
@@ -103,10 +146,19 @@ def test_pruned_run_equals_masked_reference_at_original_positions(tiny, clip):
     torch.testing.assert_close(pruned.logits, ref_logits, rtol=1e-4, atol=1e-4)
 
 
+def _grown_extra(extra: dict, step: int) -> dict:
+    """Family kwargs for a sequence `step` tokens longer: per-position masks (DeepStack's
+    visual_pos_masks) get False for the new text tokens; everything else is unchanged."""
+    return {key: torch.nn.functional.pad(value, (0, step), value=False)
+            if torch.is_tensor(value) and value.dtype == torch.bool else value for key, value in extra.items()}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("method", ["sharp", "fastv"])
-def test_cached_decoding_equals_recompute_on_the_pruned_sequence(tiny, clip, method):
+def test_cached_decoding_equals_recompute_on_the_pruned_sequence(tiny_models, clip, method, family):
+    tiny = tiny_models(family)
     encoded = encode(tiny, clip)
-    cfg = PruneConfig(method=method, ratio=0.25, layer=2).validate()
+    cfg = PruneConfig(method=method, ratio=0.25, layer=prune_layer(tiny)).validate()
     state = engine.prefill(tiny, encoded, cfg)
     tokens, _ = engine.decode(tiny, encoded, state, max_new_tokens=6)
     kept = state.kept
@@ -119,15 +171,18 @@ def test_cached_decoding_equals_recompute_on_the_pruned_sequence(tiny, clip, met
             position_ids=torch.cat([encoded.position_ids, extra_pos], dim=-1),
             layout=type(encoded.layout)(encoded.layout.indices, encoded.layout.grid,
                                         encoded.layout.frames_per_step, encoded.layout.seq_len + step),
-            next_position=encoded.next_position, extra={})
+            next_position=encoded.next_position, extra=_grown_extra(encoded.extra, step))
         again = engine.prefill(tiny, grown, cfg, forced_keep=kept)
         assert int(again.next_token) == tokens[step], f"step {step}"
 
 
-def test_query_row_scores_equal_eager_attention(tiny, clip):
-    """Scores from post-RoPE q/k of the query rows equal layer K's full attention matrix rows."""
+@pytest.mark.parametrize("family", FAMILIES)
+def test_query_row_scores_equal_eager_attention(tiny_models, clip, family):
+    """Scores from post-RoPE q/k of the query rows (q/k norms applied where the family has them)
+    equal layer K's full attention matrix rows."""
+    tiny = tiny_models(family)
     encoded = encode(tiny, clip)
-    k = 2
+    k = prune_layer(tiny)
     text = tiny.adapter.text_model(tiny.model)
     layers = tiny.adapter.decoder_layers(tiny.model)
     for mode in ("last", "text"):
@@ -143,8 +198,7 @@ def test_query_row_scores_equal_eager_attention(tiny, clip):
         text.config._attn_implementation = "eager"
         try:
             with torch.inference_mode():
-                out = text(inputs_embeds=encoded.inputs_embeds, position_ids=encoded.position_ids,
-                           use_cache=False, output_attentions=True)
+                out = _text_model_forward(tiny, encoded, output_attentions=True)
         finally:
             hook.remove()
             text.config._attn_implementation = seg.ATTN_NAME
@@ -168,11 +222,17 @@ def test_segment_attention_equals_dense_mask_reference(gqa):
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
 
 
-def test_segment_mask_in_the_model_equals_dense_reference(tiny, clip):
+@pytest.mark.parametrize("family, segment_frames", [(f, None) for f in FAMILIES] + [("qwen3-vl", 4)])
+def test_segment_mask_in_the_model_equals_dense_reference(tiny_models, clip, family, segment_frames):
+    """Also on Qwen3-VL, whose token frames are separate blocks: with 4 frames a segment spans two
+    of them and the timestamp between."""
+    tiny = tiny_models(family)
     encoded = encode(tiny, clip)
-    cfg = PruneConfig(method="sharp", ratio=1.0, layer=2, segment_mask=True, debias="none", dedup=False)
+    k = prune_layer(tiny)
+    cfg = PruneConfig(method="sharp", ratio=1.0, layer=k, segment_mask=True, debias="none", dedup=False,
+                      segment_frames=segment_frames)
     ours = engine.prefill(tiny, encoded, cfg)
-    runs = encoded.layout.segment_runs(encoded.layout.frames_per_step)
+    runs = encoded.layout.segment_runs(segment_frames or encoded.layout.frames_per_step)
     dense = seg.dense_segment_mask(encoded.layout.seq_len, runs)
     float_mask = torch.zeros(1, 1, *dense.shape).masked_fill(~dense, float("-inf"))
     causal = torch.zeros_like(float_mask).masked_fill(~torch.ones_like(dense).tril(), float("-inf"))
@@ -180,11 +240,11 @@ def test_segment_mask_in_the_model_equals_dense_reference(tiny, clip):
     text = tiny.adapter.text_model(tiny.model)
     text.config._attn_implementation = "sdpa"
     hooks = [layer.register_forward_pre_hook(
-        lambda m, a, kw, i=i: (a, dict(kw, attention_mask=float_mask if i < 2 else causal)), with_kwargs=True)
+        lambda m, a, kw, i=i: (a, dict(kw, attention_mask=float_mask if i < k else causal)), with_kwargs=True)
         for i, layer in enumerate(layers)]
     try:
         with torch.inference_mode():
-            out = text(inputs_embeds=encoded.inputs_embeds, position_ids=encoded.position_ids, use_cache=False)
+            out = _text_model_forward(tiny, encoded)
             ref = tiny.model.lm_head(out.last_hidden_state[:, -1:])
     finally:
         for hook in hooks:

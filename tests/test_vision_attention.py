@@ -21,7 +21,7 @@ def test_packed_attention_equals_per_chunk_sdpa():
     torch.testing.assert_close(out, ref)
 
 
-@pytest.mark.parametrize("family", ["qwen2.5-vl", "qwen2-vl"])
+@pytest.mark.parametrize("family", ["qwen2.5-vl", "qwen2-vl", "qwen3-vl"])
 def test_vision_tower_output_is_unchanged(family):
     loaded = load_tiny(family)
     visual = loaded.model.model.visual

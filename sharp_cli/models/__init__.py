@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from sharp_cli.errors import ModelError
 from sharp_cli.models.base import Adapter, Encoded, VisualLayout
+from sharp_cli.models.llava import LlavaOnevisionAdapter
 from sharp_cli.models.qwen import Qwen2VLAdapter, QwenVLAdapter
+from sharp_cli.models.qwen3 import Qwen3VLAdapter
 
-ADAPTERS: list[Adapter] = [QwenVLAdapter(), Qwen2VLAdapter()]
+ADAPTERS: list[Adapter] = [QwenVLAdapter(), Qwen2VLAdapter(), Qwen3VLAdapter(), LlavaOnevisionAdapter()]
 
 
 def supported_families() -> str:

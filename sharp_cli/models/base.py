@@ -49,18 +49,18 @@ class VisualLayout:
 
     def segment_runs(self, segment_frames: int) -> list[tuple[int, int]]:
         """Sequence ranges [start, end) of the visual segments: `segment_frames` video frames each,
-        rounded up to whole token frames. Runs are contiguous in the sequence by construction."""
+        rounded up to whole token frames. Each token frame must be one contiguous block of the
+        sequence; a segment's run spans from its first visual token to its last, so text that sits
+        between the token frames of one segment (Qwen3-VL's timestamps and frame markers) lies
+        inside the run and shares the segment's attention block."""
         t, h, w = self.grid
         steps = max(1, -(-segment_frames // self.frames_per_step))
         idx = self.indices.tolist()
-        runs = []
-        for first in range(0, t, steps):
-            last = min(t, first + steps)
-            a, b = idx[first * h * w], idx[last * h * w - 1] + 1
-            if b - a != (last - first) * h * w:
-                raise ValueError("visual tokens of a segment are not contiguous in the sequence")
-            runs.append((a, b))
-        return runs
+        per = h * w
+        for f in range(t):
+            if idx[(f + 1) * per - 1] - idx[f * per] != per - 1:
+                raise ValueError(f"visual tokens of token frame {f} are not contiguous in the sequence")
+        return [(idx[first * per], idx[min(t, first + steps) * per - 1] + 1) for first in range(0, t, steps)]
 
     def describe(self) -> str:
         t, h, w = self.grid
@@ -85,6 +85,7 @@ class Adapter:
     model_types: tuple[str, ...] = ()
     hub_examples: tuple[str, ...] = ()
     min_layer: int = 1  # smallest pruning layer K the family supports
+    min_layer_reason: str = ""  # why, when min_layer > 1 (shown in the usage error)
 
     def skip_modules(self) -> list[str]:
         raise NotImplementedError
@@ -122,6 +123,10 @@ class Adapter:
     def encode(self, model, inputs) -> Encoded:
         """Run the vision encoder and build prefill inputs. Timed by the engine."""
         raise NotImplementedError
+
+    def validate_prune(self, cfg, num_layers: int | None = None):
+        """cfg.validate with this family's smallest K (and the reason for it)."""
+        return cfg.validate(num_layers, self.min_layer, self.min_layer_reason)
 
     def decode_position(self, encoded: Encoded, step: int):
         """Position ids of the step-th decoded token (0 = the token sampled after prefill)."""

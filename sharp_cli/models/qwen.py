@@ -51,22 +51,24 @@ class QwenVLAdapter(Adapter):
         video_kwargs = {"do_sample_frames": False, "video_metadata": [clip.metadata()]}
         vp = processor.video_processor
         if max_pixels:
-            size = dict(vp.size) if vp.size is not None else {}
-            shortest = min(int(size.get("shortest_edge") or max_pixels), max_pixels)
-            video_kwargs["size"] = {"shortest_edge": shortest, "longest_edge": int(max_pixels)}
+            video_kwargs["size"] = self.video_size(vp, len(clip.frames), int(max_pixels))
         if hasattr(type(vp), "cap_pixels_per_frame"):
             video_kwargs["cap_pixels_per_frame"] = True
         return processor(text=[prompt], videos=[clip.frames], return_tensors="pt", **video_kwargs)
 
-    def encode(self, model, inputs) -> Encoded:
-        import torch
+    def video_size(self, vp, frames: int, max_pixels: int) -> dict:
+        """The video processor's size bounds for at most `max_pixels` per frame (Qwen2/2.5-VL: per frame)."""
+        size = dict(vp.size) if vp.size is not None else {}
+        shortest = min(int(size.get("shortest_edge") or max_pixels), max_pixels)
+        return {"shortest_edge": shortest, "longest_edge": max_pixels}
 
+    def encode(self, model, inputs) -> Encoded:
         inner = model.model
         input_ids = inputs["input_ids"]
         grid_thw = inputs["video_grid_thw"]
-        video = _pooled(inner.get_video_features(inputs["pixel_values_videos"], grid_thw))
-        embeds = self.embed(model, input_ids)
         is_video = input_ids == model.config.video_token_id
+        video, extra = self.video_features(model, inputs, is_video)
+        embeds = self.embed(model, input_ids)
         if int(is_video.sum()) != video.shape[0]:
             raise ValueError(f"{int(is_video.sum())} video tokens but {video.shape[0]} video features")
         embeds = embeds.masked_scatter(is_video.unsqueeze(-1), video.to(embeds.dtype))
@@ -87,7 +89,11 @@ class QwenVLAdapter(Adapter):
             seq_len=input_ids.shape[1],
         )
         next_position = position_ids.amax(dim=-1, keepdim=True) + 1  # (3, 1, 1)
-        return Encoded(embeds, position_ids, layout, next_position, {})
+        return Encoded(embeds, position_ids, layout, next_position, extra)
+
+    def video_features(self, model, inputs, is_video):
+        """(features of the video tokens in sequence order, extra kwargs for the text model)."""
+        return _pooled(model.model.get_video_features(inputs["pixel_values_videos"], inputs["video_grid_thw"])), {}
 
     def special_tokens(self, config) -> dict[str, int]:
         return {

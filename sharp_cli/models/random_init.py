@@ -21,11 +21,16 @@ _WORDS = (
     "car dog cat small large big top bottom middle direction event events please question the choose"
 ).split()
 _PUNCT = list(".,?!:;()'\"-") + [chr(c) for c in range(ord("A"), ord("Z") + 1)] + [str(d) for d in range(10)]
+_EXTRA = ["seconds", "<", ">", "user", "assistant", "system"]  # timestamps, roles (appended: earlier ids kept)
+
+# Hub ids whose checkpoints share a shipped config's architecture (SOURCES.md, docs/model-configs.md).
+ALIASES = {"llava-hf/LLaVA-Video-7B-Qwen2-hf": "llava-hf/llava-onevision-qwen2-7b-ov-hf"}
 
 
 def packaged_configs() -> dict[str, Path]:
-    """Hub id -> folder of the config files shipped with sharp."""
-    return {p.name.replace("--", "/"): p for p in sorted(CONFIG_DIR.iterdir()) if (p / "config.json").exists()}
+    """Hub id -> folder of the config files shipped with sharp (aliases included)."""
+    shipped = {p.name.replace("--", "/"): p for p in sorted(CONFIG_DIR.iterdir()) if (p / "config.json").exists()}
+    return shipped | {alias: shipped[target] for alias, target in ALIASES.items() if target in shipped}
 
 
 def load_config(name_or_path: str):
@@ -57,7 +62,7 @@ def synthetic_tokenizer(special: dict[str, int], vocab_size: int):
         raise ValueError("special tokens must not take id 0 (the unknown token's)")
     vocab = {"[UNK]": 0}
     free = (i for i in range(1, vocab_size) if i not in taken)
-    for word, token_id in zip(dict.fromkeys(_WORDS + _PUNCT), free):
+    for word, token_id in zip(dict.fromkeys(_WORDS + _PUNCT + _EXTRA), free):
         vocab[word] = token_id
     # Every other id gets a filler word, so what a random model says is visible, not blank.
     vocab.update({f"w{token_id}": token_id for token_id in free})
@@ -73,15 +78,17 @@ def synthetic_tokenizer(special: dict[str, int], vocab_size: int):
 
 
 def tiny_config(family: str = "qwen2.5-vl", *, layers: int = 4, vocab: int = 512):
-    """A few-MB config of the family's real classes, for tests."""
-    from transformers import Qwen2_5_VLConfig, Qwen2VLConfig
+    """A few-MB config of the family's real classes, for tests. Special ids sit near the top of the
+    vocabulary (never 0, the unknown token's), where the real checkpoints put theirs."""
+    from transformers import LlavaOnevisionConfig, Qwen2_5_VLConfig, Qwen2VLConfig, Qwen3VLConfig
 
     special = {"bos": vocab - 12, "im_start": vocab - 11, "eos": vocab - 10, "vstart": vocab - 9,
                "vend": vocab - 8, "vpad": vocab - 7, "image": vocab - 6, "video": vocab - 5}
+    rope = {"rope_type": "default", "rope_theta": 10000.0}
     text = dict(
         hidden_size=64, intermediate_size=128, num_hidden_layers=layers, num_attention_heads=4,
         num_key_value_heads=2, vocab_size=vocab, max_position_embeddings=8192, rms_norm_eps=1e-6,
-        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
+        rope_parameters=dict(rope, mrope_section=[2, 3, 3]),
         bos_token_id=special["bos"], eos_token_id=special["eos"], tie_word_embeddings=False,
     )
     ids = dict(
@@ -98,6 +105,21 @@ def tiny_config(family: str = "qwen2.5-vl", *, layers: int = 4, vocab: int = 512
         vision = dict(depth=2, embed_dim=32, hidden_size=64, num_heads=2, mlp_ratio=2, patch_size=14,
                       spatial_merge_size=2, temporal_patch_size=2)
         return Qwen2VLConfig(vision_config=vision, text_config=text, **ids)
+    if family == "qwen3-vl":  # q/k norms, interleaved M-RoPE, DeepStack from 3 vision layers
+        text.update(head_dim=16, rope_parameters=dict(rope, mrope_section=[2, 3, 3], mrope_interleaved=True))
+        vision = dict(depth=3, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
+                      patch_size=8, spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=64,
+                      deepstack_visual_indexes=[0, 1, 2])
+        ids = {k: v for k, v in ids.items() if k not in ("vision_token_id", "bos_token_id", "eos_token_id")}
+        return Qwen3VLConfig(vision_config=vision, text_config=text, **ids)
+    if family == "llava-onevision":  # SigLIP 98 px / 14 -> 7x7 patches, pooled to 4x4 per frame
+        text.update(model_type="qwen2", rope_parameters=rope)
+        vision = dict(model_type="siglip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=2, image_size=98, patch_size=14, vision_use_head=False)
+        return LlavaOnevisionConfig(vision_config=vision, text_config=text, image_token_index=special["image"],
+                                    video_token_index=special["video"], vision_feature_layer=-1,
+                                    vision_feature_select_strategy="full",
+                                    image_grid_pinpoints=[[98, 98], [98, 196], [196, 98], [196, 196]])
     raise ValueError(f"no tiny config for family {family!r}")
 
 

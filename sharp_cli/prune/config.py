@@ -26,7 +26,7 @@ class PruneConfig:
     register_z: float = 8.0  # robust z-score of the hidden-state norm above which a token is a register; 0 = off
     seed: int = 0  # random baseline
 
-    def validate(self, num_layers: int | None = None, min_layer: int = 1) -> "PruneConfig":
+    def validate(self, num_layers: int | None = None, min_layer: int = 1, why: str = "") -> "PruneConfig":
         if self.method not in METHODS:
             raise UsageError(f"unknown method '{self.method}'; choose one of: {', '.join(METHODS)}")
         if not (0.0 < self.ratio <= 1.0):
@@ -44,7 +44,8 @@ class PruneConfig:
         if self.method != "none":
             low = max(1, min_layer)
             if self.layer < low:
-                raise UsageError(f"--layer must be >= {low} for this model, got {self.layer}")
+                reason = f" ({why})" if why else ""
+                raise UsageError(f"--layer must be >= {low} for this model{reason}, got {self.layer}")
             if num_layers is not None and self.layer >= num_layers:
                 raise UsageError(f"--layer must be < {num_layers} (the model's decoder layers), got {self.layer}")
         return self

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import torch
 
+from sharp_cli.compat import cache_kwargs
+
 
 class _CollectKV:
     """Stands in for the cache during capture: keeps each layer's new K and V, allocates nothing."""
@@ -34,7 +36,7 @@ class _Captured:
 
 def _run_layers(tail, hidden, position_embeddings, cache):
     kwargs = dict(attention_mask=None, position_ids=None, position_embeddings=position_embeddings,
-                  past_key_values=cache, use_cache=True)
+                  use_cache=True, **cache_kwargs(tail[0], cache))
     for layer in tail:
         hidden = layer(hidden, **kwargs)
         hidden = hidden[0] if isinstance(hidden, tuple) else hidden

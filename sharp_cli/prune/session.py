@@ -15,6 +15,7 @@ from contextlib import ExitStack
 import torch
 from torch import nn
 
+from sharp_cli.compat import cache_kwargs, incoming_cache
 from sharp_cli.prune import attention
 from sharp_cli.prune.baselines import select_fastv, select_random
 from sharp_cli.prune.config import PruneConfig
@@ -34,6 +35,7 @@ class PrunedTail(nn.Module):
     def forward(self, hidden_states, attention_mask=None, position_embeddings=None, past_key_values=None,
                 **kwargs):
         s = self.session
+        cache = incoming_cache(past_key_values, kwargs)
         if hidden_states.shape[1] != s.layout.seq_len:
             raise RuntimeError("sharp's pruned tail runs in prefill only")
         if s.timer is not None:
@@ -46,10 +48,10 @@ class PrunedTail(nn.Module):
         if s.timer is not None:
             s.timer.stop()
         if s.graphs is not None:
-            return s.graphs.run(self.tail, short, short_pe, past_key_values)
+            return s.graphs.run(self.tail, short, short_pe, cache)
         # batch 1 without padding: causal SDPA needs no mask; position_ids only serve packed batches
         kwargs = dict(kwargs, attention_mask=None, position_ids=None, position_embeddings=short_pe,
-                      past_key_values=past_key_values)
+                      **cache_kwargs(self.tail[0], cache))
         for layer in self.tail:
             short = layer(short, **kwargs)
             short = short[0] if isinstance(short, tuple) else short

@@ -1,0 +1,70 @@
+"""Qwen3-VL: one "<t seconds>" + <|vision_start|> pads <|vision_end|> block per frame pair,
+(T/2)(H/32)(W/32) tokens, interleaved M-RoPE, and DeepStack.
+
+The visual tokens are not one block: each token frame (two video frames) is a contiguous run of
+pads, with its timestamp text and frame markers between runs. VisualLayout.segment_runs handles that.
+
+DeepStack adds features from three vision-encoder layers to the hidden states at the visual
+positions after decoder layers 0, 1 and 2. Pruning before layer 3 would drop tokens those
+additions still target, so this family needs K >= 3 (min_layer); we enforce that rather than
+prune the DeepStack masks too. Decoding calls the text model without the DeepStack kwargs, which
+then does nothing.
+"""
+
+from __future__ import annotations
+
+from sharp_cli.errors import ModelError
+from sharp_cli.models.qwen import QwenVLAdapter, _pooled
+
+DEEPSTACK_LAYERS = 3
+
+
+def _cat(parts):
+    """5.23 splits features per video (a tuple); 5.17 returns one tensor."""
+    import torch
+
+    return torch.cat(list(parts), dim=0) if isinstance(parts, (tuple, list)) else parts
+
+
+class Qwen3VLAdapter(QwenVLAdapter):
+    family = "qwen3-vl"
+    model_types = ("qwen3_vl",)
+    hub_examples = ("Qwen/Qwen3-VL-8B-Instruct", "Qwen/Qwen3-VL-4B-Instruct")
+    min_layer = DEEPSTACK_LAYERS
+    min_layer_reason = ("Qwen3-VL's DeepStack adds visual features to the visual tokens after decoder "
+                        "layers 0-2, so pruning must start at layer 3 or later")
+
+    def video_size(self, vp, frames: int, max_pixels: int) -> dict:
+        # Qwen3-VL's video processor bounds the pixels of the whole clip (t x h x w), not of a frame.
+        temporal = int(vp.temporal_patch_size)
+        budget = max_pixels * max(temporal, round(frames / temporal) * temporal)
+        size = dict(vp.size) if vp.size is not None else {}
+        shortest = min(int(size.get("shortest_edge") or budget), budget)
+        return {"shortest_edge": shortest, "longest_edge": budget}
+
+    def video_features(self, model, inputs, is_video):
+        out = model.model.get_video_features(inputs["pixel_values_videos"], inputs["video_grid_thw"])
+        deepstack = [_cat(level) for level in out.deepstack_features]
+        if len(deepstack) > self.min_layer:
+            raise ModelError(f"this checkpoint adds DeepStack features after {len(deepstack)} decoder layers; "
+                             f"sharp supports at most {self.min_layer}")
+        return _pooled(out), {"visual_pos_masks": is_video, "deepstack_visual_embeds": deepstack}
+
+    def build_processor(self, tokenizer, config):
+        from transformers import AutoProcessor  # noqa: F401  (registers processor classes)
+        from transformers.models.qwen2_vl import Qwen2VLImageProcessor
+        from transformers.models.qwen3_vl import Qwen3VLProcessor, Qwen3VLVideoProcessor
+
+        vc = config.vision_config
+        common = dict(patch_size=vc.patch_size, temporal_patch_size=vc.temporal_patch_size,
+                      merge_size=vc.spatial_merge_size)
+        token = (vc.patch_size * vc.spatial_merge_size) ** 2  # pixels per merged token
+        # The checkpoints' own bounds, in tokens: videos 4..24576 per clip, images 64..16384.
+        return Qwen3VLProcessor(
+            image_processor=Qwen2VLImageProcessor(
+                **common, size={"shortest_edge": 64 * token, "longest_edge": 16384 * token}),
+            video_processor=Qwen3VLVideoProcessor(
+                **common, size={"shortest_edge": 4 * token, "longest_edge": 24576 * token}),
+            tokenizer=tokenizer,
+            chat_template=self.synthetic_chat_template(),
+        )
