@@ -320,6 +320,11 @@ def env():
         typer.echo(f"{key.ljust(width)}  {value}")
 
 
+from sharp_cli.evaluate.commands import eval_command, synth_command  # noqa: E402 - needs the option types above
+app.command("eval")(eval_command)
+app.command("synth")(synth_command)
+
+
 def main():
     app()
 

@@ -1,0 +1,186 @@
+"""`sharp eval` and `sharp synth`: plain functions with Typer-annotated parameters.
+
+sharp_cli/cli.py registers them at its end, after the option types they reuse, so this module
+is imported through sharp_cli.cli (importing it first would be circular). Nothing heavy is
+imported at the top: `sharp --help` must not import torch.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Optional
+
+import typer
+
+from sharp_cli.cli import (JsonOut, Debias, Decoder, Dedup, DedupThreshold, DedupWindow, Device, Dtype, Fps,
+                           Frames, Layer, MaxFrames, MaxPixels, Model, Quant, Query, RandomWeights, RegisterZ,
+                           Seed, SegmentFrames, SegmentMask, TrustRemoteCode)
+
+TASKS = ("colour", "direction", "order", "count")  # synth.TASKS, without importing numpy for --help
+Quiet = Annotated[bool, typer.Option("-q", "--quiet", help="No table or progress on stderr.")]
+Format = Annotated[str, typer.Option(help="auto, sharp, videomme, mvbench, mlvu or longvideobench.")]
+VideoDir = Annotated[Optional[str], typer.Option(help="Folder of the videos, if not where the format expects them.")]
+CategoryField = Annotated[Optional[str], typer.Option(
+    help="Annotation field to break accuracy down by (default: the format's, see docs/eval.md).")]
+SkipMissing = Annotated[bool, typer.Option("--skip-missing", help="Leave out questions whose video is missing.")]
+Methods = Annotated[str, typer.Option(help="Comma list of methods to compare.")]
+Ratios = Annotated[Optional[list[str]], typer.Option(help="Ratio(s) kept; repeat or give a comma list.")]
+MaxNewTokens = Annotated[int, typer.Option(help="Upper bound on answer tokens (a letter needs few).")]
+Limit = Annotated[Optional[int], typer.Option(help="Only the first N questions.")]
+Output = Annotated[Optional[str], typer.Option("--output", "-o", help="Results file, JSON lines; a rerun resumes it. "
+                                               "Default: sharp-eval-<data>-<model>.jsonl in the current folder.")]
+ShardTimeout = Annotated[float, typer.Option(help="Sharded runs: seconds rank 0 waits for the other ranks.")]
+
+
+def eval_command(
+    data: Annotated[str, typer.Argument(help="Questions: a file, or a benchmark's folder (see --format).")],
+    format: Format = "auto", video_dir: VideoDir = None, category_field: CategoryField = None,
+    skip_missing: SkipMissing = False,
+    model: Model = "Qwen/Qwen2.5-VL-7B-Instruct",
+    device: Device = "auto", quant: Quant = "auto", dtype: Dtype = "auto",
+    random_weights: RandomWeights = False, trust_remote_code: TrustRemoteCode = False,
+    methods: Methods = "none,fastv,random,sharp", ratio: Ratios = None,
+    layer: Layer = 2, query: Query = "last",
+    segment_mask: SegmentMask = True, segment_frames: SegmentFrames = None, debias: Debias = "subtract",
+    dedup: Dedup = True, dedup_threshold: DedupThreshold = 0.9, dedup_window: DedupWindow = 1,
+    register_z: RegisterZ = 8.0, seed: Seed = 0,
+    frames: Frames = 32, fps: Fps = None, max_frames: MaxFrames = 768, max_pixels: MaxPixels = None,
+    decoder: Decoder = "auto", max_new_tokens: MaxNewTokens = 8, limit: Limit = None, output: Output = None,
+    shard_timeout: ShardTimeout = 3600.0, json_out: JsonOut = False, quiet: Quiet = False,
+):
+    """Multiple-choice accuracy of every method and ratio on a video QA set (resumable, shardable)."""
+    from sharp_cli.cli import _split_list, prune_config, quiet_transformers, stderr_console
+    from sharp_cli.errors import SharpError, UsageError
+    from sharp_cli.evaluate import formats
+    from sharp_cli.evaluate.letters import PROMPT_VERSION
+    from sharp_cli.prune.config import METHODS
+
+    method_list = _split_list([methods], str, "--methods")
+    for m in method_list:
+        if m not in METHODS:
+            raise UsageError(f"--methods: unknown method '{m}'; choose from {', '.join(METHODS)}")
+    if not method_list:
+        raise UsageError("--methods is empty")
+    ratios = _split_list(ratio or ["0.15"], float, "--ratio")
+    base = None
+    for r in [*ratios, 1.0]:  # validates every ratio; the base config's method and ratio are set per cell
+        base = prune_config("sharp", r, layer, query, segment_mask, segment_frames, debias, dedup, dedup_threshold,
+                            dedup_window, register_z, seed)
+    if limit is not None and limit < 1:
+        raise UsageError(f"--limit must be >= 1, got {limit}")
+    if max_new_tokens < 1 or shard_timeout <= 0:
+        raise UsageError("--max-new-tokens must be >= 1 and --shard-timeout > 0")
+    console = stderr_console(quiet)
+    dataset = formats.drop_missing(formats.load(data, format, video_dir, category_field), skip_missing)
+    items = dataset.items[:limit] if limit else dataset.items
+    for note in dataset.notes:
+        console.print(f"note: {note}")
+
+    quiet_transformers()
+    from sharp_cli import engine
+    from sharp_cli.evaluate import runner
+
+    rank, world = runner.distributed()
+    dev = engine.resolve_device(device)
+    settings = {  # a results line is reused only under the same settings
+        "model": model, "random_weights": random_weights, "quant": engine.resolve_quant(quant, dev),
+        "dtype": str(engine.resolve_dtype(dtype, dev)).replace("torch.", ""), "frames": frames, "fps": fps,
+        "max_frames": max_frames, "max_pixels": max_pixels, "max_new_tokens": max_new_tokens, "prompt": PROMPT_VERSION,
+        "options": {k: v for k, v in base.as_dict().items() if k not in ("method", "ratio")},
+    }
+    video = dict(frames=frames, fps=fps, max_frames=max_frames, max_pixels=max_pixels, backend=decoder)
+    job = runner.Job(items, runner.plan_cells(method_list, ratios), base, default_output(output, dataset.name, model),
+                     settings, video, max_new_tokens, rank, world)
+    todo = runner.pending(job)
+    left, mine = sum(len(cells) for _, cells in todo), len(job.my_items) * len(job.cells)
+    if left < mine:
+        console.print(f"resuming {job.output}: {mine - left} of {mine} answers already there")
+    if todo:
+        engine.check_prune_config(model, base, random_weights=random_weights, trust_remote_code=trust_remote_code)
+    group = runner.Group(world, shard_timeout)
+    try:
+        if todo:
+            _answer(job, todo, left, console, dict(name=model, device=device, quant=quant, dtype=dtype,
+                                                   random_weights=random_weights, trust_remote_code=trust_remote_code))
+        group.barrier()
+    finally:
+        group.close()
+    if rank != 0:
+        console.print(f"rank {rank}: done ({len(job.my_items)} questions in {job.output}); rank 0 merges")
+        return
+    missing = runner.wait_for_shards(job, shard_timeout) if world > 1 else []
+    runner.merge(job, remove_shards=not missing)
+    if missing:
+        raise SharpError(f"ranks {', '.join(map(str, missing))} did not finish within {shard_timeout:g} s; "
+                         f"merged what was there into {job.results}; run again to resume")
+    result = {"rows": runner.summarize(runner.read_results(job.results), items, job.cells), "questions": len(items),
+              "data": str(data), "format": dataset.format, "results_file": str(job.results), "world_size": world,
+              "settings": settings}
+    if json_out:
+        from sharp_cli import report
+
+        report.print_json(result)
+    if not quiet:
+        from sharp_cli.evaluate.table import table
+
+        console.print(table(result))
+
+
+def _answer(job, todo, left: int, console, load_args: dict) -> None:
+    """Load the model once (on this rank's GPU when sharded) and answer with a progress bar."""
+    import os
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from sharp_cli import engine
+    from sharp_cli.evaluate import runner
+
+    if job.world > 1 and engine.resolve_device(load_args["device"]).type == "cuda":
+        import torch
+
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", job.rank)) % torch.cuda.device_count())
+    with console.status(f"loading {load_args['name']}"):
+        loaded = engine.load(**load_args)
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=console, transient=True) as progress:
+        task = progress.add_task("answering" if job.world == 1 else f"rank {job.rank}", total=left)
+        runner.run(loaded, job, todo, progress=lambda: progress.advance(task))
+
+
+def default_output(output, data_name: str, model: str):
+    import os
+    import re
+    from pathlib import Path
+
+    from sharp_cli.errors import UsageError
+
+    if output:
+        if os.path.isdir(output):
+            raise UsageError(f"--output '{output}' is a directory")
+        return Path(output).absolute()
+    slug = Path(model.rstrip("/")).name if os.path.isdir(model) else model.replace("/", "--")
+    name = re.sub(r"[^A-Za-z0-9._-]+", "-", f"sharp-eval-{data_name}-{slug}")
+    return Path.cwd() / f"{name}.jsonl"
+
+
+def synth_command(
+    out: Annotated[str, typer.Argument(help="Folder to write videos/ and items.jsonl into.")],
+    n: Annotated[int, typer.Option("--n", help="Number of questions (and clips).")] = 40,
+    seed: Annotated[int, typer.Option(help="Same seed, same files.")] = 0,
+    frames: Annotated[int, typer.Option(help="Frames per clip.")] = 32,
+    size: Annotated[int, typer.Option(help="Frame width and height in pixels.")] = 128,
+    tasks: Annotated[str, typer.Option(help="Comma list of: colour, direction, order, count.")] = ",".join(TASKS),
+    quiet: Quiet = False,
+):
+    """Write a synthetic multiple-choice set whose answers hang on a few visual tokens."""
+    from sharp_cli.cli import _split_list, stderr_console
+    from sharp_cli.evaluate import synth
+
+    from rich.progress import Progress
+
+    console = stderr_console(quiet)
+    with Progress(console=console, transient=True) as progress:
+        task = progress.add_task("writing clips", total=n)
+        items = synth.write(out, n, seed, frames=frames, size=size, tasks=tuple(_split_list([tasks], str, "--tasks")),
+                            progress=lambda: progress.advance(task))
+    typer.echo(str(items))
+    console.print(f"{n} questions in {items}; evaluate with: sharp eval {items} --frames {frames}")

@@ -1,0 +1,190 @@
+"""`sharp synth`: small videos whose answer hangs on a few visual tokens, for pruning evals.
+
+Every clip is a static textured background (a small tile repeated: many near-duplicate
+tokens) with static distractor discs, plus what the question is about:
+
+    colour     a small square flashes for two frames; which colour? (a static disc of one of
+               the wrong options' colours is on screen the whole time)
+    direction  a coloured square moves steadily left, right, up or down; which way?
+    order      two squares of different colours flash at different times; which came first?
+    count      1 to 5 squares flash at different times and places; how many?
+
+A flash covers frames 4k+1 and 4k+2, so uniform sampling of 8, 16 or 32 frames from a
+32-frame clip always sees it. Options are 4 per question; the correct letter cycles
+through a random order of A-D every 4 questions of a task, so letters are balanced.
+Everything derives from (seed, item number): the same seed writes the same files.
+"""
+
+from __future__ import annotations
+
+import json
+from fractions import Fraction
+from pathlib import Path
+
+import numpy as np
+
+from sharp_cli.errors import UsageError
+from sharp_cli.evaluate.letters import LETTERS
+
+TASKS = ("colour", "direction", "order", "count")
+PALETTE = {
+    "red": (220, 30, 30), "green": (30, 175, 45), "blue": (35, 70, 230), "yellow": (240, 215, 25),
+    "orange": (245, 130, 15), "purple": (140, 50, 200), "cyan": (25, 200, 215), "pink": (245, 120, 190),
+}
+NEUTRALS = ((250, 250, 250), (15, 15, 15), (70, 70, 70), (190, 190, 190))
+DIRECTIONS = ("left", "right", "up", "down")
+TILE = 16  # background tile, pixels
+OPTIONS = 4
+
+
+def write(out: str | Path, n: int, seed: int = 0, *, frames: int = 32, size: int = 128, fps: float = 8.0,
+          tasks: tuple[str, ...] = TASKS, progress=None) -> Path:
+    """Write n clips under OUT/videos and their questions to OUT/items.jsonl; returns that file."""
+    if n < 1:
+        raise UsageError(f"--n must be >= 1, got {n}")
+    if frames < 8:
+        raise UsageError(f"--frames must be >= 8 (flashes need room), got {frames}")
+    if size < 64 or size % 2:
+        raise UsageError(f"--size must be even and >= 64, got {size}")
+    tasks = tuple(dict.fromkeys(tasks))
+    unknown = [t for t in tasks if t not in TASKS]
+    if unknown or not tasks:
+        raise UsageError(f"--tasks: unknown task '{(unknown or [''])[0]}'; choose from {', '.join(TASKS)}")
+    out = Path(out)
+    (out / "videos").mkdir(parents=True, exist_ok=True)
+    lines = []
+    for i in range(n):
+        task = tasks[i % len(tasks)]
+        nth = i // len(tasks)  # how many questions of this task came before
+        block = np.random.default_rng([seed, TASKS.index(task), nth // OPTIONS, 1])
+        target = int(block.permutation(OPTIONS)[nth % OPTIONS])
+        rng = np.random.default_rng([seed, i, 0])
+        clip, question, correct, wrong = BUILDERS[task](rng, frames, size, target)
+        if task == "count":  # numbers stay in order; the count was chosen to land on `target`
+            options = [str(o) for o in sorted([*wrong, correct])]
+        else:
+            options = [str(wrong[j]) for j in rng.permutation(len(wrong))]
+            options.insert(target, str(correct))
+        item_id = f"{task}-{i:04d}"
+        _encode(clip, out / "videos" / f"{item_id}.mp4", fps)
+        lines.append({"id": item_id, "video": f"videos/{item_id}.mp4", "question": question, "options": options,
+                      "answer": LETTERS[options.index(str(correct))], "category": task})
+        if progress is not None:
+            progress()
+    items = out / "items.jsonl"
+    items.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    return items
+
+
+# -- scenes ----------------------------------------------------------------------------------------
+def _scene(rng, frames: int, size: int) -> np.ndarray:
+    """Static muted texture (one tile repeated) with 3-5 neutral discs, as (T, H, W, 3) uint8."""
+    grey = rng.uniform(95, 150)
+    tile = grey + rng.normal(0, 18, (TILE, TILE, 1)) + rng.normal(0, 6, (TILE, TILE, 3))
+    reps = -(-size // TILE)
+    frame = np.tile(np.clip(tile, 0, 255), (reps, reps, 1))[:size, :size].astype(np.uint8)
+    for _ in range(int(rng.integers(3, 6))):
+        _disc(frame, rng.uniform(0.1, 0.9, 2) * size, size / 22, NEUTRALS[int(rng.integers(len(NEUTRALS)))])
+    return np.repeat(frame[None], frames, axis=0)
+
+
+def _disc(frame: np.ndarray, centre, radius: float, colour) -> None:
+    ys, xs = np.ogrid[: frame.shape[0], : frame.shape[1]]
+    frame[(ys - centre[1]) ** 2 + (xs - centre[0]) ** 2 <= radius**2] = colour
+
+
+def _square(frame: np.ndarray, x: float, y: float, side: int, colour) -> None:
+    x0, y0 = int(round(x)), int(round(y))
+    frame[max(y0, 0): max(y0 + side, 0), max(x0, 0): max(x0 + side, 0)] = colour
+
+
+def _side(size: int) -> int:
+    return max(6, size // 11)
+
+
+def _spot(rng, size: int):
+    side = _side(size)
+    return rng.uniform(0.05 * size, 0.95 * size - side, 2)
+
+
+def _flash(clip: np.ndarray, slot: int, xy, colour) -> None:
+    """A square on frames 4*slot+1 and 4*slot+2 only."""
+    for t in (4 * slot + 1, 4 * slot + 2):
+        _square(clip[t], xy[0], xy[1], _side(clip.shape[1]), colour)
+
+
+def _colours(rng, k: int) -> list[str]:
+    return [list(PALETTE)[j] for j in rng.permutation(len(PALETTE))[:k]]
+
+
+def _slots(frames: int) -> int:
+    return frames // 4
+
+
+def _colour_task(rng, frames, size, target):
+    clip = _scene(rng, frames, size)
+    shown, static, *others = _colours(rng, 4)
+    still = rng.uniform(0.15, 0.85, 2) * size
+    for frame in clip:
+        _disc(frame, still, size / 14, PALETTE[static])
+    _flash(clip, int(rng.integers(_slots(frames))), _spot(rng, size), PALETTE[shown])
+    question = "A small square flashes for a moment somewhere in the video. What colour is it?"
+    return clip, question, shown, [static, *others]
+
+
+def _direction_task(rng, frames, size, target):
+    clip = _scene(rng, frames, size)
+    mover, still_colour = _colours(rng, 2)
+    way = DIRECTIONS[int(rng.integers(4))]
+    side = _side(size)
+    travel = np.linspace(0.1 * size, 0.9 * size - side, frames)
+    if way in ("left", "up"):
+        travel = travel[::-1]
+    across = rng.uniform(0.1 * size, 0.9 * size - side)
+    still = _spot(rng, size)
+    for t, frame in enumerate(clip):
+        _square(frame, still[0], still[1], side, PALETTE[still_colour])
+        x, y = (travel[t], across) if way in ("left", "right") else (across, travel[t])
+        _square(frame, x, y, side, PALETTE[mover])
+    question = f"Which way does the {mover} square move?"
+    return clip, question, way, [d for d in DIRECTIONS if d != way]
+
+
+def _order_task(rng, frames, size, target):
+    clip = _scene(rng, frames, size)
+    first, second, *others = _colours(rng, 4)
+    early, late = sorted(rng.choice(_slots(frames), 2, replace=False))
+    _flash(clip, int(early), _spot(rng, size), PALETTE[first])
+    _flash(clip, int(late), _spot(rng, size), PALETTE[second])
+    question = "Two small squares of different colours flash briefly, one after the other. What colour is the first?"
+    return clip, question, first, [second, *others]
+
+
+def _count_task(rng, frames, size, target):
+    clip = _scene(rng, frames, size)
+    count = min(target + 1 + int(rng.integers(2)), _slots(frames))
+    lowest = max(1, count - target)  # options are lowest..lowest+3, the answer at letter `target`
+    for slot in rng.choice(_slots(frames), count, replace=False):
+        _flash(clip, int(slot), _spot(rng, size), PALETTE[_colours(rng, 1)[0]])
+    question = "Small squares flash briefly at different moments. How many flashes are there?"
+    wrong = [n for n in range(lowest, lowest + OPTIONS) if n != count]
+    return clip, question, count, wrong
+
+
+BUILDERS = {"colour": _colour_task, "direction": _direction_task, "order": _order_task, "count": _count_task}
+
+
+def _encode(clip: np.ndarray, path: Path, fps: float) -> None:
+    """H.264, near-lossless, single-threaded (so the bytes depend on the frames alone)."""
+    import av
+
+    with av.open(str(path), "w") as out:
+        stream = out.add_stream("libx264", rate=Fraction(fps).limit_denominator(1001),
+                                options={"preset": "ultrafast", "crf": "12", "threads": "1"})
+        stream.width, stream.height, stream.pix_fmt = clip.shape[2], clip.shape[1], "yuv420p"
+        stream.codec_context.thread_count = 1
+        for t, pixels in enumerate(clip):
+            frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(pixels), format="rgb24")
+            frame.pts = t
+            out.mux(stream.encode(frame))
+        out.mux(stream.encode(None))

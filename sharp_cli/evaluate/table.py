@@ -1,0 +1,41 @@
+"""The Rich table of `sharp eval` (stderr): one row per method and ratio."""
+
+from __future__ import annotations
+
+MAX_CATEGORY_COLUMNS = 8
+
+
+def table(result: dict):
+    from rich.table import Table
+
+    from sharp_cli.report import fmt_seconds
+
+    rows = result["rows"]
+    settings = result["settings"]
+    categories = list(dict.fromkeys(c for row in rows for c in row["categories"]))
+    shown = categories if len(categories) <= MAX_CATEGORY_COLUMNS else []
+    title = (f"sharp eval: {result['data']} ({result['format']}), {result['questions']} questions, "
+             f"{settings['model']}{' (random weights)' if settings['random_weights'] else ''}, "
+             f"K={settings['options']['layer']}")
+    unparsed = any(row["unparsed"] for row in rows)
+    errors = any(row["errors"] for row in rows)
+    t = Table(title=title, title_justify="left", header_style="bold")
+    columns = ["method", "ratio", "answered", "accuracy", "% of none", *shown]
+    columns += ["unparsed"] * unparsed + ["errors"] * errors + ["prefill", "kept"]
+    for col in columns:
+        t.add_column(col, justify="left" if col == "method" else "right", no_wrap=col == "method")
+    for row in rows:
+        kept, total = row["visual_tokens_kept"], row["visual_tokens_total"]
+        cells = [row["method"], f"{row['ratio']:.2f}", f"{row['questions']}/{row['of']}", _pct(row["accuracy"]),
+                 _pct(row["relative_accuracy"]), *(_pct(row["categories"].get(c)) for c in shown)]
+        cells += [str(row["unparsed"])] * unparsed + [str(row["errors"])] * errors
+        cells += ["-" if row["prefill_seconds"] is None else fmt_seconds(row["prefill_seconds"]),
+                  "-" if kept is None else f"{kept:,.0f}/{total:,.0f}"]
+        t.add_row(*cells)
+    if categories and not shown:
+        t.caption = f"{len(categories)} categories: per-category accuracy is in --json"
+    return t
+
+
+def _pct(x) -> str:
+    return "-" if x is None else f"{x:.1%}"
