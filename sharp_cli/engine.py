@@ -161,7 +161,8 @@ def _random_folder(name: str, config, device) -> Path:
     from sharp_cli.models import random_init
     from sharp_cli.prune.prior import cache_dir
 
-    folder = cache_dir() / "random-models" / name.replace("/", "--")
+    shipped = random_init.packaged_configs().get(name)  # aliases share their architecture's folder
+    folder = cache_dir() / "random-models" / (shipped.name if shipped else name.replace("/", "--"))
     if not (folder / "model.safetensors.index.json").exists() and not (folder / "model.safetensors").exists():
         random_init.write_random_model(config, folder, dtype="bfloat16", device=device)
         if device.type == "cuda":
