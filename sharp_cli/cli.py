@@ -99,12 +99,13 @@ JsonOut = Annotated[bool, typer.Option("--json", help="Print one JSON object on 
 
 
 def prune_config(method, ratio, layer, query, segment_mask, segment_frames, debias, dedup, dedup_threshold,
-                 dedup_window, register_z, seed):
+                 dedup_window, register_z, seed, segment_attention="blocks"):
     from sharp_cli.prune.config import PruneConfig
 
     return PruneConfig(method=method, ratio=ratio, layer=layer, query=query, segment_mask=segment_mask,
                        segment_frames=segment_frames, debias=debias, dedup=dedup, dedup_threshold=dedup_threshold,
-                       dedup_window=dedup_window, register_z=register_z, seed=seed).validate()
+                       dedup_window=dedup_window, register_z=register_z, seed=seed,
+                       segment_attention=segment_attention).validate()
 
 
 def stderr_console(quiet: bool = False):
@@ -219,6 +220,10 @@ def bench(
     iters: Annotated[int, typer.Option(help="Timed runs per row (the median is reported).")] = 5,
     decode_tokens: Annotated[int, typer.Option(help="Tokens decoded once per row for decode speed (0: skip).")] = 16,
     cuda_graphs: Annotated[bool, typer.Option(help="Replay the pruned layers from CUDA graphs (CUDA only).")] = True,
+    segment_attention: Annotated[str, typer.Option(
+        help="sharp: segment mask as blocks (one SDPA call per segment) or merged (3 flash calls a layer, "
+             "merged by log-sum-exp; slower on an H200); same result."
+    )] = "blocks",
     json_out: JsonOut = False,
     output_json: Annotated[Optional[str], typer.Option(help="Also write the JSON result to this file.")] = None,
     plot: Annotated[Optional[str], typer.Option(help="Write a PNG of speed-up and memory vs ratio (needs matplotlib).")] = None,
@@ -233,7 +238,7 @@ def bench(
             raise UsageError(f"--methods: unknown method '{m}'; choose from {', '.join(METHODS)}")
     ratios = _split_list(ratio or ["0.15"], float, "--ratio")
     base = prune_config("sharp", ratios[0] if ratios else 0.15, layer, query, segment_mask, segment_frames, debias,
-                        dedup, dedup_threshold, dedup_window, register_z, seed)
+                        dedup, dedup_threshold, dedup_window, register_z, seed, segment_attention)
     for r in ratios:
         prune_config("sharp", r, layer, query, segment_mask, segment_frames, debias, dedup, dedup_threshold,
                      dedup_window, register_z, seed)

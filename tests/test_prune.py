@@ -207,19 +207,41 @@ def test_query_row_scores_equal_eager_attention(tiny_models, clip, family):
         torch.testing.assert_close(captured["scores"], ref, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("way", ["blocks", "merged"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("gqa", [1, 2])
-def test_segment_attention_equals_dense_mask_reference(gqa):
+def test_segment_attention_equals_dense_mask_reference(gqa, dtype, way):
+    """Both ways of computing the mask, with grouped-query heads, text between segments and
+    segments of two lengths (batched per length by the merged way)."""
     torch.manual_seed(0)
-    length, heads, dim = 50, 4, 8
-    segments = [(3, 13), (13, 23), (26, 40)]  # text between segments too
-    q = torch.randn(1, heads, length, dim)
+    length, heads, dim = 60, 4, 16
+    segments = [(3, 13), (13, 23), (26, 40), (40, 47)]
+    q = torch.randn(1, heads, length, dim) * 2  # sharp attention, so the merge is exercised
     k = torch.randn(1, heads // gqa, length, dim)
     v = torch.randn(1, heads // gqa, length, dim)
-    out = seg.segment_causal_attention(q, k, v, seg.row_blocks(length, segments), scaling=dim**-0.5)
+    low = lambda t: t.to(dtype)  # noqa: E731
+    if way == "merged":
+        out = seg.merged_segment_attention(low(q), low(k), low(v), segments, scaling=dim**-0.5)
+    else:
+        out = seg.segment_causal_attention(low(q), low(k), low(v), seg.row_blocks(length, segments), scaling=dim**-0.5)
     rep = lambda t: t.repeat_interleave(gqa, dim=1)  # noqa: E731
     mask = seg.dense_segment_mask(length, segments)
     ref = torch.nn.functional.scaled_dot_product_attention(q, rep(k), rep(v), attn_mask=mask).transpose(1, 2)
-    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    assert out.dtype == dtype
+    torch.testing.assert_close(out.float(), ref, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("way, other", [("blocks", "merged_segment_attention"), ("merged", "segment_causal_attention")])
+def test_segment_attention_option_picks_the_way(tiny, clip, monkeypatch, way, other):
+    """Each way must really run when asked for (either would give right answers)."""
+    def not_this(*args, **kwargs):
+        raise AssertionError(f"ran {other}")
+
+    monkeypatch.setattr(seg, other, not_this)
+    encoded = encode(tiny, clip)
+    out = _prefill(tiny, encoded, method="sharp", ratio=0.5, layer=2, segment_attention=way)
+    assert out.kept.numel() == keep_count(0.5, encoded.layout.num_visual)
 
 
 @pytest.mark.parametrize("family, segment_frames", [(f, None) for f in FAMILIES] + [("qwen3-vl", 4)])

@@ -9,6 +9,7 @@ from sharp_cli.errors import UsageError
 METHODS = ("sharp", "fastv", "random", "none")
 QUERY_MODES = ("last", "text")
 DEBIAS_MODES = ("subtract", "divide", "none")
+SEGMENT_ATTENTION = ("blocks", "merged")
 
 
 @dataclass(frozen=True)
@@ -19,6 +20,7 @@ class PruneConfig:
     query: str = "last"  # which text rows score the visual tokens
     segment_mask: bool = True  # sharp: bidirectional attention inside a segment in layers 0..K-1
     segment_frames: int | None = None  # video frames per segment; None = one model frame step
+    segment_attention: str = "blocks"  # how the segment mask is computed (same result): prune/attention.py
     debias: str = "subtract"  # sharp: remove the content-agnostic positional prior
     dedup: bool = True  # sharp: skip near-duplicates of kept tokens and register outliers
     dedup_threshold: float = 0.9  # cosine similarity above which a token is a duplicate
@@ -39,6 +41,9 @@ class PruneConfig:
             raise UsageError(f"--dedup-threshold must be in (0, 1], got {self.dedup_threshold}")
         if self.dedup_window < 1:
             raise UsageError(f"--dedup-window must be >= 1, got {self.dedup_window}")
+        if self.segment_attention not in SEGMENT_ATTENTION:
+            raise UsageError(f"--segment-attention must be one of {', '.join(SEGMENT_ATTENTION)}, "
+                             f"got '{self.segment_attention}'")
         if self.segment_frames is not None and self.segment_frames < 1:
             raise UsageError(f"--segment-frames must be >= 1, got {self.segment_frames}")
         if self.method != "none":

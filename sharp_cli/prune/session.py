@@ -83,7 +83,8 @@ class PruneSession:
         if self.cfg.uses_segment_mask:
             frames = self.cfg.segment_frames or self.layout.frames_per_step
             runs = self.layout.segment_runs(frames)
-            plan = attention.SegmentPlan(k, self.layout.seq_len, attention.row_blocks(self.layout.seq_len, runs))
+            blocks = attention.row_blocks(self.layout.seq_len, runs)
+            plan = attention.SegmentPlan(k, self.layout.seq_len, blocks, tuple(runs) if self.cfg.segment_attention == "merged" else ())
             self._stack.enter_context(attention.segment_plan(plan))
         return self
 
