@@ -124,6 +124,7 @@ def load(name: str = DEFAULT_MODEL, *, device: str = "auto", quant: str = "auto"
         if qmode == "none":
             model, processor = random_init.build_random(config, dtype=tdtype, device=dev)
             return _ready(Loaded(model, processor, adapter_for(config), name, dev, tdtype, qmode, True))
+        requested = name  # reported as the model, not the cache folder it goes through
         name = str(_random_folder(name, config, dev))
     config = _read_config(name, trust_remote_code)
     adapter = adapter_for(config)
@@ -142,7 +143,8 @@ def load(name: str = DEFAULT_MODEL, *, device: str = "auto", quant: str = "auto"
     if qconfig is None:
         model.to(dev)
     model.eval()
-    return _ready(Loaded(model, processor, adapter, name, dev, tdtype, qmode, random_weights))
+    shown = requested if random_weights else name
+    return _ready(Loaded(model, processor, adapter, shown, dev, tdtype, qmode, random_weights))
 
 
 def check_prune_config(name: str, cfg: PruneConfig, *, random_weights: bool = False,
