@@ -85,7 +85,9 @@ MaxPixels = Annotated[Optional[int], typer.Option(help="Upper bound on pixels pe
 Decoder = Annotated[str, typer.Option(help="Video decoder: auto (decord, then PyAV), decord or pyav.")]
 Method = Annotated[str, typer.Option(help="sharp, fastv, random or none.")]
 Ratio = Annotated[float, typer.Option(help="Fraction of visual tokens kept from layer K on, in (0, 1].")]
-Layer = Annotated[int, typer.Option(help="K: the decoder layer where pruning happens (layers 0..K-1 see all tokens).")]
+Layer = Annotated[Optional[int], typer.Option(
+    help="K: the decoder layer where pruning happens (layers 0..K-1 see all tokens). "
+         "Default: 2, or the model family's smallest (3 on Qwen3-VL).", show_default=False)]
 Query = Annotated[str, typer.Option(help="Text rows that score the video: last (token) or text (all after the video).")]
 SegmentMask = Annotated[bool, typer.Option(help="sharp: segment-aware causal mask in layers 0..K-1.")]
 SegmentFrames = Annotated[Optional[int], typer.Option(help="sharp: video frames per segment (default: one model frame step).")]
@@ -136,7 +138,7 @@ def ask(
     device: Device = "auto", quant: Quant = "auto", dtype: Dtype = "auto",
     frames: Frames = 32, fps: Fps = None, max_frames: MaxFrames = 768, max_pixels: MaxPixels = None,
     decoder: Decoder = "auto",
-    method: Method = "sharp", ratio: Ratio = 0.15, layer: Layer = 2, query: Query = "last",
+    method: Method = "sharp", ratio: Ratio = 0.15, layer: Layer = None, query: Query = "last",
     segment_mask: SegmentMask = True, segment_frames: SegmentFrames = None, debias: Debias = "subtract",
     dedup: Dedup = True, dedup_threshold: DedupThreshold = 0.9, dedup_window: DedupWindow = 1,
     register_z: RegisterZ = 8.0, seed: Seed = 0,
@@ -163,7 +165,7 @@ def ask(
     from sharp_cli import video as video_mod
     from sharp_cli.prune.prior import PriorStore
 
-    engine.check_prune_config(model, cfg, random_weights=random_weights, trust_remote_code=trust_remote_code)
+    cfg = engine.check_prune_config(model, cfg, random_weights=random_weights, trust_remote_code=trust_remote_code)
     with console.status("decoding video"):
         clip = video_mod.load_video(video, frames=frames, fps=fps, max_frames=max_frames,
                                     max_pixels=max_pixels, backend=decoder)
@@ -211,7 +213,7 @@ def bench(
     random_weights: RandomWeights = False, trust_remote_code: TrustRemoteCode = False,
     methods: Annotated[str, typer.Option(help="Comma list of methods to compare.")] = "none,fastv,random,sharp",
     ratio: Annotated[Optional[list[str]], typer.Option(help="Ratio(s) kept; repeat or give a comma list.")] = None,
-    layer: Layer = 2, query: Query = "last",
+    layer: Layer = None, query: Query = "last",
     segment_mask: SegmentMask = True, segment_frames: SegmentFrames = None, debias: Debias = "subtract",
     dedup: Dedup = True, dedup_threshold: DedupThreshold = 0.9, dedup_window: DedupWindow = 1,
     register_z: RegisterZ = 8.0, seed: Seed = 0,
@@ -261,7 +263,8 @@ def bench(
     from sharp_cli import engine, report
 
     if any(m != "none" for m in method_list):  # --layer against the model, before loading weights
-        engine.check_prune_config(model, base, random_weights=random_weights, trust_remote_code=trust_remote_code)
+        base = engine.check_prune_config(model, base, random_weights=random_weights,
+                                         trust_remote_code=trust_remote_code)
     with console.status(f"loading {model}"):
         loaded = engine.load(model, device=device, quant=quant, dtype=dtype, random_weights=random_weights,
                              trust_remote_code=trust_remote_code)

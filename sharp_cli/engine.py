@@ -148,15 +148,16 @@ def load(name: str = DEFAULT_MODEL, *, device: str = "auto", quant: str = "auto"
 
 
 def check_prune_config(name: str, cfg: PruneConfig, *, random_weights: bool = False,
-                       trust_remote_code: bool = False) -> None:
-    """Validate --layer against the model's depth from its config alone, before any heavy work."""
+                       trust_remote_code: bool = False) -> PruneConfig:
+    """cfg with K resolved for the model and validated against its depth, from its config alone,
+    before any heavy work."""
     if random_weights:
         from sharp_cli.models import random_init
 
         config = random_init.load_config(name)
     else:
         config = _read_config(name, trust_remote_code)
-    adapter_for(config).validate_prune(cfg, measure.text_dims(config)["layers"])
+    return adapter_for(config).validate_prune(cfg, measure.text_dims(config)["layers"])
 
 
 def _random_folder(name: str, config, device) -> Path:
@@ -233,6 +234,7 @@ class Prefill:
 def prefill(loaded: Loaded, encoded, cfg: PruneConfig, prior=None, forced_keep=None) -> Prefill:
     from transformers import DynamicCache
 
+    cfg = loaded.adapter.validate_prune(cfg, loaded.num_layers)  # K resolved when not given
     text = loaded.adapter.text_model(loaded.model)
     cache = DynamicCache(config=text.config)
     select_watch = measure.Stopwatch(loaded.device)
@@ -299,6 +301,7 @@ def positional_prior(loaded: Loaded, clip, encoded, cfg: PruneConfig, store: Pri
     """Layer-K scores of an all-black clip with the same frames and size, cached per layout."""
     if not cfg.uses_prior:
         return PriorInfo()
+    cfg = loaded.adapter.validate_prune(cfg, loaded.num_layers)
     layout = encoded.layout
     key = store.key({
         "model": loaded.name, "class": type(loaded.model).__name__, "dtype": str(loaded.dtype),
@@ -358,7 +361,7 @@ def ask(loaded: Loaded, clip, question: str, cfg: PruneConfig, *, max_new_tokens
         max_pixels: int | None = None, store: PriorStore | None = None, warmup: int = 0) -> Answer:
     """One question end to end. `warmup` untimed passes first: a fresh CUDA process spends most of
     its first prefill loading kernels, which says nothing about the method."""
-    loaded.adapter.validate_prune(cfg, loaded.num_layers)
+    cfg = loaded.adapter.validate_prune(cfg, loaded.num_layers)
     store = store or PriorStore()
     inputs = prepare(loaded, clip, question, max_pixels)
     if warmup and loaded.graphs is not None:

@@ -207,6 +207,13 @@ def test_ask_json_every_method(model_dirs, video, family, method):
         assert record["token_grid"] == [8, 4, 4] and record["sequence_tokens"] > n + 1
 
 
+@pytest.mark.parametrize("family, expected", [("qwen3-vl", 3), ("llava-onevision", 2)])
+def test_default_layer_is_two_or_the_familys_smallest(model_dirs, video, family, expected):
+    result = sharp("ask", video, "what?", "-m", model_dirs[family], *SMALL, "--json", "--ratio", "0.25")
+    assert result.exit_code == 0, result.stderr
+    assert json.loads(result.stdout)["layer"] == expected
+
+
 @pytest.mark.parametrize("model", ["dir", "Qwen/Qwen3-VL-8B-Instruct"])
 def test_qwen3_layer_2_is_a_usage_error_before_loading(model_dirs, video, model):
     extra = [] if model == "dir" else ["--random-weights"]  # 8B: would take minutes if it loaded

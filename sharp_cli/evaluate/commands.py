@@ -39,7 +39,7 @@ def eval_command(
     device: Device = "auto", quant: Quant = "auto", dtype: Dtype = "auto",
     random_weights: RandomWeights = False, trust_remote_code: TrustRemoteCode = False,
     methods: Methods = "none,fastv,random,sharp", ratio: Ratios = None,
-    layer: Layer = 2, query: Query = "last",
+    layer: Layer = None, query: Query = "last",
     segment_mask: SegmentMask = True, segment_frames: SegmentFrames = None, debias: Debias = "subtract",
     dedup: Dedup = True, dedup_threshold: DedupThreshold = 0.9, dedup_window: DedupWindow = 1,
     register_z: RegisterZ = 8.0, seed: Seed = 0,
@@ -80,6 +80,8 @@ def eval_command(
     from sharp_cli.evaluate import runner
 
     rank, world = runner.distributed()
+    # K resolved for the model first: it is part of the settings a resumed run must match.
+    base = engine.check_prune_config(model, base, random_weights=random_weights, trust_remote_code=trust_remote_code)
     dev = engine.resolve_device(device)
     settings = {  # a results line is reused only under the same settings
         "model": model, "random_weights": random_weights, "quant": engine.resolve_quant(quant, dev),
@@ -94,8 +96,6 @@ def eval_command(
     left, mine = sum(len(cells) for _, cells in todo), len(job.my_items) * len(job.cells)
     if left < mine:
         console.print(f"resuming {job.output}: {mine - left} of {mine} answers already there")
-    if todo:
-        engine.check_prune_config(model, base, random_weights=random_weights, trust_remote_code=trust_remote_code)
     group = runner.Group(world, shard_timeout)
     try:
         if todo:

@@ -125,7 +125,14 @@ class Adapter:
         raise NotImplementedError
 
     def validate_prune(self, cfg, num_layers: int | None = None):
-        """cfg.validate with this family's smallest K (and the reason for it)."""
+        """cfg with K resolved (no --layer: 2, or this family's smallest K), validated against the
+        family's smallest K (with the reason for it) and the model's depth."""
+        from dataclasses import replace
+
+        from sharp_cli.prune.config import DEFAULT_LAYER
+
+        if cfg.layer is None:
+            cfg = replace(cfg, layer=max(DEFAULT_LAYER, self.min_layer))
         return cfg.validate(num_layers, self.min_layer, self.min_layer_reason)
 
     def decode_position(self, encoded: Encoded, step: int):

@@ -10,13 +10,14 @@ METHODS = ("sharp", "fastv", "random", "none")
 QUERY_MODES = ("last", "text")
 DEBIAS_MODES = ("subtract", "divide", "none")
 SEGMENT_ATTENTION = ("blocks", "merged")
+DEFAULT_LAYER = 2  # K when --layer is not given, raised to a family's smallest supported K
 
 
 @dataclass(frozen=True)
 class PruneConfig:
     method: str = "sharp"
     ratio: float = 0.15  # fraction of visual tokens kept from layer K on
-    layer: int = 2  # K: layers 0..K-1 see every token, K..L-1 only the kept ones
+    layer: int | None = None  # K: layers 0..K-1 see every token, K..L-1 only the kept ones; None = family default
     query: str = "last"  # which text rows score the visual tokens
     segment_mask: bool = True  # sharp: bidirectional attention inside a segment in layers 0..K-1
     segment_frames: int | None = None  # video frames per segment; None = one model frame step
@@ -46,7 +47,7 @@ class PruneConfig:
                              f"got '{self.segment_attention}'")
         if self.segment_frames is not None and self.segment_frames < 1:
             raise UsageError(f"--segment-frames must be >= 1, got {self.segment_frames}")
-        if self.method != "none":
+        if self.method != "none" and self.layer is not None:  # None: resolved per family (Adapter.validate_prune)
             low = max(1, min_layer)
             if self.layer < low:
                 reason = f" ({why})" if why else ""
