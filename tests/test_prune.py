@@ -10,7 +10,6 @@ from sharp_cli import engine
 from sharp_cli.prune import PruneConfig, keep_count
 from sharp_cli.prune import attention as seg
 from sharp_cli.prune.prior import PriorStore
-from sharp_cli.prune.session import PruneSession
 from sharp_cli.prune.sharp import (debias, find_duplicates, find_registers, question_attention, query_rows,
                                    select_sharp, select_with_refill)
 
