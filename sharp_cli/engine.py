@@ -24,6 +24,16 @@ from sharp_cli.prune.prior import PriorStore
 from sharp_cli.prune.session import PruneSession, StopPrefill
 
 DEFAULT_MODEL = "Qwen/Qwen2.5-VL-7B-Instruct"
+SHARP_TINY = Path(__file__).resolve().parent / "models" / "sharp_tiny"  # scripts/train_sharp_tiny.py
+
+
+def model_path(name: str) -> str:
+    """`sharp-tiny` -> the folder shipped in the package; any other name as given."""
+    if name != "sharp-tiny":
+        return name
+    if not (SHARP_TINY / "model.safetensors").exists():
+        raise ModelError(f"sharp-tiny is not in this install ({SHARP_TINY}); scripts/train_sharp_tiny.py makes it")
+    return str(SHARP_TINY)
 PRIOR_QUESTION = "What happens in this video?"  # fixed prompt of the positional-prior pass
 
 
@@ -101,6 +111,7 @@ def quantization_config(quant: str, adapter):
 def _read_config(name: str, trust_remote_code: bool):
     from transformers import AutoConfig
 
+    name = model_path(name)
     try:
         return AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
@@ -114,6 +125,7 @@ def load(name: str = DEFAULT_MODEL, *, device: str = "auto", quant: str = "auto"
     built from a shipped config (quantized runs go through a saved folder and from_pretrained)."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
+    requested, name = name, model_path(name)  # reported as given, not as the folder it resolves to
     dev = resolve_device(device)
     qmode = resolve_quant(quant, dev)
     tdtype = resolve_dtype(dtype, dev)
@@ -124,7 +136,6 @@ def load(name: str = DEFAULT_MODEL, *, device: str = "auto", quant: str = "auto"
         if qmode == "none":
             model, processor = random_init.build_random(config, dtype=tdtype, device=dev)
             return _ready(Loaded(model, processor, adapter_for(config), name, dev, tdtype, qmode, True))
-        requested = name  # reported as the model, not the cache folder it goes through
         name = str(_random_folder(name, config, dev))
     config = _read_config(name, trust_remote_code)
     adapter = adapter_for(config)
@@ -143,8 +154,7 @@ def load(name: str = DEFAULT_MODEL, *, device: str = "auto", quant: str = "auto"
     if qconfig is None:
         model.to(dev)
     model.eval()
-    shown = requested if random_weights else name
-    return _ready(Loaded(model, processor, adapter, shown, dev, tdtype, qmode, random_weights))
+    return _ready(Loaded(model, processor, adapter, requested, dev, tdtype, qmode, random_weights))
 
 
 def check_prune_config(name: str, cfg: PruneConfig, *, random_weights: bool = False,

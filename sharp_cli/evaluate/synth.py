@@ -54,26 +54,32 @@ def write(out: str | Path, n: int, seed: int = 0, *, frames: int = 32, size: int
     (out / "videos").mkdir(parents=True, exist_ok=True)
     lines = []
     for i in range(n):
-        task = tasks[i % len(tasks)]
-        nth = i // len(tasks)  # how many questions of this task came before
-        block = np.random.default_rng([seed, TASKS.index(task), nth // OPTIONS, 1])
-        target = int(block.permutation(OPTIONS)[nth % OPTIONS])
-        rng = np.random.default_rng([seed, i, 0])
-        clip, question, correct, wrong = BUILDERS[task](rng, frames, size, target)
-        if task == "count":  # numbers stay in order; the count was chosen to land on `target`
-            options = [str(o) for o in sorted([*wrong, correct])]
-        else:
-            options = [str(wrong[j]) for j in rng.permutation(len(wrong))]
-            options.insert(target, str(correct))
-        item_id = f"{task}-{i:04d}"
-        _encode(clip, out / "videos" / f"{item_id}.mp4", fps)
-        lines.append({"id": item_id, "video": f"videos/{item_id}.mp4", "question": question, "options": options,
-                      "answer": LETTERS[options.index(str(correct))], "category": task})
+        clip, item = make_item(seed, i, tasks, frames, size)
+        _encode(clip, out / "videos" / f"{item['id']}.mp4", fps)
+        lines.append({"id": item["id"], "video": f"videos/{item['id']}.mp4", **{k: v for k, v in item.items() if k != "id"}})
         if progress is not None:
             progress()
     items = out / "items.jsonl"
     items.write_text("".join(json.dumps(line) + "\n" for line in lines))
     return items
+
+
+def make_item(seed: int, i: int, tasks: tuple[str, ...] = TASKS, frames: int = 32, size: int = 128):
+    """Item i of the set of `seed`, in memory: (frames (T, H, W, 3) uint8, {id, question, options,
+    answer, category})."""
+    task = tasks[i % len(tasks)]
+    nth = i // len(tasks)  # how many questions of this task came before
+    block = np.random.default_rng([seed, TASKS.index(task), nth // OPTIONS, 1])
+    target = int(block.permutation(OPTIONS)[nth % OPTIONS])
+    rng = np.random.default_rng([seed, i, 0])
+    clip, question, correct, wrong = BUILDERS[task](rng, frames, size, target)
+    if task == "count":  # numbers stay in order; the count was chosen to land on `target`
+        options = [str(o) for o in sorted([*wrong, correct])]
+    else:
+        options = [str(wrong[j]) for j in rng.permutation(len(wrong))]
+        options.insert(target, str(correct))
+    return clip, {"id": f"{task}-{i:04d}", "question": question, "options": options,
+                  "answer": LETTERS[options.index(str(correct))], "category": task}
 
 
 # -- scenes ----------------------------------------------------------------------------------------

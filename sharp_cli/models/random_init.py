@@ -52,8 +52,9 @@ def load_config(name_or_path: str):
     return AutoConfig.from_pretrained(str(path))
 
 
-def synthetic_tokenizer(special: dict[str, int], vocab_size: int):
-    """Word-level tokenizer whose special tokens sit at the ids the model config expects."""
+def synthetic_tokenizer(special: dict[str, int], vocab_size: int, words: list[str] | None = None):
+    """Word-level tokenizer whose special tokens sit at the ids the model config expects; `words`
+    replaces the built-in vocabulary (letters, digits and punctuation are always in)."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
@@ -62,7 +63,7 @@ def synthetic_tokenizer(special: dict[str, int], vocab_size: int):
         raise ValueError("special tokens must not take id 0 (the unknown token's)")
     vocab = {"[UNK]": 0}
     free = (i for i in range(1, vocab_size) if i not in taken)
-    for word, token_id in zip(dict.fromkeys(_WORDS + _PUNCT + _EXTRA), free):
+    for word, token_id in zip(dict.fromkeys((words or _WORDS) + _PUNCT + _EXTRA), free):
         vocab[word] = token_id
     # Every other id gets a filler word, so what a random model says is visible, not blank.
     vocab.update({f"w{token_id}": token_id for token_id in free})
