@@ -64,8 +64,11 @@ def tiny_config(vocab: int = 256):
                             bos_token_id=special["bos"], eos_token_id=special["eos"])
 
 
+TARGET = "words"  # --target: "words" (the default) or "letter" (multiple-choice prompts only)
+
+
 def answer_text(item) -> str:
-    return item["options"][LETTERS.index(item["answer"])]
+    return item["answer"] if TARGET == "letter" else item["options"][LETTERS.index(item["answer"])]
 
 
 def batch_inputs(processor, adapter, items, answers: bool, bare=()):
@@ -108,7 +111,11 @@ def main():
     p.add_argument("--eval-items", type=int, default=96)
     p.add_argument("--minutes", type=float, default=0, help="Stop after this long (0: no limit).")
     p.add_argument("--out", type=Path, default=OUT)
+    p.add_argument("--target", choices=("words", "letter"), default="words",
+                   help="Answer with the option's words (half the prompts bare questions), or its letter.")
     a = p.parse_args()
+    global TARGET
+    TARGET = a.target
     torch.manual_seed(a.seed)
     device = torch.device(a.device)
     config = tiny_config()
@@ -128,7 +135,8 @@ def main():
     model.train()
     for step in range(1, a.steps + 1):
         items = [make_item(TRAIN_SEEDS_FROM + step, i) for i in range(a.batch)]
-        inputs = batch_inputs(processor, adapter, items, True, bare=range(1, a.batch, 2)).to(device)
+        bare = range(1, a.batch, 2) if TARGET == "words" else ()
+        inputs = batch_inputs(processor, adapter, items, True, bare=bare).to(device)
         logits = model(**inputs).logits[:, -3:-1]  # predicts the answer word, then <|im_end|>
         targets = inputs["input_ids"][:, -2:]
         loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
@@ -150,7 +158,7 @@ def main():
     a.out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(a.out, safe_serialization=True)
     processor.save_pretrained(a.out)
-    record = {"parameters": params, "steps": step, "batch": a.batch, "lr": a.lr, "seed": a.seed,
+    record = {"parameters": params, "steps": step, "batch": a.batch, "lr": a.lr, "seed": a.seed, "target": TARGET,
               "device": str(device), "machine": platform.processor() or platform.machine(),
               "torch": torch.__version__, "seconds": round(time.time() - start), "tasks": list(TASKS),
               "train_seeds": f"{TRAIN_SEEDS_FROM}..{TRAIN_SEEDS_FROM + step}", "log": log}
