@@ -26,14 +26,6 @@ from sharp_cli.prune.session import PruneSession, StopPrefill
 DEFAULT_MODEL = "Qwen/Qwen2.5-VL-7B-Instruct"
 SHARP_TINY = Path(__file__).resolve().parent / "models" / "sharp_tiny"  # scripts/train_sharp_tiny.py
 
-
-def model_path(name: str) -> str:
-    """`sharp-tiny` -> the folder shipped in the package; any other name as given."""
-    if name != "sharp-tiny":
-        return name
-    if not (SHARP_TINY / "model.safetensors").exists():
-        raise ModelError(f"sharp-tiny is not in this install ({SHARP_TINY}); scripts/train_sharp_tiny.py makes it")
-    return str(SHARP_TINY)
 PRIOR_QUESTION = "What happens in this video?"  # fixed prompt of the positional-prior pass
 
 
@@ -106,6 +98,15 @@ def quantization_config(quant: str, adapter):
         return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                   bnb_4bit_compute_dtype=torch.bfloat16, llm_int8_skip_modules=adapter.skip_modules())
     return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=adapter.skip_modules())
+
+
+def model_path(name: str) -> str:
+    """`sharp-tiny` -> the folder shipped in the package; any other name as given."""
+    if name != "sharp-tiny":
+        return name
+    if not (SHARP_TINY / "model.safetensors").exists():
+        raise ModelError(f"sharp-tiny is not in this install ({SHARP_TINY}); scripts/train_sharp_tiny.py makes it")
+    return str(SHARP_TINY)
 
 
 def _read_config(name: str, trust_remote_code: bool):
