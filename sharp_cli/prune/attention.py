@@ -112,14 +112,13 @@ def merged_segment_attention(query, key, value, runs, scaling=None):
         rows = (torch.tensor(starts, device=query.device)[:, None]
                 + torch.arange(length, device=query.device)).flatten()
 
-        def per_segment(x):  # (1, H, L, d) -> (segments, H, length, d)
+        def per_segment(x):  # (1, H, L[, d]) -> (segments, H, length[, d])
             return x[0].transpose(0, 1).index_select(0, rows).unflatten(0, (len(starts), length)).transpose(1, 2)
 
         q, k, v = per_segment(query), per_segment(key), per_segment(value)
         full, lse_full = _flash_with_lse(q, k, v, False, scaling)  # the segment's rows over all its keys
         tri, lse_tri = _flash_with_lse(q, k, v, True, scaling)  # the part `out` already holds
-        causal = per_segment(out)
-        lse_causal = lse[0].transpose(0, 1).index_select(0, rows).unflatten(0, (len(starts), length)).transpose(1, 2)
+        causal, lse_causal = per_segment(out), per_segment(lse)
         top = torch.maximum(lse_causal, lse_full)
         w_causal, w_full, w_tri = ((x - top).exp().unsqueeze(-1) for x in (lse_causal, lse_full, lse_tri))
         # [0, i] + [a, b) - [a, i]: both weights on the left are >= w_tri, so the denominator is at
