@@ -12,7 +12,9 @@ import sys
 
 import torch
 
-from sharp_cli import engine
+from sharp_cli import engine, loading
+from sharp_cli.decode import decode
+from sharp_cli.prior_pass import positional_prior
 from sharp_cli.bench import synthetic_clip
 from sharp_cli.prune import PruneConfig
 from sharp_cli.prune.prior import PriorStore
@@ -21,14 +23,14 @@ from sharp_cli.prune.prior import PriorStore
 def compare_graphs(loaded, clip, cfg, label):
     inputs = engine.prepare(loaded, clip, "What happens in this video?")
     encoded, _ = engine.encode(loaded, inputs)
-    prior = engine.positional_prior(loaded, clip, encoded, cfg, PriorStore(use_disk=False))
+    prior = positional_prior(loaded, clip, encoded, cfg, PriorStore(use_disk=False))
     loaded.use_cuda_graphs(False)
     eager = engine.prefill(loaded, encoded, cfg, prior=prior.prior)
-    eager_tokens, _ = engine.decode(loaded, encoded, eager, 8)
+    eager_tokens, _ = decode(loaded, encoded, eager, 8)
     loaded.use_cuda_graphs(True)
     for _ in range(3):  # first sighting runs eagerly, second captures, third replays
         graphed = engine.prefill(loaded, encoded, cfg, prior=prior.prior)
-    graph_tokens, _ = engine.decode(loaded, encoded, graphed, 8)
+    graph_tokens, _ = decode(loaded, encoded, graphed, 8)
     replays = loaded.graphs.replays
     a, b = eager.logits.float(), graphed.logits.float()
     rel = ((a - b).norm() / a.norm()).item()
@@ -46,7 +48,7 @@ def main():
     parser.add_argument("--frames", type=int, default=32)
     parser.add_argument("--quant", default="none")
     args = parser.parse_args()
-    loaded = engine.load(args.model, device="cuda", quant=args.quant, random_weights=True)
+    loaded = loading.load(args.model, device="cuda", quant=args.quant, random_weights=True)
     clip = synthetic_clip(args.frames, 392, 784)
     results = []
     for method in ("fastv", "sharp", "random"):

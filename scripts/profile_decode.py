@@ -10,7 +10,9 @@ import time
 
 import torch
 
-from sharp_cli import engine
+from sharp_cli import engine, loading
+from sharp_cli.decode import decode
+from sharp_cli.prior_pass import positional_prior
 from sharp_cli.compat import cache_kwargs
 from sharp_cli.bench import synthetic_clip
 from sharp_cli.prune import PruneConfig
@@ -23,7 +25,7 @@ def main():
     ap.add_argument("--methods", default="none,random")
     ap.add_argument("--quant", default="none")
     args = ap.parse_args()
-    loaded = engine.load(args.model, device="cuda", quant=args.quant, random_weights=True)
+    loaded = loading.load(args.model, device="cuda", quant=args.quant, random_weights=True)
     clip = synthetic_clip(32, 392, 784)
     for method in args.methods.split(","):
         profile_one(loaded, clip, PruneConfig(method=method).validate(loaded.num_layers), args.quant)
@@ -32,10 +34,10 @@ def main():
 def profile_one(loaded, clip, cfg, quant):
     inputs = engine.prepare(loaded, clip, "What happens in this video?")
     encoded, _ = engine.encode(loaded, inputs)
-    prior = engine.positional_prior(loaded, clip, encoded, cfg, PriorStore(use_disk=False))
+    prior = positional_prior(loaded, clip, encoded, cfg, PriorStore(use_disk=False))
     for _ in range(2):
         state = engine.prefill(loaded, encoded, cfg, prior=prior.prior)
-        engine.decode(loaded, encoded, state, 4)
+        decode(loaded, encoded, state, 4)
     state = engine.prefill(loaded, encoded, cfg, prior=prior.prior)
     text, head = loaded.adapter.text_model(loaded.model), loaded.adapter.lm_head(loaded.model)
     token = state.next_token

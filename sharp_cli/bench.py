@@ -14,6 +14,8 @@ from dataclasses import replace
 import numpy as np
 
 from sharp_cli import engine, measure
+from sharp_cli.decode import decode
+from sharp_cli.prior_pass import positional_prior
 from sharp_cli.prune.config import PruneConfig
 from sharp_cli.prune.prior import PriorStore
 
@@ -68,7 +70,7 @@ def _measure_row(loaded, clip, inputs, cfg, store, dims, warmup, iters, decode_t
     for i in range(warmup + iters):
         measure.reset_peak_memory(loaded.device)
         encoded, vis = engine.encode(loaded, inputs)
-        prior = engine.positional_prior(loaded, clip, encoded, cfg, store, max_pixels)
+        prior = positional_prior(loaded, clip, encoded, cfg, store, max_pixels)
         state = engine.prefill(loaded, encoded, cfg, prior=prior.prior)
         if i >= warmup:
             prefill_s.append(state.seconds)
@@ -77,8 +79,8 @@ def _measure_row(loaded, clip, inputs, cfg, store, dims, warmup, iters, decode_t
     peak = measure.peak_memory_bytes(loaded.device)
     tokens, dec_s = [0], 0.0
     if decode_tokens > 1:
-        engine.decode(loaded, encoded, engine.prefill(loaded, encoded, cfg, prior=prior.prior), 3)  # warm-up
-        tokens, dec_s = engine.decode(loaded, encoded, state, decode_tokens)
+        decode(loaded, encoded, engine.prefill(loaded, encoded, cfg, prior=prior.prior), 3)  # warm-up
+        tokens, dec_s = decode(loaded, encoded, state, decode_tokens)
     layout = encoded.layout
     kept = int(state.kept.numel()) if state.kept is not None else layout.num_visual
     flops = measure.prefill_flops(dims, layout.seq_len, state.kept_len, cfg.layer)

@@ -1,4 +1,4 @@
-"""The `sharp` command line: thin commands over engine, bench and eval.
+"""The `sharp` command line: thin commands over answer, bench and eval.
 
 Answers go to stdout, tables and progress to stderr. Errors are one line on stderr with exit code
 1 (runtime) or 2 (usage); 130 on Ctrl-C. SHARP_DEBUG=1 shows the traceback instead.
@@ -15,6 +15,10 @@ import typer
 from typer.core import TyperGroup
 
 from sharp_cli.errors import SharpError, UsageError, one_line
+from sharp_cli.options import (Debias, Decoder, Dedup, DedupThreshold, DedupWindow, Device, Dtype, Fps, Frames,
+                               JsonOut, Layer, MaxFrames, MaxPixels, Method, Model, Quant, Query, RandomWeights,
+                               Ratio, RegisterZ, Seed, SegmentFrames, SegmentMask, TrustRemoteCode, prune_config,
+                               quiet_transformers, split_list, stderr_console, write_atomic)
 
 
 class SharpGroup(TyperGroup):
@@ -69,67 +73,6 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
-# -- options shared by ask, bench and eval ----------------------------------------------------------
-Model = Annotated[str, typer.Option("-m", "--model", envvar="SHARP_MODEL",
-                                    help="Hub id or local folder of a supported video LLM.")]
-Device = Annotated[str, typer.Option(help="auto, cuda or cpu.")]
-Quant = Annotated[str, typer.Option(help="auto (nf4 on CUDA, none on CPU), nf4, int8 or none.")]
-Dtype = Annotated[str, typer.Option(help="auto (bfloat16 on CUDA, float32 on CPU), bfloat16, float16, float32.")]
-RandomWeights = Annotated[bool, typer.Option("--random-weights", help="Build the model's architecture from its "
-                                             "shipped config with random weights (speed measurements, no download).")]
-TrustRemoteCode = Annotated[bool, typer.Option("--trust-remote-code", help="Allow model code from the hub (off by default).")]
-Frames = Annotated[int, typer.Option(help="Frames sampled uniformly over the video.")]
-Fps = Annotated[Optional[float], typer.Option(help="Sample this many frames per second instead (capped by --max-frames).")]
-MaxFrames = Annotated[int, typer.Option(help="Upper bound on frames sampled with --fps.")]
-MaxPixels = Annotated[Optional[int], typer.Option(help="Upper bound on pixels per frame (so on visual tokens per frame).")]
-Decoder = Annotated[str, typer.Option(help="Video decoder: auto (decord, then PyAV), decord or pyav.")]
-Method = Annotated[str, typer.Option(help="sharp, fastv, random or none.")]
-Ratio = Annotated[float, typer.Option(help="Fraction of visual tokens kept from layer K on, in (0, 1].")]
-Layer = Annotated[Optional[int], typer.Option(
-    help="K: the decoder layer where pruning happens (layers 0..K-1 see all tokens). "
-         "Default: 2, or the model family's smallest (3 on Qwen3-VL).", show_default=False)]
-Query = Annotated[str, typer.Option(help="Text rows that score the video: last (token) or text (all after the video).")]
-SegmentMask = Annotated[bool, typer.Option(help="sharp: segment-aware causal mask in layers 0..K-1.")]
-SegmentFrames = Annotated[Optional[int], typer.Option(help="sharp: video frames per segment (default: one model frame step).")]
-Debias = Annotated[str, typer.Option(help="sharp: positional debiasing: subtract, divide or none.")]
-Dedup = Annotated[bool, typer.Option(help="sharp: skip near-duplicate and register tokens, refilling the budget.")]
-DedupThreshold = Annotated[float, typer.Option(help="sharp: cosine similarity above which a token is a duplicate.")]
-DedupWindow = Annotated[int, typer.Option(help="sharp: token frames before/after searched for duplicates.")]
-RegisterZ = Annotated[float, typer.Option(help="sharp: norm z-score above which a token is a register outlier (0: off).")]
-Seed = Annotated[int, typer.Option(help="Seed of the random baseline.")]
-JsonOut = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")]
-
-
-def prune_config(method, ratio, layer, query, segment_mask, segment_frames, debias, dedup, dedup_threshold,
-                 dedup_window, register_z, seed, segment_attention="blocks"):
-    from sharp_cli.prune.config import PruneConfig
-
-    return PruneConfig(method=method, ratio=ratio, layer=layer, query=query, segment_mask=segment_mask,
-                       segment_frames=segment_frames, debias=debias, dedup=dedup, dedup_threshold=dedup_threshold,
-                       dedup_window=dedup_window, register_z=register_z, seed=seed,
-                       segment_attention=segment_attention).validate()
-
-
-def stderr_console(quiet: bool = False):
-    from rich.console import Console
-
-    return Console(stderr=True, quiet=quiet, highlight=False)
-
-
-def quiet_transformers():
-    """transformers' progress bars and advisory warnings would drown the one-line contract."""
-    import warnings
-
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    warnings.filterwarnings("ignore", category=UserWarning, module="transformers")
-    from transformers.utils import logging
-
-    logging.set_verbosity_error()
-    logging.disable_progress_bar()
-
-
 @app.command()
 def ask(
     video: Annotated[str, typer.Argument(help="Video file (mp4, mkv, webm, ...).")],
@@ -161,11 +104,12 @@ def ask(
         raise UsageError("the question is empty")
     console = stderr_console(quiet)
     quiet_transformers()
-    from sharp_cli import engine, report
+    from sharp_cli import answer as answer_mod
+    from sharp_cli import loading, report
     from sharp_cli import video as video_mod
     from sharp_cli.prune.prior import PriorStore
 
-    cfg = engine.check_prune_config(model, cfg, random_weights=random_weights, trust_remote_code=trust_remote_code)
+    cfg = loading.check_prune_config(model, cfg, random_weights=random_weights, trust_remote_code=trust_remote_code)
     with console.status("decoding video"):
         clip = video_mod.load_video(video, frames=frames, fps=fps, max_frames=max_frames,
                                     max_pixels=max_pixels, backend=decoder)
@@ -173,11 +117,11 @@ def ask(
         console.print(f"note: {note}")
 
     with console.status(f"loading {model}"):
-        loaded = engine.load(model, device=device, quant=quant, dtype=dtype, random_weights=random_weights,
-                             trust_remote_code=trust_remote_code)
+        loaded = loading.load(model, device=device, quant=quant, dtype=dtype, random_weights=random_weights,
+                              trust_remote_code=trust_remote_code)
     loaded.use_cuda_graphs(cuda_graphs)
     with console.status("answering"):
-        answer = engine.ask(loaded, clip, question, cfg, max_new_tokens=max_new_tokens, max_pixels=max_pixels,
+        answer = answer_mod.ask(loaded, clip, question, cfg, max_new_tokens=max_new_tokens, max_pixels=max_pixels,
                             store=PriorStore(use_disk=not no_prior_cache), warmup=warmup)
     record = report.ask_record(loaded, clip, cfg, answer)
     record["warmup"] = warmup
@@ -187,18 +131,6 @@ def ask(
         typer.echo(answer.text)
     if not quiet:
         console.print(report.ask_table(record))
-
-
-def _split_list(values: list[str] | None, cast, name: str) -> list:
-    out = []
-    for value in values or []:
-        for part in str(value).split(","):
-            if part.strip():
-                try:
-                    out.append(cast(part.strip()))
-                except ValueError:
-                    raise UsageError(f"{name}: cannot read '{part.strip()}'") from None
-    return out
 
 
 @app.command()
@@ -234,11 +166,11 @@ def bench(
     """Speed, FLOPs and memory of every method side by side, on the same inputs."""
     from sharp_cli.prune.config import METHODS
 
-    method_list = _split_list([methods], str, "--methods")
+    method_list = split_list([methods], str, "--methods")
     for m in method_list:
         if m not in METHODS:
             raise UsageError(f"--methods: unknown method '{m}'; choose from {', '.join(METHODS)}")
-    ratios = _split_list(ratio or ["0.15"], float, "--ratio")
+    ratios = split_list(ratio or ["0.15"], float, "--ratio")
     base = prune_config("sharp", ratios[0] if ratios else 0.15, layer, query, segment_mask, segment_frames, debias,
                         dedup, dedup_threshold, dedup_window, register_z, seed, segment_attention)
     for r in ratios:
@@ -260,14 +192,14 @@ def bench(
     else:
         clip = bench_mod.synthetic_clip(frames, height, width)
     quiet_transformers()
-    from sharp_cli import engine, report
+    from sharp_cli import loading, report
 
     if any(m != "none" for m in method_list):  # --layer against the model, before loading weights
-        base = engine.check_prune_config(model, base, random_weights=random_weights,
+        base = loading.check_prune_config(model, base, random_weights=random_weights,
                                          trust_remote_code=trust_remote_code)
     with console.status(f"loading {model}"):
-        loaded = engine.load(model, device=device, quant=quant, dtype=dtype, random_weights=random_weights,
-                             trust_remote_code=trust_remote_code)
+        loaded = loading.load(model, device=device, quant=quant, dtype=dtype, random_weights=random_weights,
+                              trust_remote_code=trust_remote_code)
     loaded.use_cuda_graphs(cuda_graphs)
     from rich.progress import Progress
 
@@ -278,21 +210,13 @@ def bench(
                                decode_tokens=decode_tokens, max_pixels=max_pixels,
                                progress=lambda: progress.advance(task))
     if output_json:
-        _write_atomic(output_json, json.dumps(result, indent=2, default=str) + "\n")
+        write_atomic(output_json, json.dumps(result, indent=2, default=str) + "\n")
     if plot:
         bench_mod.plot(result, plot)
     if json_out:
         report.print_json(result)
     if not quiet:
         console.print(bench_mod.table(result))
-
-
-def _write_atomic(path: str, text: str) -> None:
-    """Write through a temp file so an interrupted run never leaves half a file behind."""
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as fh:
-        fh.write(text)
-    os.replace(tmp, path)
 
 
 @app.command()
@@ -328,7 +252,7 @@ def env():
         typer.echo(f"{key.ljust(width)}  {value}")
 
 
-from sharp_cli.evaluate.commands import eval_command, synth_command  # noqa: E402 - needs the option types above
+from sharp_cli.evaluate.commands import eval_command, synth_command  # noqa: E402
 app.command("eval")(eval_command)
 app.command("synth")(synth_command)
 

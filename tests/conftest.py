@@ -37,13 +37,13 @@ def tiny_dir(model_dirs):
 def load_tiny(family="qwen2.5-vl", layers=4):
     import torch
 
-    from sharp_cli import engine
+    from sharp_cli import loading
     from sharp_cli.models import adapter_for
     from sharp_cli.models.random_init import build_random, tiny_config
 
     config = tiny_config(family, layers=layers)
     model, processor = build_random(config, dtype="float32")
-    return engine._ready(engine.Loaded(model, processor, adapter_for(config), f"tiny-{family}",
+    return loading.ready(loading.Loaded(model, processor, adapter_for(config), f"tiny-{family}",
                                        torch.device("cpu"), torch.float32, "none", True))
 
 

@@ -379,11 +379,11 @@ def test_eval_end_to_end_json_and_table(model_dirs, synth_items, tmp_path):
 
 
 def test_resume_after_limit_and_a_half_written_line(model_dirs, synth_items, tmp_path, monkeypatch):
-    from sharp_cli import engine
+    from sharp_cli import answer
 
     calls = []
-    real_ask = engine.ask
-    monkeypatch.setattr(engine, "ask", lambda *a, **k: calls.append(a[3].method) or real_ask(*a, **k))
+    real_ask = answer.ask
+    monkeypatch.setattr(answer, "ask", lambda *a, **k: calls.append(a[3].method) or real_ask(*a, **k))
     out = tmp_path / "r.jsonl"
     args = ("eval", synth_items, "-m", model_dirs["qwen2.5-vl"], *SMALL, "--methods", "none,sharp", "-o", out, "-q")
     assert sharp(*args, "--limit", 2).exit_code == 0

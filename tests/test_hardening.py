@@ -73,7 +73,7 @@ def test_unicode_and_spaces_in_paths(model_dirs, video):
 
 
 def test_remote_code_is_off_unless_asked(monkeypatch, model_dirs):
-    from sharp_cli import engine
+    from sharp_cli import loading
 
     seen = {}
     from transformers import AutoModelForImageTextToText
@@ -85,9 +85,9 @@ def test_remote_code_is_off_unless_asked(monkeypatch, model_dirs):
         return real(name, **kwargs)
 
     monkeypatch.setattr(AutoModelForImageTextToText, "from_pretrained", spy)
-    engine.load(str(model_dirs["qwen2.5-vl"]), device="cpu")
+    loading.load(str(model_dirs["qwen2.5-vl"]), device="cpu")
     assert seen["trust_remote_code"] is False and seen["use_safetensors"] is True
-    engine.load(str(model_dirs["qwen2.5-vl"]), device="cpu", trust_remote_code=True)
+    loading.load(str(model_dirs["qwen2.5-vl"]), device="cpu", trust_remote_code=True)
     assert seen["trust_remote_code"] is True
 
 

@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 
 from conftest import encode, make_clip, prune_layer
 from sharp_cli import engine
+from sharp_cli.answer import ask
 from sharp_cli.cli import app
 from sharp_cli.errors import UsageError
 from sharp_cli.models import VisualLayout, adapter_for, supported_families
@@ -174,8 +175,8 @@ def test_qwen3_max_pixels_bounds_each_frame(tiny_models, max_pixels):
 def test_qwen3_refuses_k_below_3_and_says_why(tiny_models, clip):
     loaded = tiny_models("qwen3-vl")
     with pytest.raises(UsageError, match=r"--layer must be >= 3 .*DeepStack"):
-        engine.ask(loaded, clip, "what?", PruneConfig(method="fastv", layer=2), max_new_tokens=2)
-    answer = engine.ask(loaded, clip, "what?", PruneConfig(method="none", layer=2), max_new_tokens=3,
+        ask(loaded, clip, "what?", PruneConfig(method="fastv", layer=2), max_new_tokens=2)
+    answer = ask(loaded, clip, "what?", PruneConfig(method="none", layer=2), max_new_tokens=3,
                         max_pixels=56 * 56 * 4)  # nothing pruned: K does not matter
     assert answer.prefill.kept is None and answer.tokens
 
@@ -183,7 +184,7 @@ def test_qwen3_refuses_k_below_3_and_says_why(tiny_models, clip):
 def test_qwen3_decoding_continues_after_a_pruned_prefill(tiny_models, clip):
     loaded = tiny_models("qwen3-vl")
     cfg = PruneConfig(method="sharp", ratio=0.25, layer=prune_layer(loaded))
-    answer = engine.ask(loaded, clip, "what colour is the ball?", cfg, max_new_tokens=5, max_pixels=56 * 56 * 4)
+    answer = ask(loaded, clip, "what colour is the ball?", cfg, max_new_tokens=5, max_pixels=56 * 56 * 4)
     assert len(answer.tokens) >= 2 and answer.text
 
 

@@ -7,6 +7,8 @@ import torch
 
 from conftest import FAMILIES, encode, make_clip, prune_layer
 from sharp_cli import engine
+from sharp_cli.answer import ask
+from sharp_cli.decode import decode
 from sharp_cli.prune import PruneConfig, keep_count
 from sharp_cli.prune import attention as seg
 from sharp_cli.prune.prior import PriorStore
@@ -159,7 +161,7 @@ def test_cached_decoding_equals_recompute_on_the_pruned_sequence(tiny_models, cl
     encoded = encode(tiny, clip)
     cfg = PruneConfig(method=method, ratio=0.25, layer=prune_layer(tiny)).validate()
     state = engine.prefill(tiny, encoded, cfg)
-    tokens, _ = engine.decode(tiny, encoded, state, max_new_tokens=6)
+    tokens, _ = decode(tiny, encoded, state, max_new_tokens=6)
     kept = state.kept
     embed = tiny.adapter.embed
     for step in range(1, len(tokens)):
@@ -338,10 +340,10 @@ def test_duplicates_respect_the_window():
 def test_prior_pass_is_cached_on_disk_and_reused(tiny, clip, tmp_path):
     cfg = PruneConfig(method="sharp", ratio=0.25, layer=2).validate()
     store = PriorStore(tmp_path)
-    first = engine.ask(tiny, clip, "what colour is the ball?", cfg, max_new_tokens=2, max_pixels=56 * 56 * 4,
+    first = ask(tiny, clip, "what colour is the ball?", cfg, max_new_tokens=2, max_pixels=56 * 56 * 4,
                        store=store)
     assert not first.prior.cached and list((tmp_path / "priors").glob("*.safetensors"))
-    second = engine.ask(tiny, make_clip(seed=3), "where is the dog?", cfg, max_new_tokens=2,
+    second = ask(tiny, make_clip(seed=3), "where is the dog?", cfg, max_new_tokens=2,
                         max_pixels=56 * 56 * 4, store=PriorStore(tmp_path))
     assert second.prior.cached
     torch.testing.assert_close(second.prior.prior, first.prior.prior)
@@ -349,9 +351,9 @@ def test_prior_pass_is_cached_on_disk_and_reused(tiny, clip, tmp_path):
 
 def test_debias_changes_the_kept_set_in_the_model(tiny, clip):
     base = dict(method="sharp", ratio=0.25, layer=2, dedup=False)
-    with_prior = engine.ask(tiny, clip, "what colour is the ball?", PruneConfig(**base), max_new_tokens=1,
+    with_prior = ask(tiny, clip, "what colour is the ball?", PruneConfig(**base), max_new_tokens=1,
                             max_pixels=56 * 56 * 4, store=PriorStore(use_disk=False))
-    without = engine.ask(tiny, clip, "what colour is the ball?", PruneConfig(**base, debias="none"),
+    without = ask(tiny, clip, "what colour is the ball?", PruneConfig(**base, debias="none"),
                          max_new_tokens=1, max_pixels=56 * 56 * 4, store=PriorStore(use_disk=False))
     assert not torch.equal(with_prior.prefill.kept, without.prefill.kept)
 

@@ -12,7 +12,7 @@ import numpy as np
 from typer.testing import CliRunner
 
 from sharp_cli.cli import app
-from sharp_cli.engine import SHARP_TINY
+from sharp_cli.loading import SHARP_TINY
 
 ROOT = Path(__file__).resolve().parent.parent
 

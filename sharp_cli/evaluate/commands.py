@@ -1,8 +1,7 @@
 """`sharp eval` and `sharp synth`: plain functions with Typer-annotated parameters.
 
-sharp_cli/cli.py registers them at its end, after the option types they reuse, so this module
-is imported through sharp_cli.cli (importing it first would be circular). Nothing heavy is
-imported at the top: `sharp --help` must not import torch.
+sharp_cli/cli.py registers them; the option types come from sharp_cli/options.py. Nothing heavy
+is imported at the top: `sharp --help` must not import torch.
 """
 
 from __future__ import annotations
@@ -11,7 +10,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from sharp_cli.cli import (JsonOut, Debias, Decoder, Dedup, DedupThreshold, DedupWindow, Device, Dtype, Fps,
+from sharp_cli.options import (JsonOut, Debias, Decoder, Dedup, DedupThreshold, DedupWindow, Device, Dtype, Fps,
                            Frames, Layer, MaxFrames, MaxPixels, Model, Quant, Query, RandomWeights, RegisterZ,
                            Seed, SegmentFrames, SegmentMask, TrustRemoteCode)
 
@@ -48,19 +47,19 @@ def eval_command(
     shard_timeout: ShardTimeout = 3600.0, json_out: JsonOut = False, quiet: Quiet = False,
 ):
     """Multiple-choice accuracy of every method and ratio on a video QA set (resumable, shardable)."""
-    from sharp_cli.cli import _split_list, prune_config, quiet_transformers, stderr_console
+    from sharp_cli.options import prune_config, quiet_transformers, split_list, stderr_console
     from sharp_cli.errors import SharpError, UsageError
     from sharp_cli.evaluate import formats
     from sharp_cli.evaluate.letters import PROMPT_VERSION
     from sharp_cli.prune.config import METHODS
 
-    method_list = _split_list([methods], str, "--methods")
+    method_list = split_list([methods], str, "--methods")
     for m in method_list:
         if m not in METHODS:
             raise UsageError(f"--methods: unknown method '{m}'; choose from {', '.join(METHODS)}")
     if not method_list:
         raise UsageError("--methods is empty")
-    ratios = _split_list(ratio or ["0.15"], float, "--ratio")
+    ratios = split_list(ratio or ["0.15"], float, "--ratio")
     base = None
     for r in [*ratios, 1.0]:  # validates every ratio; the base config's method and ratio are set per cell
         base = prune_config("sharp", r, layer, query, segment_mask, segment_frames, debias, dedup, dedup_threshold,
@@ -76,16 +75,16 @@ def eval_command(
         console.print(f"note: {note}")
 
     quiet_transformers()
-    from sharp_cli import engine
+    from sharp_cli import loading
     from sharp_cli.evaluate import runner
 
     rank, world = runner.distributed()
     # K resolved for the model first: it is part of the settings a resumed run must match.
-    base = engine.check_prune_config(model, base, random_weights=random_weights, trust_remote_code=trust_remote_code)
-    dev = engine.resolve_device(device)
+    base = loading.check_prune_config(model, base, random_weights=random_weights, trust_remote_code=trust_remote_code)
+    dev = loading.resolve_device(device)
     settings = {  # a results line is reused only under the same settings
-        "model": model, "random_weights": random_weights, "quant": engine.resolve_quant(quant, dev),
-        "dtype": str(engine.resolve_dtype(dtype, dev)).replace("torch.", ""), "frames": frames, "fps": fps,
+        "model": model, "random_weights": random_weights, "quant": loading.resolve_quant(quant, dev),
+        "dtype": str(loading.resolve_dtype(dtype, dev)).replace("torch.", ""), "frames": frames, "fps": fps,
         "max_frames": max_frames, "max_pixels": max_pixels, "max_new_tokens": max_new_tokens, "prompt": PROMPT_VERSION,
         "options": {k: v for k, v in base.as_dict().items() if k not in ("method", "ratio")},
     }
@@ -131,15 +130,15 @@ def _answer(job, todo, left: int, console, load_args: dict) -> None:
 
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    from sharp_cli import engine
+    from sharp_cli import loading
     from sharp_cli.evaluate import runner
 
-    if job.world > 1 and engine.resolve_device(load_args["device"]).type == "cuda":
+    if job.world > 1 and loading.resolve_device(load_args["device"]).type == "cuda":
         import torch
 
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", job.rank)) % torch.cuda.device_count())
     with console.status(f"loading {load_args['name']}"):
-        loaded = engine.load(**load_args)
+        loaded = loading.load(**load_args)
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
     with Progress(*columns, console=console, transient=True) as progress:
         task = progress.add_task("answering" if job.world == 1 else f"rank {job.rank}", total=left)
@@ -172,7 +171,7 @@ def synth_command(
     quiet: Quiet = False,
 ):
     """Write a synthetic multiple-choice set whose answers hang on a few visual tokens."""
-    from sharp_cli.cli import _split_list, stderr_console
+    from sharp_cli.options import split_list, stderr_console
     from sharp_cli.evaluate import synth
 
     from rich.progress import Progress
@@ -180,7 +179,7 @@ def synth_command(
     console = stderr_console(quiet)
     with Progress(console=console, transient=True) as progress:
         task = progress.add_task("writing clips", total=n)
-        items = synth.write(out, n, seed, frames=frames, size=size, tasks=tuple(_split_list([tasks], str, "--tasks")),
+        items = synth.write(out, n, seed, frames=frames, size=size, tasks=tuple(split_list([tasks], str, "--tasks")),
                             progress=lambda: progress.advance(task))
     typer.echo(str(items))
     console.print(f"{n} questions in {items}; evaluate with: sharp eval {items} --frames {frames}")

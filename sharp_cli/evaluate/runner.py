@@ -152,8 +152,8 @@ def pending(job: Job) -> list[tuple[object, list[tuple[str, float]]]]:
 
 # -- answering -------------------------------------------------------------------------------------
 def run(loaded, job: Job, todo, progress=None) -> int:
-    """Answer every pending cell: one video decode per item, engine.ask per cell. Returns lines written."""
-    from sharp_cli import engine
+    """Answer every pending cell: one video decode per item, answer.ask per cell. Returns lines written."""
+    from sharp_cli import answer as answer_mod
     from sharp_cli.prune.prior import PriorStore
     from sharp_cli.video import load_video
 
@@ -173,7 +173,7 @@ def run(loaded, job: Job, todo, progress=None) -> int:
             prompt = build_prompt(item.question, item.options)
             for method, ratio in cells:
                 cfg = replace(job.base, method=method, ratio=ratio)
-                answer = engine.ask(loaded, clip, prompt, cfg, max_new_tokens=job.max_new_tokens,
+                answer = answer_mod.ask(loaded, clip, prompt, cfg, max_new_tokens=job.max_new_tokens,
                                     max_pixels=job.video.get("max_pixels"), store=store)
                 _append(handle, _record(job, item, method, ratio, answer=answer))
                 written += 1

@@ -1,0 +1,198 @@
+"""Load a video LLM for sharp: resolve device, dtype and quantization, then `from_pretrained` on a hub
+id or a local folder (or the same architecture with random weights), and route its attention
+through sharp's functions. Everything the phases need travels in one `Loaded`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from sharp_cli import measure
+from sharp_cli.errors import DeviceError, ModelError, UsageError
+from sharp_cli.models import adapter_for
+from sharp_cli.prune import attention
+from sharp_cli.prune.config import PruneConfig
+
+DEFAULT_MODEL = "Qwen/Qwen2.5-VL-7B-Instruct"
+SHARP_TINY = Path(__file__).resolve().parent / "models" / "sharp_tiny"  # scripts/train_sharp_tiny.py
+
+
+@dataclass
+class Loaded:
+    model: object
+    processor: object
+    adapter: object
+    name: str
+    device: torch.device
+    dtype: torch.dtype
+    quant: str
+    random_weights: bool = False
+    graphs: object = None  # prune.graphs.TailGraphs on CUDA unless turned off
+
+    def use_cuda_graphs(self, enabled: bool = True) -> "Loaded":
+        from sharp_cli.prune.graphs import TailGraphs
+
+        self.graphs = TailGraphs() if enabled and self.device.type == "cuda" else None
+        return self
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.adapter.decoder_layers(self.model))
+
+    @property
+    def dims(self) -> dict:
+        return measure.text_dims(self.model.config)
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise DeviceError("--device cuda was asked for, but no CUDA GPU is visible to PyTorch")
+    if device not in ("cuda", "cpu"):
+        raise UsageError(f"--device must be auto, cuda or cpu, got '{device}'")
+    return torch.device(device)
+
+
+def resolve_quant(quant: str, device: torch.device) -> str:
+    if quant == "auto":
+        return "nf4" if device.type == "cuda" else "none"
+    if quant not in ("nf4", "int8", "none"):
+        raise UsageError(f"--quant must be auto, nf4, int8 or none, got '{quant}'")
+    if quant != "none" and device.type != "cuda":
+        raise UsageError(f"--quant {quant} needs a CUDA GPU (bitsandbytes); use --quant none on CPU")
+    return quant
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if dtype not in ("bfloat16", "float16", "float32"):
+        raise UsageError(f"--dtype must be auto, bfloat16, float16 or float32, got '{dtype}'")
+    return getattr(torch, dtype)
+
+
+def quantization_config(quant: str, adapter):
+    if quant == "none":
+        return None
+    from transformers import BitsAndBytesConfig
+
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError as exc:
+        raise DeviceError(f"--quant {quant} needs bitsandbytes ({exc}); install it or use --quant none") from None
+    if quant == "nf4":
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                  bnb_4bit_compute_dtype=torch.bfloat16, llm_int8_skip_modules=adapter.skip_modules())
+    return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=adapter.skip_modules())
+
+
+def model_path(name: str) -> str:
+    """`sharp-tiny` -> the folder shipped in the package; any other name as given."""
+    if name != "sharp-tiny":
+        return name
+    if not (SHARP_TINY / "model.safetensors").exists():
+        raise ModelError(f"sharp-tiny is not in this install ({SHARP_TINY}); scripts/train_sharp_tiny.py makes it")
+    return str(SHARP_TINY)
+
+
+def read_config(name: str, trust_remote_code: bool):
+    from transformers import AutoConfig
+
+    name = model_path(name)
+    try:
+        return AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as exc:
+        where = "local folder" if Path(name).exists() else "model id"
+        raise ModelError(f"cannot load {where} '{name}': {exc}") from None
+
+
+def load(name: str = DEFAULT_MODEL, *, device: str = "auto", quant: str = "auto", dtype: str = "auto",
+         random_weights: bool = False, trust_remote_code: bool = False) -> Loaded:
+    """from_pretrained on a hub id or local folder; or, with random_weights, the same architecture
+    built from a shipped config (quantized runs go through a saved folder and from_pretrained)."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    requested, name = name, model_path(name)  # reported as given, not as the folder it resolves to
+    dev = resolve_device(device)
+    qmode = resolve_quant(quant, dev)
+    tdtype = resolve_dtype(dtype, dev)
+    if random_weights:
+        from sharp_cli.models import random_init
+
+        config = random_init.load_config(name)
+        if qmode == "none":
+            model, processor = random_init.build_random(config, dtype=tdtype, device=dev)
+            return ready(Loaded(model, processor, adapter_for(config), name, dev, tdtype, qmode, True))
+        name = str(_random_folder(name, config, dev))
+    config = read_config(name, trust_remote_code)
+    adapter = adapter_for(config)
+    kwargs = dict(dtype=tdtype, attn_implementation="sdpa", trust_remote_code=trust_remote_code,
+                  use_safetensors=True)
+    qconfig = quantization_config(qmode, adapter)
+    if qconfig is not None:
+        # The current device, not GPU 0: sharded evals set it per rank (torch.cuda.set_device).
+        kwargs.update(quantization_config=qconfig,
+                      device_map={"": dev.index if dev.index is not None else torch.cuda.current_device()})
+    try:
+        model = AutoModelForImageTextToText.from_pretrained(name, **kwargs)
+        processor = AutoProcessor.from_pretrained(name, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"cannot load model '{name}': {exc}") from None
+    if qconfig is None:
+        model.to(dev)
+    model.eval()
+    return ready(Loaded(model, processor, adapter, requested, dev, tdtype, qmode, random_weights))
+
+
+def check_prune_config(name: str, cfg: PruneConfig, *, random_weights: bool = False,
+                       trust_remote_code: bool = False) -> PruneConfig:
+    """cfg with K resolved for the model and validated against its depth, from its config alone,
+    before any heavy work."""
+    if random_weights:
+        from sharp_cli.models import random_init
+
+        config = random_init.load_config(name)
+    else:
+        config = read_config(name, trust_remote_code)
+    return adapter_for(config).validate_prune(cfg, measure.text_dims(config)["layers"])
+
+
+def _random_folder(name: str, config, device) -> Path:
+    from sharp_cli.models import random_init
+    from sharp_cli.prune.prior import cache_dir
+
+    shipped = random_init.packaged_configs().get(name)  # aliases share their architecture's folder
+    folder = cache_dir() / "random-models" / (shipped.name if shipped else name.replace("/", "--"))
+    if not (folder / "model.safetensors.index.json").exists() and not (folder / "model.safetensors").exists():
+        random_init.write_random_model(config, folder, dtype="bfloat16", device=device)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return folder
+
+
+def _freeze_gc() -> None:
+    """A loaded model is ~10^5 long-lived Python objects; moving them out of the collector's view
+    keeps full collections from stalling decode steps (CPU-bound in eager transformers)."""
+    import gc
+
+    gc.collect()
+    gc.freeze()
+
+
+def ready(loaded: Loaded) -> Loaded:
+    """Route the text model's attention through sharp_sdpa (stock SDPA unless a segment plan is on),
+    and a packed vision tower's through one SDPA call per window length instead of one per window."""
+    from sharp_cli.models import vision_attention
+
+    name = attention.register()
+    text_config = loaded.adapter.text_model(loaded.model).config
+    text_config._attn_implementation = name
+    visual = getattr(getattr(loaded.model, "model", None), "visual", None)
+    if visual is not None and getattr(visual.config, "_attn_implementation", None) == "sdpa":
+        visual.config._attn_implementation = vision_attention.register()
+    _freeze_gc()
+    return loaded.use_cuda_graphs(True)

@@ -1,0 +1,93 @@
+"""Option types and helpers shared by every command (ask, bench, eval, batch, serve).
+
+Plain Typer annotations, so each command module declares its parameters with them and none of
+the command modules imports another. Nothing heavy is imported here: `sharp --help` stays instant.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Annotated, Optional
+
+import typer
+
+from sharp_cli.errors import UsageError
+
+Model = Annotated[str, typer.Option("-m", "--model", envvar="SHARP_MODEL",
+                                    help="Hub id or local folder of a supported video LLM.")]
+Device = Annotated[str, typer.Option(help="auto, cuda or cpu.")]
+Quant = Annotated[str, typer.Option(help="auto (nf4 on CUDA, none on CPU), nf4, int8 or none.")]
+Dtype = Annotated[str, typer.Option(help="auto (bfloat16 on CUDA, float32 on CPU), bfloat16, float16, float32.")]
+RandomWeights = Annotated[bool, typer.Option("--random-weights", help="Build the model's architecture from its "
+                                             "shipped config with random weights (speed measurements, no download).")]
+TrustRemoteCode = Annotated[bool, typer.Option("--trust-remote-code", help="Allow model code from the hub (off by default).")]
+Frames = Annotated[int, typer.Option(help="Frames sampled uniformly over the video.")]
+Fps = Annotated[Optional[float], typer.Option(help="Sample this many frames per second instead (capped by --max-frames).")]
+MaxFrames = Annotated[int, typer.Option(help="Upper bound on frames sampled with --fps.")]
+MaxPixels = Annotated[Optional[int], typer.Option(help="Upper bound on pixels per frame (so on visual tokens per frame).")]
+Decoder = Annotated[str, typer.Option(help="Video decoder: auto (decord, then PyAV), decord or pyav.")]
+Method = Annotated[str, typer.Option(help="sharp, fastv, random or none.")]
+Ratio = Annotated[float, typer.Option(help="Fraction of visual tokens kept from layer K on, in (0, 1].")]
+Layer = Annotated[Optional[int], typer.Option(
+    help="K: the decoder layer where pruning happens (layers 0..K-1 see all tokens). "
+         "Default: 2, or the model family's smallest (3 on Qwen3-VL).", show_default=False)]
+Query = Annotated[str, typer.Option(help="Text rows that score the video: last (token) or text (all after the video).")]
+SegmentMask = Annotated[bool, typer.Option(help="sharp: segment-aware causal mask in layers 0..K-1.")]
+SegmentFrames = Annotated[Optional[int], typer.Option(help="sharp: video frames per segment (default: one model frame step).")]
+Debias = Annotated[str, typer.Option(help="sharp: positional debiasing: subtract, divide or none.")]
+Dedup = Annotated[bool, typer.Option(help="sharp: skip near-duplicate and register tokens, refilling the budget.")]
+DedupThreshold = Annotated[float, typer.Option(help="sharp: cosine similarity above which a token is a duplicate.")]
+DedupWindow = Annotated[int, typer.Option(help="sharp: token frames before/after searched for duplicates.")]
+RegisterZ = Annotated[float, typer.Option(help="sharp: norm z-score above which a token is a register outlier (0: off).")]
+Seed = Annotated[int, typer.Option(help="Seed of the random baseline.")]
+JsonOut = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")]
+
+
+def prune_config(method, ratio, layer, query, segment_mask, segment_frames, debias, dedup, dedup_threshold,
+                 dedup_window, register_z, seed, segment_attention="blocks"):
+    from sharp_cli.prune.config import PruneConfig
+
+    return PruneConfig(method=method, ratio=ratio, layer=layer, query=query, segment_mask=segment_mask,
+                       segment_frames=segment_frames, debias=debias, dedup=dedup, dedup_threshold=dedup_threshold,
+                       dedup_window=dedup_window, register_z=register_z, seed=seed,
+                       segment_attention=segment_attention).validate()
+
+
+def stderr_console(quiet: bool = False):
+    from rich.console import Console
+
+    return Console(stderr=True, quiet=quiet, highlight=False)
+
+
+def quiet_transformers():
+    """transformers' progress bars and advisory warnings would drown the one-line contract."""
+    import warnings
+
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=UserWarning, module="transformers")
+    from transformers.utils import logging
+
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()
+
+
+def split_list(values: list[str] | None, cast, name: str) -> list:
+    out = []
+    for value in values or []:
+        for part in str(value).split(","):
+            if part.strip():
+                try:
+                    out.append(cast(part.strip()))
+                except ValueError:
+                    raise UsageError(f"{name}: cannot read '{part.strip()}'") from None
+    return out
+
+
+def write_atomic(path: str, text: str) -> None:
+    """Write through a temp file so an interrupted run never leaves half a file behind."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as fh:
+        fh.write(text)
+    os.replace(tmp, path)

@@ -1,0 +1,75 @@
+"""The positional prior pass: layer-K scores of an all-black clip with the same layout and prompt
+shape, computed once per layout and kept in a PriorStore (prune/prior.py) for later questions.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from sharp_cli import measure
+from sharp_cli.engine import encode, prepare
+from sharp_cli.errors import ModelError
+from sharp_cli.loading import Loaded
+from sharp_cli.prune.config import PruneConfig
+from sharp_cli.prune.prior import PriorStore
+from sharp_cli.prune.session import PruneSession, StopPrefill
+
+PRIOR_QUESTION = "What happens in this video?"  # fixed prompt of the positional-prior pass
+
+
+@dataclass
+class PriorInfo:
+    prior: torch.Tensor | None = None
+    cached: bool = False
+    seconds: float = 0.0
+
+
+def positional_prior(loaded: Loaded, clip, encoded, cfg: PruneConfig, store: PriorStore,
+                     max_pixels: int | None = None) -> PriorInfo:
+    """Layer-K scores of an all-black clip with the same frames and size, cached per layout."""
+    if not cfg.uses_prior:
+        return PriorInfo()
+    cfg = loaded.adapter.validate_prune(cfg, loaded.num_layers)
+    layout = encoded.layout
+    key = store.key({
+        "model": loaded.name, "class": type(loaded.model).__name__, "dtype": str(loaded.dtype),
+        "quant": loaded.quant, "grid": layout.grid, "frames_per_step": layout.frames_per_step,
+        "layer": cfg.layer, "query": cfg.query, "segment_mask": cfg.segment_mask,
+        "segment_frames": cfg.segment_frames, "random_weights": loaded.random_weights,
+    })
+    prior = store.get(key)
+    if prior is not None:
+        return PriorInfo(prior.to(loaded.device), True, 0.0)
+    black = _black_clip(clip)
+    watch = measure.Stopwatch(loaded.device)
+    with watch:
+        inputs = prepare(loaded, black, PRIOR_QUESTION, max_pixels)
+        black_encoded, _ = encode(loaded, inputs)
+        if black_encoded.layout.grid != layout.grid:
+            raise ModelError("the black-video prior pass produced a different token layout")
+        scores = _scores_only(loaded, black_encoded, cfg)
+    store.put(key, scores, {"model": loaded.name, "grid": layout.describe(), "layer": cfg.layer})
+    return PriorInfo(scores, False, watch.seconds)
+
+
+@torch.inference_mode()
+def _scores_only(loaded: Loaded, encoded, cfg: PruneConfig) -> torch.Tensor:
+    text = loaded.adapter.text_model(loaded.model)
+    session = PruneSession(loaded.adapter, loaded.model, encoded, cfg, score_only=True)
+    try:
+        with session:
+            text(inputs_embeds=encoded.inputs_embeds, position_ids=encoded.position_ids, use_cache=False,
+                 **encoded.extra)
+    except StopPrefill:
+        pass
+    return session.scores
+
+
+def _black_clip(clip):
+    black = copy.copy(clip)
+    black.frames = np.zeros_like(clip.frames)
+    return black
