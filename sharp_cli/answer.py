@@ -11,6 +11,7 @@ from sharp_cli.loading import Loaded
 from sharp_cli.prior_pass import PriorInfo, positional_prior
 from sharp_cli.prune.config import PruneConfig
 from sharp_cli.prune.prior import PriorStore
+from sharp_cli.text_stream import TextStream
 
 
 @dataclass
@@ -27,9 +28,12 @@ class Answer:
 
 
 def ask(loaded: Loaded, clip, question: str, cfg: PruneConfig, *, max_new_tokens: int = 128,
-        max_pixels: int | None = None, store: PriorStore | None = None, warmup: int = 0) -> Answer:
+        max_pixels: int | None = None, store: PriorStore | None = None, warmup: int = 0,
+        on_text=None, cancel=None) -> Answer:
     """One question end to end. `warmup` untimed passes first: a fresh CUDA process spends most of
-    its first prefill loading kernels, which says nothing about the method."""
+    its first prefill loading kernels, which says nothing about the method. on_text(piece) gets the
+    answer as it is decoded (the pieces join to Answer.text); cancel() is asked between tokens and
+    ends the answer early when it says True (a client that went away)."""
     cfg = loaded.adapter.validate_prune(cfg, loaded.num_layers)
     store = store or PriorStore()
     inputs = engine.prepare(loaded, clip, question, max_pixels)
@@ -43,8 +47,10 @@ def ask(loaded: Loaded, clip, question: str, cfg: PruneConfig, *, max_new_tokens
     encoded, vision_s = engine.encode(loaded, inputs)
     prior = positional_prior(loaded, clip, encoded, cfg, store, max_pixels)
     state = engine.prefill(loaded, encoded, cfg, prior=prior.prior)
-    tokens, decode_s = decode(loaded, encoded, state, max_new_tokens)
-    text = loaded.processor.tokenizer.decode(tokens, skip_special_tokens=True).strip()
+    stream = TextStream(loaded.processor.tokenizer, on_text)
+    tokens, decode_s = decode(loaded, encoded, state, max_new_tokens, on_token=stream.push, should_stop=cancel)
+    stream.finish()
+    text = stream.text().strip()
     return Answer(
         text=text, tokens=tokens, encoded=encoded, prefill=state, vision_seconds=vision_s,
         decode_seconds=decode_s, prior=prior, peak_memory_bytes=measure.peak_memory_bytes(loaded.device),

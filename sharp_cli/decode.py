@@ -11,23 +11,29 @@ from sharp_cli.loading import Loaded
 
 
 @torch.inference_mode()
-def decode(loaded: Loaded, encoded, state: Prefill, max_new_tokens: int) -> tuple[list[int], float]:
-    """Greedy decoding from the prefill cache; stops at EOS. Returns (token ids, seconds)."""
+def decode(loaded: Loaded, encoded, state: Prefill, max_new_tokens: int, *, on_token=None,
+           should_stop=None) -> tuple[list[int], float]:
+    """Greedy decoding from the prefill cache; stops at EOS, or when should_stop() says so.
+    on_token(id) sees every token as it comes. Returns (token ids, seconds)."""
     text = loaded.adapter.text_model(loaded.model)
     head = loaded.adapter.lm_head(loaded.model)
     eos = eos_ids(loaded)
     token = state.next_token
     tokens = [int(token)]
+    if on_token is not None:
+        on_token(tokens[-1])
     watch = measure.Stopwatch(loaded.device)
     with watch:
         for step in range(max_new_tokens - 1):
-            if tokens[-1] in eos:
+            if tokens[-1] in eos or (should_stop is not None and should_stop()):
                 break
             embeds = loaded.adapter.embed(loaded.model, token)
             out = text(inputs_embeds=embeds, position_ids=loaded.adapter.decode_position(encoded, step),
                        use_cache=True, **cache_kwargs(text, state.cache))
             token = head(out.last_hidden_state[:, -1:]).argmax(-1)
             tokens.append(int(token))
+            if on_token is not None:
+                on_token(tokens[-1])
     return tokens, watch.seconds
 
 
