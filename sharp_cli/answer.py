@@ -10,7 +10,9 @@ from sharp_cli.engine import Prefill
 from sharp_cli.loading import Loaded
 from sharp_cli.prior_pass import PriorInfo, positional_prior
 from sharp_cli.prune.config import PruneConfig
+from sharp_cli.errors import UsageError
 from sharp_cli.prune.prior import PriorStore
+from sharp_cli.sampling import Sampling
 from sharp_cli.text_stream import TextStream
 
 
@@ -29,12 +31,15 @@ class Answer:
 
 def ask(loaded: Loaded, clip, question: str, cfg: PruneConfig, *, max_new_tokens: int = 128,
         max_pixels: int | None = None, store: PriorStore | None = None, warmup: int = 0,
-        on_text=None, cancel=None) -> Answer:
+        on_text=None, cancel=None, sampling: Sampling | None = None) -> Answer:
     """One question end to end. `warmup` untimed passes first: a fresh CUDA process spends most of
     its first prefill loading kernels, which says nothing about the method. on_text(piece) gets the
     answer as it is decoded (the pieces join to Answer.text); cancel() is asked between tokens and
     ends the answer early when it says True (a client that went away)."""
     cfg = loaded.adapter.validate_prune(cfg, loaded.num_layers)
+    sampling = (sampling or Sampling()).validate()
+    if not sampling.greedy:
+        raise UsageError("sampling is not implemented yet; use --temperature 0")
     store = store or PriorStore()
     inputs = engine.prepare(loaded, clip, question, max_pixels)
     if warmup and loaded.graphs is not None:
