@@ -1,68 +1,110 @@
-"""Where decode time goes: per-step wall times and the top CUDA/CPU ops of a few steps.
+"""Where each millisecond of a decode step goes (random weights, the real architecture).
 
-    python scripts/profile_decode.py [--method sharp] [--quant none]
+    python scripts/profile_decode.py [--model Qwen/Qwen2.5-VL-7B-Instruct] [--quant none|nf4] [--frames 32]
+
+For each method: the graph-replayed step time (median of 50 replays, CUDA events), the bytes a
+step must read (weights of the text model and lm_head, plus the KV rows) and the bandwidth that
+gives, the lm_head alone, and the GPU kernel time of one eager step split by kind (torch.profiler).
 """
 
 from __future__ import annotations
 
 import argparse
-import time
+import statistics
 
 import torch
 
 from sharp_cli import engine, loading
-from sharp_cli.decode import decode
-from sharp_cli.prior_pass import positional_prior
-from sharp_cli.compat import cache_kwargs
 from sharp_cli.bench import synthetic_clip
+from sharp_cli.decode import _capture, _Step
 from sharp_cli.prune import PruneConfig
-from sharp_cli.prune.prior import PriorStore
+from sharp_cli.sampling import rules_for
+
+KINDS = (("attention", ("fmha", "attention", "flash", "softmax")),
+         ("4-bit matmul", ("4bit", "dequant", "kgemm", "gemv_4")),
+         ("matmul", ("gemm", "gemv", "nvjet", "cutlass", "xmma", "splitk")),
+         ("norm/rope/elementwise", ("elementwise", "vectorized", "reduce", "norm", "copy", "cat", "index", "fill")))
+
+
+def weight_bytes(loaded) -> int:
+    text = loaded.adapter.text_model(loaded.model)
+    head = loaded.adapter.lm_head(loaded.model)
+    seen, total = set(), 0
+    for module in (text, head):
+        for p in list(module.parameters()) + list(module.buffers()):
+            if id(p) not in seen and p.dtype != torch.bool:
+                seen.add(id(p))
+                total += p.numel() * p.element_size()
+    return total - text.embed_tokens.weight.numel() * text.embed_tokens.weight.element_size()  # one row read
+
+
+def timed(fn, n=50) -> float:
+    times = []
+    for _ in range(n):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b))
+    return statistics.median(times)
+
+
+def kernel_split(step) -> dict:
+    from torch.profiler import ProfilerActivity, profile
+
+    step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        step()
+        torch.cuda.synchronize()
+    split: dict[str, float] = {}
+    for event in prof.key_averages():
+        us = getattr(event, "device_time_total", None) or getattr(event, "cuda_time_total", 0)
+        if not us or event.key.startswith(("aten::", "cuda")):
+            continue
+        name = event.key.lower()
+        kind = next((k for k, words in KINDS if any(w in name for w in words)), "other")
+        split[kind] = split.get(kind, 0.0) + us / 1000.0
+    return split
 
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="Qwen/Qwen2.5-VL-7B-Instruct")
-    ap.add_argument("--methods", default="none,random")
     ap.add_argument("--quant", default="none")
+    ap.add_argument("--frames", type=int, default=32)
+    ap.add_argument("--methods", default="none,sharp")
     args = ap.parse_args()
     loaded = loading.load(args.model, device="cuda", quant=args.quant, random_weights=True)
-    clip = synthetic_clip(32, 392, 784)
-    for method in args.methods.split(","):
-        profile_one(loaded, clip, PruneConfig(method=method).validate(loaded.num_layers), args.quant)
-
-
-def profile_one(loaded, clip, cfg, quant):
+    clip = synthetic_clip(args.frames, 392, 784)
     inputs = engine.prepare(loaded, clip, "What happens in this video?")
     encoded, _ = engine.encode(loaded, inputs)
-    prior = positional_prior(loaded, clip, encoded, cfg, PriorStore(use_disk=False))
-    for _ in range(2):
-        state = engine.prefill(loaded, encoded, cfg, prior=prior.prior)
-        decode(loaded, encoded, state, 4)
-    state = engine.prefill(loaded, encoded, cfg, prior=prior.prior)
-    text, head = loaded.adapter.text_model(loaded.model), loaded.adapter.lm_head(loaded.model)
-    token = state.next_token
-    steps = []
+    weights = weight_bytes(loaded)
+    rules = rules_for(loaded.model, loaded.processor.tokenizer)
+    head = loaded.adapter.lm_head(loaded.model)
+    hidden = torch.randn(1, head.in_features, device="cuda", dtype=torch.bfloat16)
     with torch.inference_mode():
-        for step in range(12):
-            torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            out = text(inputs_embeds=loaded.adapter.embed(loaded.model, token),
-                       position_ids=loaded.adapter.decode_position(encoded, step), use_cache=True,
-                       **cache_kwargs(text, state.cache))
-            token = head(out.last_hidden_state[:, -1:]).argmax(-1)
-            torch.cuda.synchronize()
-            steps.append(time.perf_counter() - t0)
-        print(f"{cfg.method}/{quant}: decode step ms:", " ".join(f"{s * 1e3:.1f}" for s in steps))
-        from torch.profiler import ProfilerActivity, profile
-
-        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-            for step in range(12, 15):
-                out = text(inputs_embeds=loaded.adapter.embed(loaded.model, token),
-                           position_ids=loaded.adapter.decode_position(encoded, step),
-                           use_cache=True, **cache_kwargs(text, state.cache))
-                token = head(out.last_hidden_state[:, -1:]).argmax(-1)
-            torch.cuda.synchronize()
-    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=12, max_name_column_width=50))
+        head_ms = timed(lambda: head(hidden))
+    print(f"{args.model} {args.quant} on {torch.cuda.get_device_name()}: text weights + lm_head read per step "
+          f"{weights / 1e9:.2f} GB; lm_head alone {head_ms:.2f} ms")
+    for method in args.methods.split(","):
+        cfg = loaded.adapter.validate_prune(PruneConfig(method=method, ratio=0.15), loaded.num_layers)
+        with torch.inference_mode():
+            state = engine.prefill(loaded, encoded, cfg, new_tokens=256)
+            step = _Step(loaded, state.cache, rules, encoded.next_position)
+            step.start(state.logits, inputs["input_ids"], encoded.next_position)
+            split = kernel_split(step)
+            eager_ms = timed(step, 10)
+            graph, capture = _capture(step)
+            graph_ms = timed(graph.replay) if graph is not None else float("nan")
+        kv = state.cache.bytes_used(steps=int(state.cache.step))
+        total = weights + kv
+        print(f"  {method}: graph step {graph_ms:.2f} ms ({1000 / graph_ms:.0f} tok/s), eager step {eager_ms:.2f} ms, "
+              f"capture {capture if graph is None else f'{capture * 1000:.0f} ms'}; reads {total / 1e9:.2f} GB "
+              f"(KV {kv / 1e6:.0f} MB) = {total / graph_ms / 1e6:.0f} GB/s")
+        print("    eager step kernel time: " + ", ".join(f"{k} {v:.2f} ms" for k, v in
+                                                    sorted(split.items(), key=lambda kv_: -kv_[1])))
 
 
 if __name__ == "__main__":

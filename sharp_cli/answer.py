@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 from sharp_cli import engine, measure
-from sharp_cli.decode import decode
+from sharp_cli.decode import MIN_STEPS_TO_CAPTURE, Decoded, decode
 from sharp_cli.engine import Prefill
 from sharp_cli.loading import Loaded
 from sharp_cli.prior_pass import PriorInfo, positional_prior
 from sharp_cli.prune.config import PruneConfig
-from sharp_cli.errors import UsageError
 from sharp_cli.prune.prior import PriorStore
-from sharp_cli.sampling import Sampling
+from sharp_cli.sampling import Sampling, rules_for
 from sharp_cli.text_stream import TextStream
 
 
@@ -23,10 +23,15 @@ class Answer:
     encoded: object
     prefill: Prefill
     vision_seconds: float
-    decode_seconds: float
+    decoded: Decoded
     prior: PriorInfo
     peak_memory_bytes: int | None
+    seconds: float = 0.0  # wall clock from the vision encoder to the last token
     extra: dict = field(default_factory=dict)
+
+    @property
+    def decode_seconds(self) -> float:
+        return self.decoded.seconds
 
 
 def ask(loaded: Loaded, clip, question: str, cfg: PruneConfig, *, max_new_tokens: int = 128,
@@ -37,26 +42,39 @@ def ask(loaded: Loaded, clip, question: str, cfg: PruneConfig, *, max_new_tokens
     answer as it is decoded (the pieces join to Answer.text); cancel() is asked between tokens and
     ends the answer early when it says True (a client that went away)."""
     cfg = loaded.adapter.validate_prune(cfg, loaded.num_layers)
-    sampling = (sampling or Sampling()).validate()
-    if not sampling.greedy:
-        raise UsageError("sampling is not implemented yet; use --temperature 0")
+    rules = rules_for(loaded.model, loaded.processor.tokenizer, sampling)
+    if rules.sampling.seed is not None:
+        _seed(rules.sampling.seed, loaded.device)
     store = store or PriorStore()
     inputs = engine.prepare(loaded, clip, question, max_pixels)
+    prompt_ids = inputs["input_ids"]
     if warmup and loaded.graphs is not None:
         loaded.graphs.capture_after = 0  # warming up says the length will be reused: capture now
     for _ in range(warmup):
         encoded, _ = engine.encode(loaded, inputs)
         prior = positional_prior(loaded, clip, encoded, cfg, store, max_pixels)
-        decode(loaded, encoded, engine.prefill(loaded, encoded, cfg, prior=prior.prior), 2)
+        state = engine.prefill(loaded, encoded, cfg, prior=prior.prior, new_tokens=max_new_tokens)
+        decode(loaded, encoded, state, min(max_new_tokens, MIN_STEPS_TO_CAPTURE + 1), prompt_ids=prompt_ids,
+               rules=rules, ignore_eos=True)  # enough steps to capture the decode graph
     measure.reset_peak_memory(loaded.device)
+    measure.synchronize(loaded.device)
+    started = time.perf_counter()
     encoded, vision_s = engine.encode(loaded, inputs)
     prior = positional_prior(loaded, clip, encoded, cfg, store, max_pixels)
-    state = engine.prefill(loaded, encoded, cfg, prior=prior.prior)
+    state = engine.prefill(loaded, encoded, cfg, prior=prior.prior, new_tokens=max_new_tokens)
     stream = TextStream(loaded.processor.tokenizer, on_text)
-    tokens, decode_s = decode(loaded, encoded, state, max_new_tokens, on_token=stream.push, should_stop=cancel)
+    decoded = decode(loaded, encoded, state, max_new_tokens, prompt_ids=prompt_ids, rules=rules,
+                     on_token=lambda t: t in rules.eos or stream.push(t), should_stop=cancel)  # EOS is not text
     stream.finish()
-    text = stream.text().strip()
+    seconds = time.perf_counter() - started  # decode read its last token: nothing left in flight that counts
     return Answer(
-        text=text, tokens=tokens, encoded=encoded, prefill=state, vision_seconds=vision_s,
-        decode_seconds=decode_s, prior=prior, peak_memory_bytes=measure.peak_memory_bytes(loaded.device),
+        text=stream.text().strip(), tokens=decoded.tokens, encoded=encoded, prefill=state, vision_seconds=vision_s,
+        decoded=decoded, prior=prior, peak_memory_bytes=measure.peak_memory_bytes(loaded.device), seconds=seconds,
+        extra={"ignored_generation_settings": list(rules.ignored)} if rules.ignored else {},
     )
+
+
+def _seed(seed: int, device) -> None:
+    import torch
+
+    torch.manual_seed(seed)  # CPU sampling; also seeds every CUDA device's default generator

@@ -1,23 +1,34 @@
-"""`sharp bench`: every method and ratio on the same inputs, in the same process.
+"""`sharp bench`: every method and ratio, and the stock transformers path, on the same inputs in the
+same process.
 
-Per row: LLM prefill time (median over --iters after --warmup, device-synchronised), vision
-encoder and time to first token, the selection step alone, analytic prefill FLOPs and the
-speed-up they allow, the measured speed-up over `none`, efficiency = measured / FLOPs limit,
-KV-cache bytes, peak memory and decode tokens/s.
+A sharp row (none, fastv, random, sharp) times whole answers: each of --iters runs (after --warmup)
+is vision encoder -> positional prior (cached after its first computation, whose cost is reported
+as prior_seconds) -> prefill -> --decode-tokens tokens, on the wall clock with the device
+synchronised at the end (e2e_seconds), and the same run's phases on device clocks. A peer row
+(transformers, transformers-static) times `model.generate()` on the same processor inputs.
+Medians are reported, with the spread, so a row too noisy to trust says so.
+
+Per row also: analytic prefill FLOPs and the speed-up they allow, measured prefill speed-up over
+`none` and efficiency = measured / FLOPs limit, the selection step alone, KV cache and peak memory,
+and agreement with `none` (first-token KL divergence and top-1, the answer's tokens).
 """
 
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import replace
 
 import numpy as np
 
-from sharp_cli import engine, measure
+from sharp_cli import engine, measure, peers
 from sharp_cli.decode import decode
 from sharp_cli.prior_pass import positional_prior
 from sharp_cli.prune.config import PruneConfig
 from sharp_cli.prune.prior import PriorStore
+from sharp_cli.sampling import rules_for
+
+UNSTEADY = 0.2  # (max - min) / median of a row's end-to-end times above which the row is flagged
 
 
 def synthetic_clip(frames: int, height: int, width: int, seed: int = 0):
@@ -34,58 +45,70 @@ def synthetic_clip(frames: int, height: int, width: int, seed: int = 0):
 
 
 def plan_rows(methods: list[str], ratios: list[float]) -> list[tuple[str, float]]:
-    rows = []
+    rows = [(m, 1.0) for m in peers.PEERS if m in methods]
     if "none" in methods:
         rows.append(("none", 1.0))
-    rows += [(m, r) for m in methods if m != "none" for r in ratios]
+    rows += [(m, r) for m in methods if m not in ("none", *peers.PEERS) for r in ratios]
     return rows
 
 
 def run(loaded, clip, question: str, base: PruneConfig, methods: list[str], ratios: list[float], *,
-        warmup: int = 1, iters: int = 5, decode_tokens: int = 16, max_pixels: int | None = None,
-        progress=None) -> dict:
+        warmup: int = 1, iters: int = 5, decode_tokens: int = 64, max_pixels: int | None = None,
+        progress=None, extra: dict | None = None) -> dict:
     store = PriorStore(use_disk=False)
+    start = time.perf_counter()
     inputs = engine.prepare(loaded, clip, question, max_pixels)
-    dims = loaded.dims
+    prepare_s = time.perf_counter() - start
     results = []
     for method, ratio in plan_rows(methods, ratios):
-        cfg = loaded.adapter.validate_prune(replace(base, method=method, ratio=ratio), loaded.num_layers)
-        results.append(_measure_row(loaded, clip, inputs, cfg, store, dims, warmup, iters, decode_tokens,
-                                    max_pixels))
+        if method in peers.PEERS:
+            row = _peer_row(loaded, inputs, method, warmup, iters, decode_tokens)
+        else:
+            cfg = loaded.adapter.validate_prune(replace(base, method=method, ratio=ratio), loaded.num_layers)
+            row = _sharp_row(loaded, clip, inputs, cfg, store, warmup, iters, decode_tokens, max_pixels)
+        results.append(row)
         if progress is not None:
             progress()
-    _relative_to_unpruned(results)
+    _relative(results, rules_for(loaded.model, loaded.processor.tokenizer).eos)
     return {
         "model": loaded.name, "device": str(loaded.device), "gpu": _gpu(loaded), "quant": loaded.quant,
         "dtype": str(loaded.dtype).replace("torch.", ""), "random_weights": loaded.random_weights,
         "cuda_graphs": loaded.graphs is not None, "frames": len(clip.indices),
         "frame_size": list(clip.frames.shape[1:3]), "layer": base.layer, "warmup": warmup, "iters": iters,
-        "rows": results,
+        "decode_tokens": decode_tokens, "prepare_seconds": prepare_s, **(extra or {}), "rows": results,
     }
 
 
-def _measure_row(loaded, clip, inputs, cfg, store, dims, warmup, iters, decode_tokens, max_pixels) -> dict:
-    prefill_s, vision_s, select_s = [], [], []
-    state = encoded = prior = None
+def _sharp_row(loaded, clip, inputs, cfg, store, warmup, iters, decode_tokens, max_pixels) -> dict:
+    prompt_ids = inputs["input_ids"]
+    rules = rules_for(loaded.model, loaded.processor.tokenizer)
+    encoded, _ = engine.encode(loaded, inputs)
+    first_prior = positional_prior(loaded, clip, encoded, cfg, PriorStore(use_disk=False), max_pixels)
+    samples = {k: [] for k in ("e2e", "prefill", "vision", "select", "decode", "rate")}
+    state = decoded = None
     for i in range(warmup + iters):
         measure.reset_peak_memory(loaded.device)
-        encoded, vis = engine.encode(loaded, inputs)
+        measure.synchronize(loaded.device)
+        start = time.perf_counter()
+        encoded, vision_s = engine.encode(loaded, inputs)
         prior = positional_prior(loaded, clip, encoded, cfg, store, max_pixels)
-        state = engine.prefill(loaded, encoded, cfg, prior=prior.prior)
+        state = engine.prefill(loaded, encoded, cfg, prior=prior.prior, new_tokens=decode_tokens)
+        if decode_tokens > 0:
+            decoded = decode(loaded, encoded, state, decode_tokens, prompt_ids=prompt_ids, rules=rules,
+                             ignore_eos=True)
+        measure.synchronize(loaded.device)
         if i >= warmup:
-            prefill_s.append(state.seconds)
-            vision_s.append(vis)
-            select_s.append(state.selection_seconds)
-    peak = measure.peak_memory_bytes(loaded.device)
-    tokens, dec_s = [0], 0.0
-    if decode_tokens > 1:
-        decode(loaded, encoded, engine.prefill(loaded, encoded, cfg, prior=prior.prior), 3)  # warm-up
-        tokens, dec_s = decode(loaded, encoded, state, decode_tokens)
+            samples["e2e"].append(time.perf_counter() - start)
+            samples["prefill"].append(state.seconds)
+            samples["vision"].append(vision_s)
+            samples["select"].append(state.selection_seconds)
+            if decoded is not None and decoded.tokens_per_second:
+                samples["decode"].append(decoded.seconds)
+                samples["rate"].append(decoded.tokens_per_second)
     layout = encoded.layout
+    dims = loaded.dims
     kept = int(state.kept.numel()) if state.kept is not None else layout.num_visual
-    flops = measure.prefill_flops(dims, layout.seq_len, state.kept_len, cfg.layer)
-    causal = measure.prefill_flops(dims, layout.seq_len, state.kept_len, cfg.layer, measure.causal_layer_flops)
-    prefill, vision = measure.summarize(prefill_s), measure.summarize(vision_s)
+    prefill, vision, e2e = (measure.summarize(samples[k]) for k in ("prefill", "vision", "e2e"))
     return {
         "method": cfg.method, "ratio": cfg.ratio, "layer": cfg.layer if cfg.prunes else None,
         "visual_tokens_total": layout.num_visual, "visual_tokens_kept": kept,
@@ -93,22 +116,69 @@ def _measure_row(loaded, clip, inputs, cfg, store, dims, warmup, iters, decode_t
         "prefill_seconds": prefill["median"], "prefill_seconds_min": prefill["min"],
         "prefill_seconds_max": prefill["max"], "vision_seconds": vision["median"],
         "ttft_seconds": prefill["median"] + vision["median"],
-        "selection_seconds": measure.summarize(select_s)["median"] if cfg.prunes else 0.0,
-        "prior_seconds": prior.seconds if prior is not None else 0.0,
-        "prefill_flops": flops, "prefill_flops_causal": causal,
+        "selection_seconds": measure.summarize(samples["select"])["median"] if cfg.prunes else 0.0,
+        "prior_seconds": first_prior.seconds,
+        "prefill_flops": measure.prefill_flops(dims, layout.seq_len, state.kept_len, cfg.layer),
+        "prefill_flops_causal": measure.prefill_flops(dims, layout.seq_len, state.kept_len, cfg.layer,
+                                                      measure.causal_layer_flops),
         "kv_cache_bytes": state.kv_cache_bytes, "kv_cache_bytes_unpruned": state.kv_cache_bytes_unpruned,
-        "peak_memory_bytes": peak,
-        "decode_tokens_per_second": (len(tokens) - 1) / dec_s if dec_s > 0 and len(tokens) > 1 else None,
+        "peak_memory_bytes": measure.peak_memory_bytes(loaded.device),
+        "decode_seconds": measure.summarize(samples["decode"])["median"],
+        "decode_tokens_per_second": measure.summarize(samples["rate"])["median"],
+        "decode_mode": decoded.mode if decoded is not None else None,
+        "decode_capture_note": decoded.note if decoded is not None else None,
+        "e2e_seconds": e2e["median"], "e2e_seconds_min": e2e["min"], "e2e_seconds_max": e2e["max"],
+        "tokens": decoded.tokens if decoded is not None else [],
+        "first_token_logits": state.logits.reshape(-1).float().cpu(),
         "options": cfg.as_dict(),
     }
 
 
-def _relative_to_unpruned(rows: list[dict]) -> None:
-    base = next((r for r in rows if r["method"] == "none"), None)
-    for row in rows:
-        if base is None:
-            row.update(speedup=None, flops_limit=None, efficiency=None, ttft_speedup=None, selection_share=None,
-                       flops_limit_causal=None, efficiency_causal=None, kv_cache_share=None)
+def _peer_row(loaded, inputs, peer: str, warmup: int, iters: int, decode_tokens: int) -> dict:
+    """model.generate() timed like a sharp row; one failure (a compile error) fails this row only."""
+    new = max(1, decode_tokens)
+    runs = []
+    try:
+        for i in range(max(1, warmup) + iters):  # the first static-cache call compiles: never timed
+            measure.reset_peak_memory(loaded.device)
+            result = peers.generate(loaded, inputs, peer, new)
+            if i >= max(1, warmup):
+                runs.append(result)
+    except Exception as exc:  # noqa: BLE001 - reported in the row, the other rows still run
+        from sharp_cli.errors import one_line
+
+        return {"method": peer, "ratio": 1.0, "error": one_line(f"{type(exc).__name__}: {exc}", 300)}
+    e2e = measure.summarize([r["seconds"] for r in runs])
+    rates = [(new - 1) / (r["seconds"] - r["ttft_seconds"]) for r in runs
+             if new > 1 and r["seconds"] > r["ttft_seconds"]]
+    return {
+        "method": peer, "ratio": 1.0, "layer": None, "sequence_tokens": int(inputs["input_ids"].shape[1]),
+        "ttft_seconds": measure.summarize([r["ttft_seconds"] for r in runs])["median"],
+        "decode_tokens_per_second": measure.summarize(rates)["median"],
+        "e2e_seconds": e2e["median"], "e2e_seconds_min": e2e["min"], "e2e_seconds_max": e2e["max"],
+        "peak_memory_bytes": measure.peak_memory_bytes(loaded.device), "tokens": runs[-1]["tokens"],
+        "decode_mode": "generate()" + (", static cache, compiled" if peer == "transformers-static"
+                                       and loaded.device.type == "cuda" else ""),
+    }
+
+
+def _relative(rows: list[dict], eos) -> None:
+    """Speed-ups, efficiency and agreement against the `none` and `transformers` rows of the run."""
+    ok = [r for r in rows if "error" not in r]
+    base = next((r for r in ok if r["method"] == "none"), None)
+    stock = {m: next((r for r in ok if r["method"] == m), None) for m in peers.PEERS}
+    for row in ok:
+        spread = (row["e2e_seconds_max"] - row["e2e_seconds_min"]) / row["e2e_seconds"] if row.get("e2e_seconds") else None
+        row["e2e_spread"] = spread
+        row["steady"] = spread is not None and spread <= UNSTEADY
+        for peer, key in (("transformers", "e2e_speedup"), ("transformers-static", "e2e_speedup_static")):
+            ref = stock[peer]
+            row[key] = ref["e2e_seconds"] / row["e2e_seconds"] if ref and row.get("e2e_seconds") else None
+        row.update(speedup=None, flops_limit=None, efficiency=None, flops_limit_causal=None, efficiency_causal=None,
+                   ttft_speedup=None, selection_share=None, kv_cache_share=None)
+        if base is not None:
+            row["tokens_agree"] = _answer(row["tokens"], eos) == _answer(base["tokens"], eos) if row["tokens"] else None
+        if base is None or "prefill_flops" not in row:
             continue
         row["flops_limit"] = base["prefill_flops"] / row["prefill_flops"]
         row["speedup"] = base["prefill_seconds"] / row["prefill_seconds"]
@@ -118,6 +188,25 @@ def _relative_to_unpruned(rows: list[dict]) -> None:
         row["ttft_speedup"] = base["ttft_seconds"] / row["ttft_seconds"]
         row["selection_share"] = row["selection_seconds"] / base["prefill_seconds"]
         row["kv_cache_share"] = row["kv_cache_bytes"] / base["kv_cache_bytes"]
+        row.update(_first_token_agreement(base["first_token_logits"], row["first_token_logits"]))
+    for row in rows:
+        row.pop("first_token_logits", None)
+
+
+def _answer(tokens: list[int], eos: set) -> list[int]:
+    """The tokens up to and including the first EOS: what a user would have been shown."""
+    for i, token in enumerate(tokens):
+        if token in eos:
+            return tokens[:i + 1]
+    return tokens
+
+
+def _first_token_agreement(reference, other) -> dict:
+    """KL(reference || other) of the first answer token's distribution, and whether the top-1 agrees."""
+    import torch
+
+    p, q = torch.log_softmax(reference.double(), -1), torch.log_softmax(other.double(), -1)
+    return {"first_token_kl": float((p.exp() * (p - q)).sum()), "first_token_top1_agree": bool(p.argmax() == q.argmax())}
 
 
 def _gpu(loaded):
@@ -133,27 +222,43 @@ def table(result: dict):
 
     title = (f"sharp bench: {result['model']}{' (random weights)' if result['random_weights'] else ''} on "
              f"{result['gpu'] or result['device']}, {result['quant']}/{result['dtype']}, "
-             f"{result['frames']} frames, K={result['layer']}, median of {result['iters']}"
-             f"{', CUDA graphs' if result['cuda_graphs'] else ''}")
+             f"{result['frames']} frames, K={result['layer']}, {result['decode_tokens']} new tokens, "
+             f"median of {result['iters']}{', CUDA graphs' if result['cuda_graphs'] else ''}")
     t = Table(title=title, title_justify="left", header_style="bold")
-    for col in ("method", "ratio", "kept", "prefill", "speed-up", "FLOPs limit", "efficiency", "select",
-                "TTFT", "TFLOPs", "KV cache", "peak mem", "decode tok/s"):
+    for col in ("method", "ratio", "kept", "prefill", "speed-up", "FLOPs limit", "efficiency", "select", "TTFT",
+                "decode tok/s", "end to end", "vs stock", "KV cache", "peak mem", "agrees"):
         t.add_column(col, justify="left" if col == "method" else "right")
 
-    def pct(x):
-        return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.0%}"
+    def fmt(x, spec, suffix=""):
+        return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:{spec}}{suffix}"
 
-    def times(x):
-        return "-" if x is None else f"{x:.2f}x"
+    def ms(x):
+        return fmt(None if x is None else x * 1000, ".1f", " ms")
 
+    unsteady = False
     for r in result["rows"]:
+        if "error" in r:
+            t.add_row(r["method"], "", f"failed: {r['error'][:60]}", *[""] * 12)
+            continue
+        flag = "" if r.get("steady") else "~"
+        unsteady |= bool(flag)
+        kept = f"{r['visual_tokens_kept']:,}/{r['visual_tokens_total']:,}" if "visual_tokens_kept" in r else "-"
+        agrees = "-" if r.get("tokens_agree") is None else ("yes" if r["tokens_agree"] else "no")
+        if r.get("first_token_kl") is not None and r["method"] != "none":
+            agrees += f" (KL {r['first_token_kl']:.3f})"
         t.add_row(
-            r["method"], f"{r['ratio']:.2f}", f"{r['visual_tokens_kept']:,}/{r['visual_tokens_total']:,}",
-            f"{r['prefill_seconds'] * 1000:.1f} ms", times(r.get("speedup")), times(r.get("flops_limit")),
-            pct(r.get("efficiency")), f"{r['selection_seconds'] * 1000:.2f} ms", f"{r['ttft_seconds'] * 1000:.1f} ms",
-            f"{r['prefill_flops'] / 1e12:.2f}", fmt_bytes(r["kv_cache_bytes"]), fmt_bytes(r["peak_memory_bytes"]),
-            "-" if r["decode_tokens_per_second"] is None else f"{r['decode_tokens_per_second']:.1f}",
+            r["method"], f"{r['ratio']:.2f}", kept, ms(r.get("prefill_seconds")), fmt(r.get("speedup"), ".2f", "x"),
+            fmt(r.get("flops_limit"), ".2f", "x"), fmt(r.get("efficiency"), ".0%"),
+            ms(r.get("selection_seconds")), ms(r.get("ttft_seconds")),
+            fmt(r.get("decode_tokens_per_second"), ".1f") + (" (eager)" if r.get("decode_mode") == "eager"
+                                                              and result["device"].startswith("cuda") else ""),
+            ms(r.get("e2e_seconds")) + flag, fmt(r.get("e2e_speedup"), ".2f", "x"),
+            fmt_bytes(r["kv_cache_bytes"]) if r.get("kv_cache_bytes") is not None else "-",
+            fmt_bytes(r.get("peak_memory_bytes")), agrees,
         )
+    if unsteady:
+        t.caption = (f"~ the end-to-end times of this row spread by more than {UNSTEADY:.0%} between runs (or too few "
+                     "runs): do not trust its speed-ups; raise --iters or free the machine")
     return t
 
 
@@ -167,7 +272,7 @@ def plot(result: dict, path: str) -> None:
         import matplotlib.pyplot as plt
     except ImportError:
         raise UsageError("--plot needs matplotlib: pip install 'sharp-cli[plot]'") from None
-    rows = [r for r in result["rows"] if r["method"] != "none" and r.get("speedup")]
+    rows = [r for r in result["rows"] if r["method"] not in ("none", *peers.PEERS) and r.get("speedup")]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
     for method in sorted({r["method"] for r in rows}):
         pts = sorted((r["ratio"], r["speedup"], r["kv_cache_share"]) for r in rows if r["method"] == method)

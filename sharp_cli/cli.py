@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 from typing import Annotated, Optional
 
 import typer
@@ -17,8 +18,9 @@ from typer.core import TyperGroup
 from sharp_cli.errors import SharpError, UsageError, one_line
 from sharp_cli.options import (Debias, Decoder, Dedup, DedupThreshold, DedupWindow, Device, Dtype, Fps, Frames,
                                JsonOut, Layer, MaxFrames, MaxPixels, Method, Model, Quant, Query, RandomWeights,
-                               Ratio, RegisterZ, Seed, SegmentFrames, SegmentMask, TrustRemoteCode, prune_config,
-                               quiet_transformers, split_list, stderr_console, write_atomic)
+                               Ratio, RegisterZ, Seed, SegmentFrames, SegmentMask, Temperature, TopK, TopP,
+                               TrustRemoteCode, prune_config, quiet_transformers, sampling, split_list,
+                               stderr_console, write_atomic)
 
 
 class SharpGroup(TyperGroup):
@@ -85,17 +87,20 @@ def ask(
     segment_mask: SegmentMask = True, segment_frames: SegmentFrames = None, debias: Debias = "subtract",
     dedup: Dedup = True, dedup_threshold: DedupThreshold = 0.9, dedup_window: DedupWindow = 1,
     register_z: RegisterZ = 8.0, seed: Seed = 0,
-    max_new_tokens: Annotated[int, typer.Option(help="Upper bound on answer tokens (greedy, stops at EOS).")] = 128,
+    max_new_tokens: Annotated[int, typer.Option(help="Upper bound on answer tokens (stops at EOS).")] = 128,
+    temperature: Temperature = 0.0, top_p: TopP = 1.0, top_k: TopK = 0,
     json_out: JsonOut = False,
     quiet: Annotated[bool, typer.Option("-q", "--quiet", help="Print the answer only.")] = False,
     random_weights: RandomWeights = False, trust_remote_code: TrustRemoteCode = False,
     no_prior_cache: Annotated[bool, typer.Option("--no-prior-cache", help="Do not read or write the on-disk positional-prior cache.")] = False,
     warmup: Annotated[int, typer.Option(help="Untimed passes before the timed one (first CUDA runs load kernels).")] = 0,
-    cuda_graphs: Annotated[bool, typer.Option(help="Replay the pruned layers from CUDA graphs (a length is captured the second time it is seen).")] = True,
+    cuda_graphs: Annotated[bool, typer.Option(help="Replay decode steps and the pruned prefill layers from CUDA graphs.")] = True,
 ):
-    """Answer QUESTION about VIDEO; the answer goes to stdout, what it cost to stderr."""
+    """Answer QUESTION about VIDEO; the answer goes to stdout (as it is written, on a terminal), what it
+    cost to stderr."""
     cfg = prune_config(method, ratio, layer, query, segment_mask, segment_frames, debias, dedup,
                        dedup_threshold, dedup_window, register_z, seed)
+    pick = sampling(temperature, top_p, top_k, seed)
     if max_new_tokens < 1:
         raise UsageError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
     if warmup < 0:
@@ -110,23 +115,36 @@ def ask(
     from sharp_cli.prune.prior import PriorStore
 
     cfg = loading.check_prune_config(model, cfg, random_weights=random_weights, trust_remote_code=trust_remote_code)
+    started = time.perf_counter()
     with console.status("decoding video"):
         clip = video_mod.load_video(video, frames=frames, fps=fps, max_frames=max_frames,
                                     max_pixels=max_pixels, backend=decoder)
+    video_s = time.perf_counter() - started
     for note in clip.notes:
         console.print(f"note: {note}")
 
+    started = time.perf_counter()
     with console.status(f"loading {model}"):
         loaded = loading.load(model, device=device, quant=quant, dtype=dtype, random_weights=random_weights,
                               trust_remote_code=trust_remote_code)
+    load_s = time.perf_counter() - started
     loaded.use_cuda_graphs(cuda_graphs)
-    with console.status("answering"):
+    live = not json_out and not quiet and sys.stdout.isatty()  # a terminal watches the answer being written
+    with console.status("answering") as status:
+        def show(piece: str) -> None:
+            status.stop()
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+
         answer = answer_mod.ask(loaded, clip, question, cfg, max_new_tokens=max_new_tokens, max_pixels=max_pixels,
-                            store=PriorStore(use_disk=not no_prior_cache), warmup=warmup)
+                                store=PriorStore(use_disk=not no_prior_cache), warmup=warmup,
+                                on_text=show if live else None, sampling=pick)
     record = report.ask_record(loaded, clip, cfg, answer)
-    record["warmup"] = warmup
+    record.update(warmup=warmup, video_seconds=video_s, load_seconds=load_s)
     if json_out:
         report.print_json(record)
+    elif live:
+        typer.echo("" if answer.text else "(empty answer)")
     else:
         typer.echo(answer.text)
     if not quiet:
@@ -143,7 +161,10 @@ def bench(
     model: Model = "Qwen/Qwen2.5-VL-7B-Instruct",
     device: Device = "auto", quant: Quant = "auto", dtype: Dtype = "auto",
     random_weights: RandomWeights = False, trust_remote_code: TrustRemoteCode = False,
-    methods: Annotated[str, typer.Option(help="Comma list of methods to compare.")] = "none,fastv,random,sharp",
+    methods: Annotated[str, typer.Option(help="Comma list of methods to compare: sharp, fastv, random, none, and the stock "
+                                         "path: transformers (generate(), dynamic cache), transformers-static (static "
+                                         "cache, compiled on CUDA: the first call compiles for a minute or more).")
+                       ] = "transformers,none,fastv,random,sharp",
     ratio: Annotated[Optional[list[str]], typer.Option(help="Ratio(s) kept; repeat or give a comma list.")] = None,
     layer: Layer = None, query: Query = "last",
     segment_mask: SegmentMask = True, segment_frames: SegmentFrames = None, debias: Debias = "subtract",
@@ -152,7 +173,8 @@ def bench(
     max_pixels: MaxPixels = None, decoder: Decoder = "auto",
     warmup: Annotated[int, typer.Option(help="Untimed runs per row before timing.")] = 1,
     iters: Annotated[int, typer.Option(help="Timed runs per row (the median is reported).")] = 5,
-    decode_tokens: Annotated[int, typer.Option(help="Tokens decoded once per row for decode speed (0: skip).")] = 16,
+    decode_tokens: Annotated[int, typer.Option(help="Tokens each answer decodes (EOS ignored, so every row decodes as "
+                                               "many); end to end = vision + prefill + these (0: prefill only).")] = 64,
     cuda_graphs: Annotated[bool, typer.Option(help="Replay the pruned layers from CUDA graphs (CUDA only).")] = True,
     segment_attention: Annotated[str, typer.Option(
         help="sharp: segment mask as blocks (one SDPA call per segment) or merged (3 flash calls a layer, "
@@ -163,13 +185,15 @@ def bench(
     plot: Annotated[Optional[str], typer.Option(help="Write a PNG of speed-up and memory vs ratio (needs matplotlib).")] = None,
     quiet: Annotated[bool, typer.Option("-q", "--quiet", help="No table or progress on stderr.")] = False,
 ):
-    """Speed, FLOPs and memory of every method side by side, on the same inputs."""
+    """Every method and the stock transformers path side by side, on the same inputs: end-to-end time,
+    prefill, decode, FLOPs, memory and agreement with the unpruned model."""
+    from sharp_cli.peers import PEERS
     from sharp_cli.prune.config import METHODS
 
     method_list = split_list([methods], str, "--methods")
     for m in method_list:
-        if m not in METHODS:
-            raise UsageError(f"--methods: unknown method '{m}'; choose from {', '.join(METHODS)}")
+        if m not in (*METHODS, *PEERS):
+            raise UsageError(f"--methods: unknown method '{m}'; choose from {', '.join((*METHODS, *PEERS))}")
     ratios = split_list(ratio or ["0.15"], float, "--ratio")
     base = prune_config("sharp", ratios[0] if ratios else 0.15, layer, query, segment_mask, segment_frames, debias,
                         dedup, dedup_threshold, dedup_window, register_z, seed, segment_attention)
@@ -187,19 +211,23 @@ def bench(
     from sharp_cli import bench as bench_mod
     from sharp_cli import video as video_mod
 
+    started = time.perf_counter()
     if video:
         clip = video_mod.load_video(video, frames=frames, max_pixels=max_pixels, backend=decoder)
     else:
         clip = bench_mod.synthetic_clip(frames, height, width)
+    video_s = time.perf_counter() - started if video else None
     quiet_transformers()
     from sharp_cli import loading, report
 
-    if any(m != "none" for m in method_list):  # --layer against the model, before loading weights
+    if any(m in METHODS and m != "none" for m in method_list):  # --layer against the model, before loading weights
         base = loading.check_prune_config(model, base, random_weights=random_weights,
                                          trust_remote_code=trust_remote_code)
+    started = time.perf_counter()
     with console.status(f"loading {model}"):
         loaded = loading.load(model, device=device, quant=quant, dtype=dtype, random_weights=random_weights,
                               trust_remote_code=trust_remote_code)
+    load_s = time.perf_counter() - started
     loaded.use_cuda_graphs(cuda_graphs)
     from rich.progress import Progress
 
@@ -208,7 +236,8 @@ def bench(
         task = progress.add_task("benchmarking", total=len(rows))
         result = bench_mod.run(loaded, clip, question, base, method_list, ratios, warmup=warmup, iters=iters,
                                decode_tokens=decode_tokens, max_pixels=max_pixels,
-                               progress=lambda: progress.advance(task))
+                               progress=lambda: progress.advance(task),
+                               extra={"load_seconds": load_s, "video_seconds": video_s})
     if output_json:
         write_atomic(output_json, json.dumps(result, indent=2, default=str) + "\n")
     if plot:

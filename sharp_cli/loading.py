@@ -30,7 +30,8 @@ class Loaded:
     dtype: torch.dtype
     quant: str
     random_weights: bool = False
-    graphs: object = None  # prune.graphs.TailGraphs on CUDA unless turned off
+    graphs: object = None  # prune.graphs.TailGraphs on CUDA unless turned off (also gates decode graphs)
+    kv_pool: object = None  # kv.KVPool: the preallocated KV caches (and the decode graphs on them)
 
     def use_cuda_graphs(self, enabled: bool = True) -> "Loaded":
         from sharp_cli.prune.graphs import TailGraphs
@@ -194,5 +195,8 @@ def ready(loaded: Loaded) -> Loaded:
     visual = getattr(getattr(loaded.model, "model", None), "visual", None)
     if visual is not None and getattr(visual.config, "_attn_implementation", None) == "sdpa":
         visual.config._attn_implementation = vision_attention.register()
+    from sharp_cli.kv import KVPool
+
+    loaded.kv_pool = KVPool()
     _freeze_gc()
     return loaded.use_cuda_graphs(True)

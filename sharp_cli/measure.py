@@ -83,23 +83,6 @@ def peak_memory_bytes(device) -> int | None:
     return None
 
 
-def cache_tensors(cache):
-    """(key, value) pairs of every layer of a transformers Cache, across 5.x layouts."""
-    if hasattr(cache, "layers"):
-        return [(layer.keys, layer.values) for layer in cache.layers if getattr(layer, "keys", None) is not None]
-    return list(zip(cache.key_cache, cache.value_cache))
-
-
-def kv_cache_bytes(cache) -> int:
-    return sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in cache_tensors(cache))
-
-
-def kv_cache_bytes_unpruned(cache, num_layers: int) -> int:
-    """What the cache would hold if every layer kept the full sequence (layer 0 always does)."""
-    k, v = cache_tensors(cache)[0]
-    return num_layers * (k.numel() * k.element_size() + v.numel() * v.element_size())
-
-
 def text_dims(config) -> dict:
     text = getattr(config, "text_config", config)
     heads = text.num_attention_heads

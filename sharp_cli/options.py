@@ -39,7 +39,11 @@ Dedup = Annotated[bool, typer.Option(help="sharp: skip near-duplicate and regist
 DedupThreshold = Annotated[float, typer.Option(help="sharp: cosine similarity above which a token is a duplicate.")]
 DedupWindow = Annotated[int, typer.Option(help="sharp: token frames before/after searched for duplicates.")]
 RegisterZ = Annotated[float, typer.Option(help="sharp: norm z-score above which a token is a register outlier (0: off).")]
-Seed = Annotated[int, typer.Option(help="Seed of the random baseline.")]
+Seed = Annotated[int, typer.Option(help="Seed of the random baseline, and of sampling when --temperature > 0.")]
+Temperature = Annotated[float, typer.Option(help="Sample with this temperature (0: greedy, the default, as "
+                                            "generate(do_sample=False)).")]
+TopP = Annotated[float, typer.Option(help="Sampling: keep the smallest set of tokens whose probability reaches this.")]
+TopK = Annotated[int, typer.Option(help="Sampling: keep only the k most likely tokens (0: no limit).")]
 JsonOut = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")]
 
 
@@ -51,6 +55,12 @@ def prune_config(method, ratio, layer, query, segment_mask, segment_frames, debi
                        segment_frames=segment_frames, debias=debias, dedup=dedup, dedup_threshold=dedup_threshold,
                        dedup_window=dedup_window, register_z=register_z, seed=seed,
                        segment_attention=segment_attention).validate()
+
+
+def sampling(temperature: float, top_p: float, top_k: int, seed: int):
+    from sharp_cli.sampling import Sampling
+
+    return Sampling(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed).validate()
 
 
 def stderr_console(quiet: bool = False):

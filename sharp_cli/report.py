@@ -48,8 +48,11 @@ def ask_record(loaded, clip, cfg, answer) -> dict:
         "prior_cached": answer.prior.cached,
         "decode_seconds": answer.decode_seconds,
         "new_tokens": len(answer.tokens),
-        "decode_tokens_per_second": (len(answer.tokens) - 1) / answer.decode_seconds
-        if answer.decode_seconds > 0 and len(answer.tokens) > 1 else None,
+        "decode_tokens_per_second": answer.decoded.tokens_per_second,
+        "decode_mode": answer.decoded.mode,
+        "decode_capture_seconds": answer.decoded.capture_seconds,
+        "stop": answer.decoded.stop,
+        "answer_seconds": answer.seconds,
         "kv_cache_bytes": answer.prefill.kv_cache_bytes,
         "kv_cache_bytes_unpruned": answer.prefill.kv_cache_bytes_unpruned,
         "kv_cache_bytes_saved": answer.prefill.kv_cache_bytes_unpruned - answer.prefill.kv_cache_bytes,
@@ -87,6 +90,8 @@ def ask_table(record: dict):
         ("method", method),
         ("frames sampled", f"{record['frames']} ({record['decoder']}), token grid {'x'.join(map(str, record['token_grid']))}"),
         ("visual tokens", f"{record['visual_tokens_kept']:,} kept of {record['visual_tokens_total']:,}"),
+        *([("model load", fmt_seconds(record["load_seconds"]))] if record.get("load_seconds") is not None else []),
+        *([("video decoding", fmt_seconds(record["video_seconds"]))] if record.get("video_seconds") is not None else []),
         ("vision encoder", fmt_seconds(record["vision_seconds"])),
         ("LLM prefill", fmt_seconds(record["prefill_seconds"])
          + ("  (first run in this process: includes CUDA warm-up; see --warmup)"
@@ -105,7 +110,11 @@ def ask_table(record: dict):
         ("peak GPU memory", fmt_bytes(record["peak_memory_bytes"]) if record["peak_memory_bytes"] is not None
          else "n/a (CPU)"),
         ("decode", f"{record['new_tokens']} tokens"
-         + (f", {record['decode_tokens_per_second']:.1f} tok/s" if record["decode_tokens_per_second"] else "")),
+         + (f", {record['decode_tokens_per_second']:.1f} tok/s" if record["decode_tokens_per_second"] else "")
+         + f" ({record['decode_mode']}"
+         + (f", captured in {fmt_seconds(record['decode_capture_seconds'])}" if record["decode_capture_seconds"] else "")
+         + f"; stopped at {'EOS' if record['stop'] == 'eos' else record['stop']})"),
+        ("answer, end to end", fmt_seconds(record["answer_seconds"]) + "  (vision + prior + prefill + decode)"),
     ]
     for name, value in rows:
         table.add_row(name, value)

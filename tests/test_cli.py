@@ -179,10 +179,16 @@ def test_bench_rows_and_consistency(model_dirs, tmp_path):
     assert result.exit_code == 0, result.stderr
     data = json.loads(result.stdout)
     assert json.loads(out_file.read_text())["rows"] == data["rows"]
-    rows = data["rows"]
+    stock, *rows = data["rows"]
+    assert stock["method"] == "transformers" and stock["tokens"] and stock["tokens_agree"] is True
     assert [(r["method"], r["ratio"]) for r in rows] == [("none", 1.0)] + [
         (m, r) for m in ("fastv", "random", "sharp") for r in (0.25, 0.5)]
     base = rows[0]
+    assert all(len(r["tokens"]) == 3 for r in rows)  # EOS ignored: every row decodes as many
+    assert all(r["e2e_seconds"] >= r["ttft_seconds"] > 0 for r in rows)
+    assert all(r["e2e_speedup"] == pytest.approx(stock["e2e_seconds"] / r["e2e_seconds"]) for r in rows)
+    for r in rows[1:]:
+        assert r["first_token_kl"] >= 0 and isinstance(r["first_token_top1_agree"], bool)
     assert base["speedup"] == 1.0 and base["flops_limit"] == 1.0
     from sharp_cli.measure import prefill_flops, text_dims
     from sharp_cli.models.random_init import tiny_config

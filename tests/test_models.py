@@ -237,6 +237,7 @@ def test_bench_runs_every_method(model_dirs, family):
                    *_layer_args(family))
     assert result.exit_code == 0, result.stderr
     rows = json.loads(result.stdout)["rows"]
-    assert [r["method"] for r in rows] == ["none", "fastv", "random", "sharp"]
-    n = rows[0]["visual_tokens_total"]
-    assert all(r["visual_tokens_kept"] == keep_count(0.25, n) for r in rows[1:])
+    assert [r["method"] for r in rows] == ["transformers", "none", "fastv", "random", "sharp"]
+    n = rows[1]["visual_tokens_total"]
+    assert all(r["visual_tokens_kept"] == keep_count(0.25, n) for r in rows[2:])
+    assert rows[0]["tokens_agree"] is True  # sharp's unpruned decode gives generate()'s tokens

@@ -90,9 +90,8 @@ def test_kv_cache_is_short_from_layer_k(tiny_models, clip, family):
     encoded = encode(loaded, clip)
     k = prune_layer(loaded)
     out = _prefill(loaded, encoded, method="fastv", ratio=0.25, layer=k)
-    from sharp_cli.measure import cache_tensors
-
-    lengths = [t.shape[2] for t, _ in cache_tensors(out.cache)]
+    lengths = [layer.length for layer in out.cache.layers]
+    assert [int(layer.valid.sum()) for layer in out.cache.layers] == lengths  # rows written = rows valid
     assert lengths[:k] == [encoded.layout.seq_len] * k
     assert lengths[k:] == [out.kept_len] * (len(lengths) - k)
     layers = len(lengths)
@@ -105,13 +104,17 @@ def test_graph_tail_fallback_writes_the_cache(tiny, clip, monkeypatch):
     must hand the cache to the layers under the name this transformers release takes."""
     from sharp_cli.prune.graphs import TailGraphs
 
+    def written(cache):  # the pool hands the same buffers to the next prefill: copy them out
+        return [(layer.length, layer.keys[:, :, :layer.length].clone()) for layer in cache.layers]
+
     encoded = encode(tiny, clip)
     eager = _prefill(tiny, encoded, method="fastv", ratio=0.25)
+    eager_kv = written(eager.cache)
     monkeypatch.setattr(tiny, "graphs", TailGraphs(capture_after=10**9))
     tail = _prefill(tiny, encoded, method="fastv", ratio=0.25)
-    from sharp_cli.measure import cache_tensors
-
-    assert [t.shape[2] for t, _ in cache_tensors(tail.cache)] == [t.shape[2] for t, _ in cache_tensors(eager.cache)]
+    tail_kv = written(tail.cache)
+    assert [n for n, _ in tail_kv] == [n for n, _ in eager_kv]
+    assert all(torch.equal(a, b) for (_, a), (_, b) in zip(tail_kv, eager_kv))
     assert torch.equal(tail.logits, eager.logits)
 
 
@@ -157,24 +160,30 @@ def _grown_extra(extra: dict, step: int) -> dict:
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("method", ["sharp", "fastv"])
 def test_cached_decoding_equals_recompute_on_the_pruned_sequence(tiny_models, clip, method, family):
+    """Every decode step's logits (static per-layer cache, one step at a time) equal a full prefill,
+    without any cache, of the prompt plus the tokens so far, with the same visual tokens kept. The
+    positions of the new tokens are built here: the next position after the prompt's largest, on
+    every axis (M-RoPE or 1-D), one more per token."""
     tiny = tiny_models(family)
     encoded = encode(tiny, clip)
     cfg = PruneConfig(method=method, ratio=0.25, layer=prune_layer(tiny)).validate()
-    state = engine.prefill(tiny, encoded, cfg)
-    tokens, _ = decode(tiny, encoded, state, max_new_tokens=6)
-    kept = state.kept
-    embed = tiny.adapter.embed
+    prompt_ids = engine.prepare(tiny, clip, "what colour is the ball?", 56 * 56 * 4)["input_ids"]
+    state = engine.prefill(tiny, encoded, cfg, new_tokens=6)
+    decoded = decode(tiny, encoded, state, 6, prompt_ids=prompt_ids, keep_logits=True, ignore_eos=True)
+    tokens, kept = decoded.tokens, state.kept.clone()
+    assert len(tokens) == 6 and decoded.logits.shape[0] == 6
+    embed, first_new = tiny.adapter.embed, int(encoded.position_ids.max()) + 1
     for step in range(1, len(tokens)):
-        prefix = torch.tensor([tokens[:step]])
-        extra_pos = torch.cat([tiny.adapter.decode_position(encoded, i) for i in range(step)], dim=-1)
+        new = torch.arange(first_new, first_new + step).expand(*encoded.position_ids.shape[:-1], step)
         grown = type(encoded)(
-            inputs_embeds=torch.cat([encoded.inputs_embeds, embed(tiny.model, prefix)], dim=1),
-            position_ids=torch.cat([encoded.position_ids, extra_pos], dim=-1),
+            inputs_embeds=torch.cat([encoded.inputs_embeds, embed(tiny.model, torch.tensor([tokens[:step]]))], dim=1),
+            position_ids=torch.cat([encoded.position_ids, new], dim=-1),
             layout=type(encoded.layout)(encoded.layout.indices, encoded.layout.grid,
                                         encoded.layout.frames_per_step, encoded.layout.seq_len + step),
             next_position=encoded.next_position, extra=_grown_extra(encoded.extra, step))
         again = engine.prefill(tiny, grown, cfg, forced_keep=kept)
-        assert int(again.next_token) == tokens[step], f"step {step}"
+        torch.testing.assert_close(decoded.logits[step], again.logits.reshape(-1).float(), rtol=1e-4, atol=1e-4)
+        assert int(again.logits.argmax()) == tokens[step], f"step {step}"
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -128,11 +128,47 @@ def merged_segment_attention(query, key, value, runs, scaling=None):
     return out.transpose(1, 2).contiguous()
 
 
+def decode_attention(query, key, value, valid, scaling=None):
+    """One query row over a preallocated KV buffer whose unwritten rows are masked by `valid`.
+
+    The query heads that share a KV head become rows of one (B, Hkv, G, d) query, so grouped-query
+    attention needs neither repeated K/V copies nor a kernel with GQA support; fixed shapes, so the
+    call can sit in a CUDA graph. Returns (B, 1, H, d) like transformers' SDPA path."""
+    import torch.nn.functional as F
+
+    batch, heads, _, dim = query.shape
+    groups = heads // key.shape[1]
+    q = query.reshape(batch, key.shape[1], groups, dim)
+    out = F.scaled_dot_product_attention(q, key, value, attn_mask=valid.view(1, 1, 1, -1), scale=scaling)
+    return out.reshape(batch, heads, 1, dim).transpose(1, 2)
+
+
+def continued_causal_attention(query, key, value, scaling=None):
+    """Causal attention of the last q rows over k >= q keys (rows continue a cached prefix). SDPA's
+    is_causal aligns the triangle top-left, which would hide most of the prefix."""
+    import torch
+    import torch.nn.functional as F
+
+    q_len, k_len = query.shape[2], key.shape[2]
+    rows = torch.arange(k_len - q_len, k_len, device=query.device).unsqueeze(1)
+    mask = torch.arange(k_len, device=query.device).unsqueeze(0) <= rows
+    out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling,
+                                         enable_gqa=query.shape[1] != key.shape[1])
+    return out.transpose(1, 2).contiguous()
+
+
 def sharp_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+    from sharp_cli.kv import valid_rows
+
     plan = _ACTIVE.get()
     layer = getattr(module, "layer_idx", None)
+    if attention_mask is None and layer is not None:
+        if query.shape[2] == 1 and (valid := valid_rows(layer)) is not None:
+            return decode_attention(query, key, value, valid, scaling), None
+        if 1 < query.shape[2] < key.shape[2]:
+            return continued_causal_attention(query, key, value, scaling), None
     if (
         plan is None
         or layer is None

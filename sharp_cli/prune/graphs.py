@@ -9,6 +9,11 @@ under causal attention no real row sees them, so results are exact; the KV cache
 to the real rows. A bucket is captured the second time it is seen (a one-off question gains
 nothing from a capture); if capture fails (a kernel that syncs with the host, e.g. LLM.int8's
 outlier path), that bucket runs eagerly from then on.
+
+Memory stays bounded however many questions a process answers: at most `max_graphs` buckets are
+kept (least recently used first out), and every graph of the process, these and the decode
+steps', allocates from one shared memory pool. Sharing is safe because graphs run one at a time
+on one stream and each graph's outputs are copied out before another graph runs.
 """
 
 from __future__ import annotations
@@ -16,6 +21,17 @@ from __future__ import annotations
 import torch
 
 from sharp_cli.compat import cache_kwargs
+
+
+_POOL = None
+
+
+def shared_pool():
+    """The one CUDA-graph memory pool of this process."""
+    global _POOL
+    if _POOL is None:
+        _POOL = torch.cuda.graph_pool_handle()
+    return _POOL
 
 
 class _CollectKV:
@@ -44,10 +60,11 @@ def _run_layers(tail, hidden, position_embeddings, cache):
 
 
 class TailGraphs:
-    def __init__(self, bucket: int = 16, capture_after: int = 1):
+    def __init__(self, bucket: int = 16, capture_after: int = 1, max_graphs: int = 8):
         self.bucket = bucket
         self.capture_after = capture_after  # sightings of a bucket before it is captured
-        self._graphs: dict = {}
+        self.max_graphs = max_graphs
+        self._graphs: dict = {}  # insertion order = least recently used first
         self._seen: dict = {}
         self._failed: set = set()
         self.replays = 0
@@ -58,8 +75,12 @@ class TailGraphs:
         size = -(-n // self.bucket) * self.bucket
         cos, sin = position_embeddings
         key = (size, hidden.dtype, hidden.device, tuple(cos.shape[:-2]), cos.shape[-1], id(tail[0]), len(tail))
-        entry = self._graphs.get(key)
-        if entry is None:
+        entry = self._graphs.pop(key, None)
+        if entry is not None:
+            self._graphs[key] = entry  # most recently used
+        else:
+            if len(self._seen) > 4 * self.max_graphs:  # sightings of lengths seen once or twice
+                self._seen.clear()
             self._seen[key] = self._seen.get(key, 0) + 1
             if key in self._failed or self._seen[key] <= self.capture_after:
                 return _run_layers(tail, hidden, position_embeddings, cache)
@@ -75,7 +96,7 @@ class TailGraphs:
         entry.graph.replay()
         self.replays += 1
         for layer, (k, v) in zip(tail, entry.kv):
-            cache.update(k[..., :n, :].clone(), v[..., :n, :].clone(), layer.self_attn.layer_idx)
+            cache.update(k[..., :n, :], v[..., :n, :], layer.self_attn.layer_idx)  # copied into the cache
         return entry.out[:, :n].clone()
 
     def _capture(self, key, tail, size, hidden, cos, sin):
@@ -90,7 +111,7 @@ class TailGraphs:
                 _run_layers(tail, static_hidden, (static_cos, static_sin), _CollectKV())
             torch.cuda.current_stream().wait_stream(side)
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
+            with torch.cuda.graph(graph, pool=shared_pool()):
                 out = _run_layers(tail, static_hidden, (static_cos, static_sin), collector)
         except Exception as exc:  # noqa: BLE001 - any capture failure means: run this bucket eagerly
             self._failed.add(key)
@@ -99,5 +120,10 @@ class TailGraphs:
             return None
         kv = [collector.kv[layer.self_attn.layer_idx] for layer in tail]
         entry = _Captured(graph, static_hidden, static_cos, static_sin, out, kv)
+        while len(self._graphs) >= self.max_graphs:
+            self._graphs.pop(next(iter(self._graphs)))
         self._graphs[key] = entry
         return entry
+
+    def __len__(self) -> int:
+        return len(self._graphs)

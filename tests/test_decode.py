@@ -1,0 +1,170 @@
+"""The decode phase: token-for-token equality with transformers' generate(), the checkpoint's rules
+(repetition penalty, EOS), sampling, streaming, cancelling, and bounded cache/graph memory."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import FAMILIES, encode, load_tiny, make_clip, prune_layer
+
+from sharp_cli import engine
+from sharp_cli.answer import ask
+from sharp_cli.decode import decode
+from sharp_cli.kv import BUCKET, KVPool
+from sharp_cli.peers import stock_attention
+from sharp_cli.prune import PruneConfig
+from sharp_cli.sampling import Sampling, rules_for
+from sharp_cli.text_stream import TextStream
+
+QUESTION = "what colour is the ball?"
+PIXELS = 56 * 56 * 4
+
+
+@pytest.fixture(scope="module")
+def penalised():
+    """family -> a tiny model whose generation_config sets a repetition penalty, as Qwen2.5-VL's does."""
+    models = {}
+
+    def get(family):
+        if family not in models:
+            models[family] = load_tiny(family)
+            models[family].model.generation_config.repetition_penalty = 1.3
+        return models[family]
+
+    return get
+
+
+def _generate(loaded, clip, new_tokens, **kwargs):
+    inputs = engine.prepare(loaded, clip, QUESTION, PIXELS)
+    with stock_attention(loaded), torch.inference_mode():
+        out = loaded.model.generate(**inputs, do_sample=False, max_new_tokens=new_tokens, **kwargs)
+    return out[0, inputs["input_ids"].shape[1]:].tolist()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_unpruned_tokens_equal_generate_with_the_checkpoints_repetition_penalty(penalised, family):
+    loaded = penalised(family)
+    clip = make_clip(seed=1)
+    ours = ask(loaded, clip, QUESTION, PruneConfig(method="none"), max_new_tokens=12, max_pixels=PIXELS)
+    reference = _generate(loaded, clip, 12)
+    assert ours.tokens == reference
+    # The penalty is what makes them equal: without it generate() says something else.
+    assert _generate(loaded, clip, 12, repetition_penalty=1.0) != reference
+
+
+def test_eos_stops_where_generate_stops(penalised):
+    loaded = penalised("qwen2.5-vl")
+    clip = make_clip(seed=2)
+    free = ask(loaded, clip, QUESTION, PruneConfig(method="none"), max_new_tokens=10, max_pixels=PIXELS).tokens
+    eos = free[3]
+    assert eos not in free[:3]
+    gen = loaded.model.generation_config
+    saved = gen.eos_token_id
+    gen.eos_token_id = [eos]
+    try:
+        stopped = ask(loaded, clip, QUESTION, PruneConfig(method="none"), max_new_tokens=10, max_pixels=PIXELS)
+        reference = _generate(loaded, clip, 10)
+    finally:
+        gen.eos_token_id = saved
+    assert stopped.tokens == free[:4] == reference[:4] and stopped.decoded.stop == "eos"
+    assert stopped.text == loaded.processor.tokenizer.decode(free[:3], skip_special_tokens=True).strip()
+
+
+def test_pruned_decode_reuses_the_pool_and_matches_a_fresh_model(tiny):
+    """The second question on the same buffers (reset, not reallocated) answers like a fresh model."""
+    cfg = PruneConfig(method="sharp", ratio=0.25, layer=2)
+    clip_a, clip_b = make_clip(seed=3), make_clip(seed=4)
+    ask(tiny, clip_a, QUESTION, cfg, max_new_tokens=6, max_pixels=PIXELS)
+    reused = ask(tiny, clip_b, "where is the dog?", cfg, max_new_tokens=6, max_pixels=PIXELS)
+    fresh = ask(load_tiny(), clip_b, "where is the dog?", cfg, max_new_tokens=6, max_pixels=PIXELS)
+    assert reused.tokens == fresh.tokens
+    assert reused.prefill.cache is not fresh.prefill.cache
+
+
+def test_sampling_is_seeded_and_top_k_1_is_greedy(tiny, clip):
+    cfg = PruneConfig(method="none")
+
+    def run(**s):
+        return ask(tiny, clip, QUESTION, cfg, max_new_tokens=8, max_pixels=PIXELS, sampling=Sampling(**s)).tokens
+
+    greedy = run()
+    assert run(temperature=1.0, top_k=1, seed=5) == greedy
+    hot = run(temperature=5.0, seed=7)
+    assert run(temperature=5.0, seed=7) == hot
+    assert any(run(temperature=5.0, seed=s) != hot for s in (8, 9, 10))
+
+
+def test_top_p_keeps_only_the_nucleus():
+    from sharp_cli.sampling import Rules, pick
+
+    logits = torch.tensor([[4.0, 3.9, 0.0, -1.0, -2.0]])  # p ~ [0.50, 0.46, 0.01, ...]
+    rules = Rules(sampling=Sampling(temperature=1.0, top_p=0.9))
+    torch.manual_seed(0)
+    drawn = {int(pick(logits, rules)) for _ in range(300)}
+    assert drawn == {0, 1}
+
+
+def test_streamed_pieces_join_to_the_answer(tiny, clip):
+    pieces = []
+    answer = ask(tiny, clip, QUESTION, PruneConfig(), max_new_tokens=10, max_pixels=PIXELS, on_text=pieces.append)
+    assert len(pieces) > 1 and "".join(pieces) == answer.text
+
+
+def test_text_stream_holds_back_split_characters_and_trailing_space():
+    class Bytes:  # decodes byte tokens, as byte-level BPE tokenizers do
+        def decode(self, ids, skip_special_tokens=True):
+            return bytes(ids).decode("utf-8", errors="replace")
+
+    pieces = []
+    stream = TextStream(Bytes(), pieces.append)
+    for b in " caf".encode() + "é".encode() + b" ok ":
+        stream.push(b)
+    stream.finish()
+    assert "\ufffd" not in "".join(pieces) and "".join(pieces) == "café ok"
+    assert not pieces[0].startswith(" ")
+
+
+def test_cancel_ends_the_answer_between_tokens(tiny, clip):
+    answer = ask(tiny, clip, QUESTION, PruneConfig(), max_new_tokens=20, max_pixels=PIXELS, cancel=lambda: True)
+    assert len(answer.tokens) == 1 and answer.decoded.stop == "cancelled"
+
+
+def test_generation_settings_sharp_does_not_apply_are_reported(tiny, clip, monkeypatch):
+    monkeypatch.setattr(tiny.model.generation_config, "no_repeat_ngram_size", 3)
+    assert "no_repeat_ngram_size" in rules_for(tiny.model).ignored
+    answer = ask(tiny, clip, QUESTION, PruneConfig(method="none"), max_new_tokens=2, max_pixels=PIXELS)
+    assert answer.extra["ignored_generation_settings"] == ["no_repeat_ngram_size"]
+
+
+def test_kv_pool_reuses_buffers_and_stays_bounded():
+    pool = KVPool(max_caches=3)
+    first = pool.acquire([100, 40], 2, 8, torch.float32, "cpu")
+    assert pool.acquire([120, 50], 2, 8, torch.float32, "cpu") is first  # same buckets, same buffers
+    assert first.capacities == (BUCKET, BUCKET)
+    for n in range(1, 20):
+        pool.acquire([n * BUCKET + 1, 10], 2, 8, torch.float32, "cpu")
+    assert len(pool) == 3 and pool.bytes_allocated() <= 3 * pool.acquire([20 * BUCKET, 10], 2, 8, torch.float32,
+                                                                          "cpu").bytes_allocated()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_many_questions_of_different_lengths_keep_memory_bounded(tiny_models, family):
+    loaded = tiny_models(family)
+    cfg = PruneConfig(method="sharp", ratio=0.25, layer=prune_layer(loaded))
+    for frames in (2, 4, 6, 8, 10, 12):
+        ask(loaded, make_clip(frames=frames, seed=frames), QUESTION, cfg, max_new_tokens=3, max_pixels=PIXELS)
+    assert len(loaded.kv_pool) <= loaded.kv_pool.max_caches
+
+
+def test_cache_rows_written_by_decoding(tiny, clip):
+    """Each layer ends with its prefill rows plus one per step: the full prompt before K, the kept
+    tokens after, every written row flagged valid and nothing beyond."""
+    cfg = PruneConfig(method="fastv", ratio=0.25, layer=2)
+    encoded = encode(tiny, clip)
+    ids = engine.prepare(tiny, clip, QUESTION, PIXELS)["input_ids"]
+    state = engine.prefill(tiny, encoded, cfg, new_tokens=5)
+    decoded = decode(tiny, encoded, state, 5, prompt_ids=ids, ignore_eos=True)
+    steps = len(decoded.tokens) - 1
+    for i, layer in enumerate(state.cache.layers):
+        rows = (encoded.layout.seq_len if i < 2 else state.kept_len) + steps
+        assert int(layer.valid.sum()) == rows and bool(layer.valid[:rows].all())
