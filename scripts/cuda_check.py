@@ -118,7 +118,7 @@ def quantized_parts(loaded) -> None:
 
 def main():
     parser = argparse.ArgumentParser()
-    parser.add_argument("--model", default="Qwen/Qwen2.5-VL-7B-Instruct")
+    parser.add_argument("-m", "--model", default="Qwen/Qwen2.5-VL-7B-Instruct")
     parser.add_argument("--frames", type=int, default=8)
     parser.add_argument("--quant", default="none")
     parser.add_argument("--dtype", default="auto")

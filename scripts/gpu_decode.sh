@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# The runs behind docs/benchmarks.md's decode and end-to-end sections, in one device call:
+# the CUDA checks, then `sharp bench` against the stock transformers path, then the decode profile.
+# Usage (device machine, repo root): source scripts/gpu_setup.sh; bash scripts/gpu_decode.sh OUT_DIR [SECONDS] [STEPS]
+# STEPS: a comma list of step names to run (default: all). Each step gets what is left of the
+# budget, so a slow step costs only the later ones.
+out=${1:?output folder}; budget=${2:-560}; only=${3:-all}
+end=$((SECONDS + budget))
+gpu=$(python3 -c "import torch; print(torch.cuda.get_device_name().split()[1].lower())")
+log="$out/$gpu-decode.log"
+step() {  # step NAME COMMAND...: output to the log, JSON (if any) to $out
+  local name=$1; shift; local left=$((end - SECONDS))
+  case ",$only," in *",$name,"*|*",all,"*) ;; *) return ;; esac
+  if [ "$left" -lt 30 ]; then echo "## $name: skipped, ${left}s left" >> "$log"; return; fi
+  echo "## $name: $* (${left}s left)" >> "$log"
+  local t0=$SECONDS
+  timeout "$left" "$@" >> "$log" 2>&1 || echo "## $name: exit $?" >> "$log"
+  echo "## $name: $((SECONDS - t0)) s" >> "$log"
+}
+bench() { python3 -m sharp_cli bench --random-weights --ratio 0.15 --layer 2 --warmup 2 --iters 5 --decode-tokens 64 "$@"; }
+nvidia-smi -L >> "$log"; python3 -c "import torch, transformers; print(torch.__version__, transformers.__version__)" >> "$log"
+step check-bf16 python3 scripts/cuda_check.py --frames 8
+step bench-bf16 bench --quant none --methods transformers,none,fastv,random,sharp --output-json "$out/$gpu-e2e-bf16-6272.json"
+step profile-bf16 python3 scripts/profile_decode.py --quant none
+step bench-static bench --quant none --methods transformers-static,none,sharp --output-json "$out/$gpu-e2e-static-6272.json"
+step bench-nf4 bench --quant nf4 --methods transformers,none,fastv,random,sharp --output-json "$out/$gpu-e2e-nf4-6272.json"
+step profile-nf4 python3 scripts/profile_decode.py --quant nf4
+step bench-128 bench --quant none --frames 128 --methods none,sharp --iters 3 --warmup 1 --output-json "$out/$gpu-e2e-bf16-25088.json"
+step check-small python3 scripts/cuda_check.py -m llava-hf/llava-onevision-qwen2-0.5b-ov-hf --quant int8 --skip bounded
+step check-fp16 python3 scripts/cuda_check.py -m llava-hf/llava-onevision-qwen2-0.5b-ov-hf --dtype float16 --skip bounded
