@@ -36,11 +36,12 @@ class Answer:
 
 def ask(loaded: Loaded, clip, question: str, cfg: PruneConfig, *, max_new_tokens: int = 128,
         max_pixels: int | None = None, store: PriorStore | None = None, warmup: int = 0,
-        on_text=None, cancel=None, sampling: Sampling | None = None) -> Answer:
+        on_text=None, cancel=None, sampling: Sampling | None = None, cache=None) -> Answer:
     """One question end to end. `warmup` untimed passes first: a fresh CUDA process spends most of
     its first prefill loading kernels, which says nothing about the method. on_text(piece) gets the
     answer as it is decoded (the pieces join to Answer.text); cancel() is asked between tokens and
-    ends the answer early when it says True (a client that went away)."""
+    ends the answer early when it says True (a client that went away). cache: a VideoCache (for a
+    clip it loaded) that keeps the vision output and the prompt's question-independent start."""
     cfg = loaded.adapter.validate_prune(cfg, loaded.num_layers)
     rules = rules_for(loaded.model, loaded.processor.tokenizer, sampling)
     if rules.sampling.seed is not None:
@@ -59,9 +60,17 @@ def ask(loaded: Loaded, clip, question: str, cfg: PruneConfig, *, max_new_tokens
     measure.reset_peak_memory(loaded.device)
     measure.synchronize(loaded.device)
     started = time.perf_counter()
-    encoded, vision_s = engine.encode(loaded, inputs)
+    features = cache.features(loaded, clip, max_pixels) if cache is not None else None
+    encoded, vision_s = engine.encode(loaded, inputs, features)
     prior = positional_prior(loaded, clip, encoded, cfg, store, max_pixels)
-    state = engine.prefill(loaded, encoded, cfg, prior=prior.prior, new_tokens=max_new_tokens)
+    prefix, keep = _prefix(loaded, clip, cfg, max_pixels, prompt_ids, encoded, cache)
+    state = engine.prefill(loaded, encoded, cfg, prior=prior.prior, new_tokens=max_new_tokens, prefix=prefix,
+                           keep_prefix=keep)
+    if cache is not None:
+        if features is None:
+            cache.put_features(loaded, clip, max_pixels, encoded.features)
+        if state.prefix is not None:
+            cache.put_prefix(loaded, clip, cfg, max_pixels, state.prefix)
     stream = TextStream(loaded.processor.tokenizer, on_text)
     decoded = decode(loaded, encoded, state, max_new_tokens, prompt_ids=prompt_ids, rules=rules,
                      on_token=lambda t: t in rules.eos or stream.push(t), should_stop=cancel)  # EOS is not text
@@ -70,8 +79,22 @@ def ask(loaded: Loaded, clip, question: str, cfg: PruneConfig, *, max_new_tokens
     return Answer(
         text=stream.text().strip(), tokens=decoded.tokens, encoded=encoded, prefill=state, vision_seconds=vision_s,
         decoded=decoded, prior=prior, peak_memory_bytes=measure.peak_memory_bytes(loaded.device), seconds=seconds,
-        extra={"ignored_generation_settings": list(rules.ignored)} if rules.ignored else {},
+        extra={**({"ignored_generation_settings": list(rules.ignored)} if rules.ignored else {}),
+               **({"cache": {"vision": features is not None, "prefix": prefix is not None}}
+                  if cache is not None else {})},
     )
+
+
+def _prefix(loaded, clip, cfg, max_pixels, prompt_ids, encoded, cache):
+    """(cached prefix to reuse or None, ids of the prefix to keep for next time or None)."""
+    if cache is None:
+        return None, None
+    n = engine.prefix_length(loaded, prompt_ids)
+    if not 0 < n < encoded.layout.seq_len:
+        return None, None
+    ids = prompt_ids[0, :n]
+    found = cache.prefix(loaded, clip, cfg, max_pixels, ids)
+    return (found, None) if found is not None else (None, ids)
 
 
 def _seed(seed: int, device) -> None:

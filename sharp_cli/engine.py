@@ -31,12 +31,45 @@ def prepare(loaded: Loaded, clip, question: str, max_pixels: int | None = None):
 
 
 @torch.inference_mode()
-def encode(loaded: Loaded, inputs):
-    """Vision encoder + embeddings + positions; returns (Encoded, vision seconds)."""
+def encode(loaded: Loaded, inputs, features=None):
+    """Vision encoder (unless its output for this video is given) + embeddings + positions;
+    returns (Encoded, seconds). Encoded.features keeps the vision output for a per-video cache."""
     watch = measure.Stopwatch(loaded.device)
     with watch:
-        encoded = loaded.adapter.encode(loaded.model, inputs)
+        if features is None:
+            features = loaded.adapter.vision(loaded.model, inputs)
+        encoded = loaded.adapter.encode(loaded.model, inputs, features)
+    encoded.features = features
     return encoded, watch.seconds
+
+
+@dataclass
+class Prefix:
+    """The question-independent start of a prompt (system text and the video, up to its last token)
+    after layers 0..n-1: what a later question about the same video does not need to recompute.
+    Unpruned, n is every layer; pruned at K, n = K, plus layer K's input rows and their rotary
+    embeddings, since layer K scores and prunes the whole sequence."""
+
+    ids: torch.Tensor  # (P,) prompt token ids of the prefix: a question reuses it only if its own start equal them
+    kv: list  # (keys, values) of rows [:P], for layers 0..n-1
+    hidden: torch.Tensor | None = None  # (1, P, D) input of layer K
+    cos: torch.Tensor | None = None
+    sin: torch.Tensor | None = None
+
+    @property
+    def length(self) -> int:
+        return int(self.ids.numel())
+
+    @property
+    def nbytes(self) -> int:
+        tensors = [t for kv in self.kv for t in kv] + [t for t in (self.hidden, self.cos, self.sin) if t is not None]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def prefix_length(loaded: Loaded, prompt_ids) -> int:
+    """Rows up to and including the video's last token (LLaVA's closing newline is one of them)."""
+    video = (prompt_ids.reshape(-1) == loaded.model.config.video_token_id).nonzero()
+    return int(video.max()) + 1 if video.numel() else 0
 
 
 @dataclass
@@ -50,6 +83,7 @@ class Prefill:
     kv_cache_bytes: int
     kv_cache_bytes_unpruned: int
     session: PruneSession | None = None
+    prefix: "Prefix | None" = None  # the prompt's question-independent start, when asked for
 
 
 def cache_lengths(loaded: Loaded, encoded, cfg: PruneConfig, new_tokens: int, forced_keep=None) -> list[int]:
@@ -64,26 +98,49 @@ def cache_lengths(loaded: Loaded, encoded, cfg: PruneConfig, new_tokens: int, fo
 
 
 @torch.inference_mode()
-def prefill(loaded: Loaded, encoded, cfg: PruneConfig, prior=None, forced_keep=None, new_tokens: int = 1) -> Prefill:
+def prefill(loaded: Loaded, encoded, cfg: PruneConfig, prior=None, forced_keep=None, new_tokens: int = 1, *,
+            prefix: Prefix | None = None, keep_prefix=None) -> Prefill:
     """The text model over the whole prompt (pruning at layer K), into a preallocated KV cache with
-    room for `new_tokens` more; returns the last position's logits."""
+    room for `new_tokens` more; returns the last position's logits.
+
+    prefix: the cached start of this prompt (same video, another question): its rows are copied in
+    and layers 0..n-1 run on the question's rows only. keep_prefix: the prompt's ids up to the
+    video's end, to return that start as Prefill.prefix for the next question."""
     cfg = loaded.adapter.validate_prune(cfg, loaded.num_layers)  # K resolved when not given
     text = loaded.adapter.text_model(loaded.model)
     dims = loaded.dims
     cache = loaded.kv_pool.acquire(cache_lengths(loaded, encoded, cfg, max(1, new_tokens), forced_keep),
                                    dims["kv_heads"], dims["head_dim"], encoded.inputs_embeds.dtype, loaded.device)
+    start = 0 if prefix is None else prefix.length
+    for layer, (keys, values) in zip(cache.layers, prefix.kv if prefix is not None else []):
+        layer.update(keys, values)
     select_watch = measure.Stopwatch(loaded.device)
     session = None
     if cfg.prunes:
-        session = PruneSession(loaded.adapter, loaded.model, encoded, cfg, prior=prior,
-                               forced_keep=forced_keep, timer=select_watch, graphs=loaded.graphs)
+        session = PruneSession(loaded.adapter, loaded.model, encoded, cfg, prior=prior, forced_keep=forced_keep,
+                               timer=select_watch, graphs=loaded.graphs, prefix=prefix,
+                               keep_prefix=0 if keep_prefix is None else keep_prefix.numel())
+    # Every extra kwarg concerns visual positions (DeepStack), and the question's rows hold none.
+    extra = encoded.extra if prefix is None else {}
     watch = measure.Stopwatch(loaded.device)
     with watch, (session or nullcontext()):
-        out = text(inputs_embeds=encoded.inputs_embeds, position_ids=encoded.position_ids,
-                   use_cache=True, **cache_kwargs(text, cache), **encoded.extra)
+        out = text(inputs_embeds=encoded.inputs_embeds[:, start:], position_ids=encoded.position_ids[..., start:],
+                   use_cache=True, **cache_kwargs(text, cache), **extra)
         logits = loaded.adapter.lm_head(loaded.model)(out.last_hidden_state[:, -1:])
     kept = session.kept if session else None
     kept_len = session.keep_positions.numel() if session else encoded.layout.seq_len
     unpruned = loaded.num_layers * encoded.layout.seq_len * cache.bytes_per_row()
-    return Prefill(cache, logits, watch.seconds, select_watch.seconds, kept, kept_len, cache.bytes_used(), unpruned,
-                   session)
+    state = Prefill(cache, logits, watch.seconds, select_watch.seconds, kept, kept_len, cache.bytes_used(), unpruned,
+                    session)
+    if keep_prefix is not None and prefix is None:
+        state.prefix = _kept_prefix(cache, keep_prefix, session, cfg.layer if cfg.prunes else loaded.num_layers)
+    return state
+
+
+def _kept_prefix(cache, ids, session, layers: int) -> Prefix:
+    n = ids.numel()
+    kv = [(layer.keys[:, :, :n].clone(), layer.values[:, :, :n].clone()) for layer in cache.layers[:layers]]
+    hidden = cos = sin = None
+    if session is not None:
+        hidden, cos, sin = session.prefix_hidden
+    return Prefix(ids.reshape(-1).clone(), kv, hidden, cos, sin)

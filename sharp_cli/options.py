@@ -45,6 +45,8 @@ Temperature = Annotated[float, typer.Option(help="Sample with this temperature (
 TopP = Annotated[float, typer.Option(help="Sampling: keep the smallest set of tokens whose probability reaches this.")]
 TopK = Annotated[int, typer.Option(help="Sampling: keep only the k most likely tokens (0: no limit).")]
 JsonOut = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")]
+CacheGb = Annotated[float, typer.Option(help="Memory (GiB) for what a second question about the same video reuses: "
+                                        "its frames, the vision encoder's output and the prompt's start (0: off).")]
 
 
 def prune_config(method, ratio, layer, query, segment_mask, segment_frames, debias, dedup, dedup_threshold,

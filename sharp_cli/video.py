@@ -39,6 +39,7 @@ class VideoClip:
     backend: str  # "decord" or "pyav"
     path: str
     notes: list[str] = field(default_factory=list)
+    key: tuple | None = None  # the file's identity and sampling, when it came through a VideoCache
 
     @property
     def duration(self) -> float:

@@ -75,7 +75,8 @@ class Encoded:
     position_ids: Any  # family-specific, passed to the text model as is
     layout: VisualLayout
     next_position: Any  # position id tensor for the first decoded token (same rank as position_ids)
-    extra: dict  # family-specific kwargs for the text model (e.g. Qwen3-VL DeepStack)
+    extra: dict  # family-specific kwargs for the text model that only concern visual positions (DeepStack)
+    features: Any = None  # the adapter's vision() output this was built from (engine.encode sets it)
 
 
 class Adapter:
@@ -120,8 +121,14 @@ class Adapter:
     def processor_inputs(self, processor, prompt: str, clip, max_pixels: int | None) -> dict:
         raise NotImplementedError
 
-    def encode(self, model, inputs) -> Encoded:
-        """Run the vision encoder and build prefill inputs. Timed by the engine."""
+    def vision(self, model, inputs):
+        """The vision encoder's output for the video tokens: the expensive, question-independent part
+        of encode(), which a per-video cache keeps (sharp_cli/video_cache.py). Tensors only."""
+        raise NotImplementedError
+
+    def encode(self, model, inputs, features=None) -> Encoded:
+        """Build prefill inputs; runs vision() unless its output for this video is given. Timed by
+        the engine."""
         raise NotImplementedError
 
     def validate_prune(self, cfg, num_layers: int | None = None):

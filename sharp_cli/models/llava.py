@@ -45,13 +45,11 @@ class LlavaOnevisionAdapter(Adapter):
         return processor(text=[prompt], videos=[clip.frames], return_tensors="pt", do_sample_frames=False,
                          video_metadata=[clip.metadata()])
 
-    def encode(self, model, inputs) -> Encoded:
+    def vision(self, model, inputs):
         import torch
 
         inner, config = model.model, model.config
-        input_ids = inputs["input_ids"]
         pixels = inputs["pixel_values_videos"]
-        frames = pixels.shape[1]
         out = inner.get_video_features(  # vision tower + projector + pooling
             pixels.to(inner.vision_tower.dtype),
             vision_feature_layer=config.vision_feature_layer,
@@ -59,9 +57,19 @@ class LlavaOnevisionAdapter(Adapter):
         )
         video = _pooled(out).flatten(0, -2)  # (frames * side * side [+ 1], D)
         side = pooled_side(config.vision_config)
-        grid_tokens = frames * side * side
-        if video.shape[0] == grid_tokens:  # transformers < 5.23 appends the newline in forward()
+        if video.shape[0] == pixels.shape[1] * side * side:  # transformers < 5.23 appends the newline in forward()
             video = torch.cat([video, inner.image_newline.view(1, -1).to(video)])
+        return {"video": video}
+
+    def encode(self, model, inputs, features=None) -> Encoded:
+        import torch
+
+        config = model.config
+        input_ids = inputs["input_ids"]
+        frames = inputs["pixel_values_videos"].shape[1]
+        video = (features if features is not None else self.vision(model, inputs))["video"]
+        side = pooled_side(config.vision_config)
+        grid_tokens = frames * side * side
         is_video = input_ids == config.video_token_id
         if int(is_video.sum()) != video.shape[0] or video.shape[0] != grid_tokens + 1:
             raise ValueError(f"{int(is_video.sum())} video tokens but {video.shape[0]} video features "

@@ -62,12 +62,12 @@ class QwenVLAdapter(Adapter):
         shortest = min(int(size.get("shortest_edge") or max_pixels), max_pixels)
         return {"shortest_edge": shortest, "longest_edge": max_pixels}
 
-    def encode(self, model, inputs) -> Encoded:
+    def encode(self, model, inputs, features=None) -> Encoded:
         inner = model.model
         input_ids = inputs["input_ids"]
         grid_thw = inputs["video_grid_thw"]
         is_video = input_ids == model.config.video_token_id
-        video, extra = self.video_features(model, inputs, is_video)
+        video, extra = self.video_features(features if features is not None else self.vision(model, inputs), is_video)
         embeds = self.embed(model, input_ids)
         if int(is_video.sum()) != video.shape[0]:
             raise ValueError(f"{int(is_video.sum())} video tokens but {video.shape[0]} video features")
@@ -91,9 +91,13 @@ class QwenVLAdapter(Adapter):
         next_position = position_ids.amax(dim=-1, keepdim=True) + 1  # (3, 1, 1)
         return Encoded(embeds, position_ids, layout, next_position, extra)
 
-    def video_features(self, model, inputs, is_video):
+    def vision(self, model, inputs):
+        return {"video": _pooled(model.model.get_video_features(inputs["pixel_values_videos"],
+                                                                inputs["video_grid_thw"]))}
+
+    def video_features(self, features: dict, is_video):
         """(features of the video tokens in sequence order, extra kwargs for the text model)."""
-        return _pooled(model.model.get_video_features(inputs["pixel_values_videos"], inputs["video_grid_thw"])), {}
+        return features["video"], {}
 
     def special_tokens(self, config) -> dict[str, int]:
         return {

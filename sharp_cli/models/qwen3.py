@@ -42,13 +42,16 @@ class Qwen3VLAdapter(QwenVLAdapter):
         shortest = min(int(size.get("shortest_edge") or budget), budget)
         return {"shortest_edge": shortest, "longest_edge": budget}
 
-    def video_features(self, model, inputs, is_video):
+    def vision(self, model, inputs):
         out = model.model.get_video_features(inputs["pixel_values_videos"], inputs["video_grid_thw"])
         deepstack = [_cat(level) for level in out.deepstack_features]
         if len(deepstack) > self.min_layer:
             raise ModelError(f"this checkpoint adds DeepStack features after {len(deepstack)} decoder layers; "
                              f"sharp supports at most {self.min_layer}")
-        return _pooled(out), {"visual_pos_masks": is_video, "deepstack_visual_embeds": deepstack}
+        return {"video": _pooled(out), "deepstack": deepstack}
+
+    def video_features(self, features: dict, is_video):
+        return features["video"], {"visual_pos_masks": is_video, "deepstack_visual_embeds": features["deepstack"]}
 
     def build_processor(self, tokenizer, config):
         from transformers import AutoProcessor  # noqa: F401  (registers processor classes)

@@ -36,6 +36,7 @@ class PrunedTail(nn.Module):
                 **kwargs):
         s = self.session
         cache = incoming_cache(past_key_values, kwargs)
+        hidden_states, position_embeddings = s.whole_sequence(hidden_states, position_embeddings)
         if hidden_states.shape[1] != s.layout.seq_len:
             raise RuntimeError("sharp's pruned tail runs in prefill only")
         if s.timer is not None:
@@ -60,8 +61,11 @@ class PrunedTail(nn.Module):
 
 class PruneSession:
     def __init__(self, adapter, model, encoded, cfg: PruneConfig, *, prior=None, score_only=False,
-                 forced_keep=None, timer=None, graphs=None):
+                 forced_keep=None, timer=None, graphs=None, prefix=None, keep_prefix: int = 0):
         self.adapter, self.model, self.encoded, self.cfg = adapter, model, encoded, cfg
+        self.prefix = prefix  # engine.Prefix: layers 0..K-1 ran on the question's rows only
+        self.keep_prefix = keep_prefix  # > 0: keep layer K's input for the first rows (prefix_hidden)
+        self.prefix_hidden = None  # (hidden, cos, sin) of those rows
         self.layout = encoded.layout
         self.prior = prior
         self.score_only = score_only
@@ -91,6 +95,19 @@ class PruneSession:
     def __exit__(self, *exc):
         self._stack.close()
         return False
+
+    def whole_sequence(self, hidden, position_embeddings):
+        """Layer K's input for every row: the cached prefix's rows put back in front of the
+        question's, when layers 0..K-1 ran on the question alone."""
+        cos, sin = position_embeddings
+        if self.prefix is not None:
+            p = self.prefix
+            hidden = torch.cat([p.hidden.to(hidden.dtype), hidden], dim=1)
+            cos, sin = torch.cat([p.cos.to(cos.dtype), cos], dim=-2), torch.cat([p.sin.to(sin.dtype), sin], dim=-2)
+        elif self.keep_prefix:
+            n = self.keep_prefix
+            self.prefix_hidden = (hidden[:, :n].clone(), cos[..., :n, :].clone(), sin[..., :n, :].clone())
+        return hidden, (cos, sin)
 
     def keep_positions_for(self, kept, device):
         # Sorting a known number of positions needs no host sync (a boolean mask + nonzero would),
