@@ -20,9 +20,9 @@ from typing import Annotated, Optional
 
 import typer
 
-from sharp_cli.options import (Debias, Decoder, Dedup, DedupThreshold, DedupWindow, Device, Dtype, Fps, Frames,
-                               Layer, MaxFrames, MaxPixels, Method, Model, Quant, Query, RandomWeights, Ratio,
-                               RegisterZ, Seed, SegmentFrames, SegmentMask, TrustRemoteCode)
+from sharp_cli.options import (CudaGraphs, Debias, Decoder, Dedup, DedupThreshold, DedupWindow, Device, Dtype, Fps,
+                               Frames, Layer, MaxFrames, MaxPixels, Method, Model, NoPriorCache, Quant, Query,
+                               RandomWeights, Ratio, RegisterZ, Seed, SegmentFrames, SegmentMask, TrustRemoteCode)
 
 InputFile = Annotated[str, typer.Argument(help="JSON lines of {video, question, id?, options?}; '-' reads stdin.")]
 Output = Annotated[Optional[str], typer.Option(
@@ -30,8 +30,6 @@ Output = Annotated[Optional[str], typer.Option(
 VideoDir = Annotated[Optional[str], typer.Option(
     help="Folder relative video paths are in (default: the input file's folder; the current one for stdin).")]
 MaxNewTokens = Annotated[int, typer.Option(help="Answer tokens when an item gives no max_tokens.")]
-NoPriorCache = Annotated[bool, typer.Option("--no-prior-cache", help="Do not read or write the on-disk positional-prior cache.")]
-CudaGraphs = Annotated[bool, typer.Option(help="Replay the pruned layers from CUDA graphs.")]
 Quiet = Annotated[bool, typer.Option("-q", "--quiet", help="No progress on stderr.")]
 
 

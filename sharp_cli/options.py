@@ -41,6 +41,8 @@ DedupWindow = Annotated[int, typer.Option(help="sharp: token frames before/after
 RegisterZ = Annotated[float, typer.Option(help="sharp: norm z-score above which a token is a register outlier (0: off).")]
 Seed = Annotated[int, typer.Option(help="Seed of the random baseline.")]
 JsonOut = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")]
+NoPriorCache = Annotated[bool, typer.Option("--no-prior-cache", help="Do not read or write the on-disk positional-prior cache.")]
+CudaGraphs = Annotated[bool, typer.Option(help="Replay the pruned layers from CUDA graphs (a length is captured the second time it is seen).")]
 
 
 def prune_config(method, ratio, layer, query, segment_mask, segment_frames, debias, dedup, dedup_threshold,

@@ -78,6 +78,23 @@ def test_a_full_queue_is_a_503_and_the_queued_requests_are_answered(loaded, medi
         assert gated.calls == 3
 
 
+def test_only_a_few_videos_are_decoded_ahead_of_their_turn(loaded, media, monkeypatch):
+    gated = GatedAsk(monkeypatch)
+    with LiveServer(loaded, media, max_queue=8) as live:
+        worker, decoded = live.service.worker, []
+        real_decode = live.service.decode
+        monkeypatch.setattr(live.service, "decode", lambda q: decoded.append(q) or real_decode(q))
+        first = in_thread(live.post, body(max_tokens=1))
+        wait_for(lambda: worker.busy, what="the first request to start")
+        rest = [in_thread(live.post, body(url=url, max_tokens=1))
+                for url in ("wide.mp4", "tall.mp4", "clip one.mp4", "wide.mp4")]
+        wait_for(lambda: worker.waiting == 4 and len(decoded) >= 3, what="the requests to queue")
+        time.sleep(0.5)
+        assert len(decoded) == 1 + live.service.settings.decode_ahead  # the rest wait, frames not in memory
+        gated.gate.set()
+        assert all(r.get(timeout=60).status_code == 200 for r in [first, *rest]) and len(decoded) == 5
+
+
 def test_a_client_that_leaves_the_queue_is_dropped(loaded, media, monkeypatch):
     gated = GatedAsk(monkeypatch)
     with LiveServer(loaded, media, max_queue=4) as live:

@@ -28,7 +28,6 @@ _HTTP_CODES = {404: "not_found", 405: "method_not_allowed"}
 def create_app(service: Service) -> FastAPI:
     async def lifespan(app):
         service.start()
-        app.state.decode_limiter = anyio.CapacityLimiter(service.settings.decode_threads)
         try:
             yield
         finally:
@@ -63,25 +62,41 @@ def create_app(service: Service) -> FastAPI:
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
+        worker = service.worker
         try:
-            ticket = service.worker.admit()
+            ticket = worker.admit()
         except Busy as exc:
             return error_response(ApiError(503, str(exc), exc.code))
+        question, slot = None, None
         try:
-            body = await read_body(request, service.settings.media.max_body_bytes)
-            question = service.check(schema.parse_request(body))
-            clip = await anyio.to_thread.run_sync(service.decode, question, limiter=app.state.decode_limiter)
-            job = Job(service.work(clip, question), ticket)
-            service.worker.submit(job)
-        except Exception as exc:  # noqa: BLE001 - every failure is an error response
+            question = await checked_question(request, service)
+            slot = await worker.decode_slot()
+            clip = await anyio.to_thread.run_sync(service.decode, question)
+            job = Job(service.work(clip, question), ticket, slot)
+            worker.submit(job)
+        except BaseException as exc:  # the job never reached the queue: give its places back
             ticket.release()
+            if slot is not None:
+                slot.release()
+            if question is not None:
+                question.source.discard()
+            if not isinstance(exc, Exception):  # cancelled (the server is stopping)
+                raise
             return error_response(api_error(exc))
-        except BaseException:  # cancelled (shutdown): give the place back
-            ticket.release()
-            raise
         return await respond(request, job, question, service.model_id)
 
     return app
+
+
+async def checked_question(request: Request, service: Service) -> Question:
+    """The request read, parsed and checked, with an upload already saved to its temporary file,
+    so that neither the body nor the base64 text stays in memory while the request waits."""
+    body = await read_body(request, service.settings.media.max_body_bytes)
+    question = service.check(schema.parse_request(body))
+    del body
+    if question.source.payload is not None:
+        question = await anyio.to_thread.run_sync(service.save_upload, question)
+    return question
 
 
 def error_response(error: ApiError) -> JSONResponse:

@@ -12,9 +12,9 @@ from typing import Annotated, Optional
 
 import typer
 
-from sharp_cli.options import (Debias, Decoder, Dedup, DedupThreshold, DedupWindow, Device, Dtype, Fps, Frames,
-                               Layer, MaxFrames, MaxPixels, Method, Model, Quant, Query, RandomWeights, Ratio,
-                               RegisterZ, Seed, SegmentFrames, SegmentMask, TrustRemoteCode)
+from sharp_cli.options import (CudaGraphs, Debias, Decoder, Dedup, DedupThreshold, DedupWindow, Device, Dtype, Fps,
+                               Frames, Layer, MaxFrames, MaxPixels, Method, Model, NoPriorCache, Quant, Query,
+                               RandomWeights, Ratio, RegisterZ, Seed, SegmentFrames, SegmentMask, TrustRemoteCode)
 
 Host = Annotated[str, typer.Option(help="Address to listen on: 127.0.0.1 is this machine only, 0.0.0.0 every interface.")]
 Port = Annotated[int, typer.Option(help="TCP port (0: any free one; the address is printed).")]
@@ -25,8 +25,6 @@ MaxUploadMb = Annotated[float, typer.Option(help="Largest data: URL video a requ
 MaxQueue = Annotated[int, typer.Option(help="Requests waiting for the model besides the one it is answering (503 beyond).")]
 ServedName = Annotated[Optional[str], typer.Option(help="The model id /v1/models lists and requests name (default: -m as given).")]
 MaxNewTokens = Annotated[int, typer.Option(help="Answer tokens when a request gives no max_tokens.")]
-NoPriorCache = Annotated[bool, typer.Option("--no-prior-cache", help="Do not read or write the on-disk positional-prior cache.")]
-CudaGraphs = Annotated[bool, typer.Option(help="Replay the pruned layers from CUDA graphs.")]
 Quiet = Annotated[bool, typer.Option("-q", "--quiet", help="No access log; warnings and errors only.")]
 
 

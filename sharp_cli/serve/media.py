@@ -2,8 +2,9 @@
 
 A `video_url` is a file:// URL or a plain path (read only under --media-dir, after `..` and
 symlinks are resolved, so neither can step outside it), or a data:video/...;base64, URL (an
-upload, bounded by --max-upload-mb, written to a temporary file that is gone once the frames are
-decoded). The server fetches nothing from the network: http(s) URLs are refused.
+upload, bounded by --max-upload-mb, written to a temporary file as soon as the request is checked,
+and removed once its frames are decoded). The server fetches nothing from the network: http(s)
+URLs are refused.
 """
 
 from __future__ import annotations
@@ -13,10 +14,8 @@ import binascii
 import os
 import re
 import tempfile
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 from urllib.parse import unquote, urlsplit
 
 from sharp_cli.serve.schema import ApiError
@@ -30,25 +29,33 @@ _SUFFIX = {"mp4": ".mp4", "webm": ".webm", "quicktime": ".mov", "x-matroska": ".
 @dataclass(frozen=True)
 class VideoSource:
     label: str  # how the answer's `sharp.video` names it
-    path: str | None = None  # a local file under the media folder
-    payload: str | None = None  # base64 of an upload
+    path: str | None = None  # a local file: under the media folder, or an upload saved by save()
+    payload: str | None = None  # base64 of an upload not saved yet
     suffix: str = ".mp4"
+    temporary: bool = False  # path is an upload's temporary file
 
-    @contextmanager
-    def local_file(self, upload_dir: Path) -> Iterator[str]:
-        """A path to read the video from; an upload lives in a temporary file for the duration."""
-        if self.path is not None:
-            yield self.path
-            return
-        data = _decode_base64(self.payload or "")
+    def save(self, upload_dir: Path) -> "VideoSource":
+        """An upload written to a temporary file (blocking): from here on the request holds a
+        path, not the video as base64 text in memory. A local file is returned as it is."""
+        if self.payload is None:
+            return self
+        data = _decode_base64(self.payload)
         fd, name = tempfile.mkstemp(prefix="upload-", suffix=self.suffix, dir=upload_dir)
         try:
             with os.fdopen(fd, "wb") as handle:
                 handle.write(data)
-            del data
-            yield name
-        finally:
+        except BaseException:
             os.unlink(name)
+            raise
+        return VideoSource(label=self.label, path=name, temporary=True)
+
+    def discard(self) -> None:
+        """Remove an upload's temporary file (once its frames are decoded, or the request failed)."""
+        if self.temporary and self.path is not None:
+            try:
+                os.unlink(self.path)
+            except FileNotFoundError:
+                pass
 
 
 @dataclass(frozen=True)

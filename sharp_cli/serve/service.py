@@ -27,7 +27,7 @@ class Settings:
     media: MediaPolicy
     api_key: str | None = None
     max_queue: int = 32
-    decode_threads: int = 2  # videos decoded at once, while the model answers another request
+    decode_ahead: int = 2  # videos decoded before their turn, while the model answers another request
     prior_cache: bool = True  # the on-disk positional-prior cache
 
 
@@ -52,7 +52,7 @@ class Service:
     def __post_init__(self):
         from sharp_cli.prune.prior import PriorStore
 
-        self.worker = Worker(self.settings.max_queue)
+        self.worker = Worker(self.settings.max_queue, ahead=self.settings.decode_ahead)
         self.store = PriorStore(use_disk=self.settings.prior_cache)  # one per server: priors are per layout
 
     @property
@@ -83,16 +83,23 @@ class Service:
         include_usage = bool(request.stream_options and request.stream_options.include_usage)
         return Question(text, source, plan, request.stream, include_usage)
 
+    def save_upload(self, question: Question) -> Question:
+        """An upload written to its temporary file (blocking: runs in a thread)."""
+        question.source = question.source.save(self.upload_dir)
+        return question
+
     def decode(self, question: Question):
-        """The sampled frames (blocking: runs in a thread). An upload's temporary file is removed
+        """The sampled frames (blocking: runs in a thread); an upload's temporary file is removed
         as soon as its frames are in memory."""
         from sharp_cli.video import load_video
 
-        with question.source.local_file(self.upload_dir) as path:
-            try:
-                return load_video(path, **question.plan.video)
-            except VideoError as exc:  # the client named its upload, not our temporary file
-                raise VideoError(str(exc).replace(path, question.source.label)) from None
+        source = question.source
+        try:
+            return load_video(source.path, **question.plan.video)
+        except VideoError as exc:  # the client named its upload, not our temporary file
+            raise VideoError(str(exc).replace(source.path, source.label)) from None
+        finally:
+            source.discard()
 
     def work(self, clip, question: Question):
         """The model call, as the worker thread runs it: returns (sharp record, finish reason)."""

@@ -1,10 +1,13 @@
 """One thread owns the model: requests queue for it and run one at a time, never mixed.
 
-A request holds a `Ticket` from the moment it is admitted (before its body is read) until its job
+A request holds a ticket from the moment it is admitted (before its body is read) until its job
 ends, so --max-queue bounds everything waiting for the model, uploads and video decoding included;
-beyond it `admit` raises `Busy` (a 503). A job's events (text pieces, then "done" or "error")
-reach the event loop through `call_soon_threadsafe`. Cancelling a queued job drops it and frees its
-place at once; a running one sees `cancelled()` between tokens (answer.ask polls it).
+beyond it `admit` raises `Busy` (a 503). Only a few requests at a time (`ahead`) decode their video
+before the model is free for them: each holds a decode slot from then until its job starts, so the
+frames waiting in memory stay bounded however long the queue is, while the next videos are still
+decoded as the model answers. A job's events (text pieces, then "done" or "error") reach the event
+loop through `call_soon_threadsafe`. Cancelling a queued job drops it and frees its places at once;
+a running one sees `cancelled()` between tokens (answer.ask polls it).
 """
 
 from __future__ import annotations
@@ -24,24 +27,29 @@ class Busy(Exception):
         self.code = code
 
 
-class Ticket:
-    def __init__(self, worker: "Worker"):
-        self._worker = worker
+class Once:
+    """A place held until release(), which may come from any thread, any number of times."""
+
+    def __init__(self, give_back: Callable[[], None]):
+        self._give_back = give_back
+        self._lock = threading.Lock()
         self._held = True
 
     def release(self) -> None:
-        with self._worker._lock:
-            if self._held:
-                self._held = False
-                self._worker._admitted -= 1
+        with self._lock:
+            held, self._held = self._held, False
+        if held:
+            self._give_back()
 
 
 class Job:
     """work(on_text, cancelled) runs in the model thread and returns the result of the "done" event."""
 
-    def __init__(self, work: Callable, ticket: Ticket, loop: asyncio.AbstractEventLoop | None = None):
+    def __init__(self, work: Callable, ticket: Once, slot: Once | None = None,
+                 loop: asyncio.AbstractEventLoop | None = None):
         self.work = work
-        self.ticket = ticket
+        self.ticket = ticket  # released when the job ends
+        self.slot = slot  # released when it leaves the queue
         self.loop = loop or asyncio.get_running_loop()
         self.events: asyncio.Queue = asyncio.Queue()
         self._cancelled = threading.Event()
@@ -55,13 +63,20 @@ class Job:
         """The client went away (or the server is stopping): a queued job will not run at all."""
         with self._lock:
             self._cancelled.set()
-            if not self._started:
-                self.ticket.release()
+            started = self._started
+        if not started:
+            self._leave_queue()
+            self.ticket.release()
 
     def _start(self) -> bool:
         with self._lock:
             self._started = not self._cancelled.is_set()
-            return self._started
+        self._leave_queue()
+        return self._started
+
+    def _leave_queue(self) -> None:
+        if self.slot is not None:
+            self.slot.release()
 
     def emit(self, *event) -> None:
         try:
@@ -71,9 +86,11 @@ class Job:
 
 
 class Worker:
-    def __init__(self, max_queue: int):
+    def __init__(self, max_queue: int, ahead: int = 2):
         self.capacity = max_queue + 1  # the job running plus max_queue waiting
-        self.stats: Counter = Counter()  # answered, failed, cancelled, dropped (read by /health and tests)
+        self._slots = asyncio.Semaphore(ahead)  # bound to the event loop on first use
+        # Every key from the start: /health reads it from another thread while the worker counts.
+        self.stats: Counter = Counter(answered=0, cancelled=0, dropped=0, failed=0)
         self._lock = threading.Lock()
         self._admitted = 0
         self._closing = False
@@ -100,17 +117,42 @@ class Worker:
     def busy(self) -> bool:
         return self._running is not None
 
-    def admit(self) -> Ticket:
+    def admit(self) -> Once:
         with self._lock:
             if self._closing:
                 raise Busy("the server is shutting down", "shutting_down")
             if self._admitted >= self.capacity:
                 raise Busy(f"the queue is full ({self.capacity - 1} waiting); try again later", "queue_full")
             self._admitted += 1
-            return Ticket(self)
+            return Once(self._leave)
+
+    def _leave(self) -> None:
+        with self._lock:
+            self._admitted -= 1
+
+    async def decode_slot(self) -> Once:
+        """Wait for one of the `ahead` places of videos decoded before their turn."""
+        await self._slots.acquire()
+        loop = asyncio.get_running_loop()
+
+        def give_back():
+            try:
+                loop.call_soon_threadsafe(self._slots.release)
+            except RuntimeError:  # the event loop is closed: the server stopped
+                pass
+
+        return Once(give_back)
 
     def submit(self, job: Job) -> None:
+        if self._closing:  # admitted before the shutdown began, decoded after it: not answered
+            self._drop(job)
+            return
         self._jobs.put(job)
+
+    def _drop(self, job: Job) -> None:
+        job.cancel()
+        self.stats["dropped"] += 1
+        job.emit("dropped")
 
     def drain(self, grace: float) -> None:
         """Shutting down: admit nothing more, drop what is queued, and give the running job `grace`
@@ -143,8 +185,7 @@ class Worker:
             except queue.Empty:
                 return
             if job is not None:
-                job.cancel()
-                job.emit("dropped")
+                self._drop(job)
 
     def _loop(self) -> None:
         while True:
