@@ -122,7 +122,8 @@ def bench_server(args, work, questions, deadline, env, skipped) -> dict:
         ttfts = sorted(r["ttft_seconds"] for r in requests if r.get("ttft_seconds") is not None)
         out["ttft_median_seconds"] = ttfts[len(ttfts) // 2] if ttfts else None
         out["answers"] = {k: v.get("answer") for k, v in answers.items()}
-        if time.monotonic() < deadline - 60:
+        per_request = sum(r["total_seconds"] for r in requests) / max(len(requests), 1)
+        if time.monotonic() + 10 + 1.5 * args.clients * per_request < deadline:
             out["concurrent"] = concurrent_test(port, questions, answers, args)
         else:
             skipped.append("concurrency test (budget)")

@@ -50,10 +50,11 @@ def serve_command(
     """Serve one model over HTTP in OpenAI's chat-completions format (video_url parts, streaming).
 
     The pruning and frame options set the defaults; a request may change method, ratio, layer,
-    frames, fps, max_pixels, max_tokens, temperature, top_p and seed (extra_body in the openai client).
+    frames, fps, max_pixels, max_tokens, temperature, top_p, top_k and seed (extra_body in the openai
+    client). See docs/serve.md.
     """
     from sharp_cli.errors import UsageError
-    from sharp_cli.options import prune_config, quiet_transformers
+    from sharp_cli.options import prune_config
     from sharp_cli.overrides import MAX_TOKENS_LIMIT, Defaults
 
     cfg = prune_config(method, ratio, layer, query, segment_mask, segment_frames, debias, dedup,
@@ -76,27 +77,35 @@ def serve_command(
     from sharp_cli.serve.app import bind
 
     sock = bind(host, port)  # a port in use fails now, not after the model has loaded
-    quiet_transformers()
-    from sharp_cli import loading
-    from sharp_cli.options import stderr_console
-    from sharp_cli.serve.media import MediaPolicy
+    try:
+        loaded, cfg = load_model(model, cfg, device, quant, dtype, random_weights, trust_remote_code, cuda_graphs,
+                                 quiet)
+        from sharp_cli.serve.media import MediaPolicy
+        from sharp_cli.serve.service import Settings
 
-    console = stderr_console(quiet)
+        video = dict(frames=frames, fps=fps, max_frames=max_frames, max_pixels=max_pixels, backend=decoder)
+        settings = Settings(
+            model_ids=model_ids(model, served_model_name), defaults=Defaults(cfg, video, max_new_tokens),
+            media=MediaPolicy.create(media_dir, max_upload_mb), api_key=api_key.strip() if api_key else None,
+            max_queue=max_queue, prior_cache=not no_prior_cache,
+        )
+        run(loaded, settings, sock, quiet, host)
+    finally:
+        sock.close()
+
+
+def load_model(model, cfg, device, quant, dtype, random_weights, trust_remote_code, cuda_graphs, quiet):
+    """The model, and the default pruning config with K resolved for it (checked before loading)."""
+    from sharp_cli import loading
+    from sharp_cli.options import quiet_transformers, stderr_console
+
+    quiet_transformers()
     cfg = loading.check_prune_config(model, cfg, random_weights=random_weights, trust_remote_code=trust_remote_code)
-    with console.status(f"loading {model}"):
+    with stderr_console(quiet).status(f"loading {model}"):
         loaded = loading.load(model, device=device, quant=quant, dtype=dtype, random_weights=random_weights,
                               trust_remote_code=trust_remote_code)
     loaded.use_cuda_graphs(cuda_graphs)
-    from sharp_cli.serve.service import Settings
-
-    video = dict(frames=frames, fps=fps, max_frames=max_frames, max_pixels=max_pixels, backend=decoder)
-    settings = Settings(
-        model_ids=model_ids(model, served_model_name),
-        defaults=Defaults(loaded.adapter.validate_prune(cfg, loaded.num_layers), video, max_new_tokens),
-        media=MediaPolicy.create(media_dir, max_upload_mb), api_key=api_key.strip() if api_key else None,
-        max_queue=max_queue, prior_cache=not no_prior_cache,
-    )
-    run(loaded, settings, sock, quiet, host)
+    return loaded, loaded.adapter.validate_prune(cfg, loaded.num_layers)
 
 
 def model_ids(model: str, served_name: str | None) -> tuple[str, ...]:
@@ -115,22 +124,22 @@ def run(loaded, settings, sock, quiet: bool, host: str) -> None:
     server = make_server(create_app(service), quiet)
     bound_host, bound_port = sock.getsockname()[:2]
     shown = f"[{bound_host}]" if ":" in bound_host else bound_host
-    if not quiet:
-        sys.stderr.write(f"sharp serve: {settings.model_ids[0]} on {loaded.device}, "
-                         f"http://{shown}:{bound_port}/v1 (Ctrl-C stops)\n")
+    # Printed even with -q: with --port 0 it is the only way to learn the address.
+    sys.stderr.write(f"sharp serve: {settings.model_ids[0]} on {loaded.device}, "
+                     f"http://{shown}:{bound_port}/v1 (Ctrl-C stops)\n")
     if settings.api_key is None and host not in ("127.0.0.1", "localhost", "::1"):
         sys.stderr.write(f"sharp serve: warning: listening on {host} without --api-key: anyone who reaches "
                          "this port can use the model and read videos under --media-dir\n")
     sys.stderr.flush()
     previous = signal.signal(signal.SIGTERM, _raise_stopped)  # uvicorn re-raises SIGTERM after shutting down
+    stopped = False
     try:
         server.run(sockets=[sock])
     except (KeyboardInterrupt, _Stopped):
-        pass  # uvicorn already shut down gracefully: stopping a server this way is success
+        stopped = True  # uvicorn already shut down gracefully: stopping a server this way is success
     finally:
         signal.signal(signal.SIGTERM, previous)
-        sock.close()
-    if not server.started:
+    if not server.started and not stopped:
         from sharp_cli.errors import SharpError
 
         raise SharpError("the server did not start (see the lines above)")
