@@ -62,6 +62,8 @@ def batch_command(
         raise UsageError(f"no such file: {file}" if not os.path.exists(file) else f"not a file: {file}")
     if output is not None and os.path.isdir(output):
         raise UsageError(f"--output is a folder: {output}")
+    if output is not None and file != "-" and os.path.exists(output) and os.path.samefile(output, file):
+        raise UsageError("--output is the input file; the answers would be appended to the questions")
     if video_dir is not None and not os.path.isdir(video_dir):
         raise UsageError(f"--video-dir is not a folder: {video_dir}")
     base = Path(video_dir or (os.path.dirname(os.path.abspath(file)) if file != "-" else os.getcwd()))

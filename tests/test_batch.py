@@ -151,6 +151,7 @@ def test_duplicate_ids_are_errors(model_dirs, folder, tmp_path):
     (["ITEMS", "--ratio", "0"], "--ratio must be in (0, 1]"),
     (["ITEMS", "--output", "FOLDER"], "--output is a folder"),
     (["ITEMS", "--video-dir", "/no/such/dir"], "--video-dir is not a folder"),
+    (["ITEMS", "--output", "ITEMS"], "--output is the input file"),
 ])
 def test_bad_command_lines_are_usage_errors(model_dirs, tmp_path, args, message):
     items = write_items(tmp_path / "items.jsonl", [{"video": "a.mp4", "question": "what?"}])
