@@ -16,6 +16,7 @@ import typer
 from typer.core import TyperGroup
 
 from sharp_cli.errors import SharpError, UsageError, one_line
+from sharp_cli.errors import describe as _describe  # shared with serve and batch
 from sharp_cli.options import (Debias, Decoder, Dedup, DedupThreshold, DedupWindow, Device, Dtype, Fps, Frames,
                                JsonOut, Layer, MaxFrames, MaxPixels, Method, Model, Quant, Query, RandomWeights,
                                Ratio, RegisterZ, Seed, SegmentFrames, SegmentMask, Temperature, TopK, TopP,
@@ -53,14 +54,6 @@ class SharpGroup(TyperGroup):
 def _debug_reraise():
     if os.environ.get("SHARP_DEBUG") not in (None, "", "0"):
         raise
-
-
-def _describe(exc: Exception) -> str:
-    name = type(exc).__name__
-    if name == "OutOfMemoryError" or "out of memory" in str(exc).lower():
-        return ("out of GPU memory; lower --frames, --max-pixels or --ratio, or use --quant nf4 "
-                f"({one_line(str(exc), 160)})")
-    return f"{name}: {exc} (SHARP_DEBUG=1 shows the traceback)"
 
 
 def _fail(message: str, code: int):
@@ -284,6 +277,10 @@ def env():
 from sharp_cli.evaluate.commands import eval_command, synth_command  # noqa: E402
 app.command("eval")(eval_command)
 app.command("synth")(synth_command)
+from sharp_cli.batch import batch_command  # noqa: E402
+from sharp_cli.serve.command import serve_command  # noqa: E402
+app.command("batch")(batch_command)
+app.command("serve")(serve_command)
 
 
 def main():

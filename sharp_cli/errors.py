@@ -31,3 +31,28 @@ def one_line(message: str, limit: int = 400) -> str:
     """Collapse a message to a single line so scripts can grep it."""
     text = " ".join(str(message).split())
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """torch.cuda.OutOfMemoryError, or a RuntimeError saying so (older kernels, bitsandbytes)."""
+    return type(exc).__name__ == "OutOfMemoryError" or "out of memory" in str(exc).lower()
+
+
+def describe(exc: Exception) -> str:
+    """An unexpected exception as one line: out-of-memory gets advice, anything else its type."""
+    if is_out_of_memory(exc):
+        return ("out of GPU memory; lower --frames, --max-pixels or --ratio, or use --quant nf4 "
+                f"({one_line(str(exc), 160)})")
+    return f"{type(exc).__name__}: {exc} (SHARP_DEBUG=1 shows the traceback)"
+
+
+def release_gpu_memory() -> None:
+    """After running out of GPU memory: collect what the failed call left and give the allocator's
+    cached blocks back, so the next call starts from what the model itself holds. Call it outside
+    the except block, once the traceback's frames (and their tensors) are gone."""
+    import gc
+
+    import torch
+
+    gc.collect()
+    torch.cuda.empty_cache()  # a no-op when CUDA was never initialised

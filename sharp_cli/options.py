@@ -47,6 +47,8 @@ TopK = Annotated[int, typer.Option(help="Sampling: keep only the k most likely t
 JsonOut = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")]
 CacheGb = Annotated[float, typer.Option(help="Memory (GiB) for what a second question about the same video reuses: "
                                         "its frames, the vision encoder's output and the prompt's start (0: off).")]
+NoPriorCache = Annotated[bool, typer.Option("--no-prior-cache", help="Do not read or write the on-disk positional-prior cache.")]
+CudaGraphs = Annotated[bool, typer.Option(help="Replay decode steps and the pruned prefill layers from CUDA graphs.")]
 
 
 def prune_config(method, ratio, layer, query, segment_mask, segment_frames, debias, dedup, dedup_threshold,

@@ -53,6 +53,7 @@ def ask_record(loaded, clip, cfg, answer) -> dict:
         "decode_capture_seconds": answer.decoded.capture_seconds,
         "stop": answer.decoded.stop,
         "answer_seconds": answer.seconds,
+        "video_cache": answer.extra.get("cache"),  # {"vision", "prefix"}: reused for this question
         "kv_cache_bytes": answer.prefill.kv_cache_bytes,
         "kv_cache_bytes_unpruned": answer.prefill.kv_cache_bytes_unpruned,
         "kv_cache_bytes_saved": answer.prefill.kv_cache_bytes_unpruned - answer.prefill.kv_cache_bytes,

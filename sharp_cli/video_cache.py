@@ -17,6 +17,7 @@ stale entry is never served; it just ages out.
 from __future__ import annotations
 
 import os
+import threading
 
 from sharp_cli import video as video_mod
 
@@ -28,9 +29,14 @@ class VideoCache:
         self.bytes = 0
         self.hits = {"frames": 0, "vision": 0, "prefix": 0}
         self.misses = {"frames": 0, "vision": 0, "prefix": 0}
+        self._lock = threading.Lock()  # serve decodes the next videos in other threads than the model's
 
     # -- the store ------------------------------------------------------------------------------
     def _get(self, key, kind: str):
+        with self._lock:
+            return self._get_locked(key, kind)
+
+    def _get_locked(self, key, kind: str):
         entry = self._entries.pop(key, None)
         if entry is None:
             self.misses[kind] += 1
@@ -40,6 +46,10 @@ class VideoCache:
         return entry[0]
 
     def _put(self, key, value, size: int) -> None:
+        with self._lock:
+            self._put_locked(key, value, size)
+
+    def _put_locked(self, key, value, size: int) -> None:
         old = self._entries.pop(key, None)
         if old is not None:
             self.bytes -= old[1]
@@ -97,8 +107,9 @@ class VideoCache:
         key = self._prefix_key(loaded, clip, cfg, max_pixels)
         found = self._get(key, "prefix")
         if found is not None and (found.ids.numel() != ids.numel() or not bool((found.ids == ids.reshape(-1)).all())):
-            self.hits["prefix"] -= 1  # another system prompt or template before the video
-            self.misses["prefix"] += 1
+            with self._lock:  # another system prompt or template before the video
+                self.hits["prefix"] -= 1
+                self.misses["prefix"] += 1
             return None
         return found
 

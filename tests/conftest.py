@@ -95,3 +95,24 @@ def encode(loaded, clip, question="what colour is the ball?", max_pixels=56 * 56
 
 
 helpers = SimpleNamespace(load_tiny=load_tiny, make_clip=make_clip, encode=encode, prune_layer=prune_layer)
+
+
+@pytest.fixture(scope="module")
+def loaded(model_dirs):
+    """The tiny Qwen2.5-VL loaded the way `sharp serve` loads a model (from_pretrained on a folder)."""
+    from sharp_cli import loading
+
+    return loading.load(str(model_dirs["qwen2.5-vl"]), device="cpu")
+
+
+@pytest.fixture(scope="module")
+def media(tmp_path_factory):
+    """A media folder for `sharp serve`: three small videos of different shapes and a non-video."""
+    from videos import make_video
+
+    root = tmp_path_factory.mktemp("media")
+    make_video(root / "clip one.mp4", n_frames=24, fps=8, size=(112, 84))
+    make_video(root / "wide.mp4", n_frames=16, fps=8, size=(112, 56))
+    make_video(root / "tall.mp4", n_frames=32, fps=8, size=(56, 112))
+    (root / "not a video.mp4").write_text("just text\n")
+    return root

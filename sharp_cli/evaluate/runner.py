@@ -23,6 +23,7 @@ from pathlib import Path
 
 from sharp_cli.errors import SharpError, UsageError, VideoError, one_line
 from sharp_cli.evaluate.letters import build_prompt, parse_letter
+from sharp_cli.jsonl import append as _append, open_for_append as _open_for_append  # shared with batch
 
 POLL_SECONDS = 1.0
 
@@ -99,21 +100,6 @@ def read_results(path: Path) -> list[dict]:
         if isinstance(record, dict) and {"item", "method", "ratio"} <= record.keys():
             records.append(record)
     return records
-
-
-def _open_for_append(path: Path):
-    """Append mode, after cutting off an unfinished last line left by an interrupted run."""
-    if path.exists():
-        data = path.read_bytes()
-        end = data.rfind(b"\n") + 1
-        if end != len(data):
-            os.truncate(path, end)
-    return open(path, "a", encoding="utf-8")
-
-
-def _append(handle, record: dict) -> None:
-    handle.write(json.dumps(record, default=str) + "\n")
-    handle.flush()
 
 
 def done_keys(job: Job) -> set:

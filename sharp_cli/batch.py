@@ -1,0 +1,226 @@
+"""`sharp batch FILE`: many questions, one loaded model, JSON lines in and out.
+
+Each input line is {"video", "question", "id"?, options?} (the options are the fields a `sharp
+serve` request may add: method, ratio, layer, frames, fps, max_pixels, max_tokens, temperature,
+top_p, top_k, seed). Each answer is one output line as soon as it is ready: the `sharp ask --json`
+object plus "id" (the line number when the item has none). A bad item (not JSON, a missing video,
+a bad option) is an {"id", "error"} line and the run goes on; the exit code is 1 if any item failed.
+
+With --output the lines are appended to that file, and a rerun skips the ids it already answered
+(failed ones are tried again); an unfinished last line from an interrupted run is cut off and redone.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from sharp_cli.options import (CacheGb, CudaGraphs, Debias, Decoder, Dedup, DedupThreshold, DedupWindow, Device, Dtype, Fps,
+                               Frames, Layer, MaxFrames, MaxPixels, Method, Model, NoPriorCache, Quant, Query,
+                               RandomWeights, Ratio, RegisterZ, Seed, SegmentFrames, SegmentMask, TrustRemoteCode)
+
+InputFile = Annotated[str, typer.Argument(help="JSON lines of {video, question, id?, options?}; '-' reads stdin.")]
+Output = Annotated[Optional[str], typer.Option(
+    "--output", "-o", help="Append the lines to this file instead of stdout; a rerun skips the ids answered there.")]
+VideoDir = Annotated[Optional[str], typer.Option(
+    help="Folder relative video paths are in (default: the input file's folder; the current one for stdin).")]
+MaxNewTokens = Annotated[int, typer.Option(help="Answer tokens when an item gives no max_tokens.")]
+Quiet = Annotated[bool, typer.Option("-q", "--quiet", help="No progress on stderr.")]
+
+
+def batch_command(
+    file: InputFile,
+    model: Model = "Qwen/Qwen2.5-VL-7B-Instruct",
+    device: Device = "auto", quant: Quant = "auto", dtype: Dtype = "auto",
+    random_weights: RandomWeights = False, trust_remote_code: TrustRemoteCode = False,
+    frames: Frames = 32, fps: Fps = None, max_frames: MaxFrames = 768, max_pixels: MaxPixels = None,
+    decoder: Decoder = "auto",
+    method: Method = "sharp", ratio: Ratio = 0.15, layer: Layer = None, query: Query = "last",
+    segment_mask: SegmentMask = True, segment_frames: SegmentFrames = None, debias: Debias = "subtract",
+    dedup: Dedup = True, dedup_threshold: DedupThreshold = 0.9, dedup_window: DedupWindow = 1,
+    register_z: RegisterZ = 8.0, seed: Seed = 0,
+    max_new_tokens: MaxNewTokens = 128, output: Output = None, video_dir: VideoDir = None,
+    no_prior_cache: NoPriorCache = False, cuda_graphs: CudaGraphs = True, cache_gb: CacheGb = 4.0,
+    quiet: Quiet = False,
+):
+    """Answer a JSON-lines file of questions, one JSON line per answer (resumable with --output)."""
+    from sharp_cli.errors import UsageError
+    from sharp_cli.options import prune_config, quiet_transformers
+    from sharp_cli.overrides import MAX_TOKENS_LIMIT, Defaults
+
+    cfg = prune_config(method, ratio, layer, query, segment_mask, segment_frames, debias, dedup,
+                       dedup_threshold, dedup_window, register_z, seed)
+    if not 1 <= max_new_tokens <= MAX_TOKENS_LIMIT:
+        raise UsageError(f"--max-new-tokens must be in [1, {MAX_TOKENS_LIMIT}], got {max_new_tokens}")
+    if frames < 1 or (fps is not None and not fps > 0) or max_frames < 1 or (max_pixels is not None and max_pixels < 1):
+        raise UsageError("--frames, --max-frames and --max-pixels must be >= 1, --fps > 0")
+    if file != "-" and not os.path.isfile(file):
+        raise UsageError(f"no such file: {file}" if not os.path.exists(file) else f"not a file: {file}")
+    if output is not None and os.path.isdir(output):
+        raise UsageError(f"--output is a folder: {output}")
+    if output is not None and file != "-" and os.path.exists(output) and os.path.samefile(output, file):
+        raise UsageError("--output is the input file; the answers would be appended to the questions")
+    if not cache_gb >= 0:
+        raise UsageError(f"--cache-gb must be >= 0, got {cache_gb}")
+    if video_dir is not None and not os.path.isdir(video_dir):
+        raise UsageError(f"--video-dir is not a folder: {video_dir}")
+    base = Path(video_dir or (os.path.dirname(os.path.abspath(file)) if file != "-" else os.getcwd()))
+
+    quiet_transformers()
+    from sharp_cli import loading
+
+    cfg = loading.check_prune_config(model, cfg, random_weights=random_weights, trust_remote_code=trust_remote_code)
+    progress = Progress(quiet, total=None if file == "-" else _count_lines(file))
+    progress.say(f"loading {model}")
+    loaded = loading.load(model, device=device, quant=quant, dtype=dtype, random_weights=random_weights,
+                          trust_remote_code=trust_remote_code)
+    loaded.use_cuda_graphs(cuda_graphs)
+    video = dict(frames=frames, fps=fps, max_frames=max_frames, max_pixels=max_pixels, backend=decoder)
+    defaults = Defaults(loaded.adapter.validate_prune(cfg, loaded.num_layers), video, max_new_tokens)
+    source = sys.stdin if file == "-" else open(file, encoding="utf-8")
+    try:
+        failed = run(loaded, source, defaults, base, output, progress, prior_cache=not no_prior_cache,
+                     cache_gb=cache_gb)
+    finally:
+        if source is not sys.stdin:
+            source.close()
+    raise typer.Exit(1 if failed else 0)
+
+
+class Progress:
+    """One line per item on stderr, so that a log of the run reads well too."""
+
+    def __init__(self, quiet: bool, total: int | None):
+        self.quiet, self.total, self.count = quiet, total, 0
+        self.answered = self.failed = self.skipped = 0
+
+    def say(self, text: str) -> None:
+        if not self.quiet:
+            sys.stderr.write(f"sharp batch: {text}\n")
+            sys.stderr.flush()
+
+    def item(self, item_id, outcome: str) -> None:
+        self.count += 1
+        where = f"{self.count}/{self.total}" if self.total else str(self.count)
+        self.say(f"[{where}] {item_id}: {outcome}")
+
+    def summary(self, output: str | None) -> None:
+        earlier = f", {self.skipped} answered in {output} before" if self.skipped else ""
+        self.say(f"{self.answered} answered, {self.failed} failed{earlier}")
+
+
+def run(loaded, source, defaults, base: Path, output: str | None, progress: Progress, prior_cache: bool = True,
+        cache_gb: float = 4.0) -> int:
+    """Answer every item of `source` (lines of text); returns how many failed."""
+    from sharp_cli import jsonl
+    from sharp_cli.prune.prior import PriorStore
+    from sharp_cli.video_cache import VideoCache
+
+    cache = VideoCache(int(cache_gb * 2**30)) if cache_gb > 0 else None
+
+    done = answered_ids(Path(output)) if output else set()
+    store = PriorStore(use_disk=prior_cache)
+    sink = jsonl.open_for_append(Path(output)) if output else sys.stdout
+    seen: dict[str, int] = {}
+    try:
+        for number, raw in enumerate(source, 1):
+            if not raw.strip():
+                continue
+            item_id, item, error = parse_item(raw, number)
+            key = str(item_id)
+            if error is None and key in seen:
+                error = f"duplicate id {item_id!r} (line {seen[key]} has it too)"
+            seen.setdefault(key, number)
+            if error is None and key in done:
+                progress.skipped += 1
+                progress.item(item_id, "answered before, skipped")
+                continue
+            started = time.perf_counter()
+            if error is None:
+                record, error = answer_item(loaded, item, defaults, base, store, progress, cache)
+            if error is not None:
+                record = {"id": item_id, "error": error}
+                progress.failed += 1
+                progress.item(item_id, f"error: {error}")
+            else:
+                record = {"id": item_id, **record}
+                progress.answered += 1
+                progress.item(item_id, f"ok ({record['new_tokens']} tokens, {time.perf_counter() - started:.1f} s)")
+            jsonl.append(sink, record)
+    finally:
+        if sink is not sys.stdout:
+            sink.close()
+    progress.summary(output)
+    return progress.failed
+
+
+def parse_item(raw: str, number: int):
+    """(id, BatchItem or None, error or None) of one input line."""
+    import json
+
+    from pydantic import ValidationError
+
+    from sharp_cli.overrides import BatchItem, validation_message
+
+    try:
+        data = json.loads(raw)
+    except ValueError as exc:
+        return number, None, f"line {number} is not JSON ({exc.msg})"
+    if not isinstance(data, dict):
+        return number, None, f"line {number} is not a JSON object"
+    given = data.get("id")
+    item_id = given if isinstance(given, (str, int)) and not isinstance(given, bool) else number
+    try:
+        return item_id, BatchItem.model_validate(data), None
+    except ValidationError as exc:
+        return item_id, None, validation_message(exc)
+
+
+def answer_item(loaded, item, defaults, base: Path, store, progress: Progress, cache=None):
+    """(the ask --json record, None) or (None, the one-line error)."""
+    from sharp_cli import answer as answer_mod
+    from sharp_cli import report
+    from sharp_cli.errors import SharpError, UsageError, describe, is_out_of_memory, one_line, release_gpu_memory
+    from sharp_cli.overrides import as_field_names, resolve
+    from sharp_cli.video import load_video
+
+    try:
+        plan = resolve(item, defaults, loaded)
+        path, started = base / os.path.expanduser(item.video), time.perf_counter()
+        clip = cache.load_video(path, **plan.video) if cache is not None else load_video(path, **plan.video)
+        video_s = time.perf_counter() - started
+        for note in clip.notes:
+            progress.say(f"note: {item.video}: {note}")
+        answer = answer_mod.ask(loaded, clip, item.question, plan.cfg, max_new_tokens=plan.max_new_tokens,
+                                max_pixels=plan.video.get("max_pixels"), store=store, sampling=plan.sampling,
+                                cache=cache)
+        return {**report.ask_record(loaded, clip, plan.cfg, answer), "video_seconds": video_s}, None
+    except UsageError as exc:  # a bad option of this item: named as the item's field
+        return None, as_field_names(one_line(str(exc)))
+    except SharpError as exc:
+        return None, one_line(str(exc))
+    except Exception as exc:  # noqa: BLE001 - one item's failure must not end the run
+        if os.environ.get("SHARP_DEBUG") not in (None, "", "0"):
+            raise
+        message, oom = one_line(describe(exc)), is_out_of_memory(exc)
+    if oom:  # here, not in the except block: by now the traceback (and the tensors it holds) is gone
+        release_gpu_memory()
+    return None, message
+
+
+def answered_ids(path: Path) -> set[str]:
+    """Ids with an answer (not an error) in a results file: a rerun skips them."""
+    from sharp_cli import jsonl
+
+    return {str(r["id"]) for r in jsonl.complete_records(path) if "id" in r and "error" not in r}
+
+
+def _count_lines(path: str) -> int:
+    with open(path, "rb") as handle:
+        return sum(1 for line in handle if line.strip())
+

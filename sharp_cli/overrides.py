@@ -1,0 +1,117 @@
+"""Per-question options over a command's defaults: the extra body fields of `sharp serve` requests
+and the per-line fields of `sharp batch` items, validated the same way for both.
+
+The command line sets the defaults (everything `sharp ask` takes); a request or item may change the
+method, ratio, layer, frame sampling, answer length and sampling, nothing that needs a reload.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field, replace
+from typing import Optional, Union
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from sharp_cli.errors import UsageError, one_line
+from sharp_cli.sampling import Sampling
+
+MAX_TOKENS_LIMIT = 8192  # a random-weights model may never say EOS; this bounds what one request can cost
+
+
+class OptionFields(BaseModel):
+    """The per-question options. Unknown fields are refused, so a typo is an error, not a default."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    method: Optional[str] = None
+    ratio: Optional[float] = None
+    layer: Optional[int] = None
+    frames: Optional[int] = None
+    fps: Optional[float] = None
+    max_pixels: Optional[int] = None
+    max_tokens: Optional[int] = None
+    temperature: Optional[float] = None
+    top_p: Optional[float] = None
+    top_k: Optional[int] = None
+    seed: Optional[int] = None
+
+
+class BatchItem(OptionFields):
+    """One line of `sharp batch` input."""
+
+    video: str
+    question: str
+    id: Optional[Union[int, str]] = None
+
+
+@dataclass(frozen=True)
+class Defaults:
+    cfg: object  # PruneConfig from the command line, validated
+    video: dict  # load_video keyword arguments: frames, fps, max_frames, max_pixels, backend
+    max_new_tokens: int = 128
+    sampling: Sampling = field(default_factory=Sampling)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Everything one question needs besides the model, the video and the question itself."""
+
+    cfg: object  # PruneConfig, K resolved for the model when one was given
+    video: dict
+    max_new_tokens: int
+    sampling: Sampling
+
+
+def resolve(options: OptionFields, defaults: Defaults, loaded=None) -> Plan:
+    """The defaults with the given fields applied; UsageError (one line) for a bad value. With the
+    loaded model, --layer is checked against its depth too."""
+    changes = {name: getattr(options, name) for name in ("method", "ratio", "layer")
+               if getattr(options, name) is not None}
+    cfg = replace(defaults.cfg, **changes).validate()
+    if loaded is not None:
+        cfg = loaded.adapter.validate_prune(cfg, loaded.num_layers)
+
+    video = dict(defaults.video)
+    if options.frames is not None:
+        video["frames"] = options.frames
+        video["fps"] = None  # asking for a frame count means: not the server's default fps
+    if options.fps is not None:
+        video["fps"] = options.fps
+    if options.max_pixels is not None:
+        video["max_pixels"] = options.max_pixels
+    if video.get("frames") is not None and video["frames"] < 1:
+        raise UsageError(f"frames must be >= 1, got {video['frames']}")
+    if video.get("fps") is not None and not video["fps"] > 0:
+        raise UsageError(f"fps must be > 0, got {video['fps']}")
+    if video.get("max_pixels") is not None and video["max_pixels"] < 1:
+        raise UsageError(f"max_pixels must be >= 1, got {video['max_pixels']}")
+
+    max_new_tokens = defaults.max_new_tokens if options.max_tokens is None else options.max_tokens
+    if not 1 <= max_new_tokens <= MAX_TOKENS_LIMIT:
+        raise UsageError(f"max_tokens must be in [1, {MAX_TOKENS_LIMIT}], got {max_new_tokens}")
+
+    picked = {name: getattr(options, name) for name in ("temperature", "top_p", "top_k", "seed")
+              if getattr(options, name) is not None}
+    sampling = replace(defaults.sampling, **picked).validate()
+    return Plan(cfg, video, max_new_tokens, sampling)
+
+
+def validation_message(exc: ValidationError, prefix: str = "") -> str:
+    """pydantic's report as one line: where, what, and how many more problems there are."""
+    problems = exc.errors(include_url=False)
+    first = problems[0]
+    where = ".".join(str(part) for part in first["loc"])
+    message = first["msg"]
+    if first["type"] == "extra_forbidden":
+        message = "unknown field"
+    text = f"{prefix}{where}: {message}" if where else f"{prefix}{message}"
+    if len(problems) > 1:
+        text += f" (and {len(problems) - 1} more problem{'s' if len(problems) > 2 else ''})"
+    return one_line(text, 300)
+
+
+def as_field_names(message: str) -> str:
+    """A UsageError message with its command-line flags as the fields a request or item sends
+    (`--max-pixels` -> `max_pixels`): the checks are shared, the reader is not at a shell."""
+    return re.sub(r"(?<![\w-])--([a-z][a-z0-9-]*)", lambda m: m.group(1).replace("-", "_"), message)

@@ -1,0 +1,1 @@
+"""`sharp serve`: one loaded model behind an OpenAI-compatible HTTP API (docs/serve.md)."""

@@ -1,0 +1,264 @@
+"""The HTTP side of `sharp serve`: FastAPI routes in OpenAI's shapes over a `Service`.
+
+GET /health, GET /v1/models, POST /v1/chat/completions (plain or streamed as server-sent events).
+Every failure is OpenAI's `{"error": {"message", "type", "param", "code"}}` with a 4xx/5xx status,
+and the server goes on serving.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import socket
+
+import anyio
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from sharp_cli.serve import schema
+from sharp_cli.serve.schema import ApiError
+from sharp_cli.serve.service import Question, Service, api_error
+from sharp_cli.serve.worker import Busy, Job
+
+GRACEFUL_SHUTDOWN_SECONDS = 5.0  # then requests still running are cancelled (between tokens)
+_HTTP_CODES = {404: "not_found", 405: "method_not_allowed"}
+
+
+def create_app(service: Service) -> FastAPI:
+    async def lifespan(app):
+        service.start()
+        try:
+            yield
+        finally:
+            service.stop()
+
+    app = FastAPI(title="sharp serve", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.service = service
+    if service.settings.api_key is not None:
+        app.add_middleware(BearerAuth, key=service.settings.api_key)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request, exc):  # unknown routes and methods, in OpenAI's shape too
+        code = _HTTP_CODES.get(exc.status_code, "http_error")
+        return error_response(ApiError(exc.status_code, f"{exc.detail}: {request.method} {request.url.path}", code))
+
+    @app.get("/health")
+    async def health():
+        worker = service.worker
+        body = {"status": "ok" if worker.alive else "stopping", "model": service.model_id,
+                "busy": worker.busy, "waiting": worker.waiting, **dict(worker.stats)}
+        return JSONResponse(body, status_code=200 if worker.alive else 503)
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [schema.model_card(service.model_id, service.created)]}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str):
+        if model_id not in service.settings.model_ids:
+            return error_response(ApiError(404, f"The model '{model_id}' does not exist", "model_not_found"))
+        return schema.model_card(service.model_id, service.created)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        worker = service.worker
+        try:
+            ticket = worker.admit()
+        except Busy as exc:
+            return error_response(ApiError(503, str(exc), exc.code))
+        question, slot = None, None
+        try:
+            question = await checked_question(request, service)
+            slot = await worker.decode_slot()
+            clip = await anyio.to_thread.run_sync(service.decode, question)
+            job = Job(service.work(clip, question), ticket, slot)
+            worker.submit(job)
+        except BaseException as exc:  # the job never reached the queue: give its places back
+            ticket.release()
+            if slot is not None:
+                slot.release()
+            if question is not None:
+                question.source.discard()
+            if not isinstance(exc, Exception):  # cancelled (the server is stopping)
+                raise
+            return error_response(api_error(exc))
+        return await respond(request, job, question, service.model_id)
+
+    return app
+
+
+async def checked_question(request: Request, service: Service) -> Question:
+    """The request read, parsed and checked, with an upload already saved to its temporary file,
+    so that neither the body nor the base64 text stays in memory while the request waits."""
+    body = await read_body(request, service.settings.media.max_body_bytes)
+    question = service.check(schema.parse_request(body))
+    del body
+    if question.source.payload is not None:
+        question = await anyio.to_thread.run_sync(service.save_upload, question)
+    return question
+
+
+def error_response(error: ApiError) -> JSONResponse:
+    headers = {"WWW-Authenticate": "Bearer"} if error.status == 401 else None
+    return JSONResponse(error.body(), status_code=error.status, headers=headers)
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The body, refused with 413 beyond `limit`. What is over the limit is read and dropped (up to
+    a hard cap), so that clients still sending it can read the 413 instead of a reset connection."""
+    declared = request.headers.get("content-length", "")
+    too_large = declared.isdigit() and int(declared) > limit
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            too_large = True
+            if size > 4 * limit:
+                break
+        if not too_large:
+            chunks.append(chunk)
+    if too_large:
+        raise ApiError(413, f"the request body is larger than this server takes ({limit / 1e6:.0f} MB; "
+                       "see --max-upload-mb)", "request_too_large")
+    return b"".join(chunks)
+
+
+# -- answering ---------------------------------------------------------------------------------------
+async def respond(request: Request, job: Job, question: Question, model: str):
+    request_id, created = schema.new_id(), schema.now()
+    watcher = asyncio.create_task(_cancel_on_disconnect(request, job))
+    try:
+        if not question.stream:
+            while True:
+                event = await job.events.get()
+                if event[0] == "text":  # the answer comes whole with "done"
+                    continue
+                if event[0] == "done" and not job.cancelled():
+                    record, finish = event[1]
+                    return JSONResponse(schema.completion(request_id, model, created, schema.plain(record), finish))
+                return _terminal_error(event)
+        # Streamed: wait for the first event before sending headers, so that a request refused by
+        # the model (a bad option it alone can judge) still gets its 4xx status.
+        first = await job.events.get()
+        if first[0] not in ("text", "done") or job.cancelled():
+            return _terminal_error(first)
+    except BaseException:
+        job.cancel()
+        raise
+    finally:
+        watcher.cancel()
+    return _JobStream(job, _events(job, first, request_id, model, created, question.include_usage),
+                      media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+
+class _JobStream(StreamingResponse):
+    """However the stream ends (finished, client gone, server stopping), the job ends with it:
+    Starlette cancels the response on a disconnect, and a job still running stops between tokens."""
+
+    def __init__(self, job: Job, content, **kwargs):
+        super().__init__(content, **kwargs)
+        self.job = job
+
+    async def __call__(self, scope, receive, send):
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.job.cancel()
+
+
+async def _events(job: Job, event, request_id: str, model: str, created: int, include_usage: bool):
+    """The server-sent events of one answer: a role chunk, the text as it comes, a last chunk with
+    the finish reason and the `sharp` record (then usage, if asked for), and `[DONE]`."""
+    yield schema.sse(schema.chunk(request_id, model, created, {"role": "assistant", "content": ""}))
+    while True:
+        if event[0] == "text":
+            yield schema.sse(schema.chunk(request_id, model, created, {"content": event[1]}))
+        elif event[0] == "done" and not job.cancelled():
+            record, finish = event[1]
+            record = schema.plain(record)
+            yield schema.sse(schema.chunk(request_id, model, created, {}, finish, sharp=record))
+            if include_usage:
+                yield schema.sse(schema.usage_chunk(request_id, model, created, record))
+            break
+        else:  # too late for a status code: the error goes in the stream, as OpenAI's servers do
+            yield schema.sse(_terminal_error(event, as_body=True))
+            break
+        event = await job.events.get()
+    yield schema.sse("[DONE]")
+
+
+def _terminal_error(event, as_body: bool = False):
+    if event[0] == "error":
+        error = api_error(event[1])
+    elif event[0] == "gone":  # nobody reads this; the status tells the access log what happened
+        error = ApiError(499, "the client closed the request", "client_closed")
+    else:  # "dropped", or "done" after a cancel: the server is stopping
+        error = ApiError(503, "the server is shutting down; the request was not answered", "shutting_down")
+    return error.body() if as_body else error_response(error)
+
+
+async def _cancel_on_disconnect(request: Request, job: Job) -> None:
+    """Once the body is read, the next ASGI message is the disconnect, if the client goes away."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            job.cancel()
+            job.events.put_nowait(("gone",))
+            return
+
+
+class BearerAuth:
+    """`Authorization: Bearer <key>` on every request, or a 401 (compared in constant time)."""
+
+    def __init__(self, app, key: str):
+        self.app = app
+        self.key = key.encode()
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        header = dict(scope.get("headers") or []).get(b"authorization", b"")
+        scheme, _, token = header.partition(b" ")
+        if scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), self.key):
+            return await self.app(scope, receive, send)
+        message = "missing API key: send 'Authorization: Bearer <key>'" if not header else "invalid API key"
+        await error_response(ApiError(401, message, "invalid_api_key"))(scope, receive, send)
+
+
+# -- running -----------------------------------------------------------------------------------------
+def bind(host: str, port: int) -> socket.socket:
+    """A bound socket (IPv4 or IPv6, as the host says), so a port in use fails before the model loads."""
+    from sharp_cli.errors import SharpError
+
+    sock = None
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                             flags=socket.AI_PASSIVE)[0]
+        sock = socket.socket(family, kind, proto)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+    except OSError as exc:
+        if sock is not None:
+            sock.close()
+        raise SharpError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    return sock
+
+
+def make_server(app: FastAPI, quiet: bool = False):
+    """uvicorn, told to drain the queue the moment it starts shutting down (SIGINT, SIGTERM):
+    queued requests get a 503 at once, the running answer has GRACEFUL_SHUTDOWN_SECONDS to finish,
+    and uvicorn's own deadline (later) never has to cancel a request by force."""
+    import uvicorn
+
+    worker = app.state.service.worker
+
+    class Server(uvicorn.Server):
+        async def shutdown(self, sockets=None):
+            worker.drain(GRACEFUL_SHUTDOWN_SECONDS)
+            await super().shutdown(sockets)
+
+    config = uvicorn.Config(app, log_level="warning" if quiet else "info", access_log=not quiet,
+                            timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS + 10, lifespan="on")
+    return Server(config)
+
