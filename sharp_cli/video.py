@@ -19,6 +19,7 @@ from fractions import Fraction
 
 import numpy as np
 
+from sharp_cli.decord_read import ATTEMPTS, import_decord, read_batch
 from sharp_cli.errors import UsageError, VideoError, one_line
 from sharp_cli.seek import Unseekable, decode_at
 
@@ -53,7 +54,7 @@ class VideoClip:
 def available_backends() -> dict[str, str | None]:
     """Installed decoder versions, None where one cannot be imported."""
     found: dict[str, str | None] = {}
-    for name, load in (("decord", lambda: _import_decord()), ("pyav", lambda: __import__("av"))):
+    for name, load in (("decord", lambda: import_decord()), ("pyav", lambda: __import__("av"))):
         try:
             found[name] = str(load().__version__)
         except Exception:  # a broken native library raises OSError and friends too
@@ -112,7 +113,7 @@ def load_video(path: str | os.PathLike, *, frames: int | None = 32, fps: float |
         stream = _video_stream(path, container)
         if backend != "pyav":
             try:
-                decord = _import_decord()
+                decord = import_decord()
             except Exception as exc:
                 if backend == "decord":
                     raise UsageError(f"decord is not available ({_short(exc)}); install decord2 or use pyav") from exc
@@ -127,16 +128,37 @@ def load_video(path: str | os.PathLike, *, frames: int | None = 32, fps: float |
         return _load_pyav(path, container, stream, sampling, max_pixels, notes)
 
 
-def _import_decord():
-    # decord2's bundled libraries break torch's CPU BLAS (segfaults in linear layers) when they
-    # are loaded first; loading torch first is safe. Seen with decord2 3.4.0 and torch 2.14.1.
-    try:
-        import torch  # noqa: F401
-    except ImportError:
-        pass
-    import decord
+@dataclass
+class VideoInfo:
+    """What a video's header says, read without decoding a frame (for estimates before decoding)."""
 
-    return decord
+    path: str
+    width: int  # as stored (a 90-degree display rotation swaps them; token counts do not change)
+    height: int
+    fps: float
+    total_frames: int  # estimated from the duration when the container does not say; 0: unknown
+
+    def sampled_frames(self, frames: int | None = 32, fps: float | None = None, max_frames: int = 768) -> int:
+        return len(sample_indices(self.total_frames, self.fps, frames=frames, fps=fps, max_frames=max_frames))
+
+    def decoded_size(self, max_pixels: int | None) -> tuple[int, int]:
+        """(width, height) of the frames load_video returns for this max_pixels."""
+        return _target_size(self.width, self.height, max_pixels) or (self.width, self.height)
+
+
+def probe(path: str | os.PathLike) -> VideoInfo | None:
+    """The header of a video (PyAV, no frame decoded): the same one-line VideoError as load_video
+    for a missing, empty or non-video file. None without PyAV (decord reads nothing this cheaply)."""
+    path = _check_path(path)
+    if importlib.util.find_spec("av") is None:
+        return None
+    with _open(path) as container:
+        stream = _video_stream(path, container)
+        rate = _frame_rate(stream)
+        if rate is None or not stream.width or not stream.height:
+            return None
+        total, _ = _frame_count(container, stream, rate, count_packets=False)
+        return VideoInfo(path, int(stream.width), int(stream.height), float(rate), int(total))
 
 
 def _check_sampling(frames, fps, max_frames) -> None:
@@ -237,7 +259,8 @@ def _load_decord(decord, path, container, stream, sampling, max_pixels, notes, b
     decord.logging.set_level(decord.logging.QUIET)  # its FFmpeg prints to stderr; errors still raise
     # One decoder thread: with decord2's threaded decoder, a busy CPU makes its frame skipping give
     # up ("did not respond after 10000 attempts") and return the wrong frames without an error
-    # (6 of 18 runs wrong with 3 processes at once, 0 of 18 with num_threads=1).
+    # (6 of 18 runs wrong with 3 processes at once, 0 of 18 with num_threads=1). Heavier load still
+    # does it (4 of 19 runs with 6 CPU burners on 2 cores); read_batch notices and refuses the batch.
     vr = decord.VideoReader(path, ctx=decord.cpu(0), width=w if size else -1, height=h if size else -1,
                             num_threads=1)
     total, fps = len(vr), float(vr.get_avg_fps())
@@ -252,9 +275,11 @@ def _load_decord(decord, path, container, stream, sampling, max_pixels, notes, b
             raise RuntimeError(f"the file looks truncated, {total} of {promised} frames")
         notes.append(f"the video ends at frame {total}, not {promised} as its header says (truncated?)")
     indices = sample_indices(total, fps, **sampling)
-    batch = vr.get_batch(indices)
-    vr.seek(0)  # else decord keeps the batch's decoder buffers alive (known memory blow-up)
-    frames = batch.asnumpy() if hasattr(batch, "asnumpy") else np.asarray(batch)
+    # Auto mode hands a skip failure to PyAV at once; forced decord tries fresh readers first.
+    frames, lost = read_batch(vr, indices, lambda: decord.VideoReader(
+        path, ctx=decord.cpu(0), width=w if size else -1, height=h if size else -1, num_threads=1),
+        attempts=1 if backend == "auto" else ATTEMPTS)
+    notes += [f"decord lost its place while skipping frames ({lost}x, busy CPU); read again"] if lost else []
     if frames.shape != (len(indices), h, w, 3) or frames.dtype != np.uint8:
         raise RuntimeError(f"it returned frames of shape {frames.shape}, not {(len(indices), h, w, 3)}")
     return VideoClip(frames, fps, total, indices, "decord", path, notes)
@@ -263,7 +288,7 @@ def _load_decord(decord, path, container, stream, sampling, max_pixels, notes, b
 def _load_decord_alone(path, sampling, max_pixels, notes) -> VideoClip:
     """Without PyAV (a minimal install): decord reads the header too, with its own errors."""
     try:
-        decord = _import_decord()
+        decord = import_decord()
     except Exception as exc:
         raise VideoError(f"no video decoder is installed ({_short(exc)}); pip install av or decord2") from None
     decord.logging.set_level(decord.logging.QUIET)
@@ -277,8 +302,9 @@ def _load_decord_alone(path, sampling, max_pixels, notes) -> VideoClip:
         if total < 1 or not fps > 0:
             raise RuntimeError(f"it reports {total} frames at {fps} fps")
         indices = sample_indices(total, fps, **sampling)
-        frames = vr.get_batch(indices).asnumpy()
-        vr.seek(0)
+        frames, lost = read_batch(vr, indices, lambda: decord.VideoReader(
+            path, ctx=decord.cpu(0), width=w, height=h, num_threads=1), attempts=ATTEMPTS)
+        notes += [f"decord lost its place while skipping frames ({lost}x, busy CPU); read again"] if lost else []
     except (UsageError, VideoError):
         raise
     except Exception as exc:
