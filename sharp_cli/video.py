@@ -99,11 +99,7 @@ def load_video(path: str | os.PathLike, *, frames: int | None = 32, fps: float |
     max_pixels: frames are scaled down while decoding (aspect ratio kept) so that
     H*W <= max_pixels; full-size frames never pile up.
     """
-    _check_sampling(frames, fps, max_frames)
-    if max_pixels is not None and max_pixels < 1:
-        raise UsageError(f"max_pixels must be at least 1 (got {max_pixels})")
-    if backend not in BACKENDS:
-        raise UsageError(f"unknown video backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    check_sampling(frames, fps, max_frames, max_pixels, backend)
     path = _check_path(path)
     sampling = dict(frames=frames, fps=fps, max_frames=max_frames)
     notes: list[str] = []
@@ -159,6 +155,15 @@ def probe(path: str | os.PathLike) -> VideoInfo | None:
             return None
         total, _ = _frame_count(container, stream, rate, count_packets=False)
         return VideoInfo(path, int(stream.width), int(stream.height), float(rate), int(total))
+
+
+def check_sampling(frames=32, fps=None, max_frames=768, max_pixels=None, backend="auto") -> None:
+    """load_video's argument checks alone (UsageError), so a command can make them first."""
+    _check_sampling(frames, fps, max_frames)
+    if max_pixels is not None and max_pixels < 1:
+        raise UsageError(f"max_pixels must be at least 1 (got {max_pixels})")
+    if backend not in BACKENDS:
+        raise UsageError(f"unknown video backend {backend!r}; choose one of {', '.join(BACKENDS)}")
 
 
 def _check_sampling(frames, fps, max_frames) -> None:
