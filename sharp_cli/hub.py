@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import threading
+import urllib.error
 import urllib.request
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -85,8 +86,6 @@ def unreachable(timeout: float = PROBE_SECONDS) -> str | None:
     result: list[str | None] = [f"no answer within {timeout:g} s"]
 
     def ask():
-        import urllib.error
-
         try:
             urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=timeout).close()
             result[0] = None

@@ -265,7 +265,7 @@ def _load_decord(decord, path, container, stream, sampling, max_pixels, notes, b
     # One decoder thread: with decord2's threaded decoder, a busy CPU makes its frame skipping give
     # up ("did not respond after 10000 attempts") and return the wrong frames without an error
     # (6 of 18 runs wrong with 3 processes at once, 0 of 18 with num_threads=1). Heavier load still
-    # does it (4 of 19 runs with 6 CPU burners on 2 cores); read_batch notices and refuses the batch.
+    # does it (4 of 40 runs with 6 CPU burners on 2 cores); read_batch notices and refuses the batch.
     vr = decord.VideoReader(path, ctx=decord.cpu(0), width=w if size else -1, height=h if size else -1,
                             num_threads=1)
     total, fps = len(vr), float(vr.get_avg_fps())

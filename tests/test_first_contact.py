@@ -22,7 +22,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from conftest import encode, load_tiny, make_clip
+from conftest import encode, make_clip
 from sharp_cli import engine
 from sharp_cli.cli import app
 from videos import make_video

@@ -273,7 +273,7 @@ def test_token_estimate_is_what_the_processor_makes(name):
     adapter, processor = _processor(config)
     for (h, w), frames, max_pixels in [((56, 56), 1, None), ((84, 112), 3, None), ((30, 200), 8, None),
                                        ((100, 33), 2, 12544), ((360, 640), 17, None), ((360, 640), 4, 50000),
-                                       ((84, 112), 8, 12544)]:
+                                       ((84, 112), 8, 12544), ((56, 56), 300, None)]:
         if adapter.family == "llava-onevision" and max_pixels:
             continue
         assert adapter.token_grid(config, frames, h, w, max_pixels) == \

@@ -25,7 +25,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from sharp_cli.errors import UsageError
+from sharp_cli.errors import UsageError, VideoError
 
 # Reference budgets, in tokens' worth of pixels (a token is factor x factor pixels).
 QWEN2_FRAME_MIN, QWEN2_FRAME_MAX, QWEN2_CLIP_TOTAL = 128, 768, 24576
@@ -41,7 +41,7 @@ def resize_frame(height: int, width: int, factor: int, min_pixels: int, max_pixe
     """(height, width) a Qwen2-VL-style processor resizes one frame to: both multiples of
     `factor`, aspect ratio kept as far as rounding allows, pixels within [min_pixels, max_pixels]."""
     if max(height, width) > 200 * min(height, width):
-        raise UsageError(f"a {width}x{height} frame is too narrow for the model (aspect ratio over 200)")
+        raise VideoError(f"a {width}x{height} frame is too narrow for the model (aspect ratio over 200)")
     h, w = round(height / factor) * factor, round(width / factor) * factor
     if h * w > max_pixels:
         beta = math.sqrt(height * width / max_pixels)
@@ -61,7 +61,7 @@ def resize_clip(frames: int, height: int, width: int, temporal: int, factor: int
         scale = max(factor / height, factor / width)
         height, width = int(height * scale), int(width * scale)
     if max(height, width) > 200 * min(height, width):
-        raise UsageError(f"a {width}x{height} frame is too narrow for the model (aspect ratio over 200)")
+        raise VideoError(f"a {width}x{height} frame is too narrow for the model (aspect ratio over 200)")
     h, w = round(height / factor) * factor, round(width / factor) * factor
     t = round(frames / temporal) * temporal
     if t * h * w > max_pixels:

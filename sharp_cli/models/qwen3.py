@@ -56,6 +56,12 @@ class Qwen3VLAdapter(QwenVLAdapter):
         low, high = self.pixel_bounds(frames, factor, temporal, max_pixels)
         return budget.resize_clip(frames, height, width, temporal, factor, low, high)
 
+    def video_size(self, vp, frames, max_pixels):
+        # The checkpoints' per-clip bound (25,165,824) is the reference total itself, which the
+        # per-frame floor outweighs on long clips as the reference intends: the budget alone.
+        low, high = self.pixel_bounds(frames, vp.patch_size * vp.merge_size, vp.temporal_patch_size, max_pixels)
+        return {"shortest_edge": low, "longest_edge": high}
+
     def pixel_bounds(self, frames, factor, temporal, max_pixels):
         # Qwen3-VL's video processor bounds the pixels of the whole clip (t x h x w), not of a frame.
         return budget.qwen3_bounds(frames, factor, temporal, max_pixels)
