@@ -16,9 +16,9 @@ from typer.core import TyperGroup
 
 from sharp_cli.errors import SharpError, UsageError, one_line
 from sharp_cli.options import (Debias, Decoder, Dedup, DedupThreshold, DedupWindow, Device, Dtype, Fps, Frames,
-                               JsonOut, Layer, MaxFrames, MaxPixels, MaxVisualTokens, Method, Model, Quant, Query, RandomWeights,
-                               Ratio, RegisterZ, Seed, SegmentFrames, SegmentMask, TrustRemoteCode, prune_config,
-                               quiet_transformers, split_list, stderr_console, write_atomic)
+                               JsonOut, Layer, MaxFrames, MaxPixels, MaxVisualTokens, Method, Model, Quant, Query,
+                               RandomWeights, Ratio, RegisterZ, Seed, SegmentFrames, SegmentMask, TrustRemoteCode,
+                               prune_config, quiet_transformers, split_list, stderr_console, write_atomic)
 
 
 class SharpGroup(TyperGroup):
@@ -76,6 +76,7 @@ app = typer.Typer(
     rich_markup_mode=None, help="Ask questions about videos with a video LLM, made fast by ShaRP token pruning.",
     context_settings={"help_option_names": ["-h", "--help"]},
 )
+
 
 def _print_version(value: bool):
     if value:

@@ -5,7 +5,8 @@ errors before decord can crash or print FFmpeg noise on them. Frames then come f
 decord (fast batched random access, optional, quirky) or PyAV, which seeks to the
 keyframe before each sampled frame so its cost follows the number of frames sampled,
 not the length of the video. User-caused failures become one line: VideoError for
-the file, UsageError for the sampling arguments.
+the file, UsageError for the sampling arguments. `probe` reads the header alone, so a
+command can check a video and estimate what it costs before decoding any of it.
 """
 
 from __future__ import annotations
@@ -129,7 +130,7 @@ class VideoInfo:
     """What a video's header says, read without decoding a frame (for estimates before decoding)."""
 
     path: str
-    width: int  # as stored (a 90-degree display rotation swaps them; token counts do not change)
+    width: int  # as stored (a 90-degree display rotation swaps them; token counts barely change)
     height: int
     fps: float
     total_frames: int  # estimated from the duration when the container does not say; 0: unknown
