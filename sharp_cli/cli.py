@@ -18,9 +18,9 @@ from typer.core import TyperGroup
 from sharp_cli.errors import SharpError, UsageError, one_line
 from sharp_cli.errors import describe as _describe  # shared with serve and batch
 from sharp_cli.options import (Debias, Decoder, Dedup, DedupThreshold, DedupWindow, Device, Dtype, Fps, Frames,
-                               JsonOut, Layer, MaxFrames, MaxPixels, Method, Model, Quant, Query, RandomWeights,
-                               Ratio, RegisterZ, Seed, SegmentFrames, SegmentMask, Temperature, TopK, TopP,
-                               TrustRemoteCode, prune_config, quiet_transformers, sampling, split_list,
+                               JsonOut, Layer, MaxFrames, MaxPixels, MaxVisualTokens, Method, Model, Quant, Query,
+                               RandomWeights, Ratio, RegisterZ, Seed, SegmentFrames, SegmentMask, Temperature, TopK,
+                               TopP, TrustRemoteCode, prune_config, quiet_transformers, sampling, split_list,
                                stderr_console, write_atomic)
 
 
@@ -28,6 +28,10 @@ class SharpGroup(TyperGroup):
     """Turns every failure into one line and an exit code, for users and the CLI test runner alike."""
 
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        if not (sys.argv[1:] if args is None else list(args)):  # bare `sharp`: the help, not an error
+            ctx = self.make_context(prog_name or "sharp", [], resilient_parsing=True)
+            sys.stdout.write(ctx.get_help() + "\n")
+            sys.exit(0)
         try:
             code = super().main(args=args, prog_name=prog_name, complete_var=complete_var,
                                 standalone_mode=False, **extra)
@@ -68,6 +72,21 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
+
+def _print_version(value: bool):
+    if value:
+        from sharp_cli import __version__
+
+        typer.echo(f"sharp {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(version: Annotated[bool, typer.Option("--version", callback=_print_version, is_eager=True,
+                                                help="Print sharp's version and exit.")] = False):
+    """Ask questions about videos with a video LLM, made fast by ShaRP token pruning."""
+
+
 @app.command()
 def ask(
     video: Annotated[str, typer.Argument(help="Video file (mp4, mkv, webm, ...).")],
@@ -75,7 +94,7 @@ def ask(
     model: Model = "Qwen/Qwen2.5-VL-7B-Instruct",
     device: Device = "auto", quant: Quant = "auto", dtype: Dtype = "auto",
     frames: Frames = 32, fps: Fps = None, max_frames: MaxFrames = 768, max_pixels: MaxPixels = None,
-    decoder: Decoder = "auto",
+    max_visual_tokens: MaxVisualTokens = None, decoder: Decoder = "auto",
     method: Method = "sharp", ratio: Ratio = 0.15, layer: Layer = None, query: Query = "last",
     segment_mask: SegmentMask = True, segment_frames: SegmentFrames = None, debias: Debias = "subtract",
     dedup: Dedup = True, dedup_threshold: DedupThreshold = 0.9, dedup_window: DedupWindow = 1,
@@ -98,23 +117,44 @@ def ask(
         raise UsageError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
     if warmup < 0:
         raise UsageError(f"--warmup must be >= 0, got {warmup}")
+    if max_visual_tokens is not None and max_visual_tokens < 1:
+        raise UsageError(f"--max-visual-tokens must be >= 1, got {max_visual_tokens}")
     if not question.strip():
         raise UsageError("the question is empty")
+    from sharp_cli import video as video_mod
+
+    video_mod.check_sampling(frames, fps, max_frames, max_pixels, decoder)
+    info = video_mod.probe(video)  # a missing or broken video is one line, before any model lookup
+    if not random_weights and model != "sharp-tiny":  # an unreachable hub: one line, before torch loads
+        from sharp_cli import hub
+
+        hub.check_reachable(model)
     console = stderr_console(quiet)
     quiet_transformers()
     from sharp_cli import answer as answer_mod
     from sharp_cli import loading, report
-    from sharp_cli import video as video_mod
+    from sharp_cli.models import adapter_for, budget
     from sharp_cli.prune.prior import PriorStore
 
-    cfg = loading.check_prune_config(model, cfg, random_weights=random_weights, trust_remote_code=trust_remote_code)
+    config = loading.model_config(model, random_weights=random_weights, trust_remote_code=trust_remote_code)
+    cfg = loading.check_prune_config(model, cfg, config=config)
+    adapter = adapter_for(config)
+    limits = dict(max_pixels=max_pixels, question=question, max_new_tokens=max_new_tokens,
+                  max_visual_tokens=max_visual_tokens)
+    decode_pixels = max_pixels
+    if info is not None and info.sampled_frames(frames, fps, max_frames):  # refused before decoding
+        sampled = info.sampled_frames(frames, fps, max_frames)
+        decode_pixels = adapter.decode_pixels(config, sampled, max_pixels)
+        width, height = info.decoded_size(decode_pixels)
+        budget.check(adapter, config, sampled, height, width, **limits)
     started = time.perf_counter()
     with console.status("decoding video"):
         clip = video_mod.load_video(video, frames=frames, fps=fps, max_frames=max_frames,
-                                    max_pixels=max_pixels, backend=decoder)
+                                    max_pixels=decode_pixels, backend=decoder)
     video_s = time.perf_counter() - started
     for note in clip.notes:
         console.print(f"note: {note}")
+    budget.check(adapter, config, *clip.frames.shape[:3], **limits)  # exact: the frames as decoded
 
     started = time.perf_counter()
     with console.status(f"loading {model}"):
@@ -141,7 +181,7 @@ def ask(
     else:
         typer.echo(answer.text)
     if not quiet:
-        console.print(report.ask_table(record))
+        console.print(report.ask_table(record, width=console.width))
 
 
 @app.command()
@@ -254,8 +294,19 @@ def env():
             return "not installed"
 
     lines = [("python", platform.python_version()), ("sharp-cli", version("sharp-cli"))]
-    for dist in ("torch", "torchvision", "transformers", "accelerate", "bitsandbytes", "av", "decord2", "decord"):
+    for dist in ("torch", "torchvision", "transformers", "accelerate", "bitsandbytes"):
         lines.append((dist, version(dist)))
+    # The decoders by the module that imports (decord2 installs the `decord` module), and from which
+    # distribution; both decord and decord2 installed overwrite each other's files.
+    from sharp_cli.video import available_backends
+
+    found = available_backends()
+    providers = md.packages_distributions()
+    for module, key in (("av", "pyav"), ("decord", "decord")):
+        dists = sorted(set(providers.get(module, [])))
+        origin = f" (from {', '.join(dists)})" if dists and dists != [module] else ""
+        clash = "; decord and decord2 are both installed: keep decord2 only" if len(dists) > 1 else ""
+        lines.append((f"{module} (module)", (found[key] or "cannot be imported") + origin + clash))
     import torch
 
     lines.append(("cuda (torch build)", torch.version.cuda or "none (CPU build)"))
@@ -265,10 +316,7 @@ def env():
             lines.append((f"gpu {i}", f"{props.name}, {props.total_memory / 2**30:.1f} GiB"))
     else:
         lines.append(("gpu", "none visible"))
-    from sharp_cli.video import available_backends
-
-    found = [f"{k} {v}" for k, v in available_backends().items() if v]
-    lines.append(("video decoders", ", ".join(found) or "none"))
+    lines.append(("video decoders", ", ".join(f"{k} {v}" for k, v in found.items() if v) or "none"))
     width = max(len(k) for k, _ in lines)
     for key, value in lines:
         typer.echo(f"{key.ljust(width)}  {value}")

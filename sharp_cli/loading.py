@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from sharp_cli import measure
+from sharp_cli import hub, measure
 from sharp_cli.errors import DeviceError, ModelError, UsageError
 from sharp_cli.models import adapter_for
 from sharp_cli.prune import attention
@@ -32,6 +32,8 @@ class Loaded:
     random_weights: bool = False
     graphs: object = None  # prune.graphs.TailGraphs on CUDA unless turned off (also gates decode graphs)
     kv_pool: object = None  # kv.KVPool: the preallocated KV caches (and the decode graphs on them)
+    folder: str | None = None  # where the model's files are (a local folder or the hub cache's snapshot)
+    prior_identity: dict | None = None  # hashes naming the model in prior cache keys (prior_pass.py)
 
     def use_cuda_graphs(self, enabled: bool = True) -> "Loaded":
         from sharp_cli.prune.graphs import TailGraphs
@@ -70,13 +72,24 @@ def resolve_quant(quant: str, device: torch.device) -> str:
 
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     if dtype == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
+        if device.type != "cuda":
+            return torch.float32
+        return torch.bfloat16 if bf16_native() else torch.float16
     if dtype not in ("bfloat16", "float16", "float32"):
         raise UsageError(f"--dtype must be auto, bfloat16, float16 or float32, got '{dtype}'")
     return getattr(torch, dtype)
 
 
-def quantization_config(quant: str, adapter):
+def bf16_native() -> bool:
+    """bfloat16 in hardware (compute capability 8.0 on): T4 and V100 only emulate it, slowly, and
+    torch's plain is_bf16_supported() counts emulation as support."""
+    try:
+        return bool(torch.cuda.is_bf16_supported(including_emulation=False))
+    except TypeError:  # torch releases without the argument did not count emulation
+        return bool(torch.cuda.is_bf16_supported())
+
+
+def quantization_config(quant: str, adapter, dtype: torch.dtype = torch.bfloat16):
     if quant == "none":
         return None
     from transformers import BitsAndBytesConfig
@@ -87,7 +100,8 @@ def quantization_config(quant: str, adapter):
         raise DeviceError(f"--quant {quant} needs bitsandbytes ({exc}); install it or use --quant none") from None
     if quant == "nf4":
         return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                  bnb_4bit_compute_dtype=torch.bfloat16, llm_int8_skip_modules=adapter.skip_modules())
+                                  # the model's dtype: bf16 where the GPU has it, fp16 (T4, V100) else
+                                  bnb_4bit_compute_dtype=dtype, llm_int8_skip_modules=adapter.skip_modules())
     return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=adapter.skip_modules())
 
 
@@ -104,11 +118,23 @@ def read_config(name: str, trust_remote_code: bool):
     from transformers import AutoConfig
 
     name = model_path(name)
+    hub.check_reachable(name)
     try:
         return AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
+        if not Path(name).exists() and hub.offline():
+            raise ModelError(hub.not_cached(name)) from None
         where = "local folder" if Path(name).exists() else "model id"
         raise ModelError(f"cannot load {where} '{name}': {exc}") from None
+
+
+def model_config(name: str, *, random_weights: bool = False, trust_remote_code: bool = False):
+    """The model's config alone (a shipped one with random weights): cheap, before any weights."""
+    if random_weights:
+        from sharp_cli.models import random_init
+
+        return random_init.load_config(name)
+    return read_config(name, trust_remote_code)
 
 
 def load(name: str = DEFAULT_MODEL, *, device: str = "auto", quant: str = "auto", dtype: str = "auto",
@@ -131,9 +157,10 @@ def load(name: str = DEFAULT_MODEL, *, device: str = "auto", quant: str = "auto"
         name = str(_random_folder(name, config, dev))
     config = read_config(name, trust_remote_code)
     adapter = adapter_for(config)
+    _refuse_pickles(name)
     kwargs = dict(dtype=tdtype, attn_implementation="sdpa", trust_remote_code=trust_remote_code,
                   use_safetensors=True)
-    qconfig = quantization_config(qmode, adapter)
+    qconfig = quantization_config(qmode, adapter, tdtype)
     if qconfig is not None:
         # The current device, not GPU 0: sharded evals set it per rank (torch.cuda.set_device).
         kwargs.update(quantization_config=qconfig,
@@ -146,19 +173,31 @@ def load(name: str = DEFAULT_MODEL, *, device: str = "auto", quant: str = "auto"
     if qconfig is None:
         model.to(dev)
     model.eval()
-    return ready(Loaded(model, processor, adapter, requested, dev, tdtype, qmode, random_weights))
+    return ready(Loaded(model, processor, adapter, requested, dev, tdtype, qmode, random_weights,
+                        folder=hub.local_folder(name)))
+
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+def _refuse_pickles(name: str) -> None:
+    """A local folder with pickled weights only: say so, instead of transformers' "no file named
+    model.safetensors" (use_safetensors=True already keeps the pickles from being opened)."""
+    folder = Path(name)
+    if not folder.is_dir() or any(folder.glob("*.safetensors")):
+        return
+    pickles = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    if pickles:
+        raise ModelError(f"cannot load local folder '{name}': its weights are pickled ({', '.join(pickles[:3])}), "
+                         "and sharp loads safetensors only (unpickling can run code); convert them to safetensors")
 
 
 def check_prune_config(name: str, cfg: PruneConfig, *, random_weights: bool = False,
-                       trust_remote_code: bool = False) -> PruneConfig:
-    """cfg with K resolved for the model and validated against its depth, from its config alone,
-    before any heavy work."""
-    if random_weights:
-        from sharp_cli.models import random_init
-
-        config = random_init.load_config(name)
-    else:
-        config = read_config(name, trust_remote_code)
+                       trust_remote_code: bool = False, config=None) -> PruneConfig:
+    """cfg with K resolved for the model and validated against its depth, from its config alone
+    (`config`, when already read), before any heavy work."""
+    if config is None:
+        config = model_config(name, random_weights=random_weights, trust_remote_code=trust_remote_code)
     return adapter_for(config).validate_prune(cfg, measure.text_dims(config)["layers"])
 
 

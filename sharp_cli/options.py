@@ -17,14 +17,20 @@ Model = Annotated[str, typer.Option("-m", "--model", envvar="SHARP_MODEL",
                                     help="Hub id or local folder of a supported video LLM.")]
 Device = Annotated[str, typer.Option(help="auto, cuda or cpu.")]
 Quant = Annotated[str, typer.Option(help="auto (nf4 on CUDA, none on CPU), nf4, int8 or none.")]
-Dtype = Annotated[str, typer.Option(help="auto (bfloat16 on CUDA, float32 on CPU), bfloat16, float16, float32.")]
+Dtype = Annotated[str, typer.Option(help="auto (bfloat16 on GPUs that have it, else float16; float32 on CPU), "
+                                         "bfloat16, float16, float32.")]
 RandomWeights = Annotated[bool, typer.Option("--random-weights", help="Build the model's architecture from its "
                                              "shipped config with random weights (speed measurements, no download).")]
 TrustRemoteCode = Annotated[bool, typer.Option("--trust-remote-code", help="Allow model code from the hub (off by default).")]
 Frames = Annotated[int, typer.Option(help="Frames sampled uniformly over the video.")]
 Fps = Annotated[Optional[float], typer.Option(help="Sample this many frames per second instead (capped by --max-frames).")]
 MaxFrames = Annotated[int, typer.Option(help="Upper bound on frames sampled with --fps.")]
-MaxPixels = Annotated[Optional[int], typer.Option(help="Upper bound on pixels per frame (so on visual tokens per frame).")]
+MaxPixels = Annotated[Optional[int], typer.Option(
+    help="Upper bound on pixels per frame (so on visual tokens per frame), replacing the model family's "
+         "reference budget (docs/video.md).", show_default=False)]
+MaxVisualTokens = Annotated[Optional[int], typer.Option(
+    help="Refuse a clip that would become more visual tokens than this (checked before decoding and "
+         "before the vision encoder).", show_default=False)]
 Decoder = Annotated[str, typer.Option(help="Video decoder: auto (decord, then PyAV), decord or pyav.")]
 Method = Annotated[str, typer.Option(help="sharp, fastv, random or none.")]
 Ratio = Annotated[float, typer.Option(help="Fraction of visual tokens kept from layer K on, in (0, 1].")]

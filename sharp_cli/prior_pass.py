@@ -5,6 +5,7 @@ shape, computed once per layout and kept in a PriorStore (prune/prior.py) for la
 from __future__ import annotations
 
 import copy
+import json
 from dataclasses import dataclass
 
 import numpy as np
@@ -15,7 +16,7 @@ from sharp_cli.engine import encode, prepare
 from sharp_cli.errors import ModelError
 from sharp_cli.loading import Loaded
 from sharp_cli.prune.config import PruneConfig
-from sharp_cli.prune.prior import PriorStore
+from sharp_cli.prune.prior import PriorStore, digest, files_fingerprint, weights_fingerprint
 from sharp_cli.prune.session import PruneSession, StopPrefill
 
 PRIOR_QUESTION = "What happens in this video?"  # fixed prompt of the positional-prior pass
@@ -35,12 +36,7 @@ def positional_prior(loaded: Loaded, clip, encoded, cfg: PruneConfig, store: Pri
         return PriorInfo()
     cfg = loaded.adapter.validate_prune(cfg, loaded.num_layers)
     layout = encoded.layout
-    key = store.key({
-        "model": loaded.name, "class": type(loaded.model).__name__, "dtype": str(loaded.dtype),
-        "quant": loaded.quant, "grid": layout.grid, "frames_per_step": layout.frames_per_step,
-        "layer": cfg.layer, "query": cfg.query, "segment_mask": cfg.segment_mask,
-        "segment_frames": cfg.segment_frames, "random_weights": loaded.random_weights,
-    })
+    key = store.key(prior_key(loaded, encoded, cfg))
     prior = store.get(key)
     if prior is not None:
         return PriorInfo(prior.to(loaded.device), True, 0.0)
@@ -54,6 +50,44 @@ def positional_prior(loaded: Loaded, clip, encoded, cfg: PruneConfig, store: Pri
         scores = _scores_only(loaded, black_encoded, cfg)
     store.put(key, scores, {"model": loaded.name, "grid": layout.describe(), "layer": cfg.layer})
     return PriorInfo(scores, False, watch.seconds)
+
+
+def prior_key(loaded: Loaded, encoded, cfg: PruneConfig) -> dict:
+    """Everything the prior depends on. The model by its files and weights (not the name typed);
+    the prompt by the prior question's tokens (chat template and tokenizer included) and by the
+    positions of everything up to the video's end (the text before it, the token grid and the
+    clip's timing, which Qwen's temporal positions and Qwen3-VL's timestamps follow); then the
+    pruning settings that shape layers 0..K, and sharp's version."""
+    from sharp_cli import __version__
+
+    model = _model_identity(loaded)
+    layout = encoded.layout
+    upto = encoded.position_ids[..., :layout.visual_end]
+    return dict(model, dtype=str(loaded.dtype), quant=loaded.quant, grid=layout.grid,
+                frames_per_step=layout.frames_per_step, text_before_video=int(layout.indices[0]),
+                positions=digest(upto.detach().to("cpu", torch.int64).numpy().tobytes()),
+                layer=cfg.layer, query=cfg.query, segment_mask=cfg.segment_mask,
+                segment_frames=cfg.segment_frames or layout.frames_per_step, sharp=__version__)
+
+
+def _model_identity(loaded: Loaded) -> dict:
+    """Hashes of the model and its prompt machinery, made once per loaded model."""
+    cached = loaded.prior_identity
+    if cached is None:
+        processor = loaded.processor
+        tokenizer = getattr(processor, "tokenizer", processor)
+        prompt = loaded.adapter.prompt(processor, PRIOR_QUESTION)
+        ids = tokenizer(str(prompt), add_special_tokens=False)["input_ids"]
+        video = getattr(processor, "video_processor", None)
+        cached = {
+            "class": type(loaded.model).__name__, "random_weights": loaded.random_weights,
+            "files": files_fingerprint(loaded.folder), "weights": weights_fingerprint(loaded.model),
+            "template": digest(getattr(processor, "chat_template", None) or ""),
+            "prior_prompt": digest(json.dumps(ids)), "prior_prompt_tokens": len(ids), "vocab": len(tokenizer),
+            "video_processor": digest(video.to_json_string() if video is not None else ""),
+        }
+        loaded.prior_identity = cached
+    return cached
 
 
 @torch.inference_mode()

@@ -75,12 +75,25 @@ def _gpu_name(device) -> str | None:
     return None
 
 
-def ask_table(record: dict):
+def ask_table(record: dict, width: int | None = None):
+    """The cost of one answer: a two-column table, or, when it would not fit in `width` columns
+    (stderr redirected is 80), one "name: value" line per row, wrapped at spaces with an indent,
+    so that no value is cut and no number split."""
+    rows = ask_rows(record)
+    natural = max(len(k) for k, _ in rows) + max(len(v) for _, v in rows) + 7  # 3 borders, 4 padding
+    if width is not None and natural > width:
+        return narrow_lines("sharp ask", rows, width)
     from rich.table import Table
 
     table = Table(title="sharp ask", show_header=True, header_style="bold", title_justify="left")
     table.add_column("", style="cyan", no_wrap=True)
     table.add_column("value")
+    for name, value in rows:
+        table.add_row(name, value)
+    return table
+
+
+def ask_rows(record: dict) -> list[tuple[str, str]]:
     quant = record["quant"] if record["quant"] != "none" else (
         "none (CPU: no quantization)" if record["device"] == "cpu" else "none")
     method = record["method"] if record["method"] == "none" else (
@@ -117,9 +130,56 @@ def ask_table(record: dict):
          + f"; stopped at {'EOS' if record['stop'] == 'eos' else record['stop']})"),
         ("answer, end to end", fmt_seconds(record["answer_seconds"]) + "  (vision + prior + prefill + decode)"),
     ]
+    return rows
+
+
+def narrow_lines(title: str, rows: list[tuple[str, str]], width: int):
+    """rows as "name: value" lines for a narrow stderr (rich Text, no markup)."""
+    import textwrap
+
+    from rich.text import Text
+
+    lines = [title]
     for name, value in rows:
-        table.add_row(name, value)
-    return table
+        first = f"{name}: "  # sub-rows keep their indent
+        wrapped = textwrap.wrap(value, width=max(24, width), initial_indent=first, subsequent_indent="      ",
+                                break_long_words=False, break_on_hyphens=False) or [first]
+        lines += wrapped
+    return Text("\n".join(lines))
+
+
+def fit_table(title: str, headers: list[str], rows: list[list[str]], width: int | None,
+              priority: list[int] | None = None, justify: list[str] | None = None):
+    """A Rich table of `rows` that fits `width` terminal columns without cutting a cell: cells
+    never wrap (a number is whole or absent), and when the table is too wide, columns go, the
+    highest `priority` number first (the first column always stays), named in the caption. For
+    sharp bench's and eval's wide tables; `width` None keeps every column."""
+    from rich.cells import cell_len
+    from rich.table import Table
+
+    widths = [max([cell_len(h)] + [cell_len(r[i]) for r in rows]) for i, h in enumerate(headers)]
+    keep = list(range(len(headers)))
+    priority = priority or list(range(len(headers)))
+    by_drop = sorted(range(1, len(headers)), key=lambda i: (-priority[i], -i))
+    dropped = []
+
+    def total(cols):  # each column: its cells and 2 of padding, plus one border between and around
+        return sum(widths[i] + 3 for i in cols) + 1
+
+    while width is not None and total(keep) > width and by_drop:
+        gone = by_drop.pop(0)
+        keep.remove(gone)
+        dropped.append(headers[gone])
+    t = Table(title=title, title_justify="left", header_style="bold")
+    for i in keep:
+        side = (justify or ["left"] + ["right"] * (len(headers) - 1))[i]
+        t.add_column(headers[i], justify=side, no_wrap=True, min_width=widths[i])
+    for r in rows:
+        t.add_row(*(r[i] for i in keep))
+    if dropped:
+        t.caption = f"not shown at {width} columns: {', '.join(dropped)} (all in --json)"
+        t.caption_justify = "left"
+    return t
 
 
 def print_json(obj) -> None:

@@ -5,7 +5,8 @@ errors before decord can crash or print FFmpeg noise on them. Frames then come f
 decord (fast batched random access, optional, quirky) or PyAV, which seeks to the
 keyframe before each sampled frame so its cost follows the number of frames sampled,
 not the length of the video. User-caused failures become one line: VideoError for
-the file, UsageError for the sampling arguments.
+the file, UsageError for the sampling arguments. `probe` reads the header alone, so a
+command can check a video and estimate what it costs before decoding any of it.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from fractions import Fraction
 
 import numpy as np
 
+from sharp_cli.decord_read import ATTEMPTS, import_decord, read_batch
 from sharp_cli.errors import UsageError, VideoError, one_line
 from sharp_cli.seek import Unseekable, decode_at
 
@@ -54,7 +56,7 @@ class VideoClip:
 def available_backends() -> dict[str, str | None]:
     """Installed decoder versions, None where one cannot be imported."""
     found: dict[str, str | None] = {}
-    for name, load in (("decord", lambda: _import_decord()), ("pyav", lambda: __import__("av"))):
+    for name, load in (("decord", lambda: import_decord()), ("pyav", lambda: __import__("av"))):
         try:
             found[name] = str(load().__version__)
         except Exception:  # a broken native library raises OSError and friends too
@@ -99,11 +101,7 @@ def load_video(path: str | os.PathLike, *, frames: int | None = 32, fps: float |
     max_pixels: frames are scaled down while decoding (aspect ratio kept) so that
     H*W <= max_pixels; full-size frames never pile up.
     """
-    _check_sampling(frames, fps, max_frames)
-    if max_pixels is not None and max_pixels < 1:
-        raise UsageError(f"max_pixels must be at least 1 (got {max_pixels})")
-    if backend not in BACKENDS:
-        raise UsageError(f"unknown video backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    check_sampling(frames, fps, max_frames, max_pixels, backend)
     path = _check_path(path)
     sampling = dict(frames=frames, fps=fps, max_frames=max_frames)
     notes: list[str] = []
@@ -113,7 +111,7 @@ def load_video(path: str | os.PathLike, *, frames: int | None = 32, fps: float |
         stream = _video_stream(path, container)
         if backend != "pyav":
             try:
-                decord = _import_decord()
+                decord = import_decord()
             except Exception as exc:
                 if backend == "decord":
                     raise UsageError(f"decord is not available ({_short(exc)}); install decord2 or use pyav") from exc
@@ -128,16 +126,46 @@ def load_video(path: str | os.PathLike, *, frames: int | None = 32, fps: float |
         return _load_pyav(path, container, stream, sampling, max_pixels, notes)
 
 
-def _import_decord():
-    # decord2's bundled libraries break torch's CPU BLAS (segfaults in linear layers) when they
-    # are loaded first; loading torch first is safe. Seen with decord2 3.4.0 and torch 2.14.1.
-    try:
-        import torch  # noqa: F401
-    except ImportError:
-        pass
-    import decord
+@dataclass
+class VideoInfo:
+    """What a video's header says, read without decoding a frame (for estimates before decoding)."""
 
-    return decord
+    path: str
+    width: int  # as stored (a 90-degree display rotation swaps them; token counts barely change)
+    height: int
+    fps: float
+    total_frames: int  # estimated from the duration when the container does not say; 0: unknown
+
+    def sampled_frames(self, frames: int | None = 32, fps: float | None = None, max_frames: int = 768) -> int:
+        return len(sample_indices(self.total_frames, self.fps, frames=frames, fps=fps, max_frames=max_frames))
+
+    def decoded_size(self, max_pixels: int | None) -> tuple[int, int]:
+        """(width, height) of the frames load_video returns for this max_pixels."""
+        return _target_size(self.width, self.height, max_pixels) or (self.width, self.height)
+
+
+def probe(path: str | os.PathLike) -> VideoInfo | None:
+    """The header of a video (PyAV, no frame decoded): the same one-line VideoError as load_video
+    for a missing, empty or non-video file. None without PyAV (decord reads nothing this cheaply)."""
+    path = _check_path(path)
+    if importlib.util.find_spec("av") is None:
+        return None
+    with _open(path) as container:
+        stream = _video_stream(path, container)
+        rate = _frame_rate(stream)
+        if rate is None or not stream.width or not stream.height:
+            return None
+        total, _ = _frame_count(container, stream, rate, count_packets=False)
+        return VideoInfo(path, int(stream.width), int(stream.height), float(rate), int(total))
+
+
+def check_sampling(frames=32, fps=None, max_frames=768, max_pixels=None, backend="auto") -> None:
+    """load_video's argument checks alone (UsageError), so a command can make them first."""
+    _check_sampling(frames, fps, max_frames)
+    if max_pixels is not None and max_pixels < 1:
+        raise UsageError(f"max_pixels must be at least 1 (got {max_pixels})")
+    if backend not in BACKENDS:
+        raise UsageError(f"unknown video backend {backend!r}; choose one of {', '.join(BACKENDS)}")
 
 
 def _check_sampling(frames, fps, max_frames) -> None:
@@ -238,7 +266,8 @@ def _load_decord(decord, path, container, stream, sampling, max_pixels, notes, b
     decord.logging.set_level(decord.logging.QUIET)  # its FFmpeg prints to stderr; errors still raise
     # One decoder thread: with decord2's threaded decoder, a busy CPU makes its frame skipping give
     # up ("did not respond after 10000 attempts") and return the wrong frames without an error
-    # (6 of 18 runs wrong with 3 processes at once, 0 of 18 with num_threads=1).
+    # (6 of 18 runs wrong with 3 processes at once, 0 of 18 with num_threads=1). Heavier load still
+    # does it (4 of 40 runs with 6 CPU burners on 2 cores); read_batch notices and refuses the batch.
     vr = decord.VideoReader(path, ctx=decord.cpu(0), width=w if size else -1, height=h if size else -1,
                             num_threads=1)
     total, fps = len(vr), float(vr.get_avg_fps())
@@ -253,9 +282,11 @@ def _load_decord(decord, path, container, stream, sampling, max_pixels, notes, b
             raise RuntimeError(f"the file looks truncated, {total} of {promised} frames")
         notes.append(f"the video ends at frame {total}, not {promised} as its header says (truncated?)")
     indices = sample_indices(total, fps, **sampling)
-    batch = vr.get_batch(indices)
-    vr.seek(0)  # else decord keeps the batch's decoder buffers alive (known memory blow-up)
-    frames = batch.asnumpy() if hasattr(batch, "asnumpy") else np.asarray(batch)
+    # Auto mode hands a skip failure to PyAV at once; forced decord tries fresh readers first.
+    frames, lost = read_batch(vr, indices, lambda: decord.VideoReader(
+        path, ctx=decord.cpu(0), width=w if size else -1, height=h if size else -1, num_threads=1),
+        attempts=1 if backend == "auto" else ATTEMPTS)
+    notes += [f"decord lost its place while skipping frames ({lost}x, busy CPU); read again"] if lost else []
     if frames.shape != (len(indices), h, w, 3) or frames.dtype != np.uint8:
         raise RuntimeError(f"it returned frames of shape {frames.shape}, not {(len(indices), h, w, 3)}")
     return VideoClip(frames, fps, total, indices, "decord", path, notes)
@@ -264,7 +295,7 @@ def _load_decord(decord, path, container, stream, sampling, max_pixels, notes, b
 def _load_decord_alone(path, sampling, max_pixels, notes) -> VideoClip:
     """Without PyAV (a minimal install): decord reads the header too, with its own errors."""
     try:
-        decord = _import_decord()
+        decord = import_decord()
     except Exception as exc:
         raise VideoError(f"no video decoder is installed ({_short(exc)}); pip install av or decord2") from None
     decord.logging.set_level(decord.logging.QUIET)
@@ -278,8 +309,9 @@ def _load_decord_alone(path, sampling, max_pixels, notes) -> VideoClip:
         if total < 1 or not fps > 0:
             raise RuntimeError(f"it reports {total} frames at {fps} fps")
         indices = sample_indices(total, fps, **sampling)
-        frames = vr.get_batch(indices).asnumpy()
-        vr.seek(0)
+        frames, lost = read_batch(vr, indices, lambda: decord.VideoReader(
+            path, ctx=decord.cpu(0), width=w, height=h, num_threads=1), attempts=ATTEMPTS)
+        notes += [f"decord lost its place while skipping frames ({lost}x, busy CPU); read again"] if lost else []
     except (UsageError, VideoError):
         raise
     except Exception as exc:

@@ -91,14 +91,30 @@ def test_remote_code_is_off_unless_asked(monkeypatch, model_dirs):
     assert seen["trust_remote_code"] is True
 
 
-def test_pickle_weights_are_refused(model_dirs, tmp_path):
+def test_pickle_weights_are_refused(model_dirs, video, tmp_path, monkeypatch):
+    """A real pickle checkpoint folder (config and processor fine, weights torch.save'd) behind a
+    real video: the run gets past the video and the config to the weights, refuses them in one
+    line, and never unpickles anything."""
     import shutil
+
+    from safetensors.torch import load_file
 
     folder = tmp_path / "pickled"
     shutil.copytree(model_dirs["qwen2.5-vl"], folder)
-    (folder / "model.safetensors").rename(folder / "pytorch_model.bin")
-    result = runner.invoke(app, ["ask", __file__, "what?", "-m", str(folder), "--frames", "2"])
-    assert result.exit_code == 1 and len(result.stderr.strip().splitlines()) == 1
+    torch.save(load_file(str(folder / "model.safetensors")), folder / "pytorch_model.bin")
+    (folder / "model.safetensors").unlink()
+    unpickled = []
+    real_load = torch.load
+    monkeypatch.setattr(torch, "load", lambda *a, **k: unpickled.append(a) or real_load(*a, **k))
+    decoded = []
+    from sharp_cli import video as video_mod
+
+    real_decode = video_mod.load_video
+    monkeypatch.setattr(video_mod, "load_video", lambda *a, **k: decoded.append(a) or real_decode(*a, **k))
+    result = runner.invoke(app, ["ask", video, "what?", "-m", str(folder), *SMALL])
+    assert result.exit_code == 1 and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert "pickled" in result.stderr and "pytorch_model.bin" in result.stderr and "safetensors" in result.stderr
+    assert decoded and not unpickled  # it reached the weights, and left them unopened
 
 
 @settings(max_examples=60, deadline=None)

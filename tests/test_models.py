@@ -241,3 +241,91 @@ def test_bench_runs_every_method(model_dirs, family):
     n = rows[1]["visual_tokens_total"]
     assert all(r["visual_tokens_kept"] == keep_count(0.25, n) for r in rows[2:])
     assert rows[0]["tokens_agree"] is True  # sharp's unpruned decode gives generate()'s tokens
+
+
+# -- token budgets (models/budget.py) ------------------------------------------------------------
+def _processor(config):
+    adapter = adapter_for(config)
+    tokenizer = synthetic_tokenizer(adapter.special_tokens(config), config.text_config.vocab_size)
+    return adapter, adapter.build_processor(tokenizer, config)
+
+
+def _processor_grid(adapter, processor, config, frames, height, width, max_pixels):
+    inputs = adapter.processor_inputs(processor, adapter.prompt(processor, "what?"),
+                                      make_clip(frames=frames, height=height, width=width,
+                                                content=torch.zeros(frames, height, width, 3, dtype=torch.uint8)
+                                                .numpy()), max_pixels)
+    if "video_grid_thw" not in inputs:  # LLaVA: frames x the pooled grid
+        return (inputs["pixel_values_videos"].shape[1], *adapter.token_grid(config, frames, height, width)[1:])
+    t, h, w = inputs["video_grid_thw"][0].tolist()
+    merge = config.vision_config.spatial_merge_size
+    return t, h // merge, w // merge
+
+
+@pytest.mark.parametrize("name", ["qwen2.5-vl", "qwen2-vl", "qwen3-vl", "llava-onevision",
+                                  "Qwen/Qwen2.5-VL-7B-Instruct", "Qwen/Qwen3-VL-8B-Instruct"])
+def test_token_estimate_is_what_the_processor_makes(name):
+    """The estimate made from frame count and size alone (before decoding) is the grid the video
+    processor then produces, over sizes, aspect ratios, frame counts (odd ones, one frame) and
+    --max-pixels, for the tiny configs and the real checkpoints' patch sizes."""
+    from sharp_cli.models.random_init import tiny_config
+
+    config = load_config(name) if "/" in name else tiny_config(name)
+    adapter, processor = _processor(config)
+    for (h, w), frames, max_pixels in [((56, 56), 1, None), ((84, 112), 3, None), ((30, 200), 8, None),
+                                       ((100, 33), 2, 12544), ((360, 640), 17, None), ((360, 640), 4, 50000),
+                                       ((84, 112), 8, 12544), ((56, 56), 300, None)]:
+        if adapter.family == "llava-onevision" and max_pixels:
+            continue
+        assert adapter.token_grid(config, frames, h, w, max_pixels) == \
+            _processor_grid(adapter, processor, config, frames, h, w, max_pixels), (h, w, frames, max_pixels)
+
+
+def test_qwen25_default_budget_is_the_reference_not_the_checkpoints_file():
+    """Qwen2.5-VL-7B's shipped preprocessor_config.json allows 12,845,056 pixels a frame; given to
+    the processor as is, 1080p frames keep 39 x 69 tokens each (32 frames: 43,056 tokens). sharp's
+    default is qwen-vl-utils' budget: 20 x 36 (32 frames: 11,520), 4K the same."""
+    from transformers.models.qwen2_vl import Qwen2VLVideoProcessor
+
+    from sharp_cli.models.budget import estimate
+    from sharp_cli.models.random_init import CONFIG_DIR
+
+    config = load_config("Qwen/Qwen2.5-VL-7B-Instruct")
+    adapter, processor = _processor(config)
+    shipped = json.loads((CONFIG_DIR / "Qwen--Qwen2.5-VL-7B-Instruct" / "preprocessor_config.json").read_text())
+    processor.video_processor = Qwen2VLVideoProcessor(**{k: shipped[k] for k in (
+        "min_pixels", "max_pixels", "patch_size", "temporal_patch_size", "merge_size")})
+    assert processor.video_processor.size["longest_edge"] == 12_845_056
+    assert _processor_grid(adapter, processor, config, 2, 1080, 1920, None) == (1, 20, 36)
+    assert adapter.token_grid(config, 32, 1080, 1920) == adapter.token_grid(config, 32, 2160, 3840) == (16, 20, 36)
+    assert estimate(adapter, config, 32, 1080, 1920).visual == 11_520
+    assert adapter.visual_tokens(config, 768, 1080, 1920) <= 768 // 2 * 168  # 1.05 x 128 tokens a frame at most
+    assert adapter.token_grid(config, 32, 392, 784) == (16, 14, 28)  # the README's 6,272-token layout
+
+
+def test_qwen3_default_budget_is_its_video_preprocessor_config():
+    from sharp_cli.models.random_init import CONFIG_DIR
+
+    config = load_config("Qwen/Qwen3-VL-8B-Instruct")
+    shipped = json.loads((CONFIG_DIR / "Qwen--Qwen3-VL-8B-Instruct" / "video_preprocessor_config.json").read_text())
+    assert shipped["size"] == {"longest_edge": 24576 * 32 * 32, "shortest_edge": 4096}
+    adapter = adapter_for(config)
+    assert adapter.token_grid(config, 32, 1080, 1920) == (16, 20, 36)
+    # the clip budget counts every frame, two to a token: at most ~12,288 tokens (64 frames: 32 x 14 x 26)
+    assert adapter.token_grid(config, 64, 1080, 1920) == (32, 14, 26)
+    # 768 frames: the per-frame floor (1.05 x 128 tokens' worth) outweighs the clip's budget, as in
+    # the reference, so --fps runs this long need --max-frames or --max-pixels lowered
+    assert adapter.token_grid(config, 768, 1080, 1920) == (384, 8, 15)
+
+
+def test_sequence_estimate_counts_text_and_new_tokens():
+    from sharp_cli.models.budget import check
+
+    config = load_config("llava-hf/llava-onevision-qwen2-7b-ov-hf")  # 32k context, 196 tokens a frame
+    adapter = adapter_for(config)
+    fits = check(adapter, config, 160, 360, 640, question="what?", max_new_tokens=128)
+    assert fits.visual == 160 * 196 and fits.sequence < 32768
+    with pytest.raises(UsageError, match=r"over the model's 32,768-token context .*lower --frames"):
+        check(adapter, config, 600, 360, 640, question="what?", max_new_tokens=128)
+    with pytest.raises(UsageError, match=r"6,272 visual tokens .* exceed --max-visual-tokens 6,000"):
+        check(adapter, config, 32, 360, 640, max_visual_tokens=6000)

@@ -8,7 +8,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 from typer.testing import CliRunner
 
 from sharp_cli.cli import app
@@ -37,8 +36,9 @@ def test_training_script_saves_a_model_sharp_ask_loads(tmp_path):
 def test_sharp_tiny_missing_is_one_line(tmp_path):
     if (SHARP_TINY / "model.safetensors").exists():
         return  # shipped after all: nothing to refuse
-    video = tmp_path / "v.mp4"
-    video.write_bytes(np.zeros(10, dtype=np.uint8).tobytes())
+    from videos import make_video
+
+    video = make_video(tmp_path / "v.mp4", n_frames=4)  # a real video: it is checked before the model
     result = CliRunner().invoke(app, ["ask", str(video), "what?", "-m", "sharp-tiny"])
     assert result.exit_code == 1 and len(result.stderr.strip().splitlines()) == 1
     assert "sharp-tiny is not in this install" in result.stderr

@@ -25,6 +25,7 @@ class VisualLayout:
     frames_per_step: int
     seq_len: int
     text_positions: Any = None  # LongTensor of every other position; computed once at encode time
+    question: tuple[int, int] | None = None  # [start, end) of the question's own tokens, when known
 
     def __post_init__(self):
         import torch
@@ -65,6 +66,23 @@ class VisualLayout:
     def describe(self) -> str:
         t, h, w = self.grid
         return f"{t}x{h}x{w}"
+
+
+class Prompt(str):
+    """The chat-templated prompt, still knowing which question it was made from (so that the
+    question's own tokens can be found after the processor expands the video)."""
+
+    question: str = ""
+
+
+def question_range(inputs, seq_len: int) -> tuple[int, int] | None:
+    """[start, end) of the question's tokens in the expanded sequence, from the marks
+    Adapter.mark_question left on the processor's output."""
+    marks = getattr(inputs, "sharp_question", None)
+    if not marks or marks[1] < 1:
+        return None
+    after, count = marks
+    return seq_len - after - count, seq_len - after
 
 
 @dataclass
@@ -113,13 +131,51 @@ class Adapter:
     def chat_messages(self, question: str) -> list[dict]:
         return [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": question}]}]
 
-    def prompt(self, processor, question: str) -> str:
-        return processor.apply_chat_template(
-            self.chat_messages(question), add_generation_prompt=True, tokenize=False
-        )
+    def prompt(self, processor, question: str) -> Prompt:
+        text = Prompt(processor.apply_chat_template(self.chat_messages(question), add_generation_prompt=True,
+                                                    tokenize=False))
+        text.question = question
+        return text
+
+    def mark_question(self, processor, prompt, inputs):
+        """Leave on `inputs` (as attribute sharp_question) how many tokens follow the question and
+        how many it has: "the question's tokens" are those that differ between this prompt and the
+        same template with an empty question, so template tokens on either side (<|vision_end|>,
+        LLaVA's newline, <|im_end|> and the assistant header) never count. The video sits before
+        the question, so counting from the end holds after the processor expands it."""
+        question = getattr(prompt, "question", None)
+        if not question:
+            return inputs
+        tok = getattr(processor, "tokenizer", processor)
+        full = tok(str(prompt), add_special_tokens=False)["input_ids"]
+        bare = tok(str(self.prompt(processor, "")), add_special_tokens=False)["input_ids"]
+        shortest = min(len(full), len(bare))
+        head = next((i for i in range(shortest) if full[i] != bare[i]), shortest)
+        tail = next((i for i in range(shortest - head) if full[-1 - i] != bare[-1 - i]), shortest - head)
+        inputs.sharp_question = (tail, len(full) - head - tail)
+        return inputs
 
     def processor_inputs(self, processor, prompt: str, clip, max_pixels: int | None) -> dict:
         raise NotImplementedError
+
+    # Token budget (models/budget.py): what a clip costs, from its frame count and size alone.
+    text_per_token_frame: int = 0  # text tokens the processor adds per token frame (Qwen3-VL's timestamps)
+    text_per_video: int = 0  # text tokens around the video block (markers, LLaVA's newline)
+
+    def token_grid(self, config, frames: int, height: int, width: int, max_pixels: int | None = None):
+        """(token frames, rows, columns) the processor makes of `frames` frames of height x width."""
+        raise NotImplementedError
+
+    def visual_tokens(self, config, frames: int, height: int, width: int, max_pixels: int | None = None) -> int:
+        t, h, w = self.token_grid(config, frames, height, width, max_pixels)
+        return t * h * w
+
+    def decode_pixels(self, config, frames: int, max_pixels: int | None = None) -> int | None:
+        """Pixels a frame is decoded to at most: no more than the processor keeps (None: as stored)."""
+        return max_pixels
+
+    def what_to_lower(self) -> str:
+        return "--frames (or --fps / --max-frames) or --max-pixels"
 
     def vision(self, model, inputs):
         """The vision encoder's output for the video tokens: the expensive, question-independent part

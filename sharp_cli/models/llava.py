@@ -8,7 +8,7 @@ it. The text model is plain Qwen2 with 1-D RoPE, so positions are 0..L-1 and dec
 
 from __future__ import annotations
 
-from sharp_cli.models.base import Adapter, Encoded, VisualLayout
+from sharp_cli.models.base import Adapter, Encoded, VisualLayout, question_range
 from sharp_cli.models.qwen import _pooled, _text_attr
 
 # Our own minimal template for synthetic processors (real checkpoints ship theirs).
@@ -42,8 +42,22 @@ class LlavaOnevisionAdapter(Adapter):
     def processor_inputs(self, processor, prompt, clip, max_pixels):
         # Every frame is resized to the vision tower's input size, so the token count per frame is
         # fixed; max_pixels only bounded the frames while decoding.
-        return processor(text=[prompt], videos=[clip.frames], return_tensors="pt", do_sample_frames=False,
-                         video_metadata=[clip.metadata()])
+        out = processor(text=[prompt], videos=[clip.frames], return_tensors="pt", do_sample_frames=False,
+                        video_metadata=[clip.metadata()])
+        return self.mark_question(processor, prompt, out)
+
+    text_per_video = 2  # the newline embedding after the frames, and the template's "\n"
+    decode_sides = 2  # frames are decoded at most twice the tower's input side (then resized to it)
+
+    def token_grid(self, config, frames, height, width, max_pixels=None):
+        side = pooled_side(config.vision_config)
+        return frames, side, side
+
+    def decode_pixels(self, config, frames, max_pixels=None):
+        return max_pixels or (self.decode_sides * config.vision_config.image_size) ** 2
+
+    def what_to_lower(self) -> str:
+        return "--frames (or --fps / --max-frames); every frame is a fixed grid here, --max-pixels does not change it"
 
     def vision(self, model, inputs):
         import torch
@@ -78,7 +92,8 @@ class LlavaOnevisionAdapter(Adapter):
         embeds = embeds.masked_scatter(is_video.unsqueeze(-1), video.to(embeds.dtype))
         length = input_ids.shape[1]
         block = is_video[0].nonzero().squeeze(-1)
-        layout = VisualLayout(indices=block[:-1], grid=(frames, side, side), frames_per_step=1, seq_len=length)
+        layout = VisualLayout(indices=block[:-1], grid=(frames, side, side), frames_per_step=1, seq_len=length,
+                              question=question_range(inputs, length))
         position_ids = torch.arange(length, device=input_ids.device).unsqueeze(0)  # (1, L)
         return Encoded(embeds, position_ids, layout, position_ids[:, -1:] + 1, {})
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import inspect
 
-from sharp_cli.models.base import Adapter, Encoded, VisualLayout
+from sharp_cli.models import budget
+from sharp_cli.models.base import Adapter, Encoded, VisualLayout, question_range
 
 # Our own minimal template for synthetic processors (real checkpoints ship theirs).
 _QWEN_TEMPLATE = (
@@ -47,20 +48,45 @@ class QwenVLAdapter(Adapter):
         # default, so lm_head must be named or 4-bit loading breaks.
         return ["model.visual", "lm_head"]
 
-    def processor_inputs(self, processor, prompt, clip, max_pixels):
-        video_kwargs = {"do_sample_frames": False, "video_metadata": [clip.metadata()]}
-        vp = processor.video_processor
-        if max_pixels:
-            video_kwargs["size"] = self.video_size(vp, len(clip.frames), int(max_pixels))
-        if hasattr(type(vp), "cap_pixels_per_frame"):
-            video_kwargs["cap_pixels_per_frame"] = True
-        return processor(text=[prompt], videos=[clip.frames], return_tensors="pt", **video_kwargs)
+    text_per_video = 2  # <|vision_start|>, <|vision_end|>
 
-    def video_size(self, vp, frames: int, max_pixels: int) -> dict:
-        """The video processor's size bounds for at most `max_pixels` per frame (Qwen2/2.5-VL: per frame)."""
-        size = dict(vp.size) if vp.size is not None else {}
-        shortest = min(int(size.get("shortest_edge") or max_pixels), max_pixels)
-        return {"shortest_edge": shortest, "longest_edge": max_pixels}
+    def processor_inputs(self, processor, prompt, clip, max_pixels):
+        vp = processor.video_processor
+        video_kwargs = {"do_sample_frames": False, "video_metadata": [clip.metadata()],
+                        "size": self.video_size(vp, len(clip.frames), max_pixels)}
+        if hasattr(type(vp), "cap_pixels_per_frame"):  # the budget is in the bounds already
+            video_kwargs["cap_pixels_per_frame"] = False
+        out = processor(text=[prompt], videos=[clip.frames], return_tensors="pt", **video_kwargs)
+        return self.mark_question(processor, prompt, out)
+
+    def video_size(self, vp, frames: int, max_pixels: int | None) -> dict:
+        """The size bounds handed to video processor `vp`: the family's budget, or --max-pixels; a
+        processor saved with a tighter upper bound than the budget keeps it (sharp-tiny's frames
+        stay at the size it was trained at; the checkpoints' own files are all looser)."""
+        low, high = self.pixel_bounds(frames, vp.patch_size * vp.merge_size, vp.temporal_patch_size, max_pixels)
+        saved = (dict(vp.size or {}).get("longest_edge") or 0) if not max_pixels else 0
+        if saved and saved < high:
+            low, high = min(low, saved), saved
+        return {"shortest_edge": low, "longest_edge": high}
+
+    def pixel_bounds(self, frames: int, factor: int, temporal: int, max_pixels: int | None) -> tuple[int, int]:
+        """(shortest_edge, longest_edge) of the video processor: pixels of one frame on Qwen2/2.5-VL."""
+        return budget.qwen2_bounds(frames, factor, temporal, max_pixels)
+
+    def resized(self, frames, height, width, factor, temporal, max_pixels) -> tuple[int, int]:
+        low, high = self.pixel_bounds(frames, factor, temporal, max_pixels)
+        return budget.resize_frame(height, width, factor, low, high)
+
+    def token_grid(self, config, frames, height, width, max_pixels=None):
+        vc = config.vision_config
+        factor, temporal = vc.patch_size * vc.spatial_merge_size, vc.temporal_patch_size
+        h, w = self.resized(frames, height, width, factor, temporal, max_pixels)
+        return -(-frames // temporal), h // factor, w // factor
+
+    def decode_pixels(self, config, frames, max_pixels=None):
+        vc = config.vision_config
+        return max_pixels or self.pixel_bounds(frames, vc.patch_size * vc.spatial_merge_size,
+                                               vc.temporal_patch_size, None)[1]
 
     def encode(self, model, inputs, features=None) -> Encoded:
         inner = model.model
@@ -87,6 +113,7 @@ class QwenVLAdapter(Adapter):
             grid=(t, h // merge, w // merge),
             frames_per_step=int(model.config.vision_config.temporal_patch_size),
             seq_len=input_ids.shape[1],
+            question=question_range(inputs, input_ids.shape[1]),
         )
         next_position = position_ids.amax(dim=-1, keepdim=True) + 1  # (3, 1, 1)
         return Encoded(embeds, position_ids, layout, next_position, extra)

@@ -14,6 +14,7 @@ then does nothing.
 from __future__ import annotations
 
 from sharp_cli.errors import ModelError
+from sharp_cli.models import budget
 from sharp_cli.models.qwen import QwenVLAdapter, _pooled
 
 DEEPSTACK_LAYERS = 3
@@ -34,13 +35,41 @@ class Qwen3VLAdapter(QwenVLAdapter):
     min_layer_reason = ("Qwen3-VL's DeepStack adds visual features to the visual tokens after decoder "
                         "layers 0-2, so pruning must start at layer 3 or later")
 
-    def video_size(self, vp, frames: int, max_pixels: int) -> dict:
+    text_per_token_frame = 8  # "<t seconds>" (~6 tokens), <|vision_start|>, <|vision_end|>
+    text_per_video = 0
+
+    def processor_inputs(self, processor, prompt, clip, max_pixels):
+        temporal = processor.video_processor.temporal_patch_size
+        if len(clip.frames) < temporal:  # its processor refuses a clip shorter than one token frame
+            import copy
+
+            import numpy as np
+
+            short, clip = clip, copy.copy(clip)
+            repeat = [len(short.frames) - 1] * (temporal - len(short.frames))
+            clip.frames = np.concatenate([short.frames, short.frames[repeat]])
+            clip.indices = list(short.indices) + [short.indices[-1]] * len(repeat)
+        return super().processor_inputs(processor, prompt, clip, max_pixels)
+
+    def resized(self, frames, height, width, factor, temporal, max_pixels):
+        frames = max(frames, temporal)  # one frame is repeated to fill a token frame (above)
+        low, high = self.pixel_bounds(frames, factor, temporal, max_pixels)
+        return budget.resize_clip(frames, height, width, temporal, factor, low, high)
+
+    def video_size(self, vp, frames, max_pixels):
+        # The checkpoints' per-clip bound (25,165,824) is the reference total itself, which the
+        # per-frame floor outweighs on long clips as the reference intends: the budget alone.
+        low, high = self.pixel_bounds(frames, vp.patch_size * vp.merge_size, vp.temporal_patch_size, max_pixels)
+        return {"shortest_edge": low, "longest_edge": high}
+
+    def pixel_bounds(self, frames, factor, temporal, max_pixels):
         # Qwen3-VL's video processor bounds the pixels of the whole clip (t x h x w), not of a frame.
-        temporal = int(vp.temporal_patch_size)
-        budget = max_pixels * max(temporal, round(frames / temporal) * temporal)
-        size = dict(vp.size) if vp.size is not None else {}
-        shortest = min(int(size.get("shortest_edge") or budget), budget)
-        return {"shortest_edge": shortest, "longest_edge": budget}
+        return budget.qwen3_bounds(frames, factor, temporal, max_pixels)
+
+    def decode_pixels(self, config, frames, max_pixels=None):
+        vc = config.vision_config
+        factor = vc.patch_size * vc.spatial_merge_size
+        return max_pixels or self.pixel_bounds(frames, factor, vc.temporal_patch_size, None)[1] // max(1, frames)
 
     def vision(self, model, inputs):
         out = model.model.get_video_features(inputs["pixel_values_videos"], inputs["video_grid_thw"])

@@ -2,7 +2,9 @@
 
 It depends on the layout (frames, token grid, prompt shape), the model and the pruning layer, not
 on the content, so it is computed once and cached: in memory for the process, and on disk under
-the user cache dir (safetensors, written atomically) for later runs.
+the user cache dir (safetensors, written atomically) for later runs. The key (prior_pass.py) names
+the model by what it is, not by what was typed: its files (config, weights index, safetensors
+headers and blob names) and a sample of its loaded weights.
 """
 
 from __future__ import annotations
@@ -10,9 +12,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import struct
 from pathlib import Path
 
-PRIOR_VERSION = 1
+PRIOR_VERSION = 2  # 2: keys name the model's files and weights, the prompt's tokens and positions
 
 
 def cache_dir() -> Path:
@@ -63,3 +66,44 @@ class PriorStore:
             os.replace(tmp, self.directory / f"{key}.safetensors")
         except OSError as exc:  # read-only home, full disk: keep the in-memory copy
             self.last_error = str(exc)
+
+
+def digest(data) -> str:
+    return hashlib.sha256(data if isinstance(data, bytes) else str(data).encode()).hexdigest()[:16]
+
+
+def files_fingerprint(folder: str | None) -> str | None:
+    """The model's files, cheaply: config.json and the weights index byte for byte, and of each
+    safetensors file its size, its header (tensor names, dtypes, shapes, offsets) and the name of
+    the file it links to (the hub cache names blobs by their content's hash)."""
+    if not folder or not os.path.isdir(folder):
+        return None
+    parts = []
+    for name in sorted(os.listdir(folder)):
+        path = os.path.join(folder, name)
+        if name == "config.json" or name.endswith(".safetensors.index.json"):
+            parts.append((name, digest(Path(path).read_bytes())))
+        elif name.endswith(".safetensors"):
+            parts.append((name, os.path.getsize(path), os.path.basename(os.path.realpath(path)),
+                          digest(_safetensors_header(path))))
+    return digest(json.dumps(parts))
+
+
+def _safetensors_header(path: str) -> bytes:
+    with open(path, "rb") as fh:
+        (length,) = struct.unpack("<Q", fh.read(8))
+        return fh.read(min(length, 100_000_000))
+
+
+def weights_fingerprint(model, per_tensor: int = 8) -> str:
+    """The first few values of every parameter and buffer, as loaded: two checkpoints of one
+    architecture (a fine-tune, another seed) differ here even when their files look alike."""
+    import torch
+
+    tensors = [(n, t) for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.numel()]
+    with torch.no_grad():  # one copy to the host for all of them
+        device = tensors[0][1].device if tensors else "cpu"
+        sample = torch.cat([t.detach().reshape(-1)[:per_tensor].float().to(device) for _, t in tensors]).cpu() \
+            if tensors else torch.zeros(0)
+    names = [(n, tuple(t.shape), str(t.dtype)) for n, t in tensors]
+    return digest(sample.numpy().tobytes() + json.dumps(names).encode())

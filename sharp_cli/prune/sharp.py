@@ -19,10 +19,14 @@ from sharp_cli.prune.config import PruneConfig, keep_count
 
 
 def query_rows(layout, mode: str) -> torch.Tensor:
-    """Sequence positions of the text rows that score the video: the last token, or every text
-    token after the video (the question and the template's tail)."""
-    first = layout.seq_len - 1 if mode == "last" else layout.visual_end
-    return torch.arange(first, layout.seq_len, device=layout.indices.device)  # no host copy, no sync
+    """Sequence positions of the text rows that score the video: the last token (`last`), or the
+    question's own tokens (`text`: the user's words, without <|vision_end|>, LLaVA's newline or the
+    template's tail; models/base.py finds them). A layout made without that mark falls back to
+    every text token after the video."""
+    first, end = layout.seq_len - 1, layout.seq_len
+    if mode == "text":
+        first, end = layout.question or (layout.visual_end, layout.seq_len)
+    return torch.arange(first, end, device=layout.indices.device)  # no host copy, no sync
 
 
 def question_attention(layer, rope, hidden, position_embeddings, layout, rows) -> torch.Tensor:
