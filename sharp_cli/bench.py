@@ -218,19 +218,19 @@ def _gpu(loaded):
     return torch.cuda.get_device_name(loaded.device) if loaded.device.type == "cuda" else None
 
 
-def table(result: dict):
-    from rich.table import Table
+COLUMNS = ("method", "ratio", "kept", "prefill", "speed-up", "FLOPs limit", "efficiency", "select", "TTFT",
+           "decode tok/s", "end to end", "vs stock", "KV cache", "peak mem", "agrees")
+# Which columns go first when the terminal is narrow (higher goes first; the method always stays).
+DROP_ORDER = (0, 1, 4, 2, 3, 7, 6, 9, 5, 1, 0, 1, 8, 8, 6)
 
-    from sharp_cli.report import fmt_bytes
+
+def table(result: dict, width: int | None = None):
+    from sharp_cli.report import fit_table, fmt_bytes
 
     title = (f"sharp bench: {result['model']}{' (random weights)' if result['random_weights'] else ''} on "
              f"{result['gpu'] or result['device']}, {result['quant']}/{result['dtype']}, "
              f"{result['frames']} frames, K={result['layer']}, {result['decode_tokens']} new tokens, "
              f"median of {result['iters']}{', CUDA graphs' if result['cuda_graphs'] else ''}")
-    t = Table(title=title, title_justify="left", header_style="bold")
-    for col in ("method", "ratio", "kept", "prefill", "speed-up", "FLOPs limit", "efficiency", "select", "TTFT",
-                "decode tok/s", "end to end", "vs stock", "KV cache", "peak mem", "agrees"):
-        t.add_column(col, justify="left" if col == "method" else "right")
 
     def fmt(x, spec, suffix=""):
         return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:{spec}}{suffix}"
@@ -238,10 +238,10 @@ def table(result: dict):
     def ms(x):
         return fmt(None if x is None else x * 1000, ".1f", " ms")
 
-    unsteady = False
+    rows, unsteady, failed = [], False, []
     for r in result["rows"]:
         if "error" in r:
-            t.add_row(r["method"], "", f"failed: {r['error'][:60]}", *[""] * 12)
+            failed.append(f"{r['method']} failed: {r['error']}")
             continue
         flag = "" if r.get("steady") else "~"
         unsteady |= bool(flag)
@@ -249,19 +249,24 @@ def table(result: dict):
         agrees = "-" if r.get("tokens_agree") is None else ("yes" if r["tokens_agree"] else "no")
         if r.get("first_token_kl") is not None and r["method"] != "none":
             agrees += f" (KL {r['first_token_kl']:.3f})"
-        t.add_row(
+        eager = r.get("decode_mode") == "eager" and result["device"].startswith("cuda")
+        rows.append([
             r["method"], f"{r['ratio']:.2f}", kept, ms(r.get("prefill_seconds")), fmt(r.get("speedup"), ".2f", "x"),
             fmt(r.get("flops_limit"), ".2f", "x"), fmt(r.get("efficiency"), ".0%"),
             ms(r.get("selection_seconds")), ms(r.get("ttft_seconds")),
-            fmt(r.get("decode_tokens_per_second"), ".1f") + (" (eager)" if r.get("decode_mode") == "eager"
-                                                              and result["device"].startswith("cuda") else ""),
+            fmt(r.get("decode_tokens_per_second"), ".1f") + (" (eager)" if eager else ""),
             ms(r.get("e2e_seconds")) + flag, fmt(r.get("e2e_speedup"), ".2f", "x"),
             fmt_bytes(r["kv_cache_bytes"]) if r.get("kv_cache_bytes") is not None else "-",
             fmt_bytes(r.get("peak_memory_bytes")), agrees,
-        )
+        ])
+    t = fit_table(title, list(COLUMNS), rows, width, priority=list(DROP_ORDER))
+    notes = [t.caption] if t.caption else []
     if unsteady:
-        t.caption = (f"~ the end-to-end times of this row spread by more than {UNSTEADY:.0%} between runs (or too few "
+        notes.append(f"~ this row's end-to-end times spread by more than {UNSTEADY:.0%} between runs (or too few "
                      "runs): do not trust its speed-ups; raise --iters or free the machine")
+    notes += failed
+    t.caption = "\n".join(notes) or None
+    t.caption_justify = "left"
     return t
 
 

@@ -203,7 +203,7 @@ def bench(
     segment_mask: SegmentMask = True, segment_frames: SegmentFrames = None, debias: Debias = "subtract",
     dedup: Dedup = True, dedup_threshold: DedupThreshold = 0.9, dedup_window: DedupWindow = 1,
     register_z: RegisterZ = 8.0, seed: Seed = 0,
-    max_pixels: MaxPixels = None, decoder: Decoder = "auto",
+    max_pixels: MaxPixels = None, max_visual_tokens: MaxVisualTokens = None, decoder: Decoder = "auto",
     warmup: Annotated[int, typer.Option(help="Untimed runs per row before timing.")] = 1,
     iters: Annotated[int, typer.Option(help="Timed runs per row (the median is reported).")] = 5,
     decode_tokens: Annotated[int, typer.Option(help="Tokens each answer decodes (EOS ignored, so every row decodes as "
@@ -253,9 +253,13 @@ def bench(
     quiet_transformers()
     from sharp_cli import loading, report
 
+    from sharp_cli.models import adapter_for, budget
+
+    config = loading.model_config(model, random_weights=random_weights, trust_remote_code=trust_remote_code)
     if any(m in METHODS and m != "none" for m in method_list):  # --layer against the model, before loading weights
-        base = loading.check_prune_config(model, base, random_weights=random_weights,
-                                         trust_remote_code=trust_remote_code)
+        base = loading.check_prune_config(model, base, config=config)
+    budget.check(adapter_for(config), config, *clip.frames.shape[:3], max_pixels=max_pixels, question=question,
+                 max_new_tokens=decode_tokens, max_visual_tokens=max_visual_tokens)
     started = time.perf_counter()
     with console.status(f"loading {model}"):
         loaded = loading.load(model, device=device, quant=quant, dtype=dtype, random_weights=random_weights,
@@ -278,7 +282,7 @@ def bench(
     if json_out:
         report.print_json(result)
     if not quiet:
-        console.print(bench_mod.table(result))
+        console.print(bench_mod.table(result, width=console.width))
 
 
 @app.command()

@@ -208,3 +208,8 @@ def test_bench_rows_and_consistency(model_dirs, tmp_path):
 def test_bench_rejects_unknown_methods(model_dirs):
     result = sharp("bench", "-m", model_dirs["qwen2.5-vl"], "--methods", "none,warp")
     assert result.exit_code == 2 and "unknown method 'warp'" in result.stderr
+
+
+def test_bench_refuses_a_layout_over_max_visual_tokens_before_loading():
+    result = sharp("bench", "--random-weights", "--frames", "32", "--max-visual-tokens", "1000")
+    assert result.exit_code == 2 and "6,272 visual tokens" in result.stderr and "--max-visual-tokens" in result.stderr

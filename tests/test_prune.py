@@ -376,3 +376,16 @@ def test_layer_bounds_are_checked(tiny):
         PruneConfig(layer=0).validate(tiny.num_layers)
     with pytest.raises(UsageError, match="--ratio"):
         PruneConfig(ratio=0).validate()
+
+
+def test_merged_segment_attention_lets_out_of_memory_through(tiny, clip, monkeypatch):
+    """Only a missing kernel may send the merged way to the blocks; running out of memory inside it
+    is the user's to see, not a silent switch to the slower way."""
+    def oom(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(seg, "merged_segment_attention", oom)
+    encoded = encode(tiny, clip)
+    with pytest.raises(torch.OutOfMemoryError):
+        _prefill(tiny, encoded, method="sharp", ratio=0.25, segment_attention="merged", debias="none")
+    assert _prefill(tiny, encoded, method="sharp", ratio=0.25, debias="none").kept is not None  # blocks: unaffected

@@ -180,12 +180,23 @@ def sharp_attention(module, query, key, value, attention_mask, scaling=None, dro
         return ALL_ATTENTION_FUNCTIONS["sdpa"](
             module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
         )
-    if plan.runs:
-        try:
-            return merged_segment_attention(query, key, value, plan.runs, scaling), None
-        except RuntimeError:  # no flash kernel for this dtype, head size or GPU: one launch per block
-            pass
+    if plan.runs and flash_available(query):
+        return merged_segment_attention(query, key, value, plan.runs, scaling), None
     return segment_causal_attention(query, key, value, plan.blocks, scaling), None
+
+
+def flash_available(query) -> bool:
+    """Whether the flash kernels the merged way calls take these inputs. Asked up front, so that
+    nothing is caught later: an out-of-memory error in the merged way must reach the user."""
+    import torch
+
+    if query.device.type == "cpu":
+        return True  # the CPU flash kernel takes every floating dtype and head size
+    if query.device.type != "cuda" or query.dtype not in (torch.float16, torch.bfloat16):
+        return False
+    major, _ = torch.cuda.get_device_capability(query.device)
+    head = query.shape[-1]
+    return major >= 8 and head % 8 == 0 and head <= 256
 
 
 def register() -> str:
