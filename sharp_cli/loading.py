@@ -151,10 +151,11 @@ def load(name: str = DEFAULT_MODEL, *, device: str = "auto", quant: str = "auto"
         from sharp_cli.models import random_init
 
         config = random_init.load_config(name)
+        generation = random_init.load_generation_config(name)
         if qmode == "none":
-            model, processor = random_init.build_random(config, dtype=tdtype, device=dev)
+            model, processor = random_init.build_random(config, dtype=tdtype, device=dev, generation_config=generation)
             return ready(Loaded(model, processor, adapter_for(config), name, dev, tdtype, qmode, True))
-        name = str(_random_folder(name, config, dev))
+        name = str(_random_folder(name, config, dev, generation))
     config = read_config(name, trust_remote_code)
     adapter = adapter_for(config)
     _refuse_pickles(name)
@@ -201,14 +202,15 @@ def check_prune_config(name: str, cfg: PruneConfig, *, random_weights: bool = Fa
     return adapter_for(config).validate_prune(cfg, measure.text_dims(config)["layers"])
 
 
-def _random_folder(name: str, config, device) -> Path:
+def _random_folder(name: str, config, device, generation_config=None) -> Path:
     from sharp_cli.models import random_init
     from sharp_cli.prune.prior import cache_dir
 
     shipped = random_init.packaged_configs().get(name)  # aliases share their architecture's folder
     folder = cache_dir() / "random-models" / (shipped.name if shipped else name.replace("/", "--"))
     if not (folder / "model.safetensors.index.json").exists() and not (folder / "model.safetensors").exists():
-        random_init.write_random_model(config, folder, dtype="bfloat16", device=device)
+        random_init.write_random_model(config, folder, dtype="bfloat16", device=device,
+                                       generation_config=generation_config)
         if device.type == "cuda":
             torch.cuda.empty_cache()
     return folder

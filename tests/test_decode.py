@@ -168,3 +168,16 @@ def test_cache_rows_written_by_decoding(tiny, clip):
     for i, layer in enumerate(state.cache.layers):
         rows = (encoded.layout.seq_len if i < 2 else state.kept_len) + steps
         assert int(layer.valid.sum()) == rows and bool(layer.valid[:rows].all())
+
+
+def test_random_weights_carry_the_checkpoints_generation_config():
+    """Qwen2.5-VL-7B's shipped generation config sets a repetition penalty: a --random-weights model
+    must decode with it, as the real checkpoint would (built on the meta device: no memory)."""
+    from sharp_cli.models import random_init
+
+    gen = random_init.load_generation_config("Qwen/Qwen2.5-VL-7B-Instruct")
+    assert gen.repetition_penalty == 1.05 and set(gen.eos_token_id) == {151645, 151643}
+    config = random_init.load_config("Qwen/Qwen2.5-VL-7B-Instruct")
+    model, _ = random_init.build_random(config, device="meta", generation_config=gen)
+    rules = rules_for(model)
+    assert rules.repetition_penalty == 1.05 and rules.eos == {151645, 151643}

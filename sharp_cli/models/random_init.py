@@ -33,10 +33,7 @@ def packaged_configs() -> dict[str, Path]:
     return shipped | {alias: shipped[target] for alias, target in ALIASES.items() if target in shipped}
 
 
-def load_config(name_or_path: str):
-    """A shipped config by hub id (or a folder/config.json path)."""
-    from transformers import AutoConfig
-
+def _config_folder(name_or_path: str) -> Path:
     from sharp_cli.errors import ModelError
 
     shipped = packaged_configs()
@@ -49,7 +46,23 @@ def load_config(name_or_path: str):
         raise ModelError(
             f"no config for '{name_or_path}' to build random weights from; shipped: {', '.join(shipped)}"
         )
-    return AutoConfig.from_pretrained(str(path))
+    return path
+
+
+def load_config(name_or_path: str):
+    """A shipped config by hub id (or a folder/config.json path)."""
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(str(_config_folder(name_or_path)))
+
+
+def load_generation_config(name_or_path: str):
+    """The checkpoint's generation_config.json shipped beside its config, or None: decoding follows
+    it (repetition penalty, EOS ids) as generate() does, random weights or not."""
+    from transformers import GenerationConfig
+
+    folder = _config_folder(name_or_path)
+    return GenerationConfig.from_pretrained(str(folder)) if (folder / "generation_config.json").exists() else None
 
 
 def synthetic_tokenizer(special: dict[str, int], vocab_size: int, words: list[str] | None = None):
@@ -124,7 +137,7 @@ def tiny_config(family: str = "qwen2.5-vl", *, layers: int = 4, vocab: int = 512
     raise ValueError(f"no tiny config for family {family!r}")
 
 
-def build_random(config, *, dtype="bfloat16", device="cpu", seed: int = 0):
+def build_random(config, *, dtype="bfloat16", device="cpu", seed: int = 0, generation_config=None):
     """(model, processor) with random weights, built in place on `device`."""
     import torch
     from transformers import AutoModelForImageTextToText
@@ -138,16 +151,19 @@ def build_random(config, *, dtype="bfloat16", device="cpu", seed: int = 0):
     with torch.device(device):
         model = AutoModelForImageTextToText.from_config(config, dtype=torch_dtype)
     model.eval()
+    if generation_config is not None:
+        model.generation_config = generation_config
     vocab = config.text_config.vocab_size if hasattr(config, "text_config") else config.vocab_size
     tokenizer = synthetic_tokenizer(adapter.special_tokens(config), vocab)
     return model, adapter.build_processor(tokenizer, config)
 
 
-def write_random_model(config, out_dir: str | Path, *, dtype="bfloat16", device="cpu", seed: int = 0) -> Path:
+def write_random_model(config, out_dir: str | Path, *, dtype="bfloat16", device="cpu", seed: int = 0,
+                       generation_config=None) -> Path:
     """A loadable model folder (safetensors + tokenizer + processor) with random weights, so the real
     `from_pretrained` path can be exercised offline."""
     out = Path(out_dir)
-    model, processor = build_random(config, dtype=dtype, device=device, seed=seed)
+    model, processor = build_random(config, dtype=dtype, device=device, seed=seed, generation_config=generation_config)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out, safe_serialization=True)
     processor.save_pretrained(out)
