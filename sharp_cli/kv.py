@@ -149,9 +149,18 @@ class KVPool:
         if cache is None:
             while len(self._caches) >= self.max_caches:  # free before allocating the next one
                 self._caches.pop(next(iter(self._caches)))
-            cache = StaticKV(list(capacities), kv_heads, head_dim, dtype, device)
+            try:
+                cache = StaticKV(list(capacities), kv_heads, head_dim, dtype, device)
+            except torch.OutOfMemoryError:  # the caches kept for other lengths are in the way: drop them
+                self.clear()
+                cache = StaticKV(list(capacities), kv_heads, head_dim, dtype, device)
         self._caches[key] = cache  # most recently used last
         return cache.reset()
+
+    def clear(self) -> None:
+        self._caches.clear()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
     def __len__(self) -> int:
         return len(self._caches)

@@ -181,3 +181,22 @@ def test_random_weights_carry_the_checkpoints_generation_config():
     model, _ = random_init.build_random(config, device="meta", generation_config=gen)
     rules = rules_for(model)
     assert rules.repetition_penalty == 1.05 and rules.eos == {151645, 151643}
+
+
+def test_kv_pool_drops_idle_caches_when_the_next_one_does_not_fit(monkeypatch):
+    from sharp_cli import kv
+
+    pool = KVPool(max_caches=4)
+    kept = [pool.acquire([n * BUCKET, 10], 2, 8, torch.float32, "cpu") for n in (1, 2, 3)]
+    real = kv.StaticKV
+    calls = []
+
+    def tight(*args, **kwargs):  # out of memory while other caches are held, fine once they are gone
+        calls.append(len(pool))
+        if len(pool) > 0:
+            raise torch.OutOfMemoryError("CUDA out of memory")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(kv, "StaticKV", tight)
+    fresh = pool.acquire([9 * BUCKET, 10], 2, 8, torch.float32, "cpu")
+    assert calls == [3, 0] and len(pool) == 1 and fresh not in kept
