@@ -3,41 +3,61 @@ finds it (sharp_cli/models/sharp_tiny).
 
 sharp-tiny is Qwen2.5-VL, transformers' own classes, at a few million parameters, with a word-level
 tokenizer over the synthetic set's words: the same adapter, pruning and decoding path as the 7B
-model, small enough to ship and to run on any CPU. Training items are drawn in memory from synth
-seeds 1000 and up; the held-out split is `sharp synth OUT --seed 0` (seed 0 is never trained on).
-Half the prompts are the multiple-choice prompt `sharp eval` builds, half the bare question; the
-target is the answer's own words (`red`, `left`, `3`) then <|im_end|>. `sharp eval` reads an
-answer that names one option's text as that option (docs/eval.md), and `sharp ask` gets a plain
-answer to a plain question. Answering with a letter would also have to learn to point from the
-answer to its option, which from scratch at this size took more steps than a CPU run affords.
+model, small enough to ship and to run on any CPU. It is trained without pruning (ShaRP is
+training-free). Training items come from synth seeds 1000 and up; the progress check uses seed
+999; the held-out split is `sharp synth OUT --seed 0`, never trained on, measured once at the end.
 
-    python scripts/train_sharp_tiny.py --steps 2000 --batch 8 [--device cuda] [--out DIR]
+Prompts are the multiple-choice prompt `sharp eval` builds, or (a share --bare of them) the bare
+question `sharp ask` gets; the target is the answer's own words (`red`, `left`, `3`) then
+<|im_end|>. Besides that answer loss, every visual token is taught what it shows (--token-loss):
+the colour of a square that is not there in the first and last frames, the way a moving square
+goes, or `none`. The renderer knows this for free; without it the answer's one token of signal per
+clip has to find a 10-pixel needle among 256 tokens on its own, and runs stayed at chance
+(docs/eval.md). It only shapes training: the logits at visual positions are never used when
+answering.
+
+Items are rendered in DataLoader worker processes; the processor's pixel work runs there too, or
+on the GPU (--preprocess). `--minutes` is a wall-clock budget: the learning rate decays over
+whichever runs out first, the steps or the time, and the model is saved before it ends.
+
+    python scripts/train_sharp_tiny.py --minutes 8 --workers 14 --batch 64 --device cuda
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import platform
+import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
-from sharp_cli.evaluate.letters import INSTRUCTION, LETTERS, build_prompt
-from sharp_cli.evaluate.synth import DIRECTIONS, PALETTE, TASKS, make_item
-from sharp_cli.models.qwen import QwenVLAdapter
-from sharp_cli.models.random_init import build_random, synthetic_tokenizer
-from sharp_cli.video import VideoClip
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:  # run as a script from anywhere
+    sys.path.insert(0, str(ROOT))
 
-OUT = Path(__file__).resolve().parent.parent / "sharp_cli" / "models" / "sharp_tiny"
+from sharp_cli.evaluate.letters import INSTRUCTION, build_prompt  # noqa: E402
+from sharp_cli.evaluate.synth import DIRECTIONS, PALETTE, TASKS, make_item  # noqa: E402
+from sharp_cli.models.qwen import QwenVLAdapter  # noqa: E402
+
+OUT = ROOT / "sharp_cli" / "models" / "sharp_tiny"
 MAX_PIXELS = 112 * 112  # 128-pixel synth frames -> 112x112 -> 16 tokens per two frames
-HELD_OUT_SEED = 0
+CELLS = 4  # merged tokens per side of a 112x112 frame (28 px each)
+HELD_OUT_SEED = 0  # `sharp synth OUT --seed 0`
+CHECK_SEED = 999  # progress check during training: neither trained on nor the held-out split
 TRAIN_SEEDS_FROM = 1000
+PER_SEED = 10_000  # training item n is item n % PER_SEED of seed TRAIN_SEEDS_FROM + n // PER_SEED
+FPS = 8.0  # what `sharp synth` encodes at
+NONE = "none"  # what a visual token without a needle is taught to say
+_RGB = np.array(list(PALETTE.values()), dtype=np.int32)
 
 
 def vocabulary() -> list[str]:
-    words = set()
+    words = {NONE}
     for seed in (1, 2):
         for i in range(64):
             _, item = make_item(seed, i, frames=8, size=64)
@@ -46,124 +66,353 @@ def vocabulary() -> list[str]:
     return sorted(w.strip(".,?!:;()") for w in words if w.strip(".,?!:;()"))
 
 
-def tiny_config(vocab: int = 256):
+def tiny_config(vocab: int = 256, hidden: int = 256, layers: int = 6, vision_depth: int = 4, vision_hidden: int = 128):
     from transformers import Qwen2_5_VLConfig
 
     special = {"bos": vocab - 12, "eos": vocab - 10, "vstart": vocab - 9, "vend": vocab - 8, "vpad": vocab - 7,
                "image": vocab - 6, "video": vocab - 5}
-    text = dict(hidden_size=256, intermediate_size=768, num_hidden_layers=6, num_attention_heads=8,
-                num_key_value_heads=4, vocab_size=vocab, max_position_embeddings=4096, rms_norm_eps=1e-6,
-                rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [4, 6, 6]},
+    heads = max(2, hidden // 32)
+    text = dict(hidden_size=hidden, intermediate_size=3 * hidden, num_hidden_layers=layers, num_attention_heads=heads,
+                num_key_value_heads=max(1, heads // 2), vocab_size=vocab, max_position_embeddings=4096,
+                rms_norm_eps=1e-6, rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                                    "mrope_section": [4, 6, 6]},
                 bos_token_id=special["bos"], eos_token_id=special["eos"], tie_word_embeddings=False)
-    vision = dict(depth=4, hidden_size=128, intermediate_size=256, num_heads=4, out_hidden_size=256, patch_size=14,
-                  spatial_merge_size=2, temporal_patch_size=2, window_size=56, fullatt_block_indexes=[1, 3],
-                  tokens_per_second=2)
+    vision = dict(depth=vision_depth, hidden_size=vision_hidden, intermediate_size=2 * vision_hidden,
+                  num_heads=max(2, vision_hidden // 32), out_hidden_size=hidden,
+                  patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=56,
+                  fullatt_block_indexes=list(range(1, vision_depth, 2)), tokens_per_second=2)
     return Qwen2_5_VLConfig(vision_config=vision, text_config=text, image_token_id=special["image"],
                             video_token_id=special["video"], vision_start_token_id=special["vstart"],
                             vision_end_token_id=special["vend"], vision_token_id=special["vpad"],
                             bos_token_id=special["bos"], eos_token_id=special["eos"])
 
 
-TARGET = "words"  # --target: "words" (the default) or "letter" (multiple-choice prompts only)
+def build_processor(config):
+    from sharp_cli.models.random_init import synthetic_tokenizer
+
+    adapter = QwenVLAdapter()
+    tokenizer = synthetic_tokenizer(adapter.special_tokens(config), config.text_config.vocab_size, vocabulary())
+    tokenizer.padding_side = "left"  # batches end with the answer (batch 1 at inference: no padding)
+    processor = adapter.build_processor(tokenizer, config)
+    # Saved with the processor, so `sharp ask/eval` see any video at the size sharp-tiny was trained at.
+    processor.video_processor.size = adapter.video_size(processor.video_processor, 32, MAX_PIXELS)
+    return processor
 
 
 def answer_text(item) -> str:
-    return item["answer"] if TARGET == "letter" else item["options"][LETTERS.index(item["answer"])]
+    return item["options"]["ABCD".index(item["answer"])]
 
 
-def batch_inputs(processor, adapter, items, answers: bool, bare=()):
-    """Processor tensors for [(frames, item)], left-padded: the multiple-choice prompt, or the bare
-    question for the positions in `bare`; with answers, the answer's words and <|im_end|> follow."""
-    texts, videos, metadata = [], [], []
-    for n, (frames, item) in enumerate(items):
-        question = item["question"] if n in bare else build_prompt(item["question"], item["options"])
-        prompt = adapter.prompt(processor, question)
-        texts.append(prompt + (answer_text(item) + "<|im_end|>" if answers else ""))
-        clip = VideoClip(frames, 8.0, len(frames), list(range(len(frames))), "synthetic", item["id"], [])
-        videos.append(frames)
-        metadata.append(clip.metadata())
-    return processor(text=texts, videos=videos, return_tensors="pt", padding=True, do_sample_frames=False,
-                     video_metadata=metadata)
+def token_words(frames: np.ndarray, item) -> list[str]:
+    """What each visual token shows, in the token order of Qwen2.5-VL (token frame, row, column):
+    the colour of a square that differs from both the first and the last frame (a flash), the
+    direction of the moving square, or `none`. Cells of size/4 pixels over two frames."""
+    t, size = frames.shape[0], frames.shape[1]
+    cell = size // CELLS
+    first, last = frames != frames[0], frames != frames[-1]  # (T, H, W, 3); channels or-ed by hand (fast)
+    needle = (first[..., 0] | first[..., 1] | first[..., 2]) & (last[..., 0] | last[..., 1] | last[..., 2])
+    cells = needle[: t // 2 * 2].reshape(t // 2, 2, CELLS, cell, CELLS, cell)
+    hit = cells.sum(axis=(1, 3, 5)) >= cell * cell // 64  # (T/2, rows, columns)
+    words = np.full(hit.shape, NONE, dtype=object)
+    for step, row, col in zip(*np.nonzero(hit)):
+        if item["category"] == "direction":
+            words[step, row, col] = answer_text(item)
+            continue
+        area = (slice(2 * step, 2 * step + 2), slice(row * cell, (row + 1) * cell), slice(col * cell, (col + 1) * cell))
+        pixels = frames[area][needle[area]].astype(np.int32)
+        nearest = np.abs(pixels[:, None, :] - _RGB[None]).sum(-1).argmin(-1)
+        words[step, row, col] = list(PALETTE)[np.bincount(nearest).argmax()]
+    return words.reshape(-1).tolist()
 
 
-def answer_accuracy(model, processor, adapter, items, device):
-    """Share of multiple-choice prompts whose first greedy token is the answer, per task."""
-    right: dict[str, list[int]] = {}
+class Items(torch.utils.data.Dataset):
+    """Item n of a seed range, rendered: frames, prompt (+ answer), what each visual token shows."""
+
+    def __init__(self, seed_from: int, tasks, frames: int, bare: float, answers: bool = True,
+                 per_seed: int = PER_SEED, count: int = 10**9, offset: int = 0):
+        self.seed_from, self.tasks, self.frames = seed_from, tuple(tasks), frames
+        self.bare, self.answers, self.per_seed, self.count, self.offset = bare, answers, per_seed, count, offset
+
+    def __len__(self):
+        return self.count
+
+    def __getitem__(self, n: int):
+        n += self.offset
+        seed, i = self.seed_from + n // self.per_seed, n % self.per_seed
+        frames, item = make_item(seed, i, self.tasks, self.frames)
+        # Which items get the bare question is a function of the item alone, like everything else.
+        bare = (seed * 7919 + i * 104729) % 1000 < self.bare * 1000
+        question = item["question"] if bare else build_prompt(item["question"], item["options"])
+        # A tensor, so that worker processes hand it over in shared memory rather than through a pipe.
+        return {"frames": torch.from_numpy(frames), "question": question, "answer": answer_text(item) + "<|im_end|>",
+                "words": token_words(frames, item) if self.answers else None,
+                "task": self.tasks.index(item["category"])}
+
+
+class Batcher:
+    """Rows -> model inputs through the processor call `sharp ask` makes (several clips at once);
+    in the worker processes (device None) or on the accelerator (device given)."""
+
+    def __init__(self, config, answers: bool, device=None):
+        self.config, self.answers, self.device, self.processor = config, answers, device, None
+
+    def __call__(self, rows):
+        if self.processor is None:  # built once per process
+            self.processor = build_processor(self.config)
+        adapter, proc = QwenVLAdapter(), self.processor
+        texts = [adapter.prompt(proc, r["question"]) + (r["answer"] if self.answers else "") for r in rows]
+        kwargs = {"do_sample_frames": False, "return_tensors": "pt", "padding": True,
+                  "size": adapter.video_size(proc.video_processor, 32, MAX_PIXELS),
+                  "video_metadata": [{"total_num_frames": len(r["frames"]), "fps": FPS,
+                                      "frames_indices": list(range(len(r["frames"]))),
+                                      "duration": len(r["frames"]) / FPS} for r in rows]}
+        if hasattr(type(proc.video_processor), "cap_pixels_per_frame"):
+            kwargs["cap_pixels_per_frame"] = True
+        if self.device is not None:
+            kwargs["device"] = str(self.device)
+        inputs = dict(proc(text=texts, videos=[r["frames"] for r in rows], **kwargs))
+        first = [proc.tokenizer(r["answer"], add_special_tokens=False)["input_ids"] for r in rows]
+        inputs["answer_tokens"] = torch.tensor([len(f) for f in first])
+        inputs["target"] = torch.tensor([f[0] for f in first])
+        inputs["task"] = torch.tensor([r["task"] for r in rows])
+        if rows[0]["words"] is not None:
+            inputs["token_labels"] = torch.tensor([proc.tokenizer.convert_tokens_to_ids(r["words"]) for r in rows])
+        return inputs
+
+
+def pack(rows) -> dict:
+    """Worker side of the device path: the clips as one uint8 tensor (one copy to the device)."""
+    return {"frames": torch.stack([r["frames"] for r in rows]), "rows": [dict(r, frames=None) for r in rows]}
+
+
+def unpack(packed, device) -> list[dict]:
+    frames = packed["frames"].to(device, non_blocking=True)
+    return [dict(r, frames=frames[i]) for i, r in enumerate(packed["rows"])]
+
+
+MODEL_KEYS = ("input_ids", "attention_mask", "mm_token_type_ids", "pixel_values_videos", "video_grid_thw",
+              "second_per_grid_ts")
+
+
+def to_device(batch: dict, device) -> dict:
+    return {k: v.to(device, non_blocking=True) if hasattr(v, "to") else v for k, v in batch.items()}
+
+
+def losses(logits, batch, video_token_id: int, none_id: int):
+    """(answer loss, token loss). The answer loss is on the last `answer_tokens` of each row (the
+    batch is left-padded), each predicted from the position before. The token loss asks each visual
+    token for what it shows, needle tokens and `none` tokens weighted half each (needles are few)."""
+    ids = batch["input_ids"]
+    length = ids.shape[1]
+    on = torch.arange(length, device=ids.device).unsqueeze(0) >= (length - batch["answer_tokens"]).unsqueeze(1)
+    answer = torch.nn.functional.cross_entropy(logits[:, :-1][on[:, 1:]].float(), ids[:, 1:][on[:, 1:]])
+    if "token_labels" not in batch:
+        return answer, answer.new_zeros(())
+    visual = logits[ids == video_token_id].float()  # row-major: each row's tokens in order
+    labels = batch["token_labels"].reshape(-1)
+    if visual.shape[0] != labels.numel():
+        raise ValueError(f"{visual.shape[0]} visual tokens but {labels.numel()} token labels")
+    each = torch.nn.functional.cross_entropy(visual, labels, reduction="none")
+    empty = (labels == none_id).float()  # means by sums and counts: no host sync per step
+    token = 0.5 * ((each * empty).sum() / empty.sum().clamp(min=1)
+                   + (each * (1 - empty)).sum() / (1 - empty).sum().clamp(min=1))
+    return answer, token
+
+
+@torch.no_grad()
+def accuracy(model, batches, tasks, device, autocast) -> dict:
+    """Per task: share of prompts whose first greedy answer token is the answer's."""
     model.eval()
-    with torch.no_grad():
-        for start in range(0, len(items), 8):
-            chunk = items[start:start + 8]
-            logits = model(**batch_inputs(processor, adapter, chunk, False).to(device)).logits[:, -1]
-            for (_, item), guess in zip(chunk, processor.tokenizer.convert_ids_to_tokens(logits.argmax(-1).tolist())):
-                right.setdefault(item["category"], []).append(int(guess == answer_text(item)))
+    right = {t: [0, 0] for t in tasks}
+    for batch in batches:
+        batch = to_device(batch, device)
+        with autocast():
+            logits = model(**{k: batch[k] for k in MODEL_KEYS}, logits_to_keep=1).logits[:, -1]
+        for task, ok in zip(batch["task"].tolist(), (logits.argmax(-1) == batch["target"]).tolist()):
+            right[tasks[task]][0] += ok
+            right[tasks[task]][1] += 1
     model.train()
-    return {task: sum(v) / len(v) for task, v in sorted(right.items())}
+    return {t: round(r / n, 4) for t, (r, n) in right.items() if n}
 
 
-def main():
+def lr_at(progress: float, peak: float, warmup: float) -> float:
+    """Linear warm-up then cosine to a tenth of the peak; progress in [0, 1]."""
+    if progress < warmup:
+        return peak * progress / warmup
+    return peak * (0.1 + 0.45 * (1 + math.cos(math.pi * min(1.0, (progress - warmup) / (1 - warmup)))))
+
+
+def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--steps", type=int, default=2000)
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--steps", type=int, default=100_000, help="At most this many steps.")
+    p.add_argument("--minutes", type=float, default=0, help="Wall-clock budget, saving included (0: none).")
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--warmup", type=float, default=0.03, help="Share of the run spent warming up.")
+    p.add_argument("--token-loss", type=float, default=1.0, help="Weight of the per-visual-token loss (0: off).")
+    p.add_argument("--tasks", default=",".join(TASKS))
+    p.add_argument("--frames", type=int, default=32, help="Frames per training clip (sharp eval samples 32).")
+    p.add_argument("--bare", type=float, default=0.25, help="Share of prompts that are the bare question.")
+    p.add_argument("--pool", type=int, default=0, help="Cycle over this many training items (0: fresh ones).")
+    p.add_argument("--hidden", type=int, default=256)
+    p.add_argument("--layers", type=int, default=6)
+    p.add_argument("--vision-depth", type=int, default=4)
+    p.add_argument("--vision-hidden", type=int, default=128)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--preprocess", choices=("auto", "workers", "device"), default="auto",
+                   help="Where the processor's pixel work runs: the worker processes, or the device "
+                        "(auto: the device when it is a GPU and gives the workers' numbers).")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default).")
+    p.add_argument("--workers", type=int, default=2, help="DataLoader processes rendering items.")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--eval-every", type=int, default=250)
-    p.add_argument("--eval-items", type=int, default=96)
-    p.add_argument("--minutes", type=float, default=0, help="Stop after this long (0: no limit).")
+    p.add_argument("--log-every", type=int, default=25)
+    p.add_argument("--eval-every", type=int, default=200)
+    p.add_argument("--eval-items", type=int, default=128, help="Progress-check items (seed 999).")
+    p.add_argument("--final-items", type=int, default=400, help="Held-out items (seed 0) measured at the end.")
+    p.add_argument("--init-from", type=Path, help="Start from a saved sharp-tiny folder (same sizes), not from scratch.")
     p.add_argument("--out", type=Path, default=OUT)
-    p.add_argument("--target", choices=("words", "letter"), default="words",
-                   help="Answer with the option's words (half the prompts bare questions), or its letter.")
-    a = p.parse_args()
-    global TARGET
-    TARGET = a.target
+    return p.parse_args(argv)
+
+
+def choose_preprocess(a, config, device) -> str:
+    """The device path only where it matches the workers' (CPU) numbers on two real items."""
+    if a.preprocess != "auto":
+        return a.preprocess
+    if device.type != "cuda":
+        return "workers"
+    rows = [Items(CHECK_SEED, TASKS, a.frames, 0.5, per_seed=10**9)[n] for n in range(2)]
+    try:
+        here, there = Batcher(config, True)(rows), Batcher(config, True, device)(unpack(pack(rows), device))
+        same = (torch.equal(here["input_ids"], there["input_ids"].cpu()) and torch.allclose(
+            here["pixel_values_videos"], there["pixel_values_videos"].float().cpu(), atol=1e-3))
+    except Exception as exc:  # an older processor without device support: stay on the CPU
+        print(f"preprocess on {device} failed ({type(exc).__name__}: {exc}); using the workers", flush=True)
+        return "workers"
+    if not same:
+        print(f"preprocess on {device} differs from the CPU's; using the workers", flush=True)
+    return "device" if same else "workers"
+
+
+def main(argv=None):
+    a = parse_args(argv)
+    start = time.time()
+    deadline = start + a.minutes * 60 if a.minutes else math.inf
+    if a.threads:
+        torch.set_num_threads(a.threads)
     torch.manual_seed(a.seed)
+    from transformers import AutoModelForImageTextToText
+
+    from sharp_cli.models import vision_attention
+
     device = torch.device(a.device)
-    config = tiny_config()
-    adapter = QwenVLAdapter()
-    model, processor = build_random(config, dtype="float32", device=device, seed=a.seed)
-    processor.tokenizer = synthetic_tokenizer(adapter.special_tokens(config), config.text_config.vocab_size,
-                                              vocabulary())
-    processor.tokenizer.padding_side = "left"
-    # Saved with the processor, so `sharp ask/eval` see the frames at the size they were trained at.
-    processor.video_processor.size = adapter.video_size(processor.video_processor, 32, MAX_PIXELS)
+    tasks = tuple(t for t in a.tasks.split(",") if t)
+    config = tiny_config(hidden=a.hidden, layers=a.layers, vision_depth=a.vision_depth, vision_hidden=a.vision_hidden)
+    config._attn_implementation = "sdpa"
+    offset = 0
+    if a.init_from:  # a second budget for the same run: its config is the saved one; new items only
+        model = AutoModelForImageTextToText.from_pretrained(a.init_from, dtype=torch.float32,
+                                                            attn_implementation="sdpa").to(device)
+        config = model.config
+        offset = json.loads((a.init_from / "training.json").read_text())["items_to"]
+    else:
+        model = AutoModelForImageTextToText.from_config(config, dtype=torch.float32).to(device)
+    # One SDPA call per window length in the vision tower, not one per window (exact attention).
+    model.model.visual.config._attn_implementation = vision_attention.register()
+    processor = build_processor(config)
+    none_id = processor.tokenizer.convert_tokens_to_ids(NONE)
+    autocast = ((lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda"
+                else (lambda: torch.autocast("cpu", enabled=False)))
+    preprocess = choose_preprocess(a, config, device)
     params = sum(p.numel() for p in model.parameters())
-    print(f"sharp-tiny: {params / 1e6:.2f}M parameters, {a.steps} steps of {a.batch} on {device}", flush=True)
-    held_out = [make_item(HELD_OUT_SEED + 999_000, i) for i in range(a.eval_items)]  # quick check only
-    opt = torch.optim.AdamW(model.parameters(), lr=a.lr, weight_decay=0.01, betas=(0.9, 0.98))
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=a.lr, total_steps=a.steps, pct_start=0.05)
-    log, start, step = [], time.time(), 0
+    print(f"sharp-tiny: {params / 1e6:.2f}M parameters, tasks {','.join(tasks)}, {a.frames} frames, batch {a.batch}, "
+          f"lr {a.lr}, token loss {a.token_loss}, on {device}, {a.workers} workers, preprocess on "
+          f"{'the device' if preprocess == 'device' else 'the workers'}", flush=True)
+
+    def batches(seed_from, count, answers, batch, shuffle_seed=None, workers=a.workers, per_seed=PER_SEED, offset=0):
+        data = Items(seed_from, tasks, a.frames, a.bare if answers else 0.0, answers, per_seed, count, offset)
+        sampler = None
+        if shuffle_seed is not None:
+            sampler = torch.utils.data.RandomSampler(data, generator=torch.Generator().manual_seed(shuffle_seed))
+        on_device = Batcher(config, answers, device) if preprocess == "device" else None
+        loader = torch.utils.data.DataLoader(
+            data, batch_size=batch, sampler=sampler, num_workers=workers, prefetch_factor=4 if workers else None,
+            collate_fn=pack if on_device else Batcher(config, answers), pin_memory=device.type == "cuda")
+        return (on_device(unpack(packed, device)) for packed in loader) if on_device else iter(loader)
+
+    check = lambda: batches(CHECK_SEED, a.eval_items, False, 64, per_seed=10**9)  # noqa: E731
+    if a.pool:  # a fixed set, reshuffled every pass
+        passes = -(-a.steps * a.batch // a.pool)
+        train = (b for n in range(passes) for b in batches(TRAIN_SEEDS_FROM, a.pool, True, a.batch, a.seed + n))
+    else:  # fresh items, in order: item n is the same in every run
+        train = batches(TRAIN_SEEDS_FROM, a.steps * a.batch, True, a.batch, offset=offset)
+    opt = torch.optim.AdamW(model.parameters(), lr=a.lr, weight_decay=0.01, betas=(0.9, 0.98), eps=1e-8)
+    log, seen, step, wait, skipped = [], 0, 0, 0.0, 0
+    running = torch.zeros(3, device=device)  # answer loss, token loss, steps: summed on the device, read when logged
+    # The held-out pass, a last check and saving: seconds on a GPU, a minute on a CPU.
+    reserve = (15 if device.type == "cuda" else 60) + (a.final_items + a.eval_items) * 0.02 if a.minutes else 0
+    train_start = time.time()
     model.train()
     for step in range(1, a.steps + 1):
-        items = [make_item(TRAIN_SEEDS_FROM + step, i) for i in range(a.batch)]
-        bare = range(1, a.batch, 2) if TARGET == "words" else ()
-        inputs = batch_inputs(processor, adapter, items, True, bare=bare).to(device)
-        logits = model(**inputs).logits[:, -3:-1]  # predicts the answer word, then <|im_end|>
-        targets = inputs["input_ids"][:, -2:]
-        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+        fetched = time.time()
+        batch = next(train, None)
+        if batch is None:
+            break
+        batch = to_device(batch, device)
+        wait += time.time() - fetched
+        progress = max(step / a.steps, (time.time() - train_start) / max(1e-9, deadline - reserve - train_start))
+        for group in opt.param_groups:
+            group["lr"] = lr_at(min(progress, 1.0), a.lr, a.warmup)
+        with autocast():
+            logits = model(**{k: batch[k] for k in MODEL_KEYS}).logits
+        answer, token = losses(logits, batch, config.video_token_id, none_id)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        if step % 25 == 0:
-            print(f"step {step} loss {loss.item():.4f} {time.time() - start:.0f}s", flush=True)
-        out_of_time = a.minutes and time.time() - start > a.minutes * 60
-        if step % a.eval_every == 0 or step == a.steps or out_of_time:
-            acc = answer_accuracy(model, processor, adapter, held_out, device)
-            log.append({"step": step, "loss": round(loss.item(), 4), "seconds": round(time.time() - start),
-                        "accuracy": acc})
+        (answer + a.token_loss * token).backward()
+        if torch.isfinite(torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)):
+            opt.step()
+        else:  # one bad batch must not end a run that has no second chance
+            skipped += 1
+        seen += len(batch["task"])
+        running += torch.stack([answer.detach(), token.detach(), answer.new_ones(())])
+        out_of_time = time.time() > deadline - reserve
+        last = step == a.steps or out_of_time
+        if step % a.log_every == 0 or step % a.eval_every == 0 or step == 1 or last:
+            mean = (running[:2] / running[2]).tolist()
+            running.zero_()
+            elapsed = time.time() - train_start
+            print(f"step {step} answer loss {mean[0]:.4f} token loss {mean[1]:.4f} lr {opt.param_groups[0]['lr']:.2e} "
+                  f"{elapsed:.0f}s {seen / elapsed:.1f} items/s (waited {wait:.0f}s for data)", flush=True)
+        if step % a.eval_every == 0 or last:
+            log.append({"step": step, "items": seen, "answer_loss": round(mean[0], 4), "token_loss": round(mean[1], 4),
+                        "lr": opt.param_groups[0]["lr"], "seconds": round(time.time() - start, 1),
+                        "check_accuracy": accuracy(model, check(), tasks, device, autocast)})
             print(json.dumps(log[-1]), flush=True)
         if out_of_time:
             break
+    final = accuracy(model, batches(HELD_OUT_SEED, a.final_items, False, 64, per_seed=10**9), tasks, device, autocast)
+    print(json.dumps({"held_out_seed": HELD_OUT_SEED, "held_out_items": a.final_items, "accuracy": final}), flush=True)
     a.out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(a.out, safe_serialization=True)
+    # Half precision halves the file (float16 keeps more mantissa than bfloat16); sharp loads it in
+    # the dtype it runs in (float32 on CPU).
+    model.to(torch.float16).save_pretrained(a.out, safe_serialization=True)
+    processor.tokenizer.padding_side = "right"
     processor.save_pretrained(a.out)
-    record = {"parameters": params, "steps": step, "batch": a.batch, "lr": a.lr, "seed": a.seed, "target": TARGET,
-              "device": str(device), "machine": platform.processor() or platform.machine(),
-              "torch": torch.__version__, "seconds": round(time.time() - start), "tasks": list(TASKS),
-              "train_seeds": f"{TRAIN_SEEDS_FROM}..{TRAIN_SEEDS_FROM + step}", "log": log}
+    record = {"parameters": params, "steps": step, "items": seen, "batch": a.batch, "lr": a.lr, "warmup": a.warmup,
+              "token_loss": a.token_loss, "seed": a.seed, "tasks": list(tasks), "frames": a.frames, "bare": a.bare,
+              "pool": a.pool, "hidden": config.text_config.hidden_size, "layers": config.text_config.num_hidden_layers,
+              "vision_depth": config.vision_config.depth, "vision_hidden": config.vision_config.hidden_size,
+              "device": str(device), "preprocess": preprocess, "workers": a.workers,
+              "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+              "machine": platform.processor() or platform.machine(), "cpus": __import__("os").cpu_count(),
+              "torch": torch.__version__, "transformers": __import__("transformers").__version__,
+              "seconds": round(time.time() - start, 1), "data_wait_seconds": round(wait, 1),
+              "skipped_steps": skipped,
+              "train_seeds": f"{TRAIN_SEEDS_FROM}..", "check_seed": CHECK_SEED, "items_from": offset,
+              "items_to": offset + (a.pool or seen),
+              "init_from": str(a.init_from) if a.init_from else None,
+              "held_out": {"seed": HELD_OUT_SEED, "items": a.final_items, "first_token_accuracy": final}, "log": log}
     (a.out / "training.json").write_text(json.dumps(record, indent=1) + "\n")
-    print(f"saved {a.out}", flush=True)
+    print(f"saved {a.out} in {time.time() - start:.0f}s", flush=True)
+    return record
 
 
 if __name__ == "__main__":

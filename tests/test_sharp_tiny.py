@@ -1,42 +1,88 @@
-"""scripts/train_sharp_tiny.py end to end at two steps: it trains, saves a folder that the real
-loading path (`from_pretrained`) reads, and `sharp ask` answers with it. The weights are not
-shipped (docs/eval.md, "sharp-tiny"), so `-m sharp-tiny` must say so in one line."""
+"""sharp-tiny: the training script end to end at two steps (it trains, saves a folder that the real
+loading path reads, and `sharp ask` answers with it); its per-token labels; and, once the trained
+weights are shipped (sharp_cli/models/sharp_tiny/model.safetensors), that they answer held-out
+clips of every task. Until then `-m sharp-tiny` must say in one line that it is not shipped."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
+import pytest
 from typer.testing import CliRunner
 
 from sharp_cli.cli import app
 from sharp_cli.engine import SHARP_TINY
+from sharp_cli.evaluate import synth
 
 ROOT = Path(__file__).resolve().parent.parent
+SHIPPED = (SHARP_TINY / "model.safetensors").exists()
+sys.path.insert(0, str(ROOT / "scripts"))
 
 
 def test_training_script_saves_a_model_sharp_ask_loads(tmp_path):
     out = tmp_path / "tiny"
     run = subprocess.run([sys.executable, str(ROOT / "scripts" / "train_sharp_tiny.py"), "--steps", "2", "--batch", "2",
-                          "--eval-every", "2", "--eval-items", "4", "--device", "cpu", "--out", str(out)],
-                         capture_output=True, text=True, timeout=300, cwd=ROOT)
+                          "--eval-every", "2", "--eval-items", "4", "--final-items", "4", "--workers", "0",
+                          "--device", "cpu", "--out", str(out)], capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert run.returncode == 0, run.stderr[-2000:]
-    assert (out / "model.safetensors").stat().st_size < 30 * 2**20 and (out / "training.json").exists()
-    from sharp_cli.evaluate.synth import _encode, make_item
-
-    frames, item = make_item(0, 0)
-    _encode(frames, tmp_path / "clip.mp4", 8.0)
+    assert (out / "model.safetensors").stat().st_size < 16 * 2**20
+    record = json.loads((out / "training.json").read_text())
+    assert record["steps"] == 2 and record["items"] == 4 and record["held_out"]["seed"] == 0
+    assert set(record["held_out"]["first_token_accuracy"]) == set(synth.TASKS)
+    assert "step 2 answer loss" in run.stdout
+    frames, item = synth.make_item(0, 0)
+    synth._encode(frames, tmp_path / "clip.mp4", 8.0)
     result = CliRunner().invoke(app, ["ask", str(tmp_path / "clip.mp4"), item["question"], "-m", str(out),
                                       "--device", "cpu", "--max-new-tokens", "3", "--json"])
     assert result.exit_code == 0, result.stderr
     assert '"visual_tokens_total": 256' in result.stdout  # 32 frames of 128 px -> 16 x 4 x 4 tokens
 
 
+def test_token_labels_mark_the_needles():
+    """Each visual token is taught what it shows: the flash's colour where a flash is, `none`
+    elsewhere (the static disc of another colour included), the direction on the moving square."""
+    import train_sharp_tiny as train
+
+    frames, item = synth.make_item(0, 0)  # colour: one flash, a static disc of a wrong option's colour
+    words = train.token_words(frames, item)
+    flash = item["options"]["ABCD".index(item["answer"])]
+    assert len(words) == 16 * 4 * 4 and set(words) == {"none", flash}
+    steps = sorted({n // 16 for n, w in enumerate(words) if w == flash})
+    assert steps == sorted({t // 2 for t in item["needle_frames"]})  # the token frames of the flash frames
+    frames, item = synth.make_item(0, 1)  # direction
+    counts = Counter(train.token_words(frames, item))
+    assert set(counts) == {"none", item["options"]["ABCD".index(item["answer"])]} and counts["none"] < 250
+
+
+@pytest.mark.skipif(not SHIPPED, reason="sharp-tiny weights are not shipped yet (scripts/train_sharp_tiny.py)")
+def test_shipped_sharp_tiny_answers_held_out_clips_of_every_task(tmp_path):
+    """Three held-out clips (seed 0, never trained on) of each task, through `sharp eval` unpruned."""
+    items = synth.write(tmp_path / "held-out", 12, seed=0)
+    result = CliRunner().invoke(app, ["eval", str(items), "-m", "sharp-tiny", "--device", "cpu", "--methods", "none",
+                                      "-o", str(tmp_path / "r.jsonl"), "--json", "-q"])
+    assert result.exit_code == 0, result.stderr
+    row = json.loads(result.stdout)["rows"][0]
+    assert row["categories"] == {task: 1.0 for task in synth.TASKS}
+
+
+@pytest.mark.skipif(not SHIPPED, reason="sharp-tiny weights are not shipped yet")
+def test_shipped_sharp_tiny_answers_a_bare_question(tmp_path):
+    frames, item = synth.make_item(0, 0)
+    synth._encode(frames, tmp_path / "clip.mp4", 8.0)
+    result = CliRunner().invoke(app, ["ask", str(tmp_path / "clip.mp4"), item["question"], "-m", "sharp-tiny",
+                                      "--device", "cpu", "-q"])
+    assert result.exit_code == 0, result.stderr
+    assert result.stdout.strip() == item["options"]["ABCD".index(item["answer"])]
+
+
 def test_sharp_tiny_missing_is_one_line(tmp_path):
-    if (SHARP_TINY / "model.safetensors").exists():
-        return  # shipped after all: nothing to refuse
+    if SHIPPED:
+        pytest.skip("shipped: nothing to refuse")
     video = tmp_path / "v.mp4"
     video.write_bytes(np.zeros(10, dtype=np.uint8).tobytes())
     result = CliRunner().invoke(app, ["ask", str(video), "what?", "-m", "sharp-tiny"])
