@@ -9,18 +9,23 @@ training-free). Training items come from synth seeds 1000 and up; the progress c
 
 Prompts are the multiple-choice prompt `sharp eval` builds, or (a share --bare of them) the bare
 question `sharp ask` gets; the target is the answer's own words (`red`, `left`, `3`) then
-<|im_end|>. Besides that answer loss, every visual token is taught what it shows (--token-loss):
-the colour of a square that is not there in the first and last frames, the way a moving square
-goes, or `none`. The renderer knows this for free; without it the answer's one token of signal per
-clip has to find a 10-pixel needle among 256 tokens on its own, and runs stayed at chance
-(docs/eval.md). It only shapes training: the logits at visual positions are never used when
-answering.
+<|im_end|>. Two more losses, from what the renderer knows for free, make it learn at all
+(docs/eval.md, "sharp-tiny": with the answer loss alone the runs stayed at chance):
 
-Items are rendered in DataLoader worker processes; the processor's pixel work runs there too, or
-on the GPU (--preprocess). `--minutes` is a wall-clock budget: the learning rate decays over
-whichever runs out first, the steps or the time, and the model is saved before it ends.
+- token loss (--token-loss): every visual token is taught what it shows: the colour of a square
+  that differs from the first and last frames (for count: which flash it is, 1, 2, ...), the way
+  the moving square goes, or `none`;
+- retrieval loss (--retrieval-loss): the last decoder layer's attention from the answer's position
+  should fall on the tokens that show the answer (the flash, the first flash, the last flash, the
+  moving square). The shallow layers, where pruning scores tokens, get no such target.
 
-    python scripts/train_sharp_tiny.py --minutes 8 --workers 14 --batch 64 --device cuda
+Both only shape training; at inference sharp-tiny is a plain Qwen2.5-VL (no pruning in training:
+ShaRP is training-free). Items are rendered in DataLoader worker processes (sharp_tiny_data.py);
+the processor's pixel work runs there or on the GPU (--preprocess). `--minutes` is a wall-clock
+budget: the learning rate decays over whichever runs out first, the steps or the time, and the
+model is saved (float16) before it ends. On one GPU:
+
+    python scripts/train_sharp_tiny.py --device cuda --minutes 8.5 --workers 14 --batch 32 --lr 3e-3
 """
 
 from __future__ import annotations
@@ -33,162 +38,17 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(ROOT))
 
-from sharp_cli.evaluate.letters import INSTRUCTION, build_prompt  # noqa: E402
-from sharp_cli.evaluate.synth import DIRECTIONS, PALETTE, TASKS, make_item  # noqa: E402
-from sharp_cli.models.qwen import QwenVLAdapter  # noqa: E402
+from sharp_cli.evaluate.synth import TASKS  # noqa: E402
 
-OUT = ROOT / "sharp_cli" / "models" / "sharp_tiny"
-MAX_PIXELS = 112 * 112  # 128-pixel synth frames -> 112x112 -> 16 tokens per two frames
-CELLS = 4  # merged tokens per side of a 112x112 frame (28 px each)
-HELD_OUT_SEED = 0  # `sharp synth OUT --seed 0`
-CHECK_SEED = 999  # progress check during training: neither trained on nor the held-out split
-TRAIN_SEEDS_FROM = 1000
-PER_SEED = 10_000  # training item n is item n % PER_SEED of seed TRAIN_SEEDS_FROM + n // PER_SEED
-FPS = 8.0  # what `sharp synth` encodes at
-NONE = "none"  # what a visual token without a needle is taught to say
-_RGB = np.array(list(PALETTE.values()), dtype=np.int32)
-
-
-def vocabulary() -> list[str]:
-    words = {NONE}
-    for seed in (1, 2):
-        for i in range(64):
-            _, item = make_item(seed, i, frames=8, size=64)
-            words.update(build_prompt(item["question"], item["options"]).replace("'", " ' ").split())
-    words.update(PALETTE, DIRECTIONS, INSTRUCTION.replace("'", " ' ").split())
-    return sorted(w.strip(".,?!:;()") for w in words if w.strip(".,?!:;()"))
-
-
-def tiny_config(vocab: int = 256, hidden: int = 256, layers: int = 6, vision_depth: int = 4, vision_hidden: int = 128):
-    from transformers import Qwen2_5_VLConfig
-
-    special = {"bos": vocab - 12, "eos": vocab - 10, "vstart": vocab - 9, "vend": vocab - 8, "vpad": vocab - 7,
-               "image": vocab - 6, "video": vocab - 5}
-    heads = max(2, hidden // 32)
-    text = dict(hidden_size=hidden, intermediate_size=3 * hidden, num_hidden_layers=layers, num_attention_heads=heads,
-                num_key_value_heads=max(1, heads // 2), vocab_size=vocab, max_position_embeddings=4096,
-                rms_norm_eps=1e-6, rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
-                                                    "mrope_section": [4, 6, 6]},
-                bos_token_id=special["bos"], eos_token_id=special["eos"], tie_word_embeddings=False)
-    vision = dict(depth=vision_depth, hidden_size=vision_hidden, intermediate_size=2 * vision_hidden,
-                  num_heads=max(2, vision_hidden // 32), out_hidden_size=hidden,
-                  patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=56,
-                  fullatt_block_indexes=list(range(1, vision_depth, 2)), tokens_per_second=2)
-    return Qwen2_5_VLConfig(vision_config=vision, text_config=text, image_token_id=special["image"],
-                            video_token_id=special["video"], vision_start_token_id=special["vstart"],
-                            vision_end_token_id=special["vend"], vision_token_id=special["vpad"],
-                            bos_token_id=special["bos"], eos_token_id=special["eos"])
-
-
-def build_processor(config):
-    from sharp_cli.models.random_init import synthetic_tokenizer
-
-    adapter = QwenVLAdapter()
-    tokenizer = synthetic_tokenizer(adapter.special_tokens(config), config.text_config.vocab_size, vocabulary())
-    tokenizer.padding_side = "left"  # batches end with the answer (batch 1 at inference: no padding)
-    processor = adapter.build_processor(tokenizer, config)
-    # Saved with the processor, so `sharp ask/eval` see any video at the size sharp-tiny was trained at.
-    processor.video_processor.size = adapter.video_size(processor.video_processor, 32, MAX_PIXELS)
-    return processor
-
-
-def answer_text(item) -> str:
-    return item["options"]["ABCD".index(item["answer"])]
-
-
-def token_words(frames: np.ndarray, item) -> list[str]:
-    """What each visual token shows, in the token order of Qwen2.5-VL (token frame, row, column):
-    the colour of a square that differs from both the first and the last frame (a flash), the
-    direction of the moving square, or `none`. Cells of size/4 pixels over two frames."""
-    t, size = frames.shape[0], frames.shape[1]
-    cell = size // CELLS
-    first, last = frames != frames[0], frames != frames[-1]  # (T, H, W, 3); channels or-ed by hand (fast)
-    needle = (first[..., 0] | first[..., 1] | first[..., 2]) & (last[..., 0] | last[..., 1] | last[..., 2])
-    cells = needle[: t // 2 * 2].reshape(t // 2, 2, CELLS, cell, CELLS, cell)
-    hit = cells.sum(axis=(1, 3, 5)) >= cell * cell // 64  # (T/2, rows, columns)
-    words = np.full(hit.shape, NONE, dtype=object)
-    for step, row, col in zip(*np.nonzero(hit)):
-        if item["category"] == "direction":
-            words[step, row, col] = answer_text(item)
-            continue
-        area = (slice(2 * step, 2 * step + 2), slice(row * cell, (row + 1) * cell), slice(col * cell, (col + 1) * cell))
-        pixels = frames[area][needle[area]].astype(np.int32)
-        nearest = np.abs(pixels[:, None, :] - _RGB[None]).sum(-1).argmin(-1)
-        words[step, row, col] = list(PALETTE)[np.bincount(nearest).argmax()]
-    return words.reshape(-1).tolist()
-
-
-class Items(torch.utils.data.Dataset):
-    """Item n of a seed range, rendered: frames, prompt (+ answer), what each visual token shows."""
-
-    def __init__(self, seed_from: int, tasks, frames: int, bare: float, answers: bool = True,
-                 per_seed: int = PER_SEED, count: int = 10**9, offset: int = 0):
-        self.seed_from, self.tasks, self.frames = seed_from, tuple(tasks), frames
-        self.bare, self.answers, self.per_seed, self.count, self.offset = bare, answers, per_seed, count, offset
-
-    def __len__(self):
-        return self.count
-
-    def __getitem__(self, n: int):
-        n += self.offset
-        seed, i = self.seed_from + n // self.per_seed, n % self.per_seed
-        frames, item = make_item(seed, i, self.tasks, self.frames)
-        # Which items get the bare question is a function of the item alone, like everything else.
-        bare = (seed * 7919 + i * 104729) % 1000 < self.bare * 1000
-        question = item["question"] if bare else build_prompt(item["question"], item["options"])
-        # A tensor, so that worker processes hand it over in shared memory rather than through a pipe.
-        return {"frames": torch.from_numpy(frames), "question": question, "answer": answer_text(item) + "<|im_end|>",
-                "words": token_words(frames, item) if self.answers else None,
-                "task": self.tasks.index(item["category"])}
-
-
-class Batcher:
-    """Rows -> model inputs through the processor call `sharp ask` makes (several clips at once);
-    in the worker processes (device None) or on the accelerator (device given)."""
-
-    def __init__(self, config, answers: bool, device=None):
-        self.config, self.answers, self.device, self.processor = config, answers, device, None
-
-    def __call__(self, rows):
-        if self.processor is None:  # built once per process
-            self.processor = build_processor(self.config)
-        adapter, proc = QwenVLAdapter(), self.processor
-        texts = [adapter.prompt(proc, r["question"]) + (r["answer"] if self.answers else "") for r in rows]
-        kwargs = {"do_sample_frames": False, "return_tensors": "pt", "padding": True,
-                  "size": adapter.video_size(proc.video_processor, 32, MAX_PIXELS),
-                  "video_metadata": [{"total_num_frames": len(r["frames"]), "fps": FPS,
-                                      "frames_indices": list(range(len(r["frames"]))),
-                                      "duration": len(r["frames"]) / FPS} for r in rows]}
-        if hasattr(type(proc.video_processor), "cap_pixels_per_frame"):
-            kwargs["cap_pixels_per_frame"] = True
-        if self.device is not None:
-            kwargs["device"] = str(self.device)
-        inputs = dict(proc(text=texts, videos=[r["frames"] for r in rows], **kwargs))
-        first = [proc.tokenizer(r["answer"], add_special_tokens=False)["input_ids"] for r in rows]
-        inputs["answer_tokens"] = torch.tensor([len(f) for f in first])
-        inputs["target"] = torch.tensor([f[0] for f in first])
-        inputs["task"] = torch.tensor([r["task"] for r in rows])
-        if rows[0]["words"] is not None:
-            inputs["token_labels"] = torch.tensor([proc.tokenizer.convert_tokens_to_ids(r["words"]) for r in rows])
-        return inputs
-
-
-def pack(rows) -> dict:
-    """Worker side of the device path: the clips as one uint8 tensor (one copy to the device)."""
-    return {"frames": torch.stack([r["frames"] for r in rows]), "rows": [dict(r, frames=None) for r in rows]}
-
-
-def unpack(packed, device) -> list[dict]:
-    frames = packed["frames"].to(device, non_blocking=True)
-    return [dict(r, frames=frames[i]) for i, r in enumerate(packed["rows"])]
-
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from sharp_tiny_data import (CHECK_SEED, HELD_OUT_SEED, NONE, OUT, PER_SEED, TRAIN_SEEDS_FROM, Batcher,  # noqa: E402
+                             Items, Piped, as_tensors, build_processor, pack, shm_is_small, tiny_config, unpack)
 
 MODEL_KEYS = ("input_ids", "attention_mask", "mm_token_type_ids", "pixel_values_videos", "video_grid_thw",
               "second_per_grid_ts")
@@ -217,6 +77,56 @@ def losses(logits, batch, video_token_id: int, none_id: int):
     token = 0.5 * ((each * empty).sum() / empty.sum().clamp(min=1)
                    + (each * (1 - empty)).sum() / (1 - empty).sum().clamp(min=1))
     return answer, token
+
+
+class Retrieval:
+    """Attention of the answer's position in one decoder layer, kept with its gradient, for the
+    retrieval loss: its mass on the visual tokens that show the answer. The other layers, the shallow ones where pruning
+    scores tokens included, are left to learn what they learn. Registered with transformers'
+    AttentionInterface (with the SDPA mask function, so left padding stays masked); SDPA computes
+    the layer's output as usual."""
+
+    NAME = "sharp_tiny_train_sdpa"
+
+    def __init__(self, layer: int):
+        self.layer, self.rows, self.visible, self.probs = layer, None, None, None
+
+    def register(self, model):
+        from transformers import AttentionInterface
+        from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+
+        AttentionInterface.register(self.NAME, self)
+        AttentionMaskInterface.register(self.NAME, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
+        model.model.language_model.config._attn_implementation = self.NAME
+
+    def __call__(self, module, query, key, value, attention_mask=None, **kwargs):
+        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+        out = ALL_ATTENTION_FUNCTIONS["sdpa"](module, query, key, value, attention_mask, **kwargs)
+        if self.rows is not None and getattr(module, "layer_idx", None) == self.layer:
+            q = query[torch.arange(query.shape[0], device=query.device), :, self.rows]  # (B, H, d)
+            k = key.repeat_interleave(query.shape[1] // key.shape[1], dim=1)  # (B, H, L, d)
+            scale = kwargs.get("scaling") or query.shape[-1] ** -0.5
+            scores = torch.einsum("bhd,bhld->bhl", q.float(), k.float()) * scale
+            self.probs = scores.masked_fill(~self.visible.unsqueeze(1), float("-inf")).softmax(-1).mean(1)
+        return out
+
+    def arm(self, batch):
+        """Before a forward: the row that predicts the first answer token, and what it may see."""
+        ids = batch["input_ids"]
+        self.rows = ids.shape[1] - batch["answer_tokens"] - 1
+        positions = torch.arange(ids.shape[1], device=ids.device).unsqueeze(0)
+        self.visible = batch["attention_mask"].bool() & (positions <= self.rows.unsqueeze(1))
+
+    def loss(self, batch, video_token_id: int):
+        """-log of the attention mass on the tokens that show the answer, over the rows that have some."""
+        ids = batch["input_ids"]
+        needle = torch.zeros(ids.shape, device=ids.device)
+        needle[ids == video_token_id] = batch["answer_tokens_shown"].reshape(-1).float()
+        has = (needle.sum(1) > 0).float()
+        mass = (self.probs * needle).sum(1)
+        self.rows = self.visible = self.probs = None
+        return -(torch.log(mass + 1e-4) * has).sum() / has.sum().clamp(min=1)
 
 
 @torch.no_grad()
@@ -250,6 +160,8 @@ def parse_args(argv=None):
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--warmup", type=float, default=0.03, help="Share of the run spent warming up.")
     p.add_argument("--token-loss", type=float, default=1.0, help="Weight of the per-visual-token loss (0: off).")
+    p.add_argument("--retrieval-loss", type=float, default=0.5,
+                   help="Weight of the last layer's attention mass on the needles (0: off).")
     p.add_argument("--tasks", default=",".join(TASKS))
     p.add_argument("--frames", type=int, default=32, help="Frames per training clip (sharp eval samples 32).")
     p.add_argument("--bare", type=float, default=0.25, help="Share of prompts that are the bare question.")
@@ -320,12 +232,18 @@ def main(argv=None):
     model.model.visual.config._attn_implementation = vision_attention.register()
     processor = build_processor(config)
     none_id = processor.tokenizer.convert_tokens_to_ids(NONE)
+    retrieval = Retrieval(config.text_config.num_hidden_layers - 1)
+    if a.retrieval_loss:
+        retrieval.register(model)
     autocast = ((lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda"
                 else (lambda: torch.autocast("cpu", enabled=False)))
     preprocess = choose_preprocess(a, config, device)
+    piped = shm_is_small(a.workers, a.batch, a.frames)
+    if piped:
+        print("/dev/shm is small for the batches in flight: workers hand them over through pipes", flush=True)
     params = sum(p.numel() for p in model.parameters())
     print(f"sharp-tiny: {params / 1e6:.2f}M parameters, tasks {','.join(tasks)}, {a.frames} frames, batch {a.batch}, "
-          f"lr {a.lr}, token loss {a.token_loss}, on {device}, {a.workers} workers, preprocess on "
+          f"lr {a.lr}, token loss {a.token_loss}, retrieval loss {a.retrieval_loss}, on {device}, {a.workers} workers, preprocess on "
           f"{'the device' if preprocess == 'device' else 'the workers'}", flush=True)
 
     def batches(seed_from, count, answers, batch, shuffle_seed=None, workers=a.workers, per_seed=PER_SEED, offset=0):
@@ -334,12 +252,16 @@ def main(argv=None):
         if shuffle_seed is not None:
             sampler = torch.utils.data.RandomSampler(data, generator=torch.Generator().manual_seed(shuffle_seed))
         on_device = Batcher(config, answers, device) if preprocess == "device" else None
+        collate = pack if on_device else Batcher(config, answers)
         loader = torch.utils.data.DataLoader(
             data, batch_size=batch, sampler=sampler, num_workers=workers, prefetch_factor=4 if workers else None,
-            collate_fn=pack if on_device else Batcher(config, answers), pin_memory=device.type == "cuda")
-        return (on_device(unpack(packed, device)) for packed in loader) if on_device else iter(loader)
+            collate_fn=Piped(collate) if piped else collate, pin_memory=device.type == "cuda" and not piped)
+        if on_device:
+            return (on_device(unpack(packed, device)) for packed in loader)
+        return (as_tensors(b) for b in loader)
 
-    check = lambda: batches(CHECK_SEED, a.eval_items, False, 64, per_seed=10**9)  # noqa: E731
+    # A few workers: starting many for two batches would cost more than it saves.
+    check = lambda: batches(CHECK_SEED, a.eval_items, False, 64, workers=min(4, a.workers), per_seed=10**9)  # noqa: E731
     if a.pool:  # a fixed set, reshuffled every pass
         passes = -(-a.steps * a.batch // a.pool)
         train = (b for n in range(passes) for b in batches(TRAIN_SEEDS_FROM, a.pool, True, a.batch, a.seed + n))
@@ -347,7 +269,7 @@ def main(argv=None):
         train = batches(TRAIN_SEEDS_FROM, a.steps * a.batch, True, a.batch, offset=offset)
     opt = torch.optim.AdamW(model.parameters(), lr=a.lr, weight_decay=0.01, betas=(0.9, 0.98), eps=1e-8)
     log, seen, step, wait, skipped = [], 0, 0, 0.0, 0
-    running = torch.zeros(3, device=device)  # answer loss, token loss, steps: summed on the device, read when logged
+    running = torch.zeros(4, device=device)  # answer, token, retrieval losses, steps: summed on the device
     # The held-out pass, a last check and saving: seconds on a GPU, a minute on a CPU.
     reserve = (15 if device.type == "cuda" else 60) + (a.final_items + a.eval_items) * 0.02 if a.minutes else 0
     train_start = time.time()
@@ -362,27 +284,32 @@ def main(argv=None):
         progress = max(step / a.steps, (time.time() - train_start) / max(1e-9, deadline - reserve - train_start))
         for group in opt.param_groups:
             group["lr"] = lr_at(min(progress, 1.0), a.lr, a.warmup)
+        if a.retrieval_loss:
+            retrieval.arm(batch)
         with autocast():
             logits = model(**{k: batch[k] for k in MODEL_KEYS}).logits
         answer, token = losses(logits, batch, config.video_token_id, none_id)
+        fetch = retrieval.loss(batch, config.video_token_id) if a.retrieval_loss else answer.new_zeros(())
         opt.zero_grad(set_to_none=True)
-        (answer + a.token_loss * token).backward()
+        (answer + a.token_loss * token + a.retrieval_loss * fetch).backward()
         if torch.isfinite(torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)):
             opt.step()
         else:  # one bad batch must not end a run that has no second chance
             skipped += 1
         seen += len(batch["task"])
-        running += torch.stack([answer.detach(), token.detach(), answer.new_ones(())])
+        running += torch.stack([answer.detach(), token.detach(), fetch.detach(), answer.new_ones(())])
         out_of_time = time.time() > deadline - reserve
         last = step == a.steps or out_of_time
         if step % a.log_every == 0 or step % a.eval_every == 0 or step == 1 or last:
-            mean = (running[:2] / running[2]).tolist()
+            mean = (running[:3] / running[3]).tolist()
             running.zero_()
             elapsed = time.time() - train_start
-            print(f"step {step} answer loss {mean[0]:.4f} token loss {mean[1]:.4f} lr {opt.param_groups[0]['lr']:.2e} "
+            print(f"step {step} answer loss {mean[0]:.4f} token loss {mean[1]:.4f} retrieval loss {mean[2]:.4f} "
+                  f"lr {opt.param_groups[0]['lr']:.2e} "
                   f"{elapsed:.0f}s {seen / elapsed:.1f} items/s (waited {wait:.0f}s for data)", flush=True)
         if step % a.eval_every == 0 or last:
             log.append({"step": step, "items": seen, "answer_loss": round(mean[0], 4), "token_loss": round(mean[1], 4),
+                        "retrieval_loss": round(mean[2], 4),
                         "lr": opt.param_groups[0]["lr"], "seconds": round(time.time() - start, 1),
                         "check_accuracy": accuracy(model, check(), tasks, device, autocast)})
             print(json.dumps(log[-1]), flush=True)
@@ -393,14 +320,16 @@ def main(argv=None):
     a.out.mkdir(parents=True, exist_ok=True)
     # Half precision halves the file (float16 keeps more mantissa than bfloat16); sharp loads it in
     # the dtype it runs in (float32 on CPU).
+    model.model.language_model.config._attn_implementation = "sdpa"  # not the training-only names
+    model.model.visual.config._attn_implementation = "sdpa"
     model.to(torch.float16).save_pretrained(a.out, safe_serialization=True)
     processor.tokenizer.padding_side = "right"
     processor.save_pretrained(a.out)
     record = {"parameters": params, "steps": step, "items": seen, "batch": a.batch, "lr": a.lr, "warmup": a.warmup,
-              "token_loss": a.token_loss, "seed": a.seed, "tasks": list(tasks), "frames": a.frames, "bare": a.bare,
+              "token_loss": a.token_loss, "retrieval_loss": a.retrieval_loss, "seed": a.seed, "tasks": list(tasks), "frames": a.frames, "bare": a.bare,
               "pool": a.pool, "hidden": config.text_config.hidden_size, "layers": config.text_config.num_hidden_layers,
               "vision_depth": config.vision_config.depth, "vision_hidden": config.vision_config.hidden_size,
-              "device": str(device), "preprocess": preprocess, "workers": a.workers,
+              "device": str(device), "preprocess": preprocess, "workers": a.workers, "piped": piped,
               "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
               "machine": platform.processor() or platform.machine(), "cpus": __import__("os").cpu_count(),
               "torch": torch.__version__, "transformers": __import__("transformers").__version__,
