@@ -73,17 +73,19 @@ def test_token_labels_mark_the_needles():
 
 @pytest.mark.skipif(not SHIPPED, reason="sharp-tiny weights are not shipped yet (scripts/train_sharp_tiny.py)")
 def test_shipped_sharp_tiny_answers_held_out_clips_of_every_task(tmp_path):
-    """Three held-out clips (seed 0, never trained on) of each task, through `sharp eval` unpruned."""
-    items = synth.write(tmp_path / "held-out", 12, seed=0)
+    """Five held-out clips (seed 0, never trained on) of each task, through `sharp eval` unpruned:
+    at least four right per task (the target is 90%; a broken path answers at chance, 25%)."""
+    items = synth.write(tmp_path / "held-out", 20, seed=0)
     result = CliRunner().invoke(app, ["eval", str(items), "-m", "sharp-tiny", "--device", "cpu", "--methods", "none",
                                       "-o", str(tmp_path / "r.jsonl"), "--json", "-q"])
     assert result.exit_code == 0, result.stderr
     row = json.loads(result.stdout)["rows"][0]
-    assert row["categories"] == {task: 1.0 for task in synth.TASKS}
+    assert set(row["categories"]) == set(synth.TASKS) and min(row["categories"].values()) >= 0.8, row["categories"]
 
 
 @pytest.mark.skipif(not SHIPPED, reason="sharp-tiny weights are not shipped yet")
 def test_shipped_sharp_tiny_answers_a_bare_question(tmp_path):
+    """The README's first command: `sharp ask` (ShaRP at 0.15 by default) on held-out clip 0."""
     frames, item = synth.make_item(0, 0)
     synth._encode(frames, tmp_path / "clip.mp4", 8.0)
     result = CliRunner().invoke(app, ["ask", str(tmp_path / "clip.mp4"), item["question"], "-m", "sharp-tiny",
