@@ -3,167 +3,345 @@ finds it (sharp_cli/models/sharp_tiny).
 
 sharp-tiny is Qwen2.5-VL, transformers' own classes, at a few million parameters, with a word-level
 tokenizer over the synthetic set's words: the same adapter, pruning and decoding path as the 7B
-model, small enough to ship and to run on any CPU. Training items are drawn in memory from synth
-seeds 1000 and up; the held-out split is `sharp synth OUT --seed 0` (seed 0 is never trained on).
-Half the prompts are the multiple-choice prompt `sharp eval` builds, half the bare question; the
-target is the answer's own words (`red`, `left`, `3`) then <|im_end|>. `sharp eval` reads an
-answer that names one option's text as that option (docs/eval.md), and `sharp ask` gets a plain
-answer to a plain question. Answering with a letter would also have to learn to point from the
-answer to its option, which from scratch at this size took more steps than a CPU run affords.
+model, small enough to ship and to run on any CPU. It is trained without pruning (ShaRP is
+training-free). Training items come from synth seeds 1000 and up; the progress check uses seed
+999; the held-out split is `sharp synth OUT --seed 0`, never trained on, measured once at the end.
 
-    python scripts/train_sharp_tiny.py --steps 2000 --batch 8 [--device cuda] [--out DIR]
+Prompts are the multiple-choice prompt `sharp eval` builds, or (a share --bare of them) the bare
+question `sharp ask` gets; the target is the answer's own words (`red`, `left`, `3`) then
+<|im_end|>. Two more losses, from what the renderer knows for free, make it learn at all
+(docs/eval.md, "sharp-tiny": with the answer loss alone the runs stayed at chance):
+
+- token loss (--token-loss): every visual token is taught what it shows: the colour of a square
+  that differs from the first and last frames (for count: which flash it is, 1, 2, ...), the way
+  the moving square goes, or `none`;
+- retrieval loss (--retrieval-loss): the last decoder layer's attention from the answer's position
+  should fall on the tokens that show the answer (the flash, the first flash, the last flash, the
+  moving square). The shallow layers, where pruning scores tokens, get no such target.
+
+Both only shape training; at inference sharp-tiny is a plain Qwen2.5-VL (no pruning in training:
+ShaRP is training-free). Items are rendered in DataLoader worker processes (sharp_tiny_data.py);
+the processor's pixel work runs there or on the GPU (--preprocess). `--minutes` is a wall-clock
+budget: the learning rate decays over whichever runs out first, the steps or the time, and the
+model is saved (float16) before it ends. On one GPU:
+
+    python scripts/train_sharp_tiny.py --device cuda --minutes 8.5 --workers 14 --batch 32 --lr 3e-3
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import platform
+import sys
 import time
 from pathlib import Path
 
 import torch
 
-from sharp_cli.evaluate.letters import INSTRUCTION, LETTERS, build_prompt
-from sharp_cli.evaluate.synth import DIRECTIONS, PALETTE, TASKS, make_item
-from sharp_cli.models.qwen import QwenVLAdapter
-from sharp_cli.models.random_init import build_random, synthetic_tokenizer
-from sharp_cli.video import VideoClip
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:  # run as a script from anywhere
+    sys.path.insert(0, str(ROOT))
 
-OUT = Path(__file__).resolve().parent.parent / "sharp_cli" / "models" / "sharp_tiny"
-MAX_PIXELS = 112 * 112  # 128-pixel synth frames -> 112x112 -> 16 tokens per two frames
-HELD_OUT_SEED = 0
-TRAIN_SEEDS_FROM = 1000
+from sharp_cli.evaluate.synth import TASKS  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from sharp_tiny_data import (CHECK_SEED, HELD_OUT_SEED, NONE, OUT, PER_SEED, TRAIN_SEEDS_FROM, Batcher,  # noqa: E402
+                             Items, Piped, as_tensors, build_processor, pack, shm_is_small, tiny_config, unpack)
 
-def vocabulary() -> list[str]:
-    words = set()
-    for seed in (1, 2):
-        for i in range(64):
-            _, item = make_item(seed, i, frames=8, size=64)
-            words.update(build_prompt(item["question"], item["options"]).replace("'", " ' ").split())
-    words.update(PALETTE, DIRECTIONS, INSTRUCTION.replace("'", " ' ").split())
-    return sorted(w.strip(".,?!:;()") for w in words if w.strip(".,?!:;()"))
+MODEL_KEYS = ("input_ids", "attention_mask", "mm_token_type_ids", "pixel_values_videos", "video_grid_thw",
+              "second_per_grid_ts")
 
 
-def tiny_config(vocab: int = 256):
-    from transformers import Qwen2_5_VLConfig
-
-    special = {"bos": vocab - 12, "eos": vocab - 10, "vstart": vocab - 9, "vend": vocab - 8, "vpad": vocab - 7,
-               "image": vocab - 6, "video": vocab - 5}
-    text = dict(hidden_size=256, intermediate_size=768, num_hidden_layers=6, num_attention_heads=8,
-                num_key_value_heads=4, vocab_size=vocab, max_position_embeddings=4096, rms_norm_eps=1e-6,
-                rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [4, 6, 6]},
-                bos_token_id=special["bos"], eos_token_id=special["eos"], tie_word_embeddings=False)
-    vision = dict(depth=4, hidden_size=128, intermediate_size=256, num_heads=4, out_hidden_size=256, patch_size=14,
-                  spatial_merge_size=2, temporal_patch_size=2, window_size=56, fullatt_block_indexes=[1, 3],
-                  tokens_per_second=2)
-    return Qwen2_5_VLConfig(vision_config=vision, text_config=text, image_token_id=special["image"],
-                            video_token_id=special["video"], vision_start_token_id=special["vstart"],
-                            vision_end_token_id=special["vend"], vision_token_id=special["vpad"],
-                            bos_token_id=special["bos"], eos_token_id=special["eos"])
+def to_device(batch: dict, device) -> dict:
+    return {k: v.to(device, non_blocking=True) if hasattr(v, "to") else v for k, v in batch.items()}
 
 
-TARGET = "words"  # --target: "words" (the default) or "letter" (multiple-choice prompts only)
+def losses(logits, batch, video_token_id: int, none_id: int):
+    """(answer loss, token loss). The answer loss is on the last `answer_tokens` of each row (the
+    batch is left-padded), each predicted from the position before. The token loss asks each visual
+    token for what it shows, needle tokens and `none` tokens weighted half each (needles are few)."""
+    ids = batch["input_ids"]
+    length = ids.shape[1]
+    on = torch.arange(length, device=ids.device).unsqueeze(0) >= (length - batch["answer_tokens"]).unsqueeze(1)
+    answer = torch.nn.functional.cross_entropy(logits[:, :-1][on[:, 1:]].float(), ids[:, 1:][on[:, 1:]])
+    if "token_labels" not in batch:
+        return answer, answer.new_zeros(())
+    visual = logits[ids == video_token_id].float()  # row-major: each row's tokens in order
+    labels = batch["token_labels"].reshape(-1)
+    if visual.shape[0] != labels.numel():
+        raise ValueError(f"{visual.shape[0]} visual tokens but {labels.numel()} token labels")
+    each = torch.nn.functional.cross_entropy(visual, labels, reduction="none")
+    empty = (labels == none_id).float()  # means by sums and counts: no host sync per step
+    token = 0.5 * ((each * empty).sum() / empty.sum().clamp(min=1)
+                   + (each * (1 - empty)).sum() / (1 - empty).sum().clamp(min=1))
+    return answer, token
 
 
-def answer_text(item) -> str:
-    return item["answer"] if TARGET == "letter" else item["options"][LETTERS.index(item["answer"])]
+class Retrieval:
+    """Attention of the answer's position in one decoder layer, kept with its gradient, for the
+    retrieval loss: its mass on the visual tokens that show the answer. The other layers, the shallow ones where pruning
+    scores tokens included, are left to learn what they learn. Registered with transformers'
+    AttentionInterface (with the SDPA mask function, so left padding stays masked); SDPA computes
+    the layer's output as usual."""
+
+    NAME = "sharp_tiny_train_sdpa"
+
+    def __init__(self, layer: int):
+        self.layer, self.rows, self.visible, self.probs = layer, None, None, None
+
+    def register(self, model):
+        from transformers import AttentionInterface
+        from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+
+        AttentionInterface.register(self.NAME, self)
+        AttentionMaskInterface.register(self.NAME, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
+        model.model.language_model.config._attn_implementation = self.NAME
+
+    def __call__(self, module, query, key, value, attention_mask=None, **kwargs):
+        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+        out = ALL_ATTENTION_FUNCTIONS["sdpa"](module, query, key, value, attention_mask, **kwargs)
+        if self.rows is not None and getattr(module, "layer_idx", None) == self.layer:
+            q = query[torch.arange(query.shape[0], device=query.device), :, self.rows]  # (B, H, d)
+            k = key.repeat_interleave(query.shape[1] // key.shape[1], dim=1)  # (B, H, L, d)
+            scale = kwargs.get("scaling") or query.shape[-1] ** -0.5
+            scores = torch.einsum("bhd,bhld->bhl", q.float(), k.float()) * scale
+            self.probs = scores.masked_fill(~self.visible.unsqueeze(1), float("-inf")).softmax(-1).mean(1)
+        return out
+
+    def arm(self, batch):
+        """Before a forward: the row that predicts the first answer token, and what it may see."""
+        ids = batch["input_ids"]
+        self.rows = ids.shape[1] - batch["answer_tokens"] - 1
+        positions = torch.arange(ids.shape[1], device=ids.device).unsqueeze(0)
+        self.visible = batch["attention_mask"].bool() & (positions <= self.rows.unsqueeze(1))
+
+    def loss(self, batch, video_token_id: int):
+        """-log of the attention mass on the tokens that show the answer, over the rows that have some."""
+        ids = batch["input_ids"]
+        needle = torch.zeros(ids.shape, device=ids.device)
+        needle[ids == video_token_id] = batch["answer_tokens_shown"].reshape(-1).float()
+        has = (needle.sum(1) > 0).float()
+        mass = (self.probs * needle).sum(1)
+        self.rows = self.visible = self.probs = None
+        return -(torch.log(mass + 1e-4) * has).sum() / has.sum().clamp(min=1)
 
 
-def batch_inputs(processor, adapter, items, answers: bool, bare=()):
-    """Processor tensors for [(frames, item)], left-padded: the multiple-choice prompt, or the bare
-    question for the positions in `bare`; with answers, the answer's words and <|im_end|> follow."""
-    texts, videos, metadata = [], [], []
-    for n, (frames, item) in enumerate(items):
-        question = item["question"] if n in bare else build_prompt(item["question"], item["options"])
-        prompt = adapter.prompt(processor, question)
-        texts.append(prompt + (answer_text(item) + "<|im_end|>" if answers else ""))
-        clip = VideoClip(frames, 8.0, len(frames), list(range(len(frames))), "synthetic", item["id"], [])
-        videos.append(frames)
-        metadata.append(clip.metadata())
-    return processor(text=texts, videos=videos, return_tensors="pt", padding=True, do_sample_frames=False,
-                     video_metadata=metadata)
-
-
-def answer_accuracy(model, processor, adapter, items, device):
-    """Share of multiple-choice prompts whose first greedy token is the answer, per task."""
-    right: dict[str, list[int]] = {}
+@torch.no_grad()
+def accuracy(model, batches, tasks, device, autocast) -> dict:
+    """Per task: share of prompts whose first greedy answer token is the answer's."""
     model.eval()
-    with torch.no_grad():
-        for start in range(0, len(items), 8):
-            chunk = items[start:start + 8]
-            logits = model(**batch_inputs(processor, adapter, chunk, False).to(device)).logits[:, -1]
-            for (_, item), guess in zip(chunk, processor.tokenizer.convert_ids_to_tokens(logits.argmax(-1).tolist())):
-                right.setdefault(item["category"], []).append(int(guess == answer_text(item)))
+    right = {t: [0, 0] for t in tasks}
+    for batch in batches:
+        batch = to_device(batch, device)
+        with autocast():
+            logits = model(**{k: batch[k] for k in MODEL_KEYS}, logits_to_keep=1).logits[:, -1]
+        for task, ok in zip(batch["task"].tolist(), (logits.argmax(-1) == batch["target"]).tolist()):
+            right[tasks[task]][0] += ok
+            right[tasks[task]][1] += 1
     model.train()
-    return {task: sum(v) / len(v) for task, v in sorted(right.items())}
+    return {t: round(r / n, 4) for t, (r, n) in right.items() if n}
 
 
-def main():
+def lr_at(progress: float, peak: float, warmup: float) -> float:
+    """Linear warm-up then cosine to a tenth of the peak; progress in [0, 1]."""
+    if progress < warmup:
+        return peak * progress / warmup
+    return peak * (0.1 + 0.45 * (1 + math.cos(math.pi * min(1.0, (progress - warmup) / (1 - warmup)))))
+
+
+def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--steps", type=int, default=2000)
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--steps", type=int, default=100_000, help="At most this many steps.")
+    p.add_argument("--minutes", type=float, default=0, help="Wall-clock budget, saving included (0: none).")
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--warmup", type=float, default=0.03, help="Share of the run spent warming up.")
+    p.add_argument("--token-loss", type=float, default=1.0, help="Weight of the per-visual-token loss (0: off).")
+    p.add_argument("--retrieval-loss", type=float, default=0.5,
+                   help="Weight of the last layer's attention mass on the needles (0: off).")
+    p.add_argument("--tasks", default=",".join(TASKS))
+    p.add_argument("--frames", type=int, default=32, help="Frames per training clip (sharp eval samples 32).")
+    p.add_argument("--bare", type=float, default=0.25, help="Share of prompts that are the bare question.")
+    p.add_argument("--pool", type=int, default=0, help="Cycle over this many training items (0: fresh ones).")
+    p.add_argument("--hidden", type=int, default=256)
+    p.add_argument("--layers", type=int, default=6)
+    p.add_argument("--vision-depth", type=int, default=4)
+    p.add_argument("--vision-hidden", type=int, default=128)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--preprocess", choices=("auto", "workers", "device"), default="auto",
+                   help="Where the processor's pixel work runs: the worker processes, or the device "
+                        "(auto: the device when it is a GPU and gives the workers' numbers).")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default).")
+    p.add_argument("--workers", type=int, default=2, help="DataLoader processes rendering items.")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--eval-every", type=int, default=250)
-    p.add_argument("--eval-items", type=int, default=96)
-    p.add_argument("--minutes", type=float, default=0, help="Stop after this long (0: no limit).")
+    p.add_argument("--log-every", type=int, default=25)
+    p.add_argument("--eval-every", type=int, default=200)
+    p.add_argument("--eval-items", type=int, default=128, help="Progress-check items (seed 999).")
+    p.add_argument("--final-items", type=int, default=400, help="Held-out items (seed 0) measured at the end.")
+    p.add_argument("--init-from", type=Path, help="Start from a saved sharp-tiny folder (same sizes), not from scratch.")
     p.add_argument("--out", type=Path, default=OUT)
-    p.add_argument("--target", choices=("words", "letter"), default="words",
-                   help="Answer with the option's words (half the prompts bare questions), or its letter.")
-    a = p.parse_args()
-    global TARGET
-    TARGET = a.target
+    return p.parse_args(argv)
+
+
+def choose_preprocess(a, config, device) -> str:
+    """The device path only where it matches the workers' (CPU) numbers on two real items."""
+    if a.preprocess != "auto":
+        return a.preprocess
+    if device.type != "cuda":
+        return "workers"
+    rows = [Items(CHECK_SEED, TASKS, a.frames, 0.5, per_seed=10**9)[n] for n in range(2)]
+    try:
+        here, there = Batcher(config, True)(rows), Batcher(config, True, device)(unpack(pack(rows), device))
+        same = (torch.equal(here["input_ids"], there["input_ids"].cpu()) and torch.allclose(
+            here["pixel_values_videos"], there["pixel_values_videos"].float().cpu(), atol=1e-3))
+    except Exception as exc:  # an older processor without device support: stay on the CPU
+        print(f"preprocess on {device} failed ({type(exc).__name__}: {exc}); using the workers", flush=True)
+        return "workers"
+    if not same:
+        print(f"preprocess on {device} differs from the CPU's; using the workers", flush=True)
+    return "device" if same else "workers"
+
+
+def main(argv=None):
+    a = parse_args(argv)
+    start = time.time()
+    deadline = start + a.minutes * 60 if a.minutes else math.inf
+    if a.threads:
+        torch.set_num_threads(a.threads)
     torch.manual_seed(a.seed)
+    from transformers import AutoModelForImageTextToText
+
+    from sharp_cli.models import vision_attention
+
     device = torch.device(a.device)
-    config = tiny_config()
-    adapter = QwenVLAdapter()
-    model, processor = build_random(config, dtype="float32", device=device, seed=a.seed)
-    processor.tokenizer = synthetic_tokenizer(adapter.special_tokens(config), config.text_config.vocab_size,
-                                              vocabulary())
-    processor.tokenizer.padding_side = "left"
-    # Saved with the processor, so `sharp ask/eval` see the frames at the size they were trained at.
-    processor.video_processor.size = adapter.video_size(processor.video_processor, 32, MAX_PIXELS)
+    tasks = tuple(t for t in a.tasks.split(",") if t)
+    config = tiny_config(hidden=a.hidden, layers=a.layers, vision_depth=a.vision_depth, vision_hidden=a.vision_hidden)
+    config._attn_implementation = "sdpa"
+    offset = 0
+    if a.init_from:  # a second budget for the same run: its config is the saved one; new items only
+        model = AutoModelForImageTextToText.from_pretrained(a.init_from, dtype=torch.float32,
+                                                            attn_implementation="sdpa").to(device)
+        config = model.config
+        offset = json.loads((a.init_from / "training.json").read_text())["items_to"]
+    else:
+        model = AutoModelForImageTextToText.from_config(config, dtype=torch.float32).to(device)
+    # One SDPA call per window length in the vision tower, not one per window (exact attention).
+    model.model.visual.config._attn_implementation = vision_attention.register()
+    processor = build_processor(config)
+    none_id = processor.tokenizer.convert_tokens_to_ids(NONE)
+    retrieval = Retrieval(config.text_config.num_hidden_layers - 1)
+    if a.retrieval_loss:
+        retrieval.register(model)
+    autocast = ((lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda"
+                else (lambda: torch.autocast("cpu", enabled=False)))
+    preprocess = choose_preprocess(a, config, device)
+    piped = shm_is_small(a.workers, a.batch, a.frames)
+    if piped:
+        print("/dev/shm is small for the batches in flight: workers hand them over through pipes", flush=True)
     params = sum(p.numel() for p in model.parameters())
-    print(f"sharp-tiny: {params / 1e6:.2f}M parameters, {a.steps} steps of {a.batch} on {device}", flush=True)
-    held_out = [make_item(HELD_OUT_SEED + 999_000, i) for i in range(a.eval_items)]  # quick check only
-    opt = torch.optim.AdamW(model.parameters(), lr=a.lr, weight_decay=0.01, betas=(0.9, 0.98))
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=a.lr, total_steps=a.steps, pct_start=0.05)
-    log, start, step = [], time.time(), 0
+    print(f"sharp-tiny: {params / 1e6:.2f}M parameters, tasks {','.join(tasks)}, {a.frames} frames, batch {a.batch}, "
+          f"lr {a.lr}, token loss {a.token_loss}, retrieval loss {a.retrieval_loss}, on {device}, {a.workers} workers, preprocess on "
+          f"{'the device' if preprocess == 'device' else 'the workers'}", flush=True)
+
+    def batches(seed_from, count, answers, batch, shuffle_seed=None, workers=a.workers, per_seed=PER_SEED, offset=0):
+        data = Items(seed_from, tasks, a.frames, a.bare if answers else 0.0, answers, per_seed, count, offset)
+        sampler = None
+        if shuffle_seed is not None:
+            sampler = torch.utils.data.RandomSampler(data, generator=torch.Generator().manual_seed(shuffle_seed))
+        on_device = Batcher(config, answers, device) if preprocess == "device" else None
+        collate = pack if on_device else Batcher(config, answers)
+        loader = torch.utils.data.DataLoader(
+            data, batch_size=batch, sampler=sampler, num_workers=workers, prefetch_factor=4 if workers else None,
+            collate_fn=Piped(collate) if piped else collate, pin_memory=device.type == "cuda" and not piped)
+        if on_device:
+            return (on_device(unpack(packed, device)) for packed in loader)
+        return (as_tensors(b) for b in loader)
+
+    # A few workers: starting many for two batches would cost more than it saves.
+    check = lambda: batches(CHECK_SEED, a.eval_items, False, 64, workers=min(4, a.workers), per_seed=10**9)  # noqa: E731
+    if a.pool:  # a fixed set, reshuffled every pass
+        passes = -(-a.steps * a.batch // a.pool)
+        train = (b for n in range(passes) for b in batches(TRAIN_SEEDS_FROM, a.pool, True, a.batch, a.seed + n))
+    else:  # fresh items, in order: item n is the same in every run
+        train = batches(TRAIN_SEEDS_FROM, a.steps * a.batch, True, a.batch, offset=offset)
+    opt = torch.optim.AdamW(model.parameters(), lr=a.lr, weight_decay=0.01, betas=(0.9, 0.98), eps=1e-8)
+    log, seen, step, wait, skipped = [], 0, 0, 0.0, 0
+    running = torch.zeros(4, device=device)  # answer, token, retrieval losses, steps: summed on the device
+    # The held-out pass, a last check and saving: seconds on a GPU, a minute on a CPU.
+    reserve = (15 if device.type == "cuda" else 60) + (a.final_items + a.eval_items) * 0.02 if a.minutes else 0
+    train_start = time.time()
     model.train()
     for step in range(1, a.steps + 1):
-        items = [make_item(TRAIN_SEEDS_FROM + step, i) for i in range(a.batch)]
-        bare = range(1, a.batch, 2) if TARGET == "words" else ()
-        inputs = batch_inputs(processor, adapter, items, True, bare=bare).to(device)
-        logits = model(**inputs).logits[:, -3:-1]  # predicts the answer word, then <|im_end|>
-        targets = inputs["input_ids"][:, -2:]
-        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+        fetched = time.time()
+        batch = next(train, None)
+        if batch is None:
+            break
+        batch = to_device(batch, device)
+        wait += time.time() - fetched
+        progress = max(step / a.steps, (time.time() - train_start) / max(1e-9, deadline - reserve - train_start))
+        for group in opt.param_groups:
+            group["lr"] = lr_at(min(progress, 1.0), a.lr, a.warmup)
+        if a.retrieval_loss:
+            retrieval.arm(batch)
+        with autocast():
+            logits = model(**{k: batch[k] for k in MODEL_KEYS}).logits
+        answer, token = losses(logits, batch, config.video_token_id, none_id)
+        fetch = retrieval.loss(batch, config.video_token_id) if a.retrieval_loss else answer.new_zeros(())
         opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        if step % 25 == 0:
-            print(f"step {step} loss {loss.item():.4f} {time.time() - start:.0f}s", flush=True)
-        out_of_time = a.minutes and time.time() - start > a.minutes * 60
-        if step % a.eval_every == 0 or step == a.steps or out_of_time:
-            acc = answer_accuracy(model, processor, adapter, held_out, device)
-            log.append({"step": step, "loss": round(loss.item(), 4), "seconds": round(time.time() - start),
-                        "accuracy": acc})
+        (answer + a.token_loss * token + a.retrieval_loss * fetch).backward()
+        if torch.isfinite(torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)):
+            opt.step()
+        else:  # one bad batch must not end a run that has no second chance
+            skipped += 1
+        seen += len(batch["task"])
+        running += torch.stack([answer.detach(), token.detach(), fetch.detach(), answer.new_ones(())])
+        out_of_time = time.time() > deadline - reserve
+        last = step == a.steps or out_of_time
+        if step % a.log_every == 0 or step % a.eval_every == 0 or step == 1 or last:
+            mean = (running[:3] / running[3]).tolist()
+            running.zero_()
+            elapsed = time.time() - train_start
+            print(f"step {step} answer loss {mean[0]:.4f} token loss {mean[1]:.4f} retrieval loss {mean[2]:.4f} "
+                  f"lr {opt.param_groups[0]['lr']:.2e} "
+                  f"{elapsed:.0f}s {seen / elapsed:.1f} items/s (waited {wait:.0f}s for data)", flush=True)
+        if step % a.eval_every == 0 or last:
+            log.append({"step": step, "items": seen, "answer_loss": round(mean[0], 4), "token_loss": round(mean[1], 4),
+                        "retrieval_loss": round(mean[2], 4),
+                        "lr": opt.param_groups[0]["lr"], "seconds": round(time.time() - start, 1),
+                        "check_accuracy": accuracy(model, check(), tasks, device, autocast)})
             print(json.dumps(log[-1]), flush=True)
         if out_of_time:
             break
+    final = accuracy(model, batches(HELD_OUT_SEED, a.final_items, False, 64, per_seed=10**9), tasks, device, autocast)
+    print(json.dumps({"held_out_seed": HELD_OUT_SEED, "held_out_items": a.final_items, "accuracy": final}), flush=True)
     a.out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(a.out, safe_serialization=True)
+    # Half precision halves the file (float16 keeps more mantissa than bfloat16); sharp loads it in
+    # the dtype it runs in (float32 on CPU).
+    model.model.language_model.config._attn_implementation = "sdpa"  # not the training-only names
+    model.model.visual.config._attn_implementation = "sdpa"
+    model.to(torch.float16).save_pretrained(a.out, safe_serialization=True)
+    processor.tokenizer.padding_side = "right"
     processor.save_pretrained(a.out)
-    record = {"parameters": params, "steps": step, "batch": a.batch, "lr": a.lr, "seed": a.seed, "target": TARGET,
-              "device": str(device), "machine": platform.processor() or platform.machine(),
-              "torch": torch.__version__, "seconds": round(time.time() - start), "tasks": list(TASKS),
-              "train_seeds": f"{TRAIN_SEEDS_FROM}..{TRAIN_SEEDS_FROM + step}", "log": log}
+    record = {"parameters": params, "steps": step, "items": seen, "batch": a.batch, "lr": a.lr, "warmup": a.warmup,
+              "token_loss": a.token_loss, "retrieval_loss": a.retrieval_loss, "seed": a.seed, "tasks": list(tasks), "frames": a.frames, "bare": a.bare,
+              "pool": a.pool, "hidden": config.text_config.hidden_size, "layers": config.text_config.num_hidden_layers,
+              "vision_depth": config.vision_config.depth, "vision_hidden": config.vision_config.hidden_size,
+              "device": str(device), "preprocess": preprocess, "workers": a.workers, "piped": piped,
+              "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+              "machine": platform.processor() or platform.machine(), "cpus": __import__("os").cpu_count(),
+              "torch": torch.__version__, "transformers": __import__("transformers").__version__,
+              "seconds": round(time.time() - start, 1), "data_wait_seconds": round(wait, 1),
+              "skipped_steps": skipped,
+              "train_seeds": f"{TRAIN_SEEDS_FROM}..", "check_seed": CHECK_SEED, "items_from": offset,
+              "items_to": offset + (a.pool or seen),
+              "init_from": str(a.init_from) if a.init_from else None,
+              "held_out": {"seed": HELD_OUT_SEED, "items": a.final_items, "first_token_accuracy": final}, "log": log}
     (a.out / "training.json").write_text(json.dumps(record, indent=1) + "\n")
-    print(f"saved {a.out}", flush=True)
+    print(f"saved {a.out} in {time.time() - start:.0f}s", flush=True)
+    return record
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from sharp_cli.options import (JsonOut, Debias, Decoder, Dedup, DedupThreshold, DedupWindow, Device, Dtype, Fps,
+from sharp_cli.options import (CacheGb, JsonOut, Debias, Decoder, Dedup, DedupThreshold, DedupWindow, Device, Dtype, Fps,
                            Frames, Layer, MaxFrames, MaxPixels, Model, Quant, Query, RandomWeights, RegisterZ,
                            Seed, SegmentFrames, SegmentMask, TrustRemoteCode)
 
@@ -44,7 +44,7 @@ def eval_command(
     register_z: RegisterZ = 8.0, seed: Seed = 0,
     frames: Frames = 32, fps: Fps = None, max_frames: MaxFrames = 768, max_pixels: MaxPixels = None,
     decoder: Decoder = "auto", max_new_tokens: MaxNewTokens = 8, limit: Limit = None, output: Output = None,
-    shard_timeout: ShardTimeout = 3600.0, json_out: JsonOut = False, quiet: Quiet = False,
+    shard_timeout: ShardTimeout = 3600.0, cache_gb: CacheGb = 4.0, json_out: JsonOut = False, quiet: Quiet = False,
 ):
     """Multiple-choice accuracy of every method and ratio on a video QA set (resumable, shardable)."""
     from sharp_cli.options import prune_config, quiet_transformers, split_list, stderr_console
@@ -66,6 +66,8 @@ def eval_command(
                             dedup_window, register_z, seed)
     if limit is not None and limit < 1:
         raise UsageError(f"--limit must be >= 1, got {limit}")
+    if not cache_gb >= 0:
+        raise UsageError(f"--cache-gb must be >= 0, got {cache_gb}")
     if max_new_tokens < 1 or shard_timeout <= 0:
         raise UsageError("--max-new-tokens must be >= 1 and --shard-timeout > 0")
     console = stderr_console(quiet)
@@ -90,7 +92,7 @@ def eval_command(
     }
     video = dict(frames=frames, fps=fps, max_frames=max_frames, max_pixels=max_pixels, backend=decoder)
     job = runner.Job(items, runner.plan_cells(method_list, ratios), base, default_output(output, dataset.name, model),
-                     settings, video, max_new_tokens, rank, world)
+                     settings, video, max_new_tokens, rank, world, cache_gb)
     todo = runner.pending(job)
     left, mine = sum(len(cells) for _, cells in todo), len(job.my_items) * len(job.cells)
     if left < mine:

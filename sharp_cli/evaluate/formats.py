@@ -4,7 +4,7 @@ Every reader returns Items: an id unique in the set, the video's absolute path, 
 the option texts (without "A." prefixes), the answer letter and a category for per-category
 accuracy. docs/eval.md describes each layout and the assumptions made about it.
 
-    sharp           JSON list or JSONL of {video, question, options, answer, category?, id?};
+    sharp           JSON list or JSONL of {video, question, options?, answer?, category?, id?};
                     video paths relative to the data file (or to --video-dir)
     videomme        videomme/test-*.parquet (or the same records as JSON/JSONL); videos data/<videoID>.mp4
     mvbench         json/<task>.json with {video, question, candidates, answer text}; videos video/<folder>/...
@@ -66,7 +66,7 @@ def load(data: str | os.PathLike, fmt: str = "auto", video_dir: str | None = Non
               "longvideobench": _read_longvideobench}[fmt]
     dataset = reader(path, vdir, category_field)
     if not dataset.items:
-        raise SharpError(f"no questions with answers found in {path} (format {fmt})")
+        raise SharpError(f"no questions found in {path} (format {fmt})")
     seen = set()
     for item in dataset.items:
         if item.id in seen:
@@ -100,7 +100,7 @@ def detect(path: Path) -> str:
         return "longvideobench"
     if "candidates" in first:
         return "mlvu" if "question_type" in first or path.stem.split("_")[0].isdigit() else "mvbench"
-    if "options" in first:
+    if "options" in first or {"video", "question"} <= set(first):
         return "sharp"
     raise UsageError(f"cannot tell the format of {path}; pass --format")
 
@@ -112,11 +112,16 @@ def _read_sharp(path: Path, video_dir: Path | None, category_field: str | None) 
     items = []
     for i, rec in enumerate(read_records(file)):
         where = f"{file.name} item {i}"
-        options = strip_letter_prefixes(field_of(rec, "options", where, list))
+        # Options and answer are optional: without them a question counts for agreement only.
+        options = strip_letter_prefixes(field_of(rec, "options", where, list)) if rec.get("options") else []
+        answer = None
+        if options and rec.get("answer") is not None:
+            answer = answer_letter(field_of(rec, "answer", where, (str, int)), options, where)
+        elif rec.get("answer") is not None:
+            raise SharpError(f"{where}: an answer needs options to be one of")
         items.append(make_item(
             rec.get("id", i), base / str(field_of(rec, "video", where)), field_of(rec, "question", where), options,
-            answer_letter(field_of(rec, "answer", where, (str, int)), options, where),
-            rec.get(category_field or "category"), where))
+            answer, rec.get(category_field or "category"), where))
     return Dataset(items, "sharp", file.stem if file.stem not in ("items", "data") else file.parent.name)
 
 

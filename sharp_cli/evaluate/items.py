@@ -17,8 +17,8 @@ class Item:
     id: str
     video: str  # absolute path
     question: str
-    options: list[str]
-    answer: str  # letter
+    options: list[str]  # empty: an open question, asked as it is (agreement only)
+    answer: str | None  # letter; None: no gold answer (counts for agreement, not accuracy)
     category: str | None = None
 
 
@@ -48,8 +48,8 @@ def answer_letter(answer, options: list[str], where: str) -> str:
     raise SharpError(f"{where}: answer {answer!r} is neither an option letter nor one of the options")
 
 
-def make_item(item_id, video: Path, question, options: list[str], answer: str, category, where: str) -> Item:
-    if not 2 <= len(options) <= len(LETTERS):
+def make_item(item_id, video: Path, question, options: list[str], answer: str | None, category, where: str) -> Item:
+    if options and not 2 <= len(options) <= len(LETTERS):
         raise SharpError(f"{where}: needs 2 to {len(LETTERS)} options, got {len(options)}")
     if not str(question).strip():
         raise SharpError(f"{where}: the question is empty")

@@ -39,6 +39,7 @@ class Job:
     max_new_tokens: int = 8
     rank: int = 0
     world: int = 1
+    cache_gb: float = 4.0  # the per-video cache: nothing is recomputed per cell that a cell before computed
 
     @property
     def my_items(self) -> list:
@@ -137,18 +138,31 @@ def pending(job: Job) -> list[tuple[object, list[tuple[str, float]]]]:
 
 
 # -- answering -------------------------------------------------------------------------------------
+def prompt_for(item) -> str:
+    """The multiple-choice prompt, or the bare question for an item without options."""
+    return build_prompt(item.question, item.options) if item.options else item.question
+
+
 def run(loaded, job: Job, todo, progress=None) -> int:
-    """Answer every pending cell: one video decode per item, answer.ask per cell. Returns lines written."""
+    """Answer every pending cell: one video decode per item, answer.ask per cell. Returns lines written.
+
+    Pruned lines carry their first-token agreement with the unpruned answer of the same item: from
+    the `none` cell answered just before, or, when that one was answered by an earlier run (resumed),
+    from one unpruned prefill redone here (logits are not stored in the results file)."""
     from sharp_cli import answer as answer_mod
     from sharp_cli.prune.prior import PriorStore
-    from sharp_cli.video import load_video
+    from sharp_cli.video_cache import VideoCache
 
     store = PriorStore()
+    # Every cell of an item asks about the same video: its frames, vision output and the prompt's
+    # start (for each K and segment setting) are computed once per item, not once per cell.
+    cache = VideoCache(int(job.cache_gb * 2**30))
     written = 0
+    compare = ("none", 1.0) in job.cells
     with _open_for_append(job.output) as handle:
         for item, cells in todo:
             try:
-                clip = load_video(item.video, **job.video)
+                clip = cache.load_video(item.video, **job.video)
             except VideoError as exc:  # a broken file stays broken: record it, count it wrong, go on
                 for method, ratio in cells:
                     _append(handle, _record(job, item, method, ratio, error=one_line(str(exc), 300)))
@@ -156,30 +170,43 @@ def run(loaded, job: Job, todo, progress=None) -> int:
                     if progress is not None:
                         progress()
                 continue
-            prompt = build_prompt(item.question, item.options)
-            for method, ratio in cells:
-                cfg = replace(job.base, method=method, ratio=ratio)
-                answer = answer_mod.ask(loaded, clip, prompt, cfg, max_new_tokens=job.max_new_tokens,
-                                    max_pixels=job.video.get("max_pixels"), store=store)
-                _append(handle, _record(job, item, method, ratio, answer=answer))
+            prompt = prompt_for(item)
+            ask = lambda cfg, tokens: answer_mod.ask(loaded, clip, prompt, cfg, max_new_tokens=tokens,  # noqa: E731
+                                                     max_pixels=job.video.get("max_pixels"), store=store,
+                                                     cache=cache)
+            reference = None
+            if compare and ("none", 1.0) not in cells:
+                reference = ask(replace(job.base, method="none", ratio=1.0), 1).prefill.logits
+            for method, ratio in sorted(cells, key=lambda c: c[0] != "none"):  # the reference first
+                answer = ask(replace(job.base, method=method, ratio=ratio), job.max_new_tokens)
+                if method == "none":
+                    reference = answer.prefill.logits
+                _append(handle, _record(job, item, method, ratio, answer=answer, reference=reference))
                 written += 1
                 if progress is not None:
                     progress()
     return written
 
 
-def _record(job: Job, item, method: str, ratio: float, answer=None, error: str | None = None) -> dict:
+def _record(job: Job, item, method: str, ratio: float, answer=None, error: str | None = None,
+            reference=None) -> dict:
+    from sharp_cli.evaluate import agreement
+
+    labelled = bool(item.options) and item.answer is not None
     record = {"item": item.id, "method": method, "ratio": ratio, "category": item.category, "answer": item.answer,
-              "prediction": None, "correct": False, "output": None}
+              "prediction": None, "correct": False if labelled else None, "output": None}
     if answer is not None:
         layout = answer.encoded.layout
         kept = answer.prefill.kept
-        prediction = parse_letter(answer.text, item.options)
-        record.update(prediction=prediction, correct=prediction == item.answer, output=answer.text,
+        prediction = parse_letter(answer.text, item.options) if item.options else None
+        record.update(prediction=prediction, correct=prediction == item.answer if labelled else None,
+                      output=answer.text, first_token=int(answer.prefill.logits.reshape(-1).argmax()),
                       visual_tokens_total=int(layout.num_visual),
                       visual_tokens_kept=int(kept.numel()) if kept is not None else int(layout.num_visual),
                       prefill_seconds=answer.prefill.seconds, vision_seconds=answer.vision_seconds,
                       decode_seconds=answer.decode_seconds)
+        if method != "none" and reference is not None:
+            record.update(agreement.first_token(reference, answer.prefill.logits))
     else:
         record["error"] = error
     record.update(rank=job.rank, time=round(time.time(), 3), settings=job.settings)
@@ -253,30 +280,41 @@ def merge(job: Job, remove_shards: bool = True) -> int:
 
 # -- summary ---------------------------------------------------------------------------------------
 def summarize(records: list[dict], items: list, cells: list[tuple[str, float]]) -> list[dict]:
-    """Per (method, ratio): accuracy, accuracy relative to `none`, per category, mean prefill and kept tokens."""
+    """Per (method, ratio): accuracy (over the items with an answer), accuracy relative to `none`,
+    per category, agreement with `none` (over every item), mean prefill and kept tokens."""
+    from sharp_cli.evaluate import agreement
+
     by_key = {}
     for record in records:
         by_key.setdefault(line_key(record), record)
+    references = {str(item.id): by_key[k] for item in items if (k := key(item.id, "none", 1.0)) in by_key}
+    options_of = {str(item.id): item.options for item in items}
     rows = []
     for method, ratio in cells:
         found = [by_key[k] for item in items if (k := key(item.id, method, ratio)) in by_key]
         answered = [r for r in found if not r.get("error")]
+        labelled = [r for r in found if r.get("correct") is not None]
         categories: dict[str, list[bool]] = {}
-        for record in found:
+        for record in labelled:
             if record.get("category") is not None:
                 categories.setdefault(str(record["category"]), []).append(bool(record.get("correct")))
-        rows.append({
+        row = {
             "method": method, "ratio": ratio, "questions": len(found), "of": len(items),
-            "correct": sum(bool(r.get("correct")) for r in found),
-            "accuracy": _mean([bool(r.get("correct")) for r in found]),
+            "correct": sum(bool(r.get("correct")) for r in labelled),
+            "accuracy": _mean([bool(r.get("correct")) for r in labelled]),
             "relative_accuracy": None,
             "categories": {c: _mean(v) for c, v in categories.items()},
-            "unparsed": sum(r.get("prediction") is None for r in answered),
+            "unparsed": sum(r.get("prediction") is None for r in answered if options_of.get(str(r["item"]))),
             "errors": len(found) - len(answered),
             "prefill_seconds": _mean([r["prefill_seconds"] for r in answered if "prefill_seconds" in r]),
             "visual_tokens_kept": _mean([r["visual_tokens_kept"] for r in answered if "visual_tokens_kept" in r]),
             "visual_tokens_total": _mean([r["visual_tokens_total"] for r in answered if "visual_tokens_total" in r]),
-        })
+        }
+        if method == "none":  # the reference itself
+            row.update(agreement_questions=0, answer_agreement=None, first_token_agreement=None, first_token_kl=None)
+        else:
+            row.update(agreement.summarize(found, references, options_of))
+        rows.append(row)
     base = next((r for r in rows if r["method"] == "none"), None)
     for row in rows:
         if base is not None and base["accuracy"] and row["accuracy"] is not None:

@@ -1,7 +1,9 @@
 """`sharp synth`: small videos whose answer hangs on a few visual tokens, for pruning evals.
 
 Every clip is a static textured background (a small tile repeated: many near-duplicate
-tokens) with static distractor discs, plus what the question is about:
+tokens, and every frame a near-copy of the others) with static distractor discs and a small
+black-and-white checkerboard "logo" in one corner (high-contrast pixels, the kind that gives a
+few high-norm tokens), plus what the question is about:
 
     colour     a small square flashes for two frames; which colour? (a static disc of one of
                the wrong options' colours is on screen the whole time)
@@ -10,7 +12,11 @@ tokens) with static distractor discs, plus what the question is about:
     count      1 to 5 squares flash at different times and places; how many?
 
 A flash covers frames 4k+1 and 4k+2, so uniform sampling of 8, 16 or 32 frames from a
-32-frame clip always sees it. Options are 4 per question; the correct letter cycles
+32-frame clip always sees it. Flashes are placed uniformly over the clip, so about half of them
+fall in its middle half, away from the ends that shallow attention favours; every item records
+`needle_frames` (the frames that differ from the first) and, for colour, `needle_part` (start,
+middle or end third), so accuracy can be broken down by where the needle is
+(`sharp eval --category-field needle_part`). Options are 4 per question; the correct letter cycles
 through a random order of A-D every 4 questions of a task, so letters are balanced.
 Everything derives from (seed, item number): the same seed writes the same files.
 """
@@ -78,8 +84,13 @@ def make_item(seed: int, i: int, tasks: tuple[str, ...] = TASKS, frames: int = 3
     else:
         options = [str(wrong[j]) for j in rng.permutation(len(wrong))]
         options.insert(target, str(correct))
+    moved = [t for t in range(1, len(clip)) if (clip[t] != clip[0]).any()]
+    part = None
+    if task == "colour" and moved:
+        part = ("start", "middle", "end")[min(2, 3 * moved[0] // len(clip))]
     return clip, {"id": f"{task}-{i:04d}", "question": question, "options": options,
-                  "answer": LETTERS[options.index(str(correct))], "category": task}
+                  "answer": LETTERS[options.index(str(correct))], "category": task,
+                  "needle_frames": moved, "needle_part": part}
 
 
 # -- scenes ----------------------------------------------------------------------------------------
@@ -91,7 +102,19 @@ def _scene(rng, frames: int, size: int) -> np.ndarray:
     frame = np.tile(np.clip(tile, 0, 255), (reps, reps, 1))[:size, :size].astype(np.uint8)
     for _ in range(int(rng.integers(3, 6))):
         _disc(frame, rng.uniform(0.1, 0.9, 2) * size, size / 22, NEUTRALS[int(rng.integers(len(NEUTRALS)))])
+    _logo(frame, int(rng.integers(4)))
     return np.repeat(frame[None], frames, axis=0)
+
+
+def _logo(frame: np.ndarray, corner: int) -> None:
+    """A 4x4 black-and-white checkerboard, 1/8 of the frame wide, 2 px in from one corner (what
+    is drawn later, a needle included, goes over it)."""
+    size = frame.shape[0]
+    side = max(8, size // 8) // 4 * 4
+    cells = (np.indices((side, side)) // (side // 4)).sum(axis=0) % 2
+    y = 2 if corner < 2 else size - side - 2
+    x = 2 if corner % 2 == 0 else size - side - 2
+    frame[y:y + side, x:x + side] = np.where(cells[..., None] == 1, 255, 0).astype(np.uint8)
 
 
 def _disc(frame: np.ndarray, centre, radius: float, colour) -> None:

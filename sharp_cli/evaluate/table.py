@@ -19,8 +19,10 @@ def table(result: dict):
              f"K={settings['options']['layer']}")
     unparsed = any(row["unparsed"] for row in rows)
     errors = any(row["errors"] for row in rows)
+    agreement = any(row.get("agreement_questions") for row in rows)
     t = Table(title=title, title_justify="left", header_style="bold")
     columns = ["method", "ratio", "answered", "accuracy", "% of none", *shown]
+    columns += ["agree", "top-1", "KL"] * agreement
     columns += ["unparsed"] * unparsed + ["errors"] * errors + ["prefill", "kept"]
     for col in columns:
         t.add_column(col, justify="left" if col == "method" else "right", no_wrap=col == "method")
@@ -28,12 +30,21 @@ def table(result: dict):
         kept, total = row["visual_tokens_kept"], row["visual_tokens_total"]
         cells = [row["method"], f"{row['ratio']:.2f}", f"{row['questions']}/{row['of']}", _pct(row["accuracy"]),
                  _pct(row["relative_accuracy"]), *(_pct(row["categories"].get(c)) for c in shown)]
+        if agreement:  # with the unpruned answer: the answer, the first token's argmax, KL of its distribution
+            kl = row.get("first_token_kl")
+            cells += [_pct(row.get("answer_agreement")), _pct(row.get("first_token_agreement")),
+                      "-" if kl is None else f"{kl:.3g}"]
         cells += [str(row["unparsed"])] * unparsed + [str(row["errors"])] * errors
         cells += ["-" if row["prefill_seconds"] is None else fmt_seconds(row["prefill_seconds"]),
                   "-" if kept is None else f"{kept:,.0f}/{total:,.0f}"]
         t.add_row(*cells)
+    captions = []
     if categories and not shown:
-        t.caption = f"{len(categories)} categories: per-category accuracy is in --json"
+        captions.append(f"{len(categories)} categories: per-category accuracy is in --json")
+    if agreement:
+        captions.append("agree, top-1, KL: the answer, the first answer token, and KL(none || method) of its "
+                        "distribution, against the unpruned model (none)")
+    t.caption = "\n".join(captions) or None
     return t
 
 
