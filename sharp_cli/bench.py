@@ -23,6 +23,7 @@ import numpy as np
 
 from sharp_cli import engine, measure, peers
 from sharp_cli.decode import decode
+from sharp_cli.evaluate.agreement import first_token
 from sharp_cli.prior_pass import positional_prior
 from sharp_cli.prune.config import PruneConfig
 from sharp_cli.prune.prior import PriorStore
@@ -191,7 +192,7 @@ def _relative(rows: list[dict], eos) -> None:
         row["ttft_speedup"] = base["ttft_seconds"] / row["ttft_seconds"]
         row["selection_share"] = row["selection_seconds"] / base["prefill_seconds"]
         row["kv_cache_share"] = row["kv_cache_bytes"] / base["kv_cache_bytes"]
-        row.update(_first_token_agreement(base["first_token_logits"], row["first_token_logits"]))
+        row.update(first_token(base["first_token_logits"], row["first_token_logits"]))
     for row in rows:
         row.pop("first_token_logits", None)
 
@@ -202,14 +203,6 @@ def _answer(tokens: list[int], eos: set) -> list[int]:
         if token in eos:
             return tokens[:i + 1]
     return tokens
-
-
-def _first_token_agreement(reference, other) -> dict:
-    """KL(reference || other) of the first answer token's distribution, and whether the top-1 agrees."""
-    import torch
-
-    p, q = torch.log_softmax(reference.double(), -1), torch.log_softmax(other.double(), -1)
-    return {"first_token_kl": float((p.exp() * (p - q)).sum()), "first_token_top1_agree": bool(p.argmax() == q.argmax())}
 
 
 def _gpu(loaded):

@@ -188,7 +188,7 @@ def test_bench_rows_and_consistency(model_dirs, tmp_path):
     assert all(r["e2e_seconds"] >= r["ttft_seconds"] > 0 for r in rows)
     assert all(r["e2e_speedup"] == pytest.approx(stock["e2e_seconds"] / r["e2e_seconds"]) for r in rows)
     for r in rows[1:]:
-        assert r["first_token_kl"] >= 0 and isinstance(r["first_token_top1_agree"], bool)
+        assert r["first_token_kl"] >= 0 and isinstance(r["first_token_agree"], bool)
     assert base["speedup"] == 1.0 and base["flops_limit"] == 1.0
     from sharp_cli.measure import prefill_flops, text_dims
     from sharp_cli.models.random_init import tiny_config
