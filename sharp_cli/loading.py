@@ -60,9 +60,9 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def resolve_quant(quant: str, device: torch.device) -> str:
-    if quant == "auto":
-        return "nf4" if device.type == "cuda" else "none"
+def resolve_quant(quant: str, device: torch.device, name: str | None = None) -> str:
+    if quant == "auto":  # a few-MB model gains nothing from 4 bits, and bitsandbytes' kernels cost
+        return "nf4" if device.type == "cuda" and name != "sharp-tiny" else "none"
     if quant not in ("nf4", "int8", "none"):
         raise UsageError(f"--quant must be auto, nf4, int8 or none, got '{quant}'")
     if quant != "none" and device.type != "cuda":
@@ -145,7 +145,7 @@ def load(name: str = DEFAULT_MODEL, *, device: str = "auto", quant: str = "auto"
 
     requested, name = name, model_path(name)  # reported as given, not as the folder it resolves to
     dev = resolve_device(device)
-    qmode = resolve_quant(quant, dev)
+    qmode = resolve_quant(quant, dev, requested)
     tdtype = resolve_dtype(dtype, dev)
     if random_weights:
         from sharp_cli.models import random_init

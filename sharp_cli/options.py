@@ -16,7 +16,7 @@ from sharp_cli.errors import UsageError
 Model = Annotated[str, typer.Option("-m", "--model", envvar="SHARP_MODEL",
                                     help="Hub id or local folder of a supported video LLM.")]
 Device = Annotated[str, typer.Option(help="auto, cuda or cpu.")]
-Quant = Annotated[str, typer.Option(help="auto (nf4 on CUDA, none on CPU), nf4, int8 or none.")]
+Quant = Annotated[str, typer.Option(help="auto (nf4 on CUDA, none on CPU and for sharp-tiny), nf4, int8 or none.")]
 Dtype = Annotated[str, typer.Option(help="auto (bfloat16 on GPUs that have it, else float16; float32 on CPU), "
                                          "bfloat16, float16, float32.")]
 RandomWeights = Annotated[bool, typer.Option("--random-weights", help="Build the model's architecture from its "

@@ -444,3 +444,14 @@ def test_bench_table_reads_every_result_or_says_why(model_dirs, tmp_path):
     assert out.stdout.count("| method | ratio |") == len(paths) - len(asks) - 1
     fastv = next(line for line in out.stdout.split(str(cpu))[1].splitlines() if line.startswith("| fastv |"))
     assert fastv.endswith("| - |")  # a CPU run has no peak GPU memory
+
+
+def test_sharp_tiny_is_not_quantized_by_default_on_a_gpu():
+    import torch
+
+    from sharp_cli.loading import resolve_quant
+
+    cuda = torch.device("cuda")
+    assert resolve_quant("auto", cuda, "sharp-tiny") == "none"
+    assert resolve_quant("auto", cuda, "Qwen/Qwen2.5-VL-7B-Instruct") == "nf4"
+    assert resolve_quant("nf4", cuda, "sharp-tiny") == "nf4"  # asked for: done

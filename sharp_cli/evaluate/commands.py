@@ -85,7 +85,7 @@ def eval_command(
     base = loading.check_prune_config(model, base, random_weights=random_weights, trust_remote_code=trust_remote_code)
     dev = loading.resolve_device(device)
     settings = {  # a results line is reused only under the same settings
-        "model": model, "random_weights": random_weights, "quant": loading.resolve_quant(quant, dev),
+        "model": model, "random_weights": random_weights, "quant": loading.resolve_quant(quant, dev, model),
         "dtype": str(loading.resolve_dtype(dtype, dev)).replace("torch.", ""), "frames": frames, "fps": fps,
         "max_frames": max_frames, "max_pixels": max_pixels, "max_new_tokens": max_new_tokens, "prompt": PROMPT_VERSION,
         "options": {k: v for k, v in base.as_dict().items() if k not in ("method", "ratio")},
