@@ -156,12 +156,7 @@ def ask(
         console.print(f"note: {note}")
     budget.check(adapter, config, *clip.frames.shape[:3], **limits)  # exact: the frames as decoded
 
-    started = time.perf_counter()
-    with console.status(f"loading {model}"):
-        loaded = loading.load(model, device=device, quant=quant, dtype=dtype, random_weights=random_weights,
-                              trust_remote_code=trust_remote_code)
-    load_s = time.perf_counter() - started
-    loaded.use_cuda_graphs(cuda_graphs)
+    loaded, load_s = _load(console, model, device, quant, dtype, random_weights, trust_remote_code, cuda_graphs)
     live = not json_out and not quiet and sys.stdout.isatty()  # a terminal watches the answer being written
     with console.status("answering") as status:
         def show(piece: str) -> None:
@@ -260,12 +255,7 @@ def bench(
         base = loading.check_prune_config(model, base, config=config)
     budget.check(adapter_for(config), config, *clip.frames.shape[:3], max_pixels=max_pixels, question=question,
                  max_new_tokens=decode_tokens, max_visual_tokens=max_visual_tokens)
-    started = time.perf_counter()
-    with console.status(f"loading {model}"):
-        loaded = loading.load(model, device=device, quant=quant, dtype=dtype, random_weights=random_weights,
-                              trust_remote_code=trust_remote_code)
-    load_s = time.perf_counter() - started
-    loaded.use_cuda_graphs(cuda_graphs)
+    loaded, load_s = _load(console, model, device, quant, dtype, random_weights, trust_remote_code, cuda_graphs)
     from rich.progress import Progress
 
     rows = bench_mod.plan_rows(method_list, ratios)
@@ -283,6 +273,17 @@ def bench(
         report.print_json(result)
     if not quiet:
         console.print(bench_mod.table(result, width=console.width))
+
+
+def _load(console, model, device, quant, dtype, random_weights, trust_remote_code, cuda_graphs):
+    """(the loaded model, seconds it took): a model load is part of what a one-off question costs."""
+    from sharp_cli import loading
+
+    started = time.perf_counter()
+    with console.status(f"loading {model}"):
+        loaded = loading.load(model, device=device, quant=quant, dtype=dtype, random_weights=random_weights,
+                              trust_remote_code=trust_remote_code)
+    return loaded.use_cuda_graphs(cuda_graphs), time.perf_counter() - started
 
 
 @app.command()

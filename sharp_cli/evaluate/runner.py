@@ -88,19 +88,9 @@ def shard_files(results: Path) -> list[Path]:
 
 def read_results(path: Path) -> list[dict]:
     """The complete lines of a results file; an unfinished last line (no newline yet) is left out."""
-    try:
-        data = Path(path).read_bytes()
-    except FileNotFoundError:
-        return []
-    records = []
-    for raw in data.split(b"\n")[:-1]:
-        try:
-            record = json.loads(raw)
-        except ValueError:
-            continue
-        if isinstance(record, dict) and {"item", "method", "ratio"} <= record.keys():
-            records.append(record)
-    return records
+    from sharp_cli.jsonl import complete_records
+
+    return [r for r in complete_records(path) if {"item", "method", "ratio"} <= r.keys()]
 
 
 def done_keys(job: Job) -> set:
