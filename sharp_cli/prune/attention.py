@@ -131,15 +131,23 @@ def merged_segment_attention(query, key, value, runs, scaling=None):
 def decode_attention(query, key, value, valid, scaling=None):
     """One query row over a preallocated KV buffer whose unwritten rows are masked by `valid`.
 
-    The query heads that share a KV head become rows of one (B, Hkv, G, d) query, so grouped-query
-    attention needs neither repeated K/V copies nor a kernel with GQA support; fixed shapes, so the
-    call can sit in a CUDA graph. Returns (B, 1, H, d) like transformers' SDPA path."""
-    import torch.nn.functional as F
+    Two batched matrix products and a softmax, not SDPA: with a mask SDPA picks the memory-efficient
+    kernel, which gives one thread block to each (head, query block) and walks the whole buffer in
+    it, a handful of blocks for a whole GPU (3.7 ms a step over 6,272 rows of 28 layers on an H200).
+    A product with one row per query head is a matrix-vector product that cuBLAS spreads over the
+    keys. The query heads that share a KV head become rows of one (B, Hkv, G, d) query, so
+    grouped-query attention needs no repeated K/V copies. Fixed shapes, so the call can sit in a
+    CUDA graph; the softmax runs in float32. Returns (B, 1, H, d) like transformers' SDPA path."""
+    import torch
 
     batch, heads, _, dim = query.shape
-    groups = heads // key.shape[1]
-    q = query.reshape(batch, key.shape[1], groups, dim)
-    out = F.scaled_dot_product_attention(q, key, value, attn_mask=valid.view(1, 1, 1, -1), scale=scaling)
+    kv_heads = key.shape[1]
+    scale = dim ** -0.5 if scaling is None else scaling
+    q = query.reshape(batch, kv_heads, heads // kv_heads, dim) * scale
+    scores = torch.matmul(q, key.transpose(-1, -2))  # (B, Hkv, G, rows): one score per key, no L x L
+    scores = torch.where(valid, scores.float(), float("-inf"))
+    probs = torch.softmax(scores, dim=-1).to(value.dtype)
+    out = torch.matmul(probs, value)
     return out.reshape(batch, heads, 1, dim).transpose(1, 2)
 
 
