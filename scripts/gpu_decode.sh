@@ -26,6 +26,8 @@ step profile-bf16 python3 scripts/profile_decode.py --quant none
 step bench-static "${bench[@]}" --quant none --methods transformers-static,none,sharp --output-json "$out/$gpu-e2e-static-6272.json"
 step bench-nf4 "${bench[@]}" --quant nf4 --methods transformers,none,fastv,random,sharp --output-json "$out/$gpu-e2e-nf4-6272.json"
 step profile-nf4 python3 scripts/profile_decode.py --quant nf4
+step profile-compile python3 scripts/profile_decode.py --quant none --compile
+step bench-compile "${bench[@]}" --quant none --compile-decode --methods transformers-static,none,sharp --output-json "$out/$gpu-e2e-compiled-6272.json"
 step bench-128 "${bench[@]}" --quant none --frames 128 --methods none,sharp --iters 3 --warmup 1 --output-json "$out/$gpu-e2e-bf16-25088.json"
 step check-small python3 scripts/cuda_check.py -m llava-hf/llava-onevision-qwen2-0.5b-ov-hf --quant int8 --skip bounded
 step check-fp16 python3 scripts/cuda_check.py -m llava-hf/llava-onevision-qwen2-0.5b-ov-hf --dtype float16 --skip bounded

@@ -1,6 +1,6 @@
 """Where each millisecond of a decode step goes (random weights, the real architecture).
 
-    python scripts/profile_decode.py [--model Qwen/Qwen2.5-VL-7B-Instruct] [--quant none|nf4] [--frames 32]
+    python scripts/profile_decode.py [--model Qwen/Qwen2.5-VL-7B-Instruct] [--quant none|nf4] [--frames 32] [--compile]
 
 For each method: the graph-replayed step time (median of 50 replays, CUDA events), the bytes a
 step must read (weights of the text model and lm_head, plus the KV rows) and the bandwidth that
@@ -10,7 +10,9 @@ gives, the lm_head alone, and the GPU kernel time of one eager step split by kin
 from __future__ import annotations
 
 import argparse
+import itertools
 import statistics
+import time
 
 import torch
 
@@ -75,6 +77,7 @@ def main():
     ap.add_argument("--quant", default="none")
     ap.add_argument("--frames", type=int, default=32)
     ap.add_argument("--methods", default="none,sharp")
+    ap.add_argument("--compile", action="store_true", help="each method also with the decode step compiled")
     args = ap.parse_args()
     loaded = loading.load(args.model, device="cuda", quant=args.quant, random_weights=True)
     clip = synthetic_clip(args.frames, 392, 784)
@@ -88,18 +91,24 @@ def main():
         head_ms = timed(lambda: head(hidden))
     print(f"{args.model} {args.quant} on {torch.cuda.get_device_name()}: text weights + lm_head read per step "
           f"{weights / 1e9:.2f} GB; lm_head alone {head_ms:.2f} ms")
-    for method in args.methods.split(","):
+    for method, compiled in itertools.product(args.methods.split(","), (False, True) if args.compile else (False,)):
         cfg = loaded.adapter.validate_prune(PruneConfig(method=method, ratio=0.15), loaded.num_layers)
+        loaded.compile_decode = compiled
         with torch.inference_mode():
             state = engine.prefill(loaded, encoded, cfg, new_tokens=256)
             step = _Step(loaded, state.cache, rules, encoded.next_position)
             step.start(state.logits, inputs["input_ids"], encoded.next_position)
+            started = time.perf_counter()
+            step()  # compiles, when compiled
+            torch.cuda.synchronize()
+            first_s = time.perf_counter() - started
             split = kernel_split(step)
             eager_ms = timed(step, 10)
             graph, capture = _capture(step)
             graph_ms = timed(graph.replay) if graph is not None else float("nan")
         kv = state.cache.bytes_used(steps=int(state.cache.step))
         total = weights + kv
+        method = f"{method}, compiled (first step {first_s:.1f} s)" if compiled else method
         print(f"  {method}: graph step {graph_ms:.2f} ms ({1000 / graph_ms:.0f} tok/s), eager step {eager_ms:.2f} ms, "
               f"capture {capture if graph is None else f'{capture * 1000:.0f} ms'}; reads {total / 1e9:.2f} GB "
               f"(KV {kv / 1e6:.0f} MB) = {total / graph_ms / 1e6:.0f} GB/s")

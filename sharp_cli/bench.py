@@ -74,7 +74,7 @@ def run(loaded, clip, question: str, base: PruneConfig, methods: list[str], rati
     return {
         "model": loaded.name, "device": str(loaded.device), "gpu": _gpu(loaded), "quant": loaded.quant,
         "dtype": str(loaded.dtype).replace("torch.", ""), "random_weights": loaded.random_weights,
-        "cuda_graphs": loaded.graphs is not None, "frames": len(clip.indices),
+        "cuda_graphs": loaded.graphs is not None, "compile_decode": loaded.compile_decode, "frames": len(clip.indices),
         "frame_size": list(clip.frames.shape[1:3]), "layer": base.layer, "warmup": warmup, "iters": iters,
         "decode_tokens": decode_tokens, "prepare_seconds": prepare_s, **(extra or {}), "rows": results,
     }

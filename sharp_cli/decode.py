@@ -61,6 +61,9 @@ class _Step:
         self.seen = (torch.zeros(1, vocab, dtype=torch.bool, device=device)
                      if rules.repetition_penalty != 1.0 else None)
         self.logits = torch.zeros(keep_logits, vocab, device=device) if keep_logits else None
+        self.valid = cache.valid_rows()
+        self.cache_kwargs = cache_kwargs(self.text, cache)
+        self.run = compiled(self.advance) if loaded.compile_decode else self.advance
 
     def start(self, logits: torch.Tensor, prompt_ids: torch.Tensor, next_position: torch.Tensor) -> None:
         """The first token, from the prefill logits, under the same rules as every later one."""
@@ -75,10 +78,12 @@ class _Step:
         self.cache.start_decoding()
 
     def __call__(self) -> None:
+        self.run()
+
+    def advance(self) -> None:
         embeds = self.loaded.adapter.embed(self.loaded.model, self.token)
-        with kv.decoding(self.cache):
-            out = self.text(inputs_embeds=embeds, position_ids=self.position + self.cache.step, use_cache=True,
-                            **cache_kwargs(self.text, self.cache))
+        out = self.text(inputs_embeds=embeds, position_ids=self.position + self.cache.step, use_cache=True,
+                        **{kv.VALID_KWARG: self.valid}, **self.cache_kwargs)
         logits = self.head(out.last_hidden_state[:, -1])
         self.token.copy_(pick(logits, self.rules, self.seen))
         self._mark_seen()
@@ -93,6 +98,14 @@ class _Step:
     def state(self) -> list[torch.Tensor]:
         tensors = [self.token, self.cache.step] + [layer.valid for layer in self.cache.layers]
         return tensors + ([self.seen] if self.seen is not None else [])
+
+
+def compiled(advance):
+    """The step through torch.compile (inductor): RMSNorm, rotary embedding, residual adds and the
+    activation become a few fused kernels instead of ~35 small ones per layer (1.8 ms of a 7-8 ms
+    step on an H200), and the CUDA graph then replays those. Buffer lengths are symbolic, so every
+    cache size shares one compilation; the code cache is per function, so all steps share it."""
+    return torch.compile(advance, dynamic=True)
 
 
 def _capture(step: _Step):
@@ -122,14 +135,14 @@ def _capture(step: _Step):
     return graph, time.perf_counter() - t0
 
 
-def _rules_key(rules: Rules, next_position: torch.Tensor, keep_logits: int) -> tuple:
-    return (rules.repetition_penalty, rules.sampling, tuple(next_position.shape), keep_logits)
+def _rules_key(loaded: Loaded, rules: Rules, next_position: torch.Tensor, keep_logits: int) -> tuple:
+    return (rules.repetition_penalty, rules.sampling, tuple(next_position.shape), keep_logits, loaded.compile_decode)
 
 
 def _stepper(loaded: Loaded, cache: kv.StaticKV, rules: Rules, next_position, steps: int, keep_logits: int):
     """(step object, run-one-step callable, mode, capture seconds, note)."""
     pool = loaded.kv_pool
-    key = _rules_key(rules, next_position, keep_logits)
+    key = _rules_key(loaded, rules, next_position, keep_logits)
     want_graph = cache.step.device.type == "cuda" and loaded.graphs is not None and steps >= MIN_STEPS_TO_CAPTURE
     if not want_graph:
         step = _Step(loaded, cache, rules, next_position, keep_logits)
@@ -153,7 +166,7 @@ def decode(loaded: Loaded, encoded, state: Prefill, max_new_tokens: int, *, prom
     cache = state.cache
     steps = max_new_tokens - 1
     kept_logits = max_new_tokens if keep_logits else 0
-    key = _rules_key(rules, encoded.next_position, kept_logits)
+    key = _rules_key(loaded, rules, encoded.next_position, kept_logits)
     with torch.inference_mode():
         step, run, mode, capture_s, note = _stepper(loaded, cache, rules, encoded.next_position, steps, kept_logits)
         step.start(state.logits, prompt_ids, encoded.next_position)

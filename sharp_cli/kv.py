@@ -9,18 +9,16 @@ Prefill writes n rows at the layer's current length and gets back exactly the ro
 so attention in prefill is the stock causal SDPA. Decoding writes one row per step at
 `base + step`, both device tensors, and gets back the whole buffer: shapes never change, so a
 decode step can be replayed from a CUDA graph; attention then masks the rows not yet written
-with the layer's `valid` flags (prune/attention.py reads them while `decoding(cache)` is active).
+with the layer's `valid` flags, which the decode step hands the text model as the keyword
+`VALID_KWARG` (transformers passes extra keywords down to the attention function).
 """
 
 from __future__ import annotations
 
-from contextlib import contextmanager
-from contextvars import ContextVar
-
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-_DECODING: ContextVar["StaticKV | None"] = ContextVar("sharp_decoding_cache", default=None)
+VALID_KWARG = "sharp_valid_rows"  # per layer, the rows of its buffer written so far (decoding)
 
 
 class KVLayer(CacheLayerMixin):
@@ -113,20 +111,9 @@ class StaticKV(Cache):
     def bytes_allocated(self) -> int:
         return sum(2 * layer.keys.numel() * layer.keys.element_size() for layer in self.layers)
 
-
-def valid_rows(layer_idx: int):
-    """The `valid` flags of a layer of the cache being decoded, or None outside decoding."""
-    cache = _DECODING.get()
-    return None if cache is None else cache.layers[layer_idx].valid
-
-
-@contextmanager
-def decoding(cache: StaticKV):
-    token = _DECODING.set(cache)
-    try:
-        yield cache
-    finally:
-        _DECODING.reset(token)
+    def valid_rows(self) -> list[torch.Tensor]:
+        """Each layer's flags of written rows: what decode attention masks with."""
+        return [layer.valid for layer in self.layers]
 
 
 BUCKET = 256  # capacities are rounded up to this, so questions of similar length share buffers and graphs

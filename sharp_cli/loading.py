@@ -32,6 +32,7 @@ class Loaded:
     random_weights: bool = False
     graphs: object = None  # prune.graphs.TailGraphs on CUDA unless turned off (also gates decode graphs)
     kv_pool: object = None  # kv.KVPool: the preallocated KV caches (and the decode graphs on them)
+    compile_decode: bool = False  # decode steps through torch.compile (decode.compiled)
     folder: str | None = None  # where the model's files are (a local folder or the hub cache's snapshot)
     prior_identity: dict | None = None  # hashes naming the model in prior cache keys (prior_pass.py)
 

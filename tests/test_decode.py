@@ -52,6 +52,24 @@ def test_unpruned_tokens_equal_generate_with_the_checkpoints_repetition_penalty(
     assert _generate(loaded, clip, 12, repetition_penalty=1.0) != reference
 
 
+def test_a_compiled_decode_step_gives_generates_tokens_for_every_length(penalised):
+    """torch.compile (inductor, here on the CPU) of the step, with the penalty; two prompt lengths in
+    one process (symbolic buffer lengths: the second must not need a different answer path)."""
+    from torch._dynamo.utils import counters
+
+    loaded = penalised("qwen2.5-vl")
+    loaded.compile_decode = True
+    traced = counters["frames"]["total"]
+    try:
+        for seed, frames in ((3, 8), (4, 4)):
+            clip = make_clip(frames=frames, seed=seed)
+            ours = ask(loaded, clip, QUESTION, PruneConfig(method="none"), max_new_tokens=8, max_pixels=PIXELS)
+            assert ours.tokens == _generate(loaded, clip, 8)
+    finally:
+        loaded.compile_decode = False
+    assert counters["frames"]["total"] > traced  # the steps went through dynamo
+
+
 def test_eos_stops_where_generate_stops(penalised):
     loaded = penalised("qwen2.5-vl")
     clip = make_clip(seed=2)

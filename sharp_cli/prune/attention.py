@@ -168,15 +168,16 @@ def continued_causal_attention(query, key, value, scaling=None):
 def sharp_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-    from sharp_cli.kv import valid_rows
+    from sharp_cli.kv import VALID_KWARG
 
-    plan = _ACTIVE.get()
     layer = getattr(module, "layer_idx", None)
-    if attention_mask is None and layer is not None:
-        if query.shape[2] == 1 and (valid := valid_rows(layer)) is not None:
-            return decode_attention(query, key, value, valid, scaling), None
-        if 1 < query.shape[2] < key.shape[2]:
-            return continued_causal_attention(query, key, value, scaling), None
+    valid = kwargs.get(VALID_KWARG)
+    if valid is not None and layer is not None and query.shape[2] == 1:  # a decode step (decode.py)
+        return decode_attention(query, key, value, valid[layer], scaling), None
+    kwargs.pop(VALID_KWARG, None)
+    if attention_mask is None and layer is not None and 1 < query.shape[2] < key.shape[2]:
+        return continued_causal_attention(query, key, value, scaling), None
+    plan = _ACTIVE.get()
     if (
         plan is None
         or layer is None
