@@ -17,7 +17,8 @@ question `sharp ask` gets; the target is the answer's own words (`red`, `left`, 
   the moving square goes, or `none`;
 - retrieval loss (--retrieval-loss): the last decoder layer's attention from the answer's position
   should fall on the tokens that show the answer (the flash, the first flash, the last flash, the
-  moving square). The shallow layers, where pruning scores tokens, get no such target.
+  moving square). The shallow layers, where pruning scores tokens, get no such target unless
+  --retrieval-layers names them (the shipped model had none, and pruning at K=2 failed on it).
 
 Both only shape training; at inference sharp-tiny is a plain Qwen2.5-VL (no pruning in training:
 ShaRP is training-free). Items are rendered in DataLoader worker processes (sharp_tiny_data.py);
@@ -80,16 +81,17 @@ def losses(logits, batch, video_token_id: int, none_id: int):
 
 
 class Retrieval:
-    """Attention of the answer's position in one decoder layer, kept with its gradient, for the
-    retrieval loss: its mass on the visual tokens that show the answer. The other layers, the shallow ones where pruning
-    scores tokens included, are left to learn what they learn. Registered with transformers'
+    """Attention of the answer's position in some decoder layers, kept with its gradient, for the
+    retrieval loss: its mass on the visual tokens that show the answer. By default only the last
+    layer; the shallow ones, where pruning scores tokens, then learn what they learn (on the shipped
+    model layer 1 did not point at the answer's tokens, so pruning at K=2 failed: docs/eval.md). Registered with transformers'
     AttentionInterface (with the SDPA mask function, so left padding stays masked); SDPA computes
     the layer's output as usual."""
 
     NAME = "sharp_tiny_train_sdpa"
 
-    def __init__(self, layer: int):
-        self.layer, self.rows, self.visible, self.probs = layer, None, None, None
+    def __init__(self, layers: set[int]):
+        self.layers, self.rows, self.visible, self.probs = layers, None, None, {}
 
     def register(self, model):
         from transformers import AttentionInterface
@@ -103,12 +105,13 @@ class Retrieval:
         from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
         out = ALL_ATTENTION_FUNCTIONS["sdpa"](module, query, key, value, attention_mask, **kwargs)
-        if self.rows is not None and getattr(module, "layer_idx", None) == self.layer:
+        layer = getattr(module, "layer_idx", None)
+        if self.rows is not None and layer in self.layers:
             q = query[torch.arange(query.shape[0], device=query.device), :, self.rows]  # (B, H, d)
             k = key.repeat_interleave(query.shape[1] // key.shape[1], dim=1)  # (B, H, L, d)
             scale = kwargs.get("scaling") or query.shape[-1] ** -0.5
             scores = torch.einsum("bhd,bhld->bhl", q.float(), k.float()) * scale
-            self.probs = scores.masked_fill(~self.visible.unsqueeze(1), float("-inf")).softmax(-1).mean(1)
+            self.probs[layer] = scores.masked_fill(~self.visible.unsqueeze(1), float("-inf")).softmax(-1).mean(1)
         return out
 
     def arm(self, batch):
@@ -119,14 +122,16 @@ class Retrieval:
         self.visible = batch["attention_mask"].bool() & (positions <= self.rows.unsqueeze(1))
 
     def loss(self, batch, video_token_id: int):
-        """-log of the attention mass on the tokens that show the answer, over the rows that have some."""
+        """-log of the attention mass on the tokens that show the answer, over the rows that have some,
+        averaged over the layers."""
         ids = batch["input_ids"]
         needle = torch.zeros(ids.shape, device=ids.device)
         needle[ids == video_token_id] = batch["answer_tokens_shown"].reshape(-1).float()
         has = (needle.sum(1) > 0).float()
-        mass = (self.probs * needle).sum(1)
-        self.rows = self.visible = self.probs = None
-        return -(torch.log(mass + 1e-4) * has).sum() / has.sum().clamp(min=1)
+        losses = [-(torch.log((probs * needle).sum(1) + 1e-4) * has).sum() / has.sum().clamp(min=1)
+                  for probs in self.probs.values()]
+        self.rows, self.visible, self.probs = None, None, {}
+        return torch.stack(losses).mean()
 
 
 @torch.no_grad()
@@ -162,6 +167,9 @@ def parse_args(argv=None):
     p.add_argument("--token-loss", type=float, default=1.0, help="Weight of the per-visual-token loss (0: off).")
     p.add_argument("--retrieval-loss", type=float, default=0.5,
                    help="Weight of the last layer's attention mass on the needles (0: off).")
+    p.add_argument("--retrieval-layers", default="",
+                   help="Comma list of decoder layers the retrieval loss applies to (default: the last). "
+                        "Add K-1 to teach the layer pruning scores with to attend to the answer's tokens.")
     p.add_argument("--tasks", default=",".join(TASKS))
     p.add_argument("--frames", type=int, default=32, help="Frames per training clip (sharp eval samples 32).")
     p.add_argument("--bare", type=float, default=0.25, help="Share of prompts that are the bare question.")
@@ -232,7 +240,11 @@ def main(argv=None):
     model.model.visual.config._attn_implementation = vision_attention.register()
     processor = build_processor(config)
     none_id = processor.tokenizer.convert_tokens_to_ids(NONE)
-    retrieval = Retrieval(config.text_config.num_hidden_layers - 1)
+    last = config.text_config.num_hidden_layers - 1
+    layers = {int(n) for n in a.retrieval_layers.split(",")} if a.retrieval_layers else {last}
+    if not layers <= set(range(last + 1)):
+        raise SystemExit(f"--retrieval-layers: the decoder has layers 0..{last}")
+    retrieval = Retrieval(layers)
     if a.retrieval_loss:
         retrieval.register(model)
     autocast = ((lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda"
@@ -326,7 +338,8 @@ def main(argv=None):
     processor.tokenizer.padding_side = "right"
     processor.save_pretrained(a.out)
     record = {"parameters": params, "steps": step, "items": seen, "batch": a.batch, "lr": a.lr, "warmup": a.warmup,
-              "token_loss": a.token_loss, "retrieval_loss": a.retrieval_loss, "seed": a.seed, "tasks": list(tasks), "frames": a.frames, "bare": a.bare,
+              "token_loss": a.token_loss, "retrieval_loss": a.retrieval_loss,
+              "retrieval_layers": sorted(layers), "seed": a.seed, "tasks": list(tasks), "frames": a.frames, "bare": a.bare,
               "pool": a.pool, "hidden": config.text_config.hidden_size, "layers": config.text_config.num_hidden_layers,
               "vision_depth": config.vision_config.depth, "vision_hidden": config.vision_config.hidden_size,
               "device": str(device), "preprocess": preprocess, "workers": a.workers, "piped": piped,
