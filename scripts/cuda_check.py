@@ -167,7 +167,7 @@ def compare(loaded, runs: dict, ref: dict | None, skip: set) -> None:
         eager, graph = runs[(method, "eager")], runs[(method, "graph")]
         equal = eager.tokens == graph.tokens
         if method == "sharp" and not torch.equal(eager.kept, graph.kept):
-            report(False, f"sharp: graph and eager runs kept different tokens (layers 0..K-1 are eager in both)")
+            report(False, "sharp: graph and eager runs kept different tokens (layers 0..K-1 are eager in both)")
             continue
         # LLM.int8's outlier path syncs with the host, so it cannot be captured: eager, with a note.
         mode_ok = graph.mode == "cuda graph" or (loaded.quant == "int8" and graph.note)

@@ -83,9 +83,9 @@ def losses(logits, batch, video_token_id: int, none_id: int):
 class Retrieval:
     """Attention of the answer's position in some decoder layers, kept with its gradient, for the
     retrieval loss: its mass on the visual tokens that show the answer. By default only the last
-    layer; the shallow ones, where pruning scores tokens, then learn what they learn (on the shipped
-    model layer 1 did not point at the answer's tokens, so pruning at K=2 failed: docs/eval.md). Registered with transformers'
-    AttentionInterface (with the SDPA mask function, so left padding stays masked); SDPA computes
+    layer; the shallow ones, where pruning scores tokens, then learn what they learn (docs/eval.md:
+    teaching layer 1 too did not make pruning at K=2 work on the shipped size). Registered with
+    transformers' AttentionInterface (with the SDPA mask function, so left padding stays masked); SDPA computes
     the layer's output as usual."""
 
     NAME = "sharp_tiny_train_sdpa"

@@ -174,7 +174,6 @@ def sharp_attention(module, query, key, value, attention_mask, scaling=None, dro
     valid = kwargs.get(VALID_KWARG)
     if valid is not None and layer is not None and query.shape[2] == 1:  # a decode step (decode.py)
         return decode_attention(query, key, value, valid[layer], scaling), None
-    kwargs.pop(VALID_KWARG, None)
     if attention_mask is None and layer is not None and 1 < query.shape[2] < key.shape[2]:
         return continued_causal_attention(query, key, value, scaling), None
     plan = _ACTIVE.get()
