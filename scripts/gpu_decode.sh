@@ -20,14 +20,16 @@ step() {  # step NAME COMMAND...: output to the log, JSON (if any) to $out
 # An array, not a function: `timeout` runs programs, and a shell function is none.
 bench=(python3 -m sharp_cli bench --random-weights --ratio 0.15 --layer 2 --warmup 2 --iters 5 --decode-tokens 64)
 nvidia-smi -L >> "$log"; python3 -c "import torch, transformers; print(torch.__version__, transformers.__version__)" >> "$log"
+step profile-vision python3 scripts/profile_vision.py --compile
+step profile-questions python3 scripts/profile_questions.py
+step profile-compile python3 scripts/profile_decode.py --quant none --compile
+step bench-compile "${bench[@]}" --quant none --compile-decode --methods transformers-static,none,sharp --output-json "$out/$gpu-e2e-compiled-6272.json"
 step check-bf16 python3 scripts/cuda_check.py --frames 8
 step bench-bf16 "${bench[@]}" --quant none --methods transformers,none,fastv,random,sharp --output-json "$out/$gpu-e2e-bf16-6272.json"
 step profile-bf16 python3 scripts/profile_decode.py --quant none
 step bench-static "${bench[@]}" --quant none --methods transformers-static,none,sharp --output-json "$out/$gpu-e2e-static-6272.json"
 step bench-nf4 "${bench[@]}" --quant nf4 --methods transformers,none,fastv,random,sharp --output-json "$out/$gpu-e2e-nf4-6272.json"
 step profile-nf4 python3 scripts/profile_decode.py --quant nf4
-step profile-compile python3 scripts/profile_decode.py --quant none --compile
-step bench-compile "${bench[@]}" --quant none --compile-decode --methods transformers-static,none,sharp --output-json "$out/$gpu-e2e-compiled-6272.json"
 step bench-128 "${bench[@]}" --quant none --frames 128 --methods none,sharp --iters 3 --warmup 1 --output-json "$out/$gpu-e2e-bf16-25088.json"
 step check-small python3 scripts/cuda_check.py -m llava-hf/llava-onevision-qwen2-0.5b-ov-hf --quant int8 --skip bounded
 step check-fp16 python3 scripts/cuda_check.py -m llava-hf/llava-onevision-qwen2-0.5b-ov-hf --dtype float16 --skip bounded
