@@ -2,7 +2,7 @@
 # The runs behind docs/benchmarks.md's decode and end-to-end sections, in one device call:
 # the CUDA checks, then `sharp bench` against the stock transformers path, then the decode profile.
 # Usage (device machine, repo root): source scripts/gpu_setup.sh; bash scripts/gpu_decode.sh OUT_DIR [SECONDS] [STEPS]
-# STEPS: a comma list of step names to run (default: all). Each step gets what is left of the
+# STEPS: a comma list of step names to run (default: all), run in the order of this file. Each step gets what is left of the
 # budget, so a slow step costs only the later ones.
 out=${1:?output folder}; budget=${2:-560}; only=${3:-all}
 end=$((SECONDS + budget))
@@ -20,11 +20,13 @@ step() {  # step NAME COMMAND...: output to the log, JSON (if any) to $out
 # An array, not a function: `timeout` runs programs, and a shell function is none.
 bench=(python3 -m sharp_cli bench --random-weights --ratio 0.15 --layer 2 --warmup 2 --iters 5 --decode-tokens 64)
 nvidia-smi -L >> "$log"; python3 -c "import torch, transformers; print(torch.__version__, transformers.__version__)" >> "$log"
-step profile-vision python3 scripts/profile_vision.py --compile
+step bench-compile "${bench[@]}" --quant none --compile --methods transformers,transformers-static,none,sharp --output-json "$out/$gpu-e2e-compiled-6272.json"
+step serve python3 scripts/serve_bench.py --processes 4 --seconds 170 --output "$out/$gpu-serve-bench.json"
 step profile-questions python3 scripts/profile_questions.py
-step profile-compile python3 scripts/profile_decode.py --quant none --compile
-step bench-compile "${bench[@]}" --quant none --compile-decode --methods transformers-static,none,sharp --output-json "$out/$gpu-e2e-compiled-6272.json"
 step check-bf16 python3 scripts/cuda_check.py --frames 8
+step profile-vision python3 scripts/profile_vision.py --compile
+step bench-128-compile "${bench[@]}" --quant none --compile --frames 128 --methods none,sharp --iters 3 --warmup 1 --output-json "$out/$gpu-e2e-compiled-25088.json"
+step profile-compile python3 scripts/profile_decode.py --quant none --compile
 step bench-bf16 "${bench[@]}" --quant none --methods transformers,none,fastv,random,sharp --output-json "$out/$gpu-e2e-bf16-6272.json"
 step profile-bf16 python3 scripts/profile_decode.py --quant none
 step bench-static "${bench[@]}" --quant none --methods transformers-static,none,sharp --output-json "$out/$gpu-e2e-static-6272.json"

@@ -93,7 +93,7 @@ def main():
           f"{weights / 1e9:.2f} GB; lm_head alone {head_ms:.2f} ms")
     for method, compiled in itertools.product(args.methods.split(","), (False, True) if args.compile else (False,)):
         cfg = loaded.adapter.validate_prune(PruneConfig(method=method, ratio=0.15), loaded.num_layers)
-        loaded.compile_decode = compiled
+        loaded.use_compile(compiled)
         with torch.inference_mode():
             state = engine.prefill(loaded, encoded, cfg, new_tokens=256)
             step = _Step(loaded, state.cache, rules, encoded.next_position)

@@ -102,19 +102,23 @@ def main():
         with torch.inference_mode():
             loaded.adapter.vision(loaded.model, inputs)
 
-    report("packed attention (sharp)", run, flops)
-    packed = visual.config._attn_implementation
-    visual.config._attn_implementation = "sdpa"
-    report("per-window loop (transformers sdpa)", run, flops)
-    visual.config._attn_implementation = packed
+    report("packed attention, padded MLPs (sharp)", run, flops)
+    from sharp_cli import peers
+
+    with peers.stock_attention(loaded):
+        report("per-window loop, stock MLPs, cuDNN attention (transformers)", run, flops)
     if args.compile:
-        for block in visual.blocks:
-            block.compile(dynamic=False)
+        loaded.use_compile(True)  # what --compile does (sharp_cli/compiled.py)
+
+        def run_compiled():
+            with loaded.compiled_vision.active():
+                run()
+
         started = time.perf_counter()
-        run()
+        run_compiled()
         sync()
         print(f"  compiled blocks: first call {time.perf_counter() - started:.1f} s")
-        report("packed attention, compiled blocks", run, flops)
+        report("packed attention, compiled blocks", run_compiled, flops)
 
 
 if __name__ == "__main__":

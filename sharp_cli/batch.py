@@ -20,7 +20,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from sharp_cli.options import (CacheGb, CompileDecode, CudaGraphs, Debias, Decoder, Dedup, DedupThreshold, DedupWindow, Device, Dtype, Fps,
+from sharp_cli.options import (CacheGb, Compile, CudaGraphs, Debias, Decoder, Dedup, DedupThreshold, DedupWindow, Device, Dtype, Fps,
                                Frames, Layer, MaxFrames, MaxPixels, Method, Model, NoPriorCache, Quant, Query,
                                RandomWeights, Ratio, RegisterZ, Seed, SegmentFrames, SegmentMask, TrustRemoteCode)
 
@@ -45,7 +45,7 @@ def batch_command(
     dedup: Dedup = True, dedup_threshold: DedupThreshold = 0.9, dedup_window: DedupWindow = 1,
     register_z: RegisterZ = 8.0, seed: Seed = 0,
     max_new_tokens: MaxNewTokens = 128, output: Output = None, video_dir: VideoDir = None,
-    no_prior_cache: NoPriorCache = False, cuda_graphs: CudaGraphs = True, compile_decode: CompileDecode = False, cache_gb: CacheGb = 4.0,
+    no_prior_cache: NoPriorCache = False, cuda_graphs: CudaGraphs = True, compile_model: Compile = False, cache_gb: CacheGb = 4.0,
     quiet: Quiet = False,
 ):
     """Answer a JSON-lines file of questions, one JSON line per answer (resumable with --output)."""
@@ -80,7 +80,7 @@ def batch_command(
     loaded = loading.load(model, device=device, quant=quant, dtype=dtype, random_weights=random_weights,
                           trust_remote_code=trust_remote_code)
     loaded.use_cuda_graphs(cuda_graphs)
-    loaded.compile_decode = compile_decode
+    loaded.use_compile(compile_model)
     video = dict(frames=frames, fps=fps, max_frames=max_frames, max_pixels=max_pixels, backend=decoder)
     defaults = Defaults(loaded.adapter.validate_prune(cfg, loaded.num_layers), video, max_new_tokens)
     source = sys.stdin if file == "-" else open(file, encoding="utf-8")

@@ -74,7 +74,7 @@ def run(loaded, clip, question: str, base: PruneConfig, methods: list[str], rati
     return {
         "model": loaded.name, "device": str(loaded.device), "gpu": _gpu(loaded), "quant": loaded.quant,
         "dtype": str(loaded.dtype).replace("torch.", ""), "random_weights": loaded.random_weights,
-        "cuda_graphs": loaded.graphs is not None, "compile_decode": loaded.compile_decode, "frames": len(clip.indices),
+        "cuda_graphs": loaded.graphs is not None, "compile": loaded.compiled, "frames": len(clip.indices),
         "frame_size": list(clip.frames.shape[1:3]), "layer": base.layer, "warmup": warmup, "iters": iters,
         "decode_tokens": decode_tokens, "prepare_seconds": prepare_s, **(extra or {}), "rows": results,
     }
@@ -83,6 +83,7 @@ def run(loaded, clip, question: str, base: PruneConfig, methods: list[str], rati
 def _sharp_row(loaded, clip, inputs, cfg, store, warmup, iters, decode_tokens, max_pixels) -> dict:
     prompt_ids = inputs["input_ids"]
     rules = rules_for(loaded.model, loaded.processor.tokenizer)
+    row_start = time.perf_counter()
     encoded, _ = engine.encode(loaded, inputs)
     first_prior = positional_prior(loaded, clip, encoded, cfg, PriorStore(use_disk=False), max_pixels)
     samples = {k: [] for k in ("e2e", "prefill", "vision", "select", "decode", "rate")}
@@ -100,6 +101,8 @@ def _sharp_row(loaded, clip, inputs, cfg, store, warmup, iters, decode_tokens, m
                              ignore_eos=True)
             capture_s = max(capture_s, decoded.capture_seconds)
         measure.synchronize(loaded.device)
+        if i == 0:
+            first_s = time.perf_counter() - row_start  # with the prior pass, any compile and captures
         if i >= warmup:
             samples["e2e"].append(time.perf_counter() - start)
             samples["prefill"].append(state.seconds)
@@ -131,6 +134,7 @@ def _sharp_row(loaded, clip, inputs, cfg, store, warmup, iters, decode_tokens, m
         "decode_mode": decoded.mode if decoded is not None else None,
         "decode_capture_note": decoded.note if decoded is not None else None,
         "decode_capture_seconds": capture_s,  # the decode step's graph capture, once (in the first run)
+        "first_answer_seconds": first_s,
         "e2e_seconds": e2e["median"], "e2e_seconds_min": e2e["min"], "e2e_seconds_max": e2e["max"],
         "tokens": decoded.tokens if decoded is not None else [],
         "first_token_logits": state.logits.reshape(-1).float().cpu(),
@@ -146,6 +150,8 @@ def _peer_row(loaded, inputs, peer: str, warmup: int, iters: int, decode_tokens:
         for i in range(max(1, warmup) + iters):  # the first static-cache call compiles: never timed
             measure.reset_peak_memory(loaded.device)
             result = peers.generate(loaded, inputs, peer, new)
+            if i == 0:
+                first_s = result["seconds"]  # transformers-static compiles in it
             if i >= max(1, warmup):
                 runs.append(result)
     except Exception as exc:  # noqa: BLE001 - reported in the row, the other rows still run
@@ -161,6 +167,7 @@ def _peer_row(loaded, inputs, peer: str, warmup: int, iters: int, decode_tokens:
         "decode_tokens_per_second": measure.summarize(rates)["median"],
         "e2e_seconds": e2e["median"], "e2e_seconds_min": e2e["min"], "e2e_seconds_max": e2e["max"],
         "peak_memory_bytes": measure.peak_memory_bytes(loaded.device), "tokens": runs[-1]["tokens"],
+        "first_answer_seconds": first_s,
         "decode_mode": "generate()" + (", static cache, compiled" if peer == "transformers-static"
                                        and loaded.device.type == "cuda" else ""),
     }
@@ -257,6 +264,11 @@ def table(result: dict, width: int | None = None):
     if unsteady:
         notes.append(f"~ this row's end-to-end times spread by more than {UNSTEADY:.0%} between runs (or too few "
                      "runs): do not trust its speed-ups; raise --iters or free the machine")
+    firsts = [f"{r['method']} {r['first_answer_seconds']:.1f} s" for r in result["rows"]
+              if r.get("first_answer_seconds") is not None and r["method"] in ("none", *peers.PEERS)]
+    if firsts:
+        notes.append("first answer of a row (untimed warm-up: graph captures, compilation, the prior pass): "
+                     + ", ".join(firsts))
     notes += failed
     t.caption = "\n".join(notes) or None
     t.caption_justify = "left"

@@ -17,7 +17,7 @@ from typer.core import TyperGroup
 
 from sharp_cli.errors import SharpError, UsageError, one_line
 from sharp_cli.errors import describe as _describe  # shared with serve and batch
-from sharp_cli.options import (CompileDecode, Debias, Decoder, Dedup, DedupThreshold, DedupWindow, Device, Dtype, Fps, Frames,
+from sharp_cli.options import (Compile, Debias, Decoder, Dedup, DedupThreshold, DedupWindow, Device, Dtype, Fps, Frames,
                                JsonOut, Layer, MaxFrames, MaxPixels, MaxVisualTokens, Method, Model, Quant, Query,
                                RandomWeights, Ratio, RegisterZ, Seed, SegmentFrames, SegmentMask, Temperature, TopK,
                                TopP, TrustRemoteCode, prune_config, quiet_transformers, sampling, split_list,
@@ -107,7 +107,7 @@ def ask(
     no_prior_cache: Annotated[bool, typer.Option("--no-prior-cache", help="Do not read or write the on-disk positional-prior cache.")] = False,
     warmup: Annotated[int, typer.Option(help="Untimed passes before the timed one (first CUDA runs load kernels).")] = 0,
     cuda_graphs: Annotated[bool, typer.Option(help="Replay decode steps and the pruned prefill layers from CUDA graphs.")] = True,
-    compile_decode: CompileDecode = False,
+    compile_model: Compile = False,
 ):
     """Answer QUESTION about VIDEO; the answer goes to stdout (as it is written, on a terminal), what it
     cost to stderr."""
@@ -158,7 +158,7 @@ def ask(
     budget.check(adapter, config, *clip.frames.shape[:3], **limits)  # exact: the frames as decoded
 
     loaded, load_s = _load(console, model, device, quant, dtype, random_weights, trust_remote_code, cuda_graphs,
-                           compile_decode)
+                           compile_model)
     live = not json_out and not quiet and sys.stdout.isatty()  # a terminal watches the answer being written
     with console.status("answering") as status:
         def show(piece: str) -> None:
@@ -206,7 +206,7 @@ def bench(
     decode_tokens: Annotated[int, typer.Option(help="Tokens each answer decodes (EOS ignored, so every row decodes as "
                                                "many); end to end = vision + prefill + these (0: prefill only).")] = 64,
     cuda_graphs: Annotated[bool, typer.Option(help="Replay the pruned layers from CUDA graphs (CUDA only).")] = True,
-    compile_decode: CompileDecode = False,
+    compile_model: Compile = False,
     segment_attention: Annotated[str, typer.Option(
         help="sharp: segment mask as blocks (one SDPA call per segment) or merged (3 flash calls a layer, "
              "merged by log-sum-exp; slower on an H200); same result."
@@ -259,7 +259,7 @@ def bench(
     budget.check(adapter_for(config), config, *clip.frames.shape[:3], max_pixels=max_pixels, question=question,
                  max_new_tokens=decode_tokens, max_visual_tokens=max_visual_tokens)
     loaded, load_s = _load(console, model, device, quant, dtype, random_weights, trust_remote_code, cuda_graphs,
-                           compile_decode)
+                           compile_model)
     from rich.progress import Progress
 
     rows = bench_mod.plan_rows(method_list, ratios)
@@ -279,7 +279,7 @@ def bench(
         console.print(bench_mod.table(result, width=console.width))
 
 
-def _load(console, model, device, quant, dtype, random_weights, trust_remote_code, cuda_graphs, compile_decode=False):
+def _load(console, model, device, quant, dtype, random_weights, trust_remote_code, cuda_graphs, compile_model=False):
     """(the loaded model, seconds it took): a model load is part of what a one-off question costs."""
     from sharp_cli import loading
 
@@ -287,7 +287,7 @@ def _load(console, model, device, quant, dtype, random_weights, trust_remote_cod
     with console.status(f"loading {model}"):
         loaded = loading.load(model, device=device, quant=quant, dtype=dtype, random_weights=random_weights,
                               trust_remote_code=trust_remote_code)
-    loaded.compile_decode = compile_decode
+    loaded.use_compile(compile_model)
     return loaded.use_cuda_graphs(cuda_graphs), time.perf_counter() - started
 
 

@@ -37,7 +37,8 @@ def encode(loaded: Loaded, inputs, features=None):
     watch = measure.Stopwatch(loaded.device)
     with watch:
         if features is None:
-            features = loaded.adapter.vision(loaded.model, inputs)
+            with loaded.compiled_vision.active() if loaded.compiled_vision is not None else nullcontext():
+                features = loaded.adapter.vision(loaded.model, inputs)
         encoded = loaded.adapter.encode(loaded.model, inputs, features)
     encoded.features = features
     return encoded, watch.seconds

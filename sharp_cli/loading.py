@@ -32,7 +32,8 @@ class Loaded:
     random_weights: bool = False
     graphs: object = None  # prune.graphs.TailGraphs on CUDA unless turned off (also gates decode graphs)
     kv_pool: object = None  # kv.KVPool: the preallocated KV caches (and the decode graphs on them)
-    compile_decode: bool = False  # decode steps through torch.compile (decode.compiled)
+    compiled: bool = False  # --compile: decode steps through torch.compile (decode.compiled) ...
+    compiled_vision: object = None  # ... and the vision blocks (compiled.CompiledStack, used by engine.encode)
     folder: str | None = None  # where the model's files are (a local folder or the hub cache's snapshot)
     prior_identity: dict | None = None  # hashes naming the model in prior cache keys (prior_pass.py)
 
@@ -40,6 +41,16 @@ class Loaded:
         from sharp_cli.prune.graphs import TailGraphs
 
         self.graphs = TailGraphs() if enabled and self.device.type == "cuda" else None
+        return self
+
+    def use_compile(self, enabled: bool = True) -> "Loaded":
+        """torch.compile the decode step and, one block for all, the vision tower (compiled.py)."""
+        from sharp_cli.compiled import CompiledStack, vision_blocks
+
+        self.compiled, self.compiled_vision = enabled, None
+        blocks = vision_blocks(self.model) if enabled else None
+        if blocks is not None:
+            self.compiled_vision = CompiledStack(blocks, dynamic=None)
         return self
 
     @property
@@ -226,10 +237,23 @@ def _freeze_gc() -> None:
     gc.freeze()
 
 
+def use_shape_free_attention_kernels() -> None:
+    """Keep SDPA off its cuDNN backend. PyTorch prefers cuDNN on Hopper, and cuDNN builds a plan for
+    every new shape: ~40 ms per attention call the first time a length is seen (H200, torch 2.11;
+    docs/results/h200-decode-profiles-compile.log). Every question has a new length, so a served
+    question or a one-off `sharp ask` paid 1-2.5 s of plan building in prefill and the vision tower.
+    The flash and memory-efficient kernels need no per-shape setup. peers.stock_attention turns
+    cuDNN back on for the stock transformers rows, which measure what plain transformers does."""
+    import torch
+
+    torch.backends.cuda.enable_cudnn_sdp(False)
+
+
 def ready(loaded: Loaded) -> Loaded:
     """Route the text model's attention through sharp_sdpa (stock SDPA unless a segment plan is on),
-    and a packed vision tower's through one SDPA call per window length instead of one per window."""
-    from sharp_cli.models import vision_attention
+    and a packed vision tower's through one SDPA call per window length instead of one per window;
+    its MLPs padded to aligned widths (models/vision_mlp.py)."""
+    from sharp_cli.models import vision_attention, vision_mlp
 
     name = attention.register()
     text_config = loaded.adapter.text_model(loaded.model).config
@@ -237,8 +261,12 @@ def ready(loaded: Loaded) -> Loaded:
     visual = getattr(getattr(loaded.model, "model", None), "visual", None)
     if visual is not None and getattr(visual.config, "_attn_implementation", None) == "sdpa":
         visual.config._attn_implementation = vision_attention.register()
+    if visual is not None:
+        vision_mlp.pad_gated_mlps(visual)
     from sharp_cli.kv import KVPool
 
+    if loaded.device.type == "cuda":
+        use_shape_free_attention_kernels()
     loaded.kv_pool = KVPool()
     _freeze_gc()
     return loaded.use_cuda_graphs(True)

@@ -55,9 +55,10 @@ CacheGb = Annotated[float, typer.Option(help="Memory (GiB) for what a second que
                                         "its frames, the vision encoder's output and the prompt's start (0: off).")]
 NoPriorCache = Annotated[bool, typer.Option("--no-prior-cache", help="Do not read or write the on-disk positional-prior cache.")]
 CudaGraphs = Annotated[bool, typer.Option(help="Replay decode steps and the pruned prefill layers from CUDA graphs.")]
-CompileDecode = Annotated[bool, typer.Option(
-    help="Compile the decode step with torch.compile (fuses its small kernels; the first answer compiles, "
-         "tens of seconds; worth it for many answers per process).")]
+Compile = Annotated[bool, typer.Option(
+    "--compile", help="torch.compile one decoder layer (for decode steps) and one vision block, shared by "
+                      "their stacks: fuses the small kernels; the first answer compiles (tens of seconds), "
+                      "worth it for many answers per process (serve, batch, eval).")]
 
 
 def prune_config(method, ratio, layer, query, segment_mask, segment_frames, debias, dedup, dedup_threshold,

@@ -10,24 +10,33 @@ functions switched off), so what they measure is what a user of plain transforme
 from __future__ import annotations
 
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
+
+from sharp_cli.models import vision_mlp
 
 PEERS = ("transformers", "transformers-static")
 
 
 @contextmanager
 def stock_attention(loaded):
-    """transformers' own SDPA in the text model and the vision tower, for the duration."""
+    """transformers' own SDPA in the text model and the vision tower, cuDNN's attention kernels
+    and the vision MLPs' stock widths, for the duration."""
+    import torch
+
     configs = [loaded.adapter.text_model(loaded.model).config]
     visual = getattr(getattr(loaded.model, "model", None), "visual", None)
     if visual is not None:
         configs.append(visual.config)
     saved = [c._attn_implementation for c in configs]
+    cudnn = torch.backends.cuda.cudnn_sdp_enabled()
     for c in configs:
         c._attn_implementation = "sdpa"
+    torch.backends.cuda.enable_cudnn_sdp(True)  # PyTorch's default, which sharp turns off (loading.py)
     try:
-        yield
+        with vision_mlp.unpadded(visual) if visual is not None else nullcontext():
+            yield
     finally:
+        torch.backends.cuda.enable_cudnn_sdp(cudnn)
         for c, name in zip(configs, saved):
             c._attn_implementation = name
 

@@ -186,6 +186,8 @@ def test_bench_rows_and_consistency(model_dirs, tmp_path):
     base = rows[0]
     assert all(len(r["tokens"]) == 3 for r in rows)  # EOS ignored: every row decodes as many
     assert all(r["e2e_seconds"] >= r["ttft_seconds"] > 0 for r in rows)
+    # --warmup 0: the first answer is also a timed one, plus the prior pass and the first encode
+    assert all(r["first_answer_seconds"] >= r["e2e_seconds_min"] for r in data["rows"])
     assert all(r["e2e_speedup"] == pytest.approx(stock["e2e_seconds"] / r["e2e_seconds"]) for r in rows)
     for r in rows[1:]:
         assert r["first_token_kl"] >= 0 and isinstance(r["first_token_agree"], bool)
@@ -202,7 +204,7 @@ def test_bench_rows_and_consistency(model_dirs, tmp_path):
         assert r["flops_limit"] == pytest.approx(base["prefill_flops"] / r["prefill_flops"])
         assert r["efficiency"] == pytest.approx(r["speedup"] / r["flops_limit"])
         assert r["kv_cache_bytes"] < base["kv_cache_bytes"]
-    assert "sharp bench" in result.stderr
+    assert "sharp bench" in result.stderr and "first answer of a row" in result.stderr
 
 
 def test_bench_rejects_unknown_methods(model_dirs):

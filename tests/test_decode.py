@@ -58,15 +58,16 @@ def test_a_compiled_decode_step_gives_generates_tokens_for_every_length(penalise
     from torch._dynamo.utils import counters
 
     loaded = penalised("qwen2.5-vl")
-    loaded.compile_decode = True
-    traced = counters["frames"]["total"]
+    loaded.use_compile(True)
+    traced, graphs = counters["frames"]["total"], counters["stats"]["unique_graphs"]
     try:
         for seed, frames in ((3, 8), (4, 4)):
             clip = make_clip(frames=frames, seed=seed)
             ours = ask(loaded, clip, QUESTION, PruneConfig(method="none"), max_new_tokens=8, max_pixels=PIXELS)
             assert ours.tokens == _generate(loaded, clip, 8)
+        print("frames", counters["frames"]["total"] - traced, "graphs", counters["stats"]["unique_graphs"] - graphs)
     finally:
-        loaded.compile_decode = False
+        loaded.use_compile(False)
     assert counters["frames"]["total"] > traced  # the steps went through dynamo
 
 

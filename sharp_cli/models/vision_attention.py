@@ -45,7 +45,10 @@ def packed_attention(module, query, key, value, attention_mask=None, scaling=Non
 
 
 def register() -> str:
+    import torch
     from transformers import AttentionInterface
 
-    AttentionInterface.register(NAME, packed_attention)
+    # Under --compile (compiled.py) the blocks around it are compiled, not this: its Python loop over
+    # window lengths would make dynamo guard on every video's window layout and recompile for each.
+    AttentionInterface.register(NAME, torch.compiler.disable(packed_attention))
     return NAME

@@ -12,7 +12,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from sharp_cli.options import (CacheGb, CompileDecode, CudaGraphs, Debias, Decoder, Dedup, DedupThreshold, DedupWindow, Device, Dtype, Fps,
+from sharp_cli.options import (CacheGb, Compile, CudaGraphs, Debias, Decoder, Dedup, DedupThreshold, DedupWindow, Device, Dtype, Fps,
                                Frames, Layer, MaxFrames, MaxPixels, Method, Model, NoPriorCache, Quant, Query,
                                RandomWeights, Ratio, RegisterZ, Seed, SegmentFrames, SegmentMask, TrustRemoteCode)
 
@@ -44,7 +44,7 @@ def serve_command(
     segment_mask: SegmentMask = True, segment_frames: SegmentFrames = None, debias: Debias = "subtract",
     dedup: Dedup = True, dedup_threshold: DedupThreshold = 0.9, dedup_window: DedupWindow = 1,
     register_z: RegisterZ = 8.0, seed: Seed = 0,
-    max_new_tokens: MaxNewTokens = 128, no_prior_cache: NoPriorCache = False, cuda_graphs: CudaGraphs = True, compile_decode: CompileDecode = False,
+    max_new_tokens: MaxNewTokens = 128, no_prior_cache: NoPriorCache = False, cuda_graphs: CudaGraphs = True, compile_model: Compile = False,
     cache_gb: CacheGb = 4.0, quiet: Quiet = False,
 ):
     """Serve one model over HTTP in OpenAI's chat-completions format (video_url parts, streaming).
@@ -81,7 +81,7 @@ def serve_command(
     sock = bind(host, port)  # a port in use fails now, not after the model has loaded
     try:
         loaded, cfg = load_model(model, cfg, device, quant, dtype, random_weights, trust_remote_code, cuda_graphs,
-                                 quiet, compile_decode)
+                                 quiet, compile_model)
         from sharp_cli.serve.media import MediaPolicy
         from sharp_cli.serve.service import Settings
 
@@ -97,7 +97,7 @@ def serve_command(
 
 
 def load_model(model, cfg, device, quant, dtype, random_weights, trust_remote_code, cuda_graphs, quiet,
-               compile_decode=False):
+               compile_model=False):
     """The model, and the default pruning config with K resolved for it (checked before loading)."""
     from sharp_cli import loading
     from sharp_cli.options import quiet_transformers, stderr_console
@@ -108,7 +108,7 @@ def load_model(model, cfg, device, quant, dtype, random_weights, trust_remote_co
         loaded = loading.load(model, device=device, quant=quant, dtype=dtype, random_weights=random_weights,
                               trust_remote_code=trust_remote_code)
     loaded.use_cuda_graphs(cuda_graphs)
-    loaded.compile_decode = compile_decode
+    loaded.use_compile(compile_model)
     return loaded, loaded.adapter.validate_prune(cfg, loaded.num_layers)
 
 
