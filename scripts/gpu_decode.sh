@@ -20,14 +20,14 @@ step() {  # step NAME COMMAND...: output to the log, JSON (if any) to $out
 # An array, not a function: `timeout` runs programs, and a shell function is none.
 bench=(python3 -m sharp_cli bench --random-weights --ratio 0.15 --layer 2 --warmup 2 --iters 5 --decode-tokens 64)
 nvidia-smi -L >> "$log"; python3 -c "import torch, transformers; print(torch.__version__, transformers.__version__)" >> "$log"
-step bench-compile "${bench[@]}" --quant none --compile --methods transformers,transformers-static,none,sharp --output-json "$out/$gpu-e2e-compiled-6272.json"
-step serve python3 scripts/serve_bench.py --processes 4 --seconds 170 --output "$out/$gpu-serve-bench.json"
-step profile-questions python3 scripts/profile_questions.py
-step check-bf16 python3 scripts/cuda_check.py --frames 8
-step profile-vision python3 scripts/profile_vision.py --compile
-step bench-128-compile "${bench[@]}" --quant none --compile --frames 128 --methods none,sharp --iters 3 --warmup 1 --output-json "$out/$gpu-e2e-compiled-25088.json"
-step profile-compile python3 scripts/profile_decode.py --quant none --compile
 step bench-bf16 "${bench[@]}" --quant none --methods transformers,none,fastv,random,sharp --output-json "$out/$gpu-e2e-bf16-6272.json"
+step bench-compile "${bench[@]}" --quant none --compile --methods transformers,transformers-static,none,sharp --output-json "$out/$gpu-e2e-compiled-6272.json"
+step serve python3 scripts/serve_bench.py --processes 4 --seconds 150 --output "$out/$gpu-serve-bench.json"
+step check-bf16 python3 scripts/cuda_check.py --frames 8
+step bench-128-compile "${bench[@]}" --quant none --compile --frames 128 --methods none,sharp --iters 3 --warmup 1 --output-json "$out/$gpu-e2e-compiled-25088.json"
+step profile-vision python3 scripts/profile_vision.py --compile
+step profile-questions python3 scripts/profile_questions.py
+step profile-compile python3 scripts/profile_decode.py --quant none --compile
 step profile-bf16 python3 scripts/profile_decode.py --quant none
 step bench-static "${bench[@]}" --quant none --methods transformers-static,none,sharp --output-json "$out/$gpu-e2e-static-6272.json"
 step bench-nf4 "${bench[@]}" --quant nf4 --methods transformers,none,fastv,random,sharp --output-json "$out/$gpu-e2e-nf4-6272.json"
