@@ -47,12 +47,14 @@ def ask(loaded: Loaded, clip, question: str, cfg: PruneConfig, *, max_new_tokens
     if rules.sampling.seed is not None:
         _seed(rules.sampling.seed, loaded.device)
     store = store or PriorStore()
-    inputs = engine.prepare(loaded, clip, question, max_pixels)
+    # A cached video: its vision output, and its layout, so the frames are not processed again.
+    features, layout = (cache.vision(loaded, clip, max_pixels) if cache is not None else None) or (None, None)
+    inputs = engine.prepare(loaded, clip, question, max_pixels, layout=layout)
     prompt_ids = inputs["input_ids"]
     if warmup and loaded.graphs is not None:
         loaded.graphs.capture_after = 0  # warming up says the length will be reused: capture now
     for _ in range(warmup):
-        encoded, _ = engine.encode(loaded, inputs)
+        encoded, _ = engine.encode(loaded, inputs, features)
         prior = positional_prior(loaded, clip, encoded, cfg, store, max_pixels)
         state = engine.prefill(loaded, encoded, cfg, prior=prior.prior, new_tokens=max_new_tokens)
         decode(loaded, encoded, state, min(max_new_tokens, MIN_STEPS_TO_CAPTURE + 1), prompt_ids=prompt_ids,
@@ -60,7 +62,6 @@ def ask(loaded: Loaded, clip, question: str, cfg: PruneConfig, *, max_new_tokens
     measure.reset_peak_memory(loaded.device)
     measure.synchronize(loaded.device)
     started = time.perf_counter()
-    features = cache.features(loaded, clip, max_pixels) if cache is not None else None
     encoded, vision_s = engine.encode(loaded, inputs, features)
     prior = positional_prior(loaded, clip, encoded, cfg, store, max_pixels)
     prefix, keep = _prefix(loaded, clip, cfg, max_pixels, prompt_ids, encoded, cache)
@@ -68,7 +69,7 @@ def ask(loaded: Loaded, clip, question: str, cfg: PruneConfig, *, max_new_tokens
                            keep_prefix=keep)
     if cache is not None:
         if features is None:
-            cache.put_features(loaded, clip, max_pixels, encoded.features)
+            cache.put_vision(loaded, clip, max_pixels, encoded.features, engine.video_layout(loaded, inputs))
         if state.prefix is not None:
             cache.put_prefix(loaded, clip, cfg, max_pixels, state.prefix)
     stream = TextStream(loaded.processor.tokenizer, on_text)

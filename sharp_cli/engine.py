@@ -21,13 +21,27 @@ from sharp_cli.prune.config import PruneConfig, keep_count
 from sharp_cli.prune.session import PruneSession
 
 
-def prepare(loaded: Loaded, clip, question: str, max_pixels: int | None = None):
-    """Prompt + frames -> processor tensors on the device (whole: mm_token_type_ids included)."""
+def prepare(loaded: Loaded, clip, question: str, max_pixels: int | None = None, layout: dict | None = None):
+    """Prompt + frames -> processor tensors on the device (whole: mm_token_type_ids included).
+    layout: the video's layout from an earlier call (video_layout), when its vision output is at
+    hand: then the frames are not processed again and the inputs carry no pixels."""
     if not question or not question.strip():
         raise UsageError("the question is empty")
     prompt = loaded.adapter.prompt(loaded.processor, question)
-    inputs = loaded.adapter.processor_inputs(loaded.processor, prompt, clip, max_pixels)
+    inputs = None
+    if layout is not None:
+        inputs = loaded.adapter.layout_inputs(loaded.processor, prompt, layout)
+    if inputs is None:
+        inputs = loaded.adapter.processor_inputs(loaded.processor, prompt, clip, max_pixels)
     return inputs.to(loaded.device)
+
+
+def video_layout(loaded: Loaded, inputs) -> dict | None:
+    """The part of a full call's inputs that prepare(layout=...) rebuilds a prompt from."""
+    keys = loaded.adapter.layout_keys
+    if not keys or not all(k in inputs for k in keys):
+        return None
+    return {**{k: inputs[k] for k in keys}, "token_types": "mm_token_type_ids" in inputs}
 
 
 @torch.inference_mode()

@@ -85,14 +85,16 @@ class VideoCache:
     def _vision_key(loaded, clip, max_pixels):
         return ("vision", clip.key, id(loaded.model), max_pixels)
 
-    def features(self, loaded, clip, max_pixels):
+    def vision(self, loaded, clip, max_pixels):
+        """(vision output, video layout or None) of this clip, or None."""
         if getattr(clip, "key", None) is None:
             return None
         return self._get(self._vision_key(loaded, clip, max_pixels), "vision")
 
-    def put_features(self, loaded, clip, max_pixels, features) -> None:
+    def put_vision(self, loaded, clip, max_pixels, features, layout=None) -> None:
+        """layout: engine.video_layout of the inputs, so a later question need not process the frames."""
         if getattr(clip, "key", None) is not None:
-            self._put(self._vision_key(loaded, clip, max_pixels), features, _nbytes(features))
+            self._put(self._vision_key(loaded, clip, max_pixels), (features, layout), _nbytes(features))
 
     # -- the prompt's question-independent start ------------------------------------------------
     @staticmethod

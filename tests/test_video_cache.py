@@ -7,7 +7,7 @@ import os
 
 import pytest
 import torch
-from conftest import FAMILIES, prune_layer
+from conftest import FAMILIES, make_clip, prune_layer
 from videos import make_video
 
 from sharp_cli import video as video_mod
@@ -62,13 +62,21 @@ def test_second_question_skips_decoding_and_the_vision_encoder(tiny, clip_path, 
         calls["vision"] += 1
         return real_vision(*a, **k)
 
+    real_frames = tiny.adapter.processor_inputs
+
+    def counting_frames(*a, **k):
+        calls["frames processed"] += 1
+        return real_frames(*a, **k)
+
+    calls["frames processed"] = 0
     monkeypatch.setattr(video_mod, "load_video", counting_load)
     monkeypatch.setattr(tiny.adapter, "vision", counting_vision)
+    monkeypatch.setattr(tiny.adapter, "processor_inputs", counting_frames)
     cache = VideoCache(1 << 30)
     for question in QUESTIONS:
         ask(tiny, cache.load_video(clip_path, **SAMPLING), question, PruneConfig(method="fastv"), max_new_tokens=2,
             max_pixels=PIXELS, cache=cache)
-    assert calls == {"decode": 1, "vision": 1}
+    assert calls == {"decode": 1, "vision": 1, "frames processed": 1}
     cache.load_video(clip_path, frames=4, max_pixels=PIXELS)  # other sampling: decoded again
     assert calls["decode"] == 2
 
@@ -108,3 +116,20 @@ def test_a_prompt_that_starts_differently_does_not_reuse_the_prefix(tiny, clip_p
     other_k = PruneConfig(method="sharp", ratio=0.25, layer=3)
     second = ask(tiny, clip, QUESTIONS[1], other_k, max_new_tokens=2, max_pixels=PIXELS, cache=cache)
     assert second.extra["cache"] == {"vision": True, "prefix": False}  # layers 0..2 differ from 0..1
+
+
+@pytest.mark.parametrize("family", ["qwen2.5-vl", "qwen2-vl"])
+def test_a_prompt_rebuilt_from_the_layout_equals_the_processors(tiny_models, family):
+    """What a cached video's next question gets instead of the processor's video work: every
+    input the full call returns, identical, except the pixels."""
+    from sharp_cli import engine
+
+    loaded = tiny_models(family)
+    clip = make_clip(frames=8)
+    layout = engine.video_layout(loaded, engine.prepare(loaded, clip, "what is it?", PIXELS))
+    rebuilt = engine.prepare(loaded, clip, "and which colour is the square?", PIXELS, layout=layout)
+    full = engine.prepare(loaded, clip, "and which colour is the square?", PIXELS)
+    assert set(full.keys()) - set(rebuilt.keys()) == {"pixel_values_videos"}
+    for key in rebuilt.keys():
+        assert torch.equal(rebuilt[key], full[key]) and rebuilt[key].dtype == full[key].dtype, key
+    assert rebuilt.sharp_question == full.sharp_question

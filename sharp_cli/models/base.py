@@ -158,6 +158,16 @@ class Adapter:
     def processor_inputs(self, processor, prompt: str, clip, max_pixels: int | None) -> dict:
         raise NotImplementedError
 
+    # What a question about a video whose vision output is cached needs of the processor's video
+    # work: only the layout (grid, timing), not the pixels. Families that can rebuild the prompt
+    # from it list those outputs here and implement layout_inputs; the others process the frames.
+    layout_keys: tuple[str, ...] = ()
+
+    def layout_inputs(self, processor, prompt: str, layout: dict):
+        """The processor's inputs for `prompt` without pixels, from `layout` (the layout_keys of an
+        earlier full call for the same video); None where this family cannot."""
+        return None
+
     # Token budget (models/budget.py): what a clip costs, from its frame count and size alone.
     text_per_token_frame: int = 0  # text tokens the processor adds per token frame (Qwen3-VL's timestamps)
     text_per_video: int = 0  # text tokens around the video block (markers, LLaVA's newline)

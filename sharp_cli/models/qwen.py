@@ -59,6 +59,26 @@ class QwenVLAdapter(Adapter):
         out = processor(text=[prompt], videos=[clip.frames], return_tensors="pt", **video_kwargs)
         return self.mark_question(processor, prompt, out)
 
+    layout_keys = ("video_grid_thw", "second_per_grid_ts")
+
+    def layout_inputs(self, processor, prompt, layout):
+        """The processor's own expansion (one video token per merged patch), done on the text, then
+        its tokenizer and token types: what the full call returns, less the pixels (tests compare)."""
+        from transformers import BatchFeature
+
+        merge = processor.video_processor.merge_size ** 2
+        count = int(layout["video_grid_thw"][0].prod()) // merge
+        if str(prompt).count(processor.video_token) != 1:
+            return None
+        text = str(prompt).replace(processor.video_token, processor.video_token * count)
+        data = dict(processor.tokenizer([text]))
+        if layout["token_types"]:  # as the full call did (transformers versions differ)
+            data["mm_token_type_ids"] = processor.create_mm_token_type_ids(data["input_ids"])
+        out = BatchFeature(data=data, tensor_type="pt")
+        for key in self.layout_keys:
+            out[key] = layout[key]
+        return self.mark_question(processor, prompt, out)
+
     def video_size(self, vp, frames: int, max_pixels: int | None) -> dict:
         """The size bounds handed to video processor `vp`: the family's budget, or --max-pixels; a
         processor saved with a tighter upper bound than the budget keeps it (sharp-tiny's frames
@@ -164,6 +184,7 @@ class Qwen2VLAdapter(QwenVLAdapter):
     family = "qwen2-vl"
     model_types = ("qwen2_vl",)
     hub_examples = ("Qwen/Qwen2-VL-7B-Instruct",)
+    layout_keys = ("video_grid_thw",)  # no second_per_grid_ts: Qwen2-VL's positions ignore time
 
     def build_processor(self, tokenizer, config):
         from transformers.models.qwen2_vl import (

@@ -38,6 +38,8 @@ class Qwen3VLAdapter(QwenVLAdapter):
     text_per_token_frame = 8  # "<t seconds>" (~6 tokens), <|vision_start|>, <|vision_end|>
     text_per_video = 0
 
+    layout_keys = ()  # its processor writes each frame's timestamp into the prompt: frames always processed
+
     def processor_inputs(self, processor, prompt, clip, max_pixels):
         temporal = processor.video_processor.temporal_patch_size
         if len(clip.frames) < temporal:  # its processor refuses a clip shorter than one token frame
