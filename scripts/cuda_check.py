@@ -222,7 +222,7 @@ def bounded(loaded, cfg) -> None:
     ok &= sizes[-1] <= max(sizes[:11]) * 1.02  # once the pool is full nothing grows
     report(ok, f"{cfg.method}: 14 questions of 4..24 frames: caches/decode graphs/tail graphs {pools[-1]} "
                f"(max caches {pool.max_caches}), allocated {sizes[0] / 2**30:.2f} -> max {max(sizes) / 2**30:.2f} "
-               f"-> last {sizes[-1] / 2**30:.2f} GiB")
+               f"-> last {sizes[-1] / 2**30:.2f} GiB; per question " + " ".join(f"{b / 2**30:.2f}" for b in sizes))
 
 
 def quantized_parts(loaded) -> None:

@@ -166,6 +166,8 @@ def bench_server(args, work, questions, deadline, env, skipped) -> dict:
             proc.kill()
         out["exit_code"] = proc.returncode
         log.close()
+        if proc.returncode:  # a stop by SIGINT should be clean: keep what the server said
+            out["log_tail"] = Path(log.name).read_text(errors="replace")[-3000:]
 
 
 def concurrent_test(port, questions, answers, args) -> dict:
