@@ -57,6 +57,8 @@ def test_padded_vision_mlps_give_the_same_output_and_unpad_for_the_stock_rows():
             torch.testing.assert_close(mlp.down_proj.weight, original, rtol=0, atol=0)
             torch.testing.assert_close(mlp(x), before, rtol=1e-6, atol=1e-6)
         assert mlp.down_proj.weight.shape[1] == 96 and mlp.down_proj.in_features == 96
+        torch.testing.assert_close(mlp(x), before, rtol=1e-6, atol=1e-6)  # padded again, exactly
+        assert not mlp.down_proj.weight[:, 64:].any() and not mlp.gate_proj.bias[64:].any()
         assert vision_mlp.pad_gated_mlps(visual, align=48) == 0  # already aligned: nothing to do
 
 

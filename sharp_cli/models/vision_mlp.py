@@ -29,49 +29,44 @@ def pad_gated_mlps(visual, align: int = ALIGN) -> int:
         target = -(-width // align) * align
         if target == width or up.out_features != width or down.in_features != width:
             continue
-        extra = target - width
-        with torch.no_grad():
-            for proj in (gate, up):
-                proj.weight = torch.nn.Parameter(torch.cat([proj.weight, proj.weight.new_zeros(extra, proj.in_features)]),
-                                                 requires_grad=False)
-                if proj.bias is not None:
-                    proj.bias = torch.nn.Parameter(torch.cat([proj.bias, proj.bias.new_zeros(extra)]),
-                                                   requires_grad=False)
-                proj.out_features = target
-            down.weight = torch.nn.Parameter(torch.cat([down.weight, down.weight.new_zeros(down.out_features, extra)],
-                                                       dim=1), requires_grad=False)
-            down.in_features = target
-        module.sharp_unpadded_width = width
+        _resize(module, target)
+        module.sharp_widths = (width, target)
         padded += 1
     return padded
 
 
 @contextmanager
 def unpadded(visual):
-    """The stock layout for the duration (contiguous copies of the original rows and columns), so
-    that the stock transformers rows of `sharp bench` run the products plain transformers runs."""
-    import torch
-
-    saved = []
-    for module in visual.modules():
-        width = getattr(module, "sharp_unpadded_width", None)
-        if width is None:
-            continue
-        projections = (module.gate_proj, module.up_proj, module.down_proj)
-        saved.append((projections, [(p.weight, p.bias) for p in projections]))
-        for proj in projections[:2]:
-            proj.weight = torch.nn.Parameter(proj.weight[:width].contiguous(), requires_grad=False)
-            if proj.bias is not None:
-                proj.bias = torch.nn.Parameter(proj.bias[:width].contiguous(), requires_grad=False)
-            proj.out_features = width
-        down = projections[2]
-        down.weight = torch.nn.Parameter(down.weight[:, :width].contiguous(), requires_grad=False)
-        down.in_features = width
+    """The stock widths for the duration, so that the stock transformers rows of `sharp bench` run
+    the products (and hold the memory) plain transformers does; padded again afterwards. One copy
+    of the weights at a time: the cut and the padding are exact both ways."""
+    modules = [m for m in visual.modules() if getattr(m, "sharp_widths", None)]
+    for module in modules:
+        _resize(module, module.sharp_widths[0])
     try:
         yield
     finally:
-        for projections, params in saved:
-            for proj, (weight, bias) in zip(projections, params):
-                proj.weight, proj.bias = weight, bias
-            projections[0].out_features = projections[1].out_features = projections[0].weight.shape[0]
-            projections[2].in_features = projections[2].weight.shape[1]
+        for module in modules:
+            _resize(module, module.sharp_widths[1])
+
+
+def _resize(mlp, width: int) -> None:
+    """gate/up rows and down columns cut or zero-padded to `width`, as new contiguous tensors."""
+    import torch
+
+    def fit(tensor, dim):
+        now = tensor.shape[dim]
+        if width <= now:
+            return tensor.narrow(dim, 0, width).contiguous()
+        shape = list(tensor.shape)
+        shape[dim] = width - now
+        return torch.cat([tensor, tensor.new_zeros(shape)], dim=dim)
+
+    with torch.no_grad():
+        for proj in (mlp.gate_proj, mlp.up_proj):
+            proj.weight = torch.nn.Parameter(fit(proj.weight, 0), requires_grad=False)
+            if proj.bias is not None:
+                proj.bias = torch.nn.Parameter(fit(proj.bias, 0), requires_grad=False)
+            proj.out_features = width
+        mlp.down_proj.weight = torch.nn.Parameter(fit(mlp.down_proj.weight, 1), requires_grad=False)
+        mlp.down_proj.in_features = width
