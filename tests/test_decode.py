@@ -65,10 +65,16 @@ def test_a_compiled_decode_step_gives_generates_tokens_for_every_length(penalise
             clip = make_clip(frames=frames, seed=seed)
             ours = ask(loaded, clip, QUESTION, PruneConfig(method="none"), max_new_tokens=8, max_pixels=PIXELS)
             assert ours.tokens == _generate(loaded, clip, 8)
-        print("frames", counters["frames"]["total"] - traced, "graphs", counters["stats"]["unique_graphs"] - graphs)
+        # Pruned: layers of two lengths; the symbolic lengths serve it without compiling again.
+        compiled_graphs = counters["stats"]["unique_graphs"]
+        pruned_cfg = PruneConfig(method="sharp", ratio=0.25, layer=2)
+        clip = make_clip(frames=8, seed=5)
+        pruned = ask(loaded, clip, QUESTION, pruned_cfg, max_new_tokens=8, max_pixels=PIXELS)
+        assert counters["stats"]["unique_graphs"] == compiled_graphs
     finally:
         loaded.use_compile(False)
     assert counters["frames"]["total"] > traced  # the steps went through dynamo
+    assert pruned.tokens == ask(loaded, clip, QUESTION, pruned_cfg, max_new_tokens=8, max_pixels=PIXELS).tokens
 
 
 def test_eos_stops_where_generate_stops(penalised):
