@@ -160,7 +160,9 @@ def ask(
     loaded, load_s = _load(console, model, device, quant, dtype, random_weights, trust_remote_code, cuda_graphs,
                            compile_model)
     live = not json_out and not quiet and sys.stdout.isatty()  # a terminal watches the answer being written
-    with console.status("answering") as status:
+    waiting = "answering (--compile: the first answer compiles, for minutes on a 7B model)" if compile_model \
+        else "answering"
+    with console.status(waiting) as status:
         def show(piece: str) -> None:
             status.stop()
             sys.stdout.write(piece)
