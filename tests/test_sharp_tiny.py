@@ -115,3 +115,15 @@ def test_sharp_tiny_missing_is_one_line(tmp_path):
     result = CliRunner().invoke(app, ["ask", str(video), "what?", "-m", "sharp-tiny"])
     assert result.exit_code == 1 and len(result.stderr.strip().splitlines()) == 1
     assert "sharp-tiny is not in this install" in result.stderr
+
+
+def test_needle_tokens_are_the_grid_cells_where_the_frames_change():
+    """scripts/dropped_tokens.py's map from changed pixels to token numbers (raster t, h, w): a
+    square in frames 2-3 of a 4x4 grid's cell (row 1, column 2) is token (1*4 + 1)*4 + 2 = 22."""
+    from dropped_tokens import needle_tokens
+
+    frames = np.zeros((8, 64, 64, 3), dtype=np.uint8)
+    frames[2:4, 20:28, 36:44] = 200  # rows 16-31 -> h 1, columns 32-47 -> w 2; frames 2-3 -> t 1
+    assert needle_tokens(frames, (4, 4, 4)).tolist() == [22]
+    frames[7, 0:4, 60:64] = 90  # a corner of the last frame: t 3, h 0, w 3
+    assert needle_tokens(frames, (4, 4, 4)).tolist() == [22, 51]
