@@ -388,6 +388,24 @@ def test_eval_end_to_end_json_and_table(model_dirs, synth_items, tmp_path):
     assert "sharp eval" in result.stderr and "fastv" in result.stderr
 
 
+def test_eval_with_compile_gives_the_uncompiled_answers(model_dirs, synth_items, tmp_path):
+    """--compile (the vision blocks and decode steps through torch.compile, here on the CPU) goes
+    through dynamo and changes no answer."""
+    from torch._dynamo.utils import counters
+
+    answers, traced = {}, {}
+    for flag in ([], ["--compile"]):
+        before = counters["frames"]["total"]
+        out = tmp_path / f"r{len(flag)}.jsonl"
+        result = sharp("eval", synth_items, "-m", model_dirs["qwen2.5-vl"], *SMALL, "--methods", "none,sharp",
+                       "--limit", 2, "-o", out, "-q", *flag)
+        assert result.exit_code == 0, result.stderr
+        answers[bool(flag)] = {runner.line_key(r): (r["output"], r["first_token"]) for r in _lines(out)}
+        traced[bool(flag)] = counters["frames"]["total"] > before
+    assert answers[True] == answers[False] and len(answers[True]) == 4
+    assert traced == {False: False, True: True}
+
+
 def test_resume_after_limit_and_a_half_written_line(model_dirs, synth_items, tmp_path, monkeypatch):
     from sharp_cli import answer
 

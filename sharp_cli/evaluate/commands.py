@@ -10,7 +10,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from sharp_cli.options import (CacheGb, JsonOut, Debias, Decoder, Dedup, DedupThreshold, DedupWindow, Device, Dtype, Fps,
+from sharp_cli.options import (CacheGb, Compile, JsonOut, Debias, Decoder, Dedup, DedupThreshold, DedupWindow, Device, Dtype, Fps,
                            Frames, Layer, MaxFrames, MaxPixels, Model, Quant, Query, RandomWeights, RegisterZ,
                            Seed, SegmentFrames, SegmentMask, TrustRemoteCode)
 
@@ -44,7 +44,8 @@ def eval_command(
     register_z: RegisterZ = 8.0, seed: Seed = 0,
     frames: Frames = 32, fps: Fps = None, max_frames: MaxFrames = 768, max_pixels: MaxPixels = None,
     decoder: Decoder = "auto", max_new_tokens: MaxNewTokens = 8, limit: Limit = None, output: Output = None,
-    shard_timeout: ShardTimeout = 3600.0, cache_gb: CacheGb = 4.0, json_out: JsonOut = False, quiet: Quiet = False,
+    shard_timeout: ShardTimeout = 3600.0, cache_gb: CacheGb = 4.0, compile_model: Compile = False,
+    json_out: JsonOut = False, quiet: Quiet = False,
 ):
     """Multiple-choice accuracy of every method and ratio on a video QA set (resumable, shardable)."""
     from sharp_cli.options import prune_config, quiet_transformers, split_list, stderr_console
@@ -101,7 +102,8 @@ def eval_command(
     try:
         if todo:
             _answer(job, todo, left, console, dict(name=model, device=device, quant=quant, dtype=dtype,
-                                                   random_weights=random_weights, trust_remote_code=trust_remote_code))
+                                                   random_weights=random_weights, trust_remote_code=trust_remote_code),
+                    compile_model)
         group.barrier()
     finally:
         group.close()
@@ -126,7 +128,7 @@ def eval_command(
         console.print(table(result))
 
 
-def _answer(job, todo, left: int, console, load_args: dict) -> None:
+def _answer(job, todo, left: int, console, load_args: dict, compile_model: bool = False) -> None:
     """Load the model once (on this rank's GPU when sharded) and answer with a progress bar."""
     import os
 
@@ -141,6 +143,7 @@ def _answer(job, todo, left: int, console, load_args: dict) -> None:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", job.rank)) % torch.cuda.device_count())
     with console.status(f"loading {load_args['name']}"):
         loaded = loading.load(**load_args)
+    loaded.use_compile(compile_model)  # not in the settings: compiled answers are the same answers
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
     with Progress(*columns, console=console, transient=True) as progress:
         task = progress.add_task("answering" if job.world == 1 else f"rank {job.rank}", total=left)
