@@ -52,23 +52,31 @@ def timed(fn, n=50) -> float:
     return statistics.median(times)
 
 
-def kernel_split(step) -> dict:
+def kernel_split(fn, kinds=KINDS) -> tuple[dict, list]:
+    """GPU kernel time of one call of fn, by kind (the first of `kinds` whose words a kernel's name
+    holds), and the ten costliest kernels as (ms, count, name). profile_vision.py uses it too; on a
+    machine without CUDA it splits CPU operator time instead (for trying the scripts out)."""
     from torch.profiler import ProfilerActivity, profile
 
-    step()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        step()
-        torch.cuda.synchronize()
+    cuda = torch.cuda.is_available()
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    fn()
+    sync()
+    with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
+        fn()
+        sync()
     split: dict[str, float] = {}
+    kernels = []
     for event in prof.key_averages():
-        us = getattr(event, "device_time_total", None) or getattr(event, "cuda_time_total", 0)
-        if not us or event.key.startswith(("aten::", "cuda")):
+        us = (getattr(event, "device_time_total", None) or getattr(event, "cuda_time_total", 0)) if cuda \
+            else event.self_cpu_time_total
+        if not us or (cuda and event.key.startswith(("aten::", "cuda"))):
             continue
         name = event.key.lower()
-        kind = next((k for k, words in KINDS if any(w in name for w in words)), "other")
+        kind = next((k for k, words in kinds if any(w in name for w in words)), "other")
         split[kind] = split.get(kind, 0.0) + us / 1000.0
-    return split
+        kernels.append((us / 1000.0, event.count, event.key[:110]))
+    return split, sorted(kernels, reverse=True)[:10]
 
 
 def main():
@@ -102,7 +110,7 @@ def main():
             step()  # compiles, when compiled
             torch.cuda.synchronize()
             first_s = time.perf_counter() - started
-            split = kernel_split(step)
+            split, _ = kernel_split(step)
             eager_ms = timed(step, 10)
             graph, capture = _capture(step)
             graph_ms = timed(graph.replay) if graph is not None else float("nan")

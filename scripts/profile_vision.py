@@ -17,6 +17,8 @@ import time
 
 import torch
 
+from profile_decode import kernel_split  # scripts/ is on the path when this runs as a script
+
 from sharp_cli import engine, loading
 from sharp_cli.bench import synthetic_clip
 
@@ -49,32 +51,9 @@ def matmul_flops(visual, patches: int) -> float:
     return 2.0 * (blocks * patches + merger * patches / 4)
 
 
-def kernel_split(fn) -> tuple[dict, list]:
-    from torch.profiler import ProfilerActivity, profile
-
-    fn()
-    sync()
-    with profile(activities=[ProfilerActivity.CUDA if torch.cuda.is_available() else ProfilerActivity.CPU]) as prof:
-        fn()
-        sync()
-    split: dict[str, float] = {}
-    kernels = []
-    for event in prof.key_averages():
-        us = getattr(event, "device_time_total", None) or getattr(event, "cuda_time_total", 0)
-        if not torch.cuda.is_available():
-            us = event.self_cpu_time_total
-        if not us or (torch.cuda.is_available() and event.key.startswith(("aten::", "cuda"))):
-            continue
-        name = event.key.lower()
-        kind = next((k for k, words in KINDS if any(w in name for w in words)), "other")
-        split[kind] = split.get(kind, 0.0) + us / 1000.0
-        kernels.append((us / 1000.0, event.count, event.key[:110]))
-    return split, sorted(kernels, reverse=True)[:10]
-
-
 def report(label: str, fn, flops: float) -> None:
     ms = timed(fn)
-    split, top = kernel_split(fn)
+    split, top = kernel_split(fn, KINDS)
     print(f"  {label}: {ms:.1f} ms; matmul FLOPs {flops / 1e12:.1f} T = {flops / ms / 1e9:.0f} TFLOP/s overall")
     print("    kernel time: " + ", ".join(f"{k} {v:.1f} ms" for k, v in sorted(split.items(), key=lambda kv: -kv[1])))
     for t, count, name in top:

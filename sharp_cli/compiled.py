@@ -39,5 +39,6 @@ class CompiledStack:
 
 def vision_blocks(model):
     """The repeated blocks of a Qwen vision tower (None for towers without them)."""
-    visual = getattr(getattr(model, "model", None), "visual", None)
-    return getattr(visual, "blocks", None)
+    from sharp_cli.models.vision_attention import vision_tower
+
+    return getattr(vision_tower(model), "blocks", None)

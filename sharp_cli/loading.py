@@ -258,7 +258,7 @@ def ready(loaded: Loaded) -> Loaded:
     name = attention.register()
     text_config = loaded.adapter.text_model(loaded.model).config
     text_config._attn_implementation = name
-    visual = getattr(getattr(loaded.model, "model", None), "visual", None)
+    visual = vision_attention.vision_tower(loaded.model)
     if visual is not None and getattr(visual.config, "_attn_implementation", None) == "sdpa":
         visual.config._attn_implementation = vision_attention.register()
     if visual is not None:

@@ -56,9 +56,9 @@ CacheGb = Annotated[float, typer.Option(help="Memory (GiB) for what a second que
 NoPriorCache = Annotated[bool, typer.Option("--no-prior-cache", help="Do not read or write the on-disk positional-prior cache.")]
 CudaGraphs = Annotated[bool, typer.Option(help="Replay decode steps and the pruned prefill layers from CUDA graphs.")]
 Compile = Annotated[bool, typer.Option(
-    "--compile", help="torch.compile one decoder layer (for decode steps) and one vision block, shared by "
-                      "their stacks: fuses the small kernels; the first answer compiles (tens of seconds), "
-                      "worth it for many answers per process (serve, batch, eval).")]
+    "--compile", help="torch.compile the decode step and the vision blocks (fuses their small kernels); the "
+                      "first answer of a process compiles, minutes on a 7B model: for many answers per "
+                      "process (serve, batch, eval).")]
 
 
 def prune_config(method, ratio, layer, query, segment_mask, segment_frames, debias, dedup, dedup_threshold,

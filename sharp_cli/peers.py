@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 from contextlib import contextmanager, nullcontext
 
-from sharp_cli.models import vision_mlp
+from sharp_cli.models import vision_attention, vision_mlp
 
 PEERS = ("transformers", "transformers-static")
 
@@ -24,7 +24,7 @@ def stock_attention(loaded):
     import torch
 
     configs = [loaded.adapter.text_model(loaded.model).config]
-    visual = getattr(getattr(loaded.model, "model", None), "visual", None)
+    visual = vision_attention.vision_tower(loaded.model)
     if visual is not None:
         configs.append(visual.config)
     saved = [c._attn_implementation for c in configs]

@@ -44,6 +44,11 @@ def packed_attention(module, query, key, value, attention_mask=None, scaling=Non
     return out.transpose(1, 2).contiguous(), None
 
 
+def vision_tower(model):
+    """A Qwen model's packed vision tower (`model.model.visual`), or None for other families."""
+    return getattr(getattr(model, "model", None), "visual", None)
+
+
 def register() -> str:
     import torch
     from transformers import AttentionInterface
