@@ -106,8 +106,9 @@ def compiled(advance):
     5.9 ms on an H200), and the CUDA graph then replays those. The whole step, not one layer: each
     layer indexes the cache by its own layer_idx, which dynamo specialises on, so a compiled layer
     recompiles for every layer (28 compilations, past dynamo's limit of 8). Buffer lengths are
-    symbolic, so every cache size shares one compilation; the code cache is per function, so all
-    steps share it. The price: 94-154 s for the first step of a 7B model (H200)."""
+    symbolic, so every cache size shares one compilation (engine.cache_lengths keeps an unpruned
+    cache's first K layers longer for that); the code cache is per function, so all steps share
+    it. The price: 80-150 s for the first step of a 7B model (H200)."""
     return torch.compile(advance, dynamic=True)
 
 

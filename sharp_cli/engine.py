@@ -106,7 +106,16 @@ def cache_lengths(loaded: Loaded, encoded, cfg: PruneConfig, new_tokens: int, fo
     visual tokens from K on, plus the tokens still to be decoded."""
     layout, layers = encoded.layout, loaded.num_layers
     if not cfg.prunes:
-        return [layout.seq_len + new_tokens] * layers
+        full = layout.seq_len + new_tokens
+        if loaded.compiled:
+            # Dynamo's duck sizing gives equal lengths one symbol: a compiled step first traced on
+            # an all-equal cache guards that every layer is as long as layer 0, and the first pruned
+            # answer compiles again (60 s on an H200). A bucket more in layers 0..K-1 gives it the two
+            # lengths a pruned cache has. (Duck sizing off instead: the first compile took 290 s, not 82.)
+            from sharp_cli.kv import BUCKET
+
+            return [full + BUCKET] * cfg.layer + [full] * (layers - cfg.layer)
+        return [full] * layers
     kept = forced_keep.numel() if forced_keep is not None else keep_count(cfg.ratio, layout.num_visual)
     short = layout.seq_len - layout.num_visual + kept
     return [layout.seq_len + new_tokens] * cfg.layer + [short + new_tokens] * (layers - cfg.layer)

@@ -252,8 +252,9 @@ def use_shape_free_attention_kernels() -> None:
 def ready(loaded: Loaded) -> Loaded:
     """Route the text model's attention through sharp_sdpa (stock SDPA unless a segment plan is on),
     and a packed vision tower's through one SDPA call per window length instead of one per window;
-    its MLPs padded to aligned widths (models/vision_mlp.py)."""
-    from sharp_cli.models import vision_attention, vision_mlp
+    its MLPs padded to aligned widths (models/vision_mlp.py); on CUDA the text model's one-token
+    products through sharp's matrix-vector kernel (models/gemv.py)."""
+    from sharp_cli.models import gemv, vision_attention, vision_mlp
 
     name = attention.register()
     text_config = loaded.adapter.text_model(loaded.model).config
@@ -263,6 +264,8 @@ def ready(loaded: Loaded) -> Loaded:
         visual.config._attn_implementation = vision_attention.register()
     if visual is not None:
         vision_mlp.pad_gated_mlps(visual)
+    if gemv.available(loaded.device):
+        gemv.use_gemv([loaded.adapter.text_model(loaded.model), loaded.adapter.lm_head(loaded.model)])
     from sharp_cli.kv import KVPool
 
     if loaded.device.type == "cuda":

@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 from contextlib import contextmanager, nullcontext
 
-from sharp_cli.models import vision_attention, vision_mlp
+from sharp_cli.models import gemv, vision_attention, vision_mlp
 
 PEERS = ("transformers", "transformers-static")
 
@@ -20,7 +20,7 @@ PEERS = ("transformers", "transformers-static")
 @contextmanager
 def stock_attention(loaded):
     """transformers' own SDPA in the text model and the vision tower, cuDNN's attention kernels
-    and the vision MLPs' stock widths, for the duration."""
+    the vision MLPs' stock widths and cuBLAS for every product, for the duration."""
     import torch
 
     configs = [loaded.adapter.text_model(loaded.model).config]
@@ -33,7 +33,8 @@ def stock_attention(loaded):
         c._attn_implementation = "sdpa"
     torch.backends.cuda.enable_cudnn_sdp(True)  # PyTorch's default, which sharp turns off (loading.py)
     try:
-        with vision_mlp.unpadded(visual) if visual is not None else nullcontext():
+        with vision_mlp.unpadded(visual) if visual is not None else nullcontext(), \
+                gemv.stock_linears(loaded.model):
             yield
     finally:
         torch.backends.cuda.enable_cudnn_sdp(cudnn)

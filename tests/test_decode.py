@@ -52,11 +52,16 @@ def test_unpruned_tokens_equal_generate_with_the_checkpoints_repetition_penalty(
     assert _generate(loaded, clip, 12, repetition_penalty=1.0) != reference
 
 
-def test_a_compiled_decode_step_gives_generates_tokens_for_every_length(penalised):
+def test_a_compiled_decode_step_gives_generates_tokens_for_every_length(penalised, monkeypatch):
     """torch.compile (inductor, here on the CPU) of the step, with the penalty; two prompt lengths in
     one process (symbolic buffer lengths: the second must not need a different answer path)."""
     from torch._dynamo.utils import counters
 
+    from sharp_cli import kv
+
+    # Small buckets, so that pruned layers get shorter buffers than the first K, as at real sizes
+    # (with 256-row buckets every tiny cache is 256 rows in every layer).
+    monkeypatch.setattr(kv, "BUCKET", 16)
     loaded = penalised("qwen2.5-vl")
     loaded.use_compile(True)
     traced, graphs = counters["frames"]["total"], counters["stats"]["unique_graphs"]
@@ -65,11 +70,15 @@ def test_a_compiled_decode_step_gives_generates_tokens_for_every_length(penalise
             clip = make_clip(frames=frames, seed=seed)
             ours = ask(loaded, clip, QUESTION, PruneConfig(method="none"), max_new_tokens=8, max_pixels=PIXELS)
             assert ours.tokens == _generate(loaded, clip, 8)
-        # Pruned: layers of two lengths; the symbolic lengths serve it without compiling again.
+        # Pruned: layers of two lengths; the symbolic lengths serve it without compiling again (had the
+        # unpruned caches been one length in every layer, dynamo's duck sizing would have tied each
+        # layer's length to layer 0's: a recompile, 60 s on CUDA).
         compiled_graphs = counters["stats"]["unique_graphs"]
         pruned_cfg = PruneConfig(method="sharp", ratio=0.25, layer=2)
         clip = make_clip(frames=8, seed=5)
         pruned = ask(loaded, clip, QUESTION, pruned_cfg, max_new_tokens=8, max_pixels=PIXELS)
+        capacities = set(pruned.prefill.cache.capacities)
+        assert len(capacities) == 2, capacities
         assert counters["stats"]["unique_graphs"] == compiled_graphs
     finally:
         loaded.use_compile(False)
@@ -170,6 +179,27 @@ def test_kv_pool_reuses_buffers_and_stays_bounded():
         pool.acquire([n * BUCKET + 1, 10], 2, 8, torch.float32, "cpu")
     assert len(pool) == 3 and pool.bytes_allocated() <= 3 * pool.acquire([20 * BUCKET, 10], 2, 8, torch.float32,
                                                                           "cpu").bytes_allocated()
+
+
+def test_an_evicted_cache_is_freed_at_once_though_its_graphs_hold_it():
+    """A captured decode graph is kept with its step, and the step holds the cache: evicting the
+    cache must break that cycle, or its (GPU) buffers wait for a full garbage collection."""
+    import gc
+    import weakref
+
+    pool = KVPool(max_caches=1)
+    first = pool.acquire([100, 40], 2, 8, torch.float32, "cpu")
+    from types import SimpleNamespace
+
+    first.graphs["rules"] = (SimpleNamespace(cache=first), object())  # what decode._keep stores
+    gone = weakref.ref(first)
+    del first
+    gc.disable()
+    try:
+        pool.acquire([5 * BUCKET, 40], 2, 8, torch.float32, "cpu")  # another size: the first is evicted
+        assert gone() is None
+    finally:
+        gc.enable()
 
 
 @pytest.mark.parametrize("family", FAMILIES)

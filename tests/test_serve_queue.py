@@ -261,3 +261,21 @@ def test_sharp_serve_answers_then_stops_cleanly_on_a_signal(tiny_dir, media, sto
     time.sleep(0.2)
     log = "".join(seen) + "".join(lines.get_nowait() for _ in range(lines.qsize()))
     assert "sharp serve: stopped" in log and "Traceback" not in log
+
+
+def test_the_server_takes_sigint_back_from_a_native_library_that_took_it():
+    """What happened on the GPU: after an answer, SIGINT was no longer Python's, and the server died
+    with status 1 instead of shutting down. A C-level signal() stands in for that library here."""
+    code = """
+import ctypes, os, signal, time
+from sharp_cli.serve.app import rearm_signal_handlers
+hits = []
+signal.signal(signal.SIGINT, lambda *_: hits.append(1))
+ctypes.CDLL(None).signal(int(signal.SIGINT), ctypes.c_void_p(0))  # SIG_DFL behind Python's back
+rearm_signal_handlers()
+os.kill(os.getpid(), signal.SIGINT)
+time.sleep(0.2)
+print(len(hits))
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and done.stdout.strip() == "1", (done.returncode, done.stderr[-500:])

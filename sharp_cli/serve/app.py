@@ -258,7 +258,29 @@ def make_server(app: FastAPI, quiet: bool = False):
             worker.drain(GRACEFUL_SHUTDOWN_SECONDS)
             await super().shutdown(sockets)
 
+        async def on_tick(self, counter: int) -> bool:
+            if counter % 10 == 0:
+                rearm_signal_handlers()
+            return await super().on_tick(counter)
+
     config = uvicorn.Config(app, log_level="warning" if quiet else "info", access_log=not quiet,
                             timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS + 10, lifespan="on")
     return Server(config)
+
+
+def rearm_signal_handlers() -> None:
+    """Install SIGINT's and SIGTERM's Python handlers (uvicorn's) again, once a second. On the GPU a
+    served answer left SIGINT in native hands: the server then exited with status 1 on Ctrl-C
+    before Python saw the signal (no "Shutting down", no SystemExit; idle, it stopped cleanly;
+    scripts/serve_stop_check.sh). signal.signal with the handler Python already has re-points the
+    process's handler at Python's; it must run in the main thread, where uvicorn's loop ticks."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():  # a server run in a thread (tests)
+        return
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        handler = signal.getsignal(sig)
+        if callable(handler):
+            signal.signal(sig, handler)
 

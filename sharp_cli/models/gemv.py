@@ -1,0 +1,161 @@
+"""One-token products of the text model through a Triton matrix-vector kernel, on CUDA.
+
+A decode step is ~200 products of one token with a weight matrix: the GPU's work is reading the
+weights (14 GB a step for a 7B model in bf16). cuBLAS runs them as GEMMs with m = 1 and read them at
+~3.1 TB/s on an H200 (4.57 ms of a 5.85 ms compiled step, docs/results/h200-decode-profiles-compile.log),
+two thirds of what the memory delivers. This kernel is the plain memory-bound loop: each program
+streams BLOCK_N whole rows of the weight, K in BLOCK_K chunks, multiplies by the token in float32
+and sums, so all it does is read each weight byte once (scripts/gemv_bench.py measures it against
+cuBLAS per shape).
+
+`use_gemv(model, modules)` turns the given nn.Linear modules into `GemvLinear` (a class swap: same
+parameters, same state dict), whose forward takes the kernel for one token on CUDA in bf16/fp16
+and F.linear for everything else, so prefill and every other device or dtype are untouched.
+`stock_linears(model)` swaps them back for the duration (the stock transformers rows of `sharp
+bench` measure plain transformers). Inside torch.compile the kernel is one opaque custom op.
+"""
+
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+_OP = None
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"  # Triton's CPU interpreter: the tests' way in
+SWITCH = "SHARP_GEMV"  # =0 keeps cuBLAS for every product (the A/B of docs/benchmarks.md)
+
+
+def available(device: torch.device) -> bool:
+    """Whether use_gemv should swap for a model on `device`."""
+    if os.environ.get(SWITCH, "1") == "0" or (device.type != "cuda" and not INTERPRETED):
+        return False
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def block_sizes(n: int, k: int) -> tuple[int, int, int]:
+    """(BLOCK_N, BLOCK_K, num_warps) for an (n, k) weight, from scripts/gemv_bench.py's sweep on an
+    H200 (docs/results/h200-gemv-bf16.json): few rows per program where there are few rows (every
+    SM gets work), long chunks of K where rows are long."""
+    def chunk(width: int) -> int:
+        return min(width, 1 << max(4, (k - 1).bit_length()))
+
+    if n <= 1024:
+        return 2, chunk(1024), 4
+    if n <= 4096:
+        return (16, chunk(1024), 8) if k >= 8192 else (4, chunk(512), 8)
+    return 8, chunk(512), 4
+
+
+def _kernel():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def gemv(w_ptr, x_ptr, b_ptr, y_ptr, n, k, stride_w, HAS_BIAS: tl.constexpr,
+             BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        row_ok = rows < n
+        acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+        for start in range(0, k, BLOCK_K):
+            cols = start + tl.arange(0, BLOCK_K)
+            col_ok = cols < k
+            w = tl.load(w_ptr + rows[:, None] * stride_w + cols[None, :],
+                        mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+            x = tl.load(x_ptr + cols, mask=col_ok, other=0.0)
+            acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
+        y = tl.sum(acc, axis=1)
+        if HAS_BIAS:
+            y += tl.load(b_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
+        tl.store(y_ptr + rows, y.to(y_ptr.dtype.element_ty), mask=row_ok)
+
+    return gemv
+
+
+def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+         sizes: tuple[int, int, int] | None = None) -> torch.Tensor:
+    """weight @ x for one token x of shape (..., k) with one row in all: (..., n). `sizes`
+    overrides block_sizes (the benchmark's sweep)."""
+    import triton
+
+    n, k = weight.shape
+    x = x.contiguous()
+    y = x.new_empty(*x.shape[:-1], n)
+    block_n, block_k, warps = sizes or block_sizes(n, k)
+    kernel = _compiled_kernel()
+    kernel[(triton.cdiv(n, block_n),)](
+        weight, x, bias if bias is not None else weight, y, n, k, weight.stride(0),
+        HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps)
+    return y
+
+
+_KERNEL = None
+
+
+def _compiled_kernel():
+    global _KERNEL
+    if _KERNEL is None:
+        _KERNEL = _kernel()
+    return _KERNEL
+
+
+def _op():
+    """gemv as a torch custom op, so torch.compile calls it as one opaque kernel."""
+    global _OP
+    if _OP is None:
+        @torch.library.custom_op("sharp::gemv", mutates_args=())
+        def gemv_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+            return gemv(x, weight, bias)
+
+        @gemv_op.register_fake
+        def _(x, weight, bias):
+            return x.new_empty(*x.shape[:-1], weight.shape[0])
+
+        _OP = gemv_op
+    return _OP
+
+
+HALF = (torch.bfloat16, torch.float16)
+
+
+class GemvLinear(nn.Linear):
+    """nn.Linear whose one-token products go through the kernel (see the module's docstring)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.numel() == x.shape[-1] and x.dtype == self.weight.dtype and self.weight.is_contiguous() \
+                and ((x.is_cuda and x.dtype in HALF) or INTERPRETED):
+            return _op()(x, self.weight, self.bias)
+        return F.linear(x, self.weight, self.bias)
+
+
+def use_gemv(modules) -> int:
+    """Swaps every plain bf16/fp16 nn.Linear among `modules` (and their children) to GemvLinear;
+    quantized layers (bitsandbytes), accelerate-hooked ones and other dtypes stay. Returns how many."""
+    swapped = 0
+    for root in modules:
+        for module in root.modules():
+            if type(module) is nn.Linear and (module.weight.dtype in HALF or INTERPRETED) \
+                    and not hasattr(module, "_hf_hook"):
+                module.__class__ = GemvLinear
+                swapped += 1
+    return swapped
+
+
+@contextmanager
+def stock_linears(model):
+    """Every GemvLinear of the model back to nn.Linear for the duration."""
+    swapped = [m for m in model.modules() if type(m) is GemvLinear]
+    for module in swapped:
+        module.__class__ = nn.Linear
+    try:
+        yield
+    finally:
+        for module in swapped:
+            module.__class__ = GemvLinear
