@@ -30,6 +30,8 @@ step bench-compile-cublas env SHARP_GEMV=0 "${bench[@]}" --quant none --compile 
 step serve python3 scripts/serve_bench.py --processes 4 --seconds 150 --output "$out/$gpu-serve-bench.json"
 step serve-stop bash scripts/serve_stop_check.sh "$out" ask
 step serve-stop-idle bash scripts/serve_stop_check.sh "$out" idle
+step signal-owner python3 scripts/signal_owner.py --random-weights --quant none
+step memory-growth python3 scripts/memory_growth.py
 step check-bf16 python3 scripts/cuda_check.py --frames 8
 step bench-128-compile "${bench[@]}" --quant none --compile --frames 128 --max-pixels 307328 --methods none,sharp --iters 3 --warmup 1 --output-json "$out/$gpu-e2e-compiled-25088.json"
 step profile-vision python3 scripts/profile_vision.py --compile
