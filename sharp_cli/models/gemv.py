@@ -5,10 +5,11 @@ weights (14 GB a step for a 7B model in bf16). cuBLAS runs them as GEMMs with m 
 ~3.1 TB/s on an H200 (4.57 ms of a 5.85 ms compiled step, docs/results/h200-decode-profiles-compile.log),
 two thirds of what the memory delivers. This kernel is the plain memory-bound loop: each program
 streams BLOCK_N whole rows of the weight, K in BLOCK_K chunks, multiplies by the token in float32
-and sums, so all it does is read each weight byte once (scripts/gemv_bench.py measures it against
-cuBLAS per shape).
+and sums, so all it does is read each weight byte once. A step's products took 4.00 ms instead of
+cuBLAS's 4.76 (H200, `python scripts/gemv_bench.py`, docs/results/h200-gemv-bf16.json), and the
+compiled pruned decode went from 188 to 219 tok/s.
 
-`use_gemv(model, modules)` turns the given nn.Linear modules into `GemvLinear` (a class swap: same
+`use_gemv(modules)` turns the given nn.Linear modules into `GemvLinear` (a class swap: same
 parameters, same state dict), whose forward takes the kernel for one token on CUDA in bf16/fp16
 and F.linear for everything else, so prefill and every other device or dtype are untouched.
 `stock_linears(model)` swaps them back for the duration (the stock transformers rows of `sharp
@@ -24,7 +25,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-_OP = None
+_OP = None  # the custom op and the jitted kernel, made on first use (Triton imports lazily)
+_KERNEL = None
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"  # Triton's CPU interpreter: the tests' way in
 SWITCH = "SHARP_GEMV"  # =0 keeps cuBLAS for every product (the A/B of docs/benchmarks.md)
 
@@ -94,9 +96,6 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
         weight, x, bias if bias is not None else weight, y, n, k, weight.stride(0),
         HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps)
     return y
-
-
-_KERNEL = None
 
 
 def _compiled_kernel():
