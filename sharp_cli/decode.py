@@ -108,7 +108,7 @@ def compiled(advance):
     recompiles for every layer (28 compilations, past dynamo's limit of 8). Buffer lengths are
     symbolic, so every cache size shares one compilation (engine.cache_lengths keeps an unpruned
     cache's first K layers longer for that); the code cache is per function, so all steps share
-    it. The price: 80-150 s for the first step of a 7B model (H200)."""
+    it. The price: 73-82 s for the first answer of a 7B model in `sharp bench` (H200)."""
     return torch.compile(advance, dynamic=True)
 
 

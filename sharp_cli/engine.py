@@ -110,7 +110,7 @@ def cache_lengths(loaded: Loaded, encoded, cfg: PruneConfig, new_tokens: int, fo
         if loaded.compiled:
             # Dynamo's duck sizing gives equal lengths one symbol: a compiled step first traced on
             # an all-equal cache guards that every layer is as long as layer 0, and the first pruned
-            # answer compiles again (60 s on an H200). A bucket more in layers 0..K-1 gives it the two
+            # answer compiles again (53-63 s on an H200). A bucket more in layers 0..K-1 gives it the two
             # lengths a pruned cache has. (Duck sizing off instead: the first compile took 290 s, not 82.)
             from sharp_cli.kv import BUCKET
 

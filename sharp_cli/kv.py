@@ -84,7 +84,7 @@ class StaticKV(Cache):
     def release(self) -> None:
         """Let go of the graphs captured on these buffers. Each holds a decode step that holds this
         cache: a reference cycle, which only a full garbage collection breaks, so an evicted cache's
-        GPU memory stayed allocated until one ran (1 GiB over 14 questions in scripts/cuda_check.py)."""
+        GPU memory would stay allocated until one ran."""
         self.graphs.clear()
 
     def reset(self) -> "StaticKV":

@@ -257,15 +257,15 @@ def ready(loaded: Loaded) -> Loaded:
     from sharp_cli.models import gemv, vision_attention, vision_mlp
 
     name = attention.register()
-    text_config = loaded.adapter.text_model(loaded.model).config
-    text_config._attn_implementation = name
+    text = loaded.adapter.text_model(loaded.model)
+    text.config._attn_implementation = name
     visual = vision_attention.vision_tower(loaded.model)
     if visual is not None and getattr(visual.config, "_attn_implementation", None) == "sdpa":
         visual.config._attn_implementation = vision_attention.register()
     if visual is not None:
         vision_mlp.pad_gated_mlps(visual)
     if gemv.available(loaded.device):
-        gemv.use_gemv([loaded.adapter.text_model(loaded.model), loaded.adapter.lm_head(loaded.model)])
+        gemv.use_gemv([text, loaded.adapter.lm_head(loaded.model)])
     from sharp_cli.kv import KVPool
 
     if loaded.device.type == "cuda":

@@ -72,7 +72,7 @@ def test_a_compiled_decode_step_gives_generates_tokens_for_every_length(penalise
             assert ours.tokens == _generate(loaded, clip, 8)
         # Pruned: layers of two lengths; the symbolic lengths serve it without compiling again (had the
         # unpruned caches been one length in every layer, dynamo's duck sizing would have tied each
-        # layer's length to layer 0's: a recompile, 60 s on CUDA).
+        # layer's length to layer 0's: a recompile, about a minute on an H200).
         compiled_graphs = counters["stats"]["unique_graphs"]
         pruned_cfg = PruneConfig(method="sharp", ratio=0.25, layer=2)
         clip = make_clip(frames=8, seed=5)

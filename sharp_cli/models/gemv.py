@@ -18,6 +18,7 @@ bench` measure plain transformers). Inside torch.compile the kernel is one opaqu
 
 from __future__ import annotations
 
+import functools
 import os
 from contextlib import contextmanager
 
@@ -25,8 +26,6 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-_OP = None  # the custom op and the jitted kernel, made on first use (Triton imports lazily)
-_KERNEL = None
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"  # Triton's CPU interpreter: the tests' way in
 SWITCH = "SHARP_GEMV"  # =0 keeps cuBLAS for every product (the A/B of docs/benchmarks.md)
 
@@ -56,6 +55,7 @@ def block_sizes(n: int, k: int) -> tuple[int, int, int]:
     return 8, chunk(512), 4
 
 
+@functools.cache  # made on first use: Triton is imported only then
 def _kernel():
     import triton
     import triton.language as tl
@@ -85,40 +85,28 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
          sizes: tuple[int, int, int] | None = None) -> torch.Tensor:
     """weight @ x for one token x of shape (..., k) with one row in all: (..., n). `sizes`
     overrides block_sizes (the benchmark's sweep)."""
-    import triton
-
     n, k = weight.shape
     x = x.contiguous()
     y = x.new_empty(*x.shape[:-1], n)
     block_n, block_k, warps = sizes or block_sizes(n, k)
-    kernel = _compiled_kernel()
-    kernel[(triton.cdiv(n, block_n),)](
+    _kernel()[(-(-n // block_n),)](
         weight, x, bias if bias is not None else weight, y, n, k, weight.stride(0),
         HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps)
     return y
 
 
-def _compiled_kernel():
-    global _KERNEL
-    if _KERNEL is None:
-        _KERNEL = _kernel()
-    return _KERNEL
-
-
+@functools.cache  # registered once per process
 def _op():
     """gemv as a torch custom op, so torch.compile calls it as one opaque kernel."""
-    global _OP
-    if _OP is None:
-        @torch.library.custom_op("sharp::gemv", mutates_args=())
-        def gemv_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-            return gemv(x, weight, bias)
+    @torch.library.custom_op("sharp::gemv", mutates_args=())
+    def gemv_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        return gemv(x, weight, bias)
 
-        @gemv_op.register_fake
-        def _(x, weight, bias):
-            return x.new_empty(*x.shape[:-1], weight.shape[0])
+    @gemv_op.register_fake
+    def _(x, weight, bias):
+        return x.new_empty(*x.shape[:-1], weight.shape[0])
 
-        _OP = gemv_op
-    return _OP
+    return gemv_op
 
 
 HALF = (torch.bfloat16, torch.float16)

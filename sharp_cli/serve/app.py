@@ -283,4 +283,3 @@ def rearm_signal_handlers() -> None:
         handler = signal.getsignal(sig)
         if callable(handler):
             signal.signal(sig, handler)
-
