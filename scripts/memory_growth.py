@@ -61,6 +61,8 @@ def main() -> None:
     gc.collect()
     print("after dropping the KV pool and the prefill graphs:", gib(torch.cuda.memory_allocated()), "GiB")
     print("largest live CUDA tensors now:", *live_cuda_tensors(), sep="\n  ")
+    torch._C._cuda_clearCublasWorkspaces()  # one per (handle, stream) cuBLAS has run on
+    print("after freeing cuBLAS's workspaces:", gib(torch.cuda.memory_allocated()), "GiB")
 
 
 if __name__ == "__main__":

@@ -90,3 +90,22 @@ def test_answers_through_the_kernel_equal_generate_with_stock_linears():
         print("ok")
     """)
     assert out.strip().endswith("ok")
+
+
+def test_a_gemv_layer_compiles_into_one_graph():
+    """torch.compile(fullgraph=True) raises at any graph break: the compiled decode step must see the
+    kernel as one op (a lookup it could not trace broke the step at every linear on the GPU)."""
+    out = _interpreted("""
+        import torch
+        from sharp_cli.models import gemv
+        torch.manual_seed(0)
+        layer = torch.nn.Linear(64, 32)
+        assert gemv.use_gemv([layer]) == 1
+        x = torch.randn(1, 1, 64)
+        compiled = torch.compile(layer, fullgraph=True, backend="eager")
+        with torch.no_grad():
+            ours, stock = compiled(x), torch.nn.functional.linear(x, layer.weight, layer.bias)
+        assert (ours - stock).abs().max().item() < 1e-4
+        print("ok")
+    """)
+    assert out.strip().endswith("ok")
