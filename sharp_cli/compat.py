@@ -1,4 +1,6 @@
-"""Differences between the transformers releases sharp supports (5.17 through the newest)."""
+"""Differences between the transformers releases sharp supports (5.17 through the newest; pip installs
+5.18 or later, where Qwen2.5-VL's video time positions no longer truncate seconds per frame pair to an
+integer: the GPU image's 5.17 runs, but gives sharp-tiny positions it was not trained on)."""
 
 from __future__ import annotations
 
