@@ -115,19 +115,12 @@ def compiled(advance):
 def _capture(step: _Step):
     """(graph, seconds) for one step, or (None, reason). The warm-up step runs on the real buffers,
     so the state it changes is put back; the cache row it wrote is rewritten by the first replay."""
-    from sharp_cli.prune.graphs import shared_pool, warmup_stream
+    from sharp_cli.prune.graphs import capture
 
     t0 = time.perf_counter()
     saved = [t.clone() for t in step.state()]
     try:
-        side = warmup_stream(torch.cuda.current_device())
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):  # kernels load and handles get made outside the graph
-            step()
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=shared_pool()):
-            step()
+        graph, _ = capture(step, step)
     except Exception as exc:  # noqa: BLE001 - a kernel that syncs (LLM.int8's outliers): run eagerly
         torch.cuda.synchronize()
         for tensor, value in zip(step.state(), saved):

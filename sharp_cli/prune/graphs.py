@@ -37,12 +37,26 @@ def shared_pool():
 
 
 @functools.cache
-def warmup_stream(device: int) -> "torch.cuda.Stream":
+def _warmup_stream(device: int) -> "torch.cuda.Stream":
     """The one side stream of this process (per GPU) that captures warm up on. A new
     torch.cuda.Stream() per capture made cuBLAS allocate a workspace for every (handle, stream) pair
     it saw and keep it for the process's life: 0.05-0.13 GiB more allocated per question, 1 GiB over
     the CUDA check's 14 questions (torch cycles through 32 pooled streams)."""
     return torch.cuda.Stream(device)
+
+
+def capture(warm_up, run):
+    """(graph, run's output): `warm_up` once on the side stream, so kernels load and handles get made
+    outside the graph, then `run` captured into the shared pool."""
+    side = _warmup_stream(torch.cuda.current_device())
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        warm_up()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=shared_pool()):
+        out = run()
+    return graph, out
 
 
 class _CollectKV:
@@ -116,14 +130,9 @@ class TailGraphs:
         static_cos, static_sin = cos.new_ones(pad_shape), sin.new_zeros(pad_shape)
         collector = _CollectKV()
         try:
-            side = warmup_stream(torch.cuda.current_device())
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):  # warm-up keeps lazy initialisation out of the graph
-                _run_layers(tail, static_hidden, (static_cos, static_sin), _CollectKV())
-            torch.cuda.current_stream().wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=shared_pool()):
-                out = _run_layers(tail, static_hidden, (static_cos, static_sin), collector)
+            graph, out = capture(
+                lambda: _run_layers(tail, static_hidden, (static_cos, static_sin), _CollectKV()),
+                lambda: _run_layers(tail, static_hidden, (static_cos, static_sin), collector))
         except Exception as exc:  # noqa: BLE001 - any capture failure means: run this bucket eagerly
             self._failed.add(key)
             self.last_error = f"{type(exc).__name__}: {exc}"
