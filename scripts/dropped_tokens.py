@@ -3,7 +3,7 @@ follows: for every item, the tokens that show the needle (the pixels that differ
 frame, mapped onto the token grid) and how many of them each method kept, against whether its
 first answer token was right.
 
-    python scripts/dropped_tokens.py [--items 200] [--layer 2] [--ratio 0.15] [--out result.json]
+    python scripts/dropped_tokens.py [-m sharp-tiny] [--items 200] [--layer 2] [--ratio 0.15] [--out result.json]
 
 Prints, per method and task: accuracy, the share of needle tokens kept, and accuracy on the items
 where at least one needle token was kept and on those where none was.
@@ -24,7 +24,8 @@ from sharp_cli.evaluate.letters import build_prompt, parse_letter
 from sharp_cli.prune import PruneConfig
 from sharp_cli.prune.prior import PriorStore
 
-METHODS = {"sharp": {}, "sharp, no segment mask": {"segment_mask": False}, "fastv": {}, "random": {}}
+METHODS = {"sharp": {}, "sharp, no segment mask": {"segment_mask": False}, "sharp, no debiasing": {"debias": "none"},
+           "fastv": {}, "random": {}}
 
 
 def needle_tokens(frames: np.ndarray, grid: tuple[int, int, int]) -> np.ndarray:
@@ -45,8 +46,9 @@ def main():
     ap.add_argument("--layer", type=int, default=2)
     ap.add_argument("--ratio", type=float, default=0.15)
     ap.add_argument("--out", default=None)
+    ap.add_argument("-m", "--model", default="sharp-tiny", help="sharp-tiny or a folder of another sharp-tiny.")
     args = ap.parse_args()
-    loaded = loading.load("sharp-tiny", device="cpu", quant="none", dtype="float32")
+    loaded = loading.load(args.model, device="cpu", quant="none", dtype="float32")
     work = Path(tempfile.mkdtemp(prefix="sharp-dropped-"))
     items = [json.loads(line) for line in synth.write(work, args.items, seed=0).read_text().splitlines()]
     store = PriorStore(use_disk=False)
@@ -70,7 +72,7 @@ def main():
             kept = got.prefill.kept.numpy()
             row[name] = {"correct": right, "needle_kept": int(np.isin(needles, kept).sum())}
         rows.append(row)
-    print(f"sharp-tiny, {len(rows)} held-out items (seed 0), K={args.layer}, r={args.ratio}; "
+    print(f"{args.model}, {len(rows)} held-out items (seed 0), K={args.layer}, r={args.ratio}; "
           f"needle tokens per item: median {int(np.median([r['needle_tokens'] for r in rows]))} "
           f"of {rows[0]['visual_tokens']}")
     print(f"{'method':24s} {'task':10s} {'acc':>6s} {'needle kept':>12s} {'acc | kept>=1':>14s} {'acc | none kept':>16s}")

