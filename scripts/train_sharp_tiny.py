@@ -176,7 +176,8 @@ def parse_args(argv=None):
                    help="Weight of the last layer's attention mass on the needles (0: off).")
     p.add_argument("--retrieval-layers", default="",
                    help="Comma list of decoder layers the retrieval loss applies to (default: the last). "
-                        "Add K-1 to teach the layer pruning scores with to attend to the answer's tokens.")
+                        "Add K to teach the layer pruning scores with (layer K's own attention, on what "
+                        "layers 0..K-1 produce) to attend to the answer's tokens.")
     p.add_argument("--tasks", default=",".join(TASKS))
     p.add_argument("--frames", type=int, default=32, help="Frames per training clip (sharp eval samples 32).")
     p.add_argument("--bare", type=float, default=0.25, help="Share of prompts that are the bare question.")
