@@ -43,11 +43,9 @@ def grow(model, every: int):
     for n, layer in enumerate(grown):  # the cache and the attention interface index layers by this
         layer.self_attn.layer_idx = n
     text.layers = grown
-    config = text.config
+    config = text.config  # the same object as model.config.text_config, which is what gets saved
     config.num_hidden_layers = len(grown)
     config.layer_types = [config.layer_types[0]] * len(grown)
-    model.config.text_config.num_hidden_layers = len(grown)
-    model.config.text_config.layer_types = config.layer_types
     return len(grown)
 
 
@@ -61,17 +59,15 @@ def main(argv=None):
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from sharp_tiny_data import HELD_OUT_SEED, Batcher, Items, as_tensors
-    from train_sharp_tiny import history
+    from train_sharp_tiny import MODEL_KEYS, TASKS, history
 
     model = AutoModelForImageTextToText.from_pretrained(a.source, dtype=torch.float32).eval()
-    rows = [Items(HELD_OUT_SEED, ("colour", "direction", "order", "count"), 32, 0.0, False, 10**9)[n] for n in range(4)]
+    rows = [Items(HELD_OUT_SEED, TASKS, 32, 0.0, False, 10**9)[n] for n in range(4)]  # one clip of each task
     batch = as_tensors(Batcher(model.config, False)(rows))
-    keys = ("input_ids", "attention_mask", "mm_token_type_ids", "pixel_values_videos", "video_grid_thw",
-            "second_per_grid_ts")
     with torch.no_grad():
-        before = model(**{k: batch[k] for k in keys}).logits[:, -1]
+        before = model(**{k: batch[k] for k in MODEL_KEYS}).logits[:, -1]
         depth = grow(model, a.every)
-        after = model(**{k: batch[k] for k in keys}).logits[:, -1]
+        after = model(**{k: batch[k] for k in MODEL_KEYS}).logits[:, -1]
     gap = (before - after).abs().max().item()
     if gap > 1e-4:
         raise SystemExit(f"the grown model's logits differ from the source's by {gap:.2e}")
