@@ -35,6 +35,9 @@ def main():
                                                  "id": row["id"], "max_tokens": 4}) + "\n" for row in rows))
         run = subprocess.run([sys.executable, "-m", "sharp_cli", "batch", str(questions), *args.batch_args],
                              capture_output=True, text=True)
+    if not run.stdout.strip():  # the batch never started (bad options, no model): say why
+        print(f"sharp batch answered nothing (exit {run.returncode}): {run.stderr.strip()[-2000:]}", file=sys.stderr)
+        return 1
     right = collections.defaultdict(lambda: [0, 0])
     for line in run.stdout.splitlines():
         answer = json.loads(line)

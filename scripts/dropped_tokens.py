@@ -5,8 +5,9 @@ first answer token was right.
 
     python scripts/dropped_tokens.py [-m sharp-tiny] [--items 200] [--layer 2] [--ratio 0.15] [--out result.json]
 
-Prints, per method and task: accuracy, the share of needle tokens kept, and accuracy on the items
-where at least one needle token was kept and on those where none was.
+Prints, per method and task: accuracy, the share of needle tokens kept, accuracy on the items
+where at least one needle token was kept and on those where none was, the share of answers that are
+none of the options, and the median number of token frames the kept tokens come from.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from sharp_cli.prune import PruneConfig
 from sharp_cli.prune.prior import PriorStore
 
 METHODS = {"sharp": {}, "sharp, no segment mask": {"segment_mask": False}, "sharp, no debiasing": {"debias": "none"},
-           "fastv": {}, "random": {}}
+           "sharp, subtract": {"debias": "subtract"}, "sharp, no dedup": {"dedup": False}, "fastv": {}, "random": {}}
 
 
 def needle_tokens(frames: np.ndarray, grid: tuple[int, int, int]) -> np.ndarray:
@@ -64,18 +65,22 @@ def main():
             return got, parse_letter(got.text, item["options"]) == item["answer"]
 
         base, base_right = ask("none")
-        needles = needle_tokens(clip.frames, base.encoded.layout.grid)
+        grid = base.encoded.layout.grid
+        needles = needle_tokens(clip.frames, grid)
         row = {"id": item["id"], "task": item["category"], "needle_tokens": int(needles.size),
                "visual_tokens": int(base.encoded.layout.num_visual), "none": base_right}
         for name, options in METHODS.items():
             got, right = ask(name.split(",")[0], **options)
             kept = got.prefill.kept.numpy()
-            row[name] = {"correct": right, "needle_kept": int(np.isin(needles, kept).sum())}
+            frames_kept = np.unique(kept // (grid[1] * grid[2]))
+            row[name] = {"correct": right, "needle_kept": int(np.isin(needles, kept).sum()),
+                         "frames_kept": int(frames_kept.size), "unparsed": parse_letter(got.text, item["options"]) is None}
         rows.append(row)
     print(f"{args.model}, {len(rows)} held-out items (seed 0), K={args.layer}, r={args.ratio}; "
           f"needle tokens per item: median {int(np.median([r['needle_tokens'] for r in rows]))} "
           f"of {rows[0]['visual_tokens']}")
-    print(f"{'method':24s} {'task':10s} {'acc':>6s} {'needle kept':>12s} {'acc | kept>=1':>14s} {'acc | none kept':>16s}")
+    print(f"{'method':24s} {'task':10s} {'acc':>6s} {'needle kept':>12s} {'acc | kept>=1':>14s} {'acc | none kept':>16s}"
+          f" {'unparsed':>9s} {'token frames':>13s}")
     for name in ["none", *METHODS]:
         for task in ["all", *synth.TASKS]:
             sel = [r for r in rows if task in ("all", r["task"])]
@@ -88,7 +93,8 @@ def main():
             none_kept = [c["correct"] for c in cells if not c["needle_kept"]]
             fmt = lambda v: f"{np.mean(v):.1%} ({len(v)})" if v else "-"  # noqa: E731
             print(f"{name:24s} {task:10s} {np.mean([c['correct'] for c in cells]):6.1%} {share:12.1%} "
-                  f"{fmt(some):>14s} {fmt(none_kept):>16s}")
+                  f"{fmt(some):>14s} {fmt(none_kept):>16s} {np.mean([c['unparsed'] for c in cells]):9.1%} "
+                  f"{np.median([c['frames_kept'] for c in cells]):13.0f}")
     if args.out:
         Path(args.out).write_text(json.dumps({"settings": vars(args), "rows": rows}, indent=1))
 

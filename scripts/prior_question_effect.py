@@ -10,7 +10,8 @@ rows that score the video sit elsewhere. For each family, clip layout and questi
 the Spearman rank correlation of the two priors (over the visual tokens), how uneven the prior is
 (std/mean of the normalised prior), how far the question moves it against how far it is from
 flat (L1 of the difference over L1 from uniform), and how much of the kept set (ratio 0.15, no
-dedup) stays the same when the real clip's scores are debiased with one prior or the other. By default tiny random models on the CPU (no trained weights here), so the
+dedup) stays the same when the real clip's scores are debiased (the default, dividing) with one prior or
+the other. By default tiny random models on the CPU (no trained weights here), so the
 numbers say how the mechanism behaves, not what a trained checkpoint does; --model measures a
 real one (with --video, on that video's frames at 8, 16 and 32 frames, instead of noise clips).
 """
@@ -107,8 +108,8 @@ def main() -> None:
                         # how far the question moves the prior, against how far the prior is from flat
                         change.append(float((pf - po).abs().sum() / (pf - 1 / len(pf)).abs().sum()))
                         k = keep_count(0.15, encoded.layout.num_visual)
-                        keep_fixed = set(debias(real, fixed, "subtract").topk(k).indices.tolist())
-                        keep_own = set(debias(real, own, "subtract").topk(k).indices.tolist())
+                        keep_fixed = set(debias(real, fixed, cfg.debias).topk(k).indices.tolist())
+                        keep_own = set(debias(real, own, cfg.debias).topk(k).indices.tolist())
                         shared.append(len(keep_fixed & keep_own) / k)
             mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
             print(f"| {family} | {query} | {len(rhos)} | {mean(rhos):.3f} | {min(rhos):.3f} | {mean(spread):.4f} | "

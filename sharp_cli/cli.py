@@ -17,7 +17,7 @@ from typer.core import TyperGroup
 
 from sharp_cli.errors import SharpError, UsageError, one_line
 from sharp_cli.errors import describe as _describe  # shared with serve and batch
-from sharp_cli.options import (Compile, Debias, Decoder, Dedup, DedupThreshold, DedupWindow, Device, Dtype, Fps, Frames,
+from sharp_cli.options import (DEFAULT_DEBIAS, Compile, Debias, Decoder, Dedup, DedupThreshold, DedupWindow, Device, Dtype, Fps, Frames,
                                JsonOut, Layer, MaxFrames, MaxPixels, MaxVisualTokens, Method, Model, Quant, Query,
                                RandomWeights, Ratio, RegisterZ, Seed, SegmentFrames, SegmentMask, Temperature, TopK,
                                TopP, TrustRemoteCode, prune_config, quiet_transformers, sampling, split_list,
@@ -96,7 +96,7 @@ def ask(
     frames: Frames = 32, fps: Fps = None, max_frames: MaxFrames = 768, max_pixels: MaxPixels = None,
     max_visual_tokens: MaxVisualTokens = None, decoder: Decoder = "auto",
     method: Method = "sharp", ratio: Ratio = 0.15, layer: Layer = None, query: Query = "last",
-    segment_mask: SegmentMask = True, segment_frames: SegmentFrames = None, debias: Debias = "subtract",
+    segment_mask: SegmentMask = True, segment_frames: SegmentFrames = None, debias: Debias = DEFAULT_DEBIAS,
     dedup: Dedup = True, dedup_threshold: DedupThreshold = 0.9, dedup_window: DedupWindow = 1,
     register_z: RegisterZ = 8.0, seed: Seed = 0,
     max_new_tokens: Annotated[int, typer.Option(help="Upper bound on answer tokens (stops at EOS).")] = 128,
@@ -199,7 +199,7 @@ def bench(
                        ] = "transformers,none,fastv,random,sharp",
     ratio: Annotated[Optional[list[str]], typer.Option(help="Ratio(s) kept; repeat or give a comma list.")] = None,
     layer: Layer = None, query: Query = "last",
-    segment_mask: SegmentMask = True, segment_frames: SegmentFrames = None, debias: Debias = "subtract",
+    segment_mask: SegmentMask = True, segment_frames: SegmentFrames = None, debias: Debias = DEFAULT_DEBIAS,
     dedup: Dedup = True, dedup_threshold: DedupThreshold = 0.9, dedup_window: DedupWindow = 1,
     register_z: RegisterZ = 8.0, seed: Seed = 0,
     max_pixels: MaxPixels = None, max_visual_tokens: MaxVisualTokens = None, decoder: Decoder = "auto",

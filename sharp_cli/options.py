@@ -12,6 +12,7 @@ from typing import Annotated, Optional
 import typer
 
 from sharp_cli.errors import UsageError
+from sharp_cli.prune.config import DEFAULT_DEBIAS  # noqa: F401  (the commands' default; light: no torch)
 
 Model = Annotated[str, typer.Option("-m", "--model", envvar="SHARP_MODEL",
                                     help="Hub id or local folder of a supported video LLM.")]
@@ -40,7 +41,8 @@ Layer = Annotated[Optional[int], typer.Option(
 Query = Annotated[str, typer.Option(help="Text rows that score the video: last (token) or text (all after the video).")]
 SegmentMask = Annotated[bool, typer.Option(help="sharp: segment-aware causal mask in layers 0..K-1.")]
 SegmentFrames = Annotated[Optional[int], typer.Option(help="sharp: video frames per segment (default: one model frame step).")]
-Debias = Annotated[str, typer.Option(help="sharp: positional debiasing: subtract, divide or none.")]
+Debias = Annotated[str, typer.Option(help="sharp: positional debiasing: divide out the black-video prior, "
+                                           "subtract it, or none.")]
 Dedup = Annotated[bool, typer.Option(help="sharp: skip near-duplicate and register tokens, refilling the budget.")]
 DedupThreshold = Annotated[float, typer.Option(help="sharp: cosine similarity above which a token is a duplicate.")]
 DedupWindow = Annotated[int, typer.Option(help="sharp: token frames before/after searched for duplicates.")]

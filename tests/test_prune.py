@@ -327,6 +327,28 @@ def test_debias_removes_a_prior_that_favours_late_frames():
     assert torch.topk(debias(scores, prior + 1e-3, "divide"), k).indices.sort().values.tolist() == [3, 7, 11]
 
 
+def test_dividing_removes_a_bias_added_to_the_attention_logits_and_subtracting_does_not():
+    """Positional bias as RoPE gives it: a content-free term added to every logit. The black video
+    sees only that term, so dividing it out must rank by content alone. Subtracting weights each
+    difference by the prior, and when one token takes most of the attention (as sharp-tiny's layer
+    2 does) it ranks the rest by the prior, reversed. Would catch a divide that reverted to
+    subtraction, or a normalisation that broke the ratio."""
+    gen = torch.Generator().manual_seed(0)
+    n, k = 64, 10
+    bias = torch.linspace(-3.0, 3.0, n)  # late tokens attract attention whatever they show
+    content = torch.randn(n, generator=gen) * 0.5
+    content[20] = 9.0  # the needle
+    scores, prior = torch.softmax(content + bias, 0) * 0.1, torch.softmax(bias, 0) * 0.4  # any mass
+    divided = debias(scores, prior, "divide")
+    torch.testing.assert_close(divided / divided.sum(), torch.softmax(content, 0), rtol=0.1, atol=0)
+    after_needle = lambda ranked: torch.argsort(ranked, descending=True)[1:k + 1].tolist()  # noqa: E731
+    assert after_needle(divided) == after_needle(content)
+    subtracted = debias(scores, prior, "subtract")
+    assert int(subtracted.argmax()) == 20
+    assert all(i < 16 for i in after_needle(subtracted))  # the earliest, least-attended positions
+    assert PruneConfig().debias == "divide"
+
+
 def test_register_outliers_are_skipped():
     torch.manual_seed(0)
     hidden = torch.randn(64, 16)

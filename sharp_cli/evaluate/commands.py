@@ -10,7 +10,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from sharp_cli.options import (CacheGb, Compile, JsonOut, Debias, Decoder, Dedup, DedupThreshold, DedupWindow, Device, Dtype, Fps,
+from sharp_cli.options import (DEFAULT_DEBIAS, CacheGb, Compile, JsonOut, Debias, Decoder, Dedup, DedupThreshold, DedupWindow, Device, Dtype, Fps,
                            Frames, Layer, MaxFrames, MaxPixels, Model, Quant, Query, RandomWeights, RegisterZ,
                            Seed, SegmentFrames, SegmentMask, TrustRemoteCode)
 
@@ -39,7 +39,7 @@ def eval_command(
     random_weights: RandomWeights = False, trust_remote_code: TrustRemoteCode = False,
     methods: Methods = "none,fastv,random,sharp", ratio: Ratios = None,
     layer: Layer = None, query: Query = "last",
-    segment_mask: SegmentMask = True, segment_frames: SegmentFrames = None, debias: Debias = "subtract",
+    segment_mask: SegmentMask = True, segment_frames: SegmentFrames = None, debias: Debias = DEFAULT_DEBIAS,
     dedup: Dedup = True, dedup_threshold: DedupThreshold = 0.9, dedup_window: DedupWindow = 1,
     register_z: RegisterZ = 8.0, seed: Seed = 0,
     frames: Frames = 32, fps: Fps = None, max_frames: MaxFrames = 768, max_pixels: MaxPixels = None,

@@ -8,7 +8,8 @@ from sharp_cli.errors import UsageError
 
 METHODS = ("sharp", "fastv", "random", "none")
 QUERY_MODES = ("last", "text")
-DEBIAS_MODES = ("subtract", "divide", "none")
+DEBIAS_MODES = ("divide", "subtract", "none")
+DEFAULT_DEBIAS = "divide"  # why divide and not subtract: docs/method.md, step 3
 SEGMENT_ATTENTION = ("blocks", "merged")
 DEFAULT_LAYER = 2  # K when --layer is not given, raised to a family's smallest supported K
 
@@ -22,7 +23,7 @@ class PruneConfig:
     segment_mask: bool = True  # sharp: bidirectional attention inside a segment in layers 0..K-1
     segment_frames: int | None = None  # video frames per segment; None = one model frame step
     segment_attention: str = "blocks"  # how the segment mask is computed (same result): prune/attention.py
-    debias: str = "subtract"  # sharp: remove the content-agnostic positional prior
+    debias: str = DEFAULT_DEBIAS  # sharp: remove the content-agnostic positional prior
     dedup: bool = True  # sharp: skip near-duplicates of kept tokens and register outliers
     dedup_threshold: float = 0.9  # cosine similarity above which a token is a duplicate
     dedup_window: int = 1  # token frames (before or after) searched for duplicates

@@ -57,14 +57,22 @@ def question_attention(layer, rope, hidden, position_embeddings, layout, rows) -
 
 def debias(scores: torch.Tensor, prior: torch.Tensor | None, mode: str) -> torch.Tensor:
     """Remove the positional prior: both are made distributions over the visual tokens, then the
-    prior is subtracted (default) or divided out."""
+    prior is divided out (default) or subtracted.
+
+    Dividing is exact when the bias is a content-free term b_j added to the attention logits: the
+    scores are softmax(c + b), the black video's are softmax(b), and their ratio is proportional to
+    exp(c), the content alone. Subtracting leaves the prior as a factor, prior_j * (exp(c_j)/Z - 1),
+    and where scores are more peaked than the prior it ranks every other token by the prior,
+    reversed (docs/method.md, step 3)."""
     if prior is None or mode == "none":
         return scores
     s = scores / scores.sum().clamp_min(1e-12)
     p = prior.to(s) / prior.sum().clamp_min(1e-12)
     if mode == "subtract":
         return s - p
-    return s / (p + 1e-6)
+    # A thousandth of the uniform share keeps positions the black video never attends to (prior
+    # ~0) from turning score noise into the top ranks.
+    return s / (p + 1e-3 / p.numel())
 
 
 def find_duplicates(hidden_visual, scores, layout, threshold: float, window: int) -> torch.Tensor:

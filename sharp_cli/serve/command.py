@@ -12,7 +12,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from sharp_cli.options import (CacheGb, Compile, CudaGraphs, Debias, Decoder, Dedup, DedupThreshold, DedupWindow, Device, Dtype, Fps,
+from sharp_cli.options import (DEFAULT_DEBIAS, CacheGb, Compile, CudaGraphs, Debias, Decoder, Dedup, DedupThreshold, DedupWindow, Device, Dtype, Fps,
                                Frames, Layer, MaxFrames, MaxPixels, Method, Model, NoPriorCache, Quant, Query,
                                RandomWeights, Ratio, RegisterZ, Seed, SegmentFrames, SegmentMask, TrustRemoteCode)
 
@@ -41,7 +41,7 @@ def serve_command(
     frames: Frames = 32, fps: Fps = None, max_frames: MaxFrames = 768, max_pixels: MaxPixels = None,
     decoder: Decoder = "auto",
     method: Method = "sharp", ratio: Ratio = 0.15, layer: Layer = None, query: Query = "last",
-    segment_mask: SegmentMask = True, segment_frames: SegmentFrames = None, debias: Debias = "subtract",
+    segment_mask: SegmentMask = True, segment_frames: SegmentFrames = None, debias: Debias = DEFAULT_DEBIAS,
     dedup: Dedup = True, dedup_threshold: DedupThreshold = 0.9, dedup_window: DedupWindow = 1,
     register_z: RegisterZ = 8.0, seed: Seed = 0,
     max_new_tokens: MaxNewTokens = 128, no_prior_cache: NoPriorCache = False, cuda_graphs: CudaGraphs = True, compile_model: Compile = False,

@@ -1,0 +1,114 @@
+"""How far any selection at layer K could go on sharp-tiny: the held-out multiple-choice items answered
+with kept sets chosen from the answer's own pixels, beside the methods. If even keeping every token
+that shows the needle does not bring the accuracy to the unpruned one, the limit at that K and ratio
+is the model running on few tokens, not the choice of tokens (docs/eval.md, "Sixth session").
+
+    python scripts/oracle_keep.py [--items 200] [--layer 2] [--ratio 0.15]
+
+Kept sets, each exactly round(r * N) tokens unless noted:
+  needles + fastv    every needle token, the rest from fastv's own kept set
+  needles + random   every needle token, the rest a seeded random draw
+  needles only       the needle tokens alone (fewer than round(r * N))
+  no needles         fastv's kept set with every needle token swapped for a non-needle one
+A needle token is one whose pixels differ from the first frame's (scripts/dropped_tokens.py). Items
+whose needle tokens outnumber round(r * N) keep the first round(r * N) of them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from sharp_cli import answer, engine, loading, video  # noqa: E402
+from sharp_cli.decode import decode  # noqa: E402
+from sharp_cli.evaluate import synth  # noqa: E402
+from sharp_cli.evaluate.letters import build_prompt, parse_letter  # noqa: E402
+from sharp_cli.prune import PruneConfig, keep_count  # noqa: E402
+from sharp_cli.prune.prior import PriorStore  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from dropped_tokens import needle_tokens  # noqa: E402
+
+SETS = ["needles + fastv", "needles + random", "needles only", "no needles"]
+
+
+def forced_answer(loaded, clip, prompt, cfg, keep: np.ndarray) -> str:
+    """The answer with exactly these visual tokens kept from layer K on (causal mask, no prior)."""
+    inputs = engine.prepare(loaded, clip, prompt)
+    encoded, _ = engine.encode(loaded, inputs)
+    forced = torch.as_tensor(np.sort(keep), dtype=torch.long)
+    state = engine.prefill(loaded, encoded, cfg, forced_keep=forced, new_tokens=8)
+    out = decode(loaded, encoded, state, 8, prompt_ids=inputs["input_ids"])
+    return loaded.processor.tokenizer.decode(out.tokens, skip_special_tokens=True).strip()
+
+
+def kept_sets(needles: np.ndarray, fastv_kept: np.ndarray, n: int, k: int, rng) -> dict[str, np.ndarray]:
+    needles = needles[:k]
+    others = np.setdiff1d(np.arange(n), needles)
+    fastv_rest = np.setdiff1d(fastv_kept, needles)
+    fill = k - needles.size
+    return {
+        "needles + fastv": np.concatenate([needles, rng.permutation(fastv_rest)[:fill]]),
+        "needles + random": np.concatenate([needles, rng.choice(others, fill, replace=False)]),
+        "needles only": needles if needles.size else fastv_kept[:1],
+        "no needles": np.concatenate([np.setdiff1d(fastv_kept, needles),
+                                      rng.choice(np.setdiff1d(others, fastv_kept),
+                                                 np.isin(fastv_kept, needles).sum(), replace=False)]),
+    }
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--items", type=int, default=200)
+    ap.add_argument("--layer", type=int, default=2)
+    ap.add_argument("--ratio", type=float, default=0.15)
+    ap.add_argument("--out", default=None)
+    ap.add_argument("-m", "--model", default="sharp-tiny")
+    args = ap.parse_args()
+    loaded = loading.load(args.model, device="cpu", quant="none", dtype="float32")
+    work = Path(tempfile.mkdtemp(prefix="sharp-oracle-"))
+    items = [json.loads(line) for line in synth.write(work, args.items, seed=0).read_text().splitlines()]
+    store, rng = PriorStore(use_disk=False), np.random.default_rng(0)
+    forced_cfg = PruneConfig(method="fastv", ratio=args.ratio, layer=args.layer)  # causal mask, no prior
+    rows = []
+    for item in items:
+        clip = video.load_video(work / item["video"], frames=32)
+        prompt = build_prompt(item["question"], item["options"])
+        right = lambda text: parse_letter(text, item["options"]) == item["answer"]  # noqa: E731
+        row = {"id": item["id"], "task": item["category"]}
+        for method in ("none", "fastv", "sharp"):
+            cfg = PruneConfig(method=method, ratio=args.ratio if method != "none" else 1.0, layer=args.layer)
+            got = answer.ask(loaded, clip, prompt, cfg, max_new_tokens=8, store=store)
+            row[method] = right(got.text)
+            if method == "fastv":
+                fastv_kept = got.prefill.kept.numpy()
+                layout = got.encoded.layout
+        n, k = layout.num_visual, keep_count(args.ratio, layout.num_visual)
+        needles = needle_tokens(clip.frames, layout.grid)
+        row["needle_tokens"] = int(needles.size)
+        for name, keep in kept_sets(needles, fastv_kept, n, k, rng).items():
+            row[name] = right(forced_answer(loaded, clip, prompt, forced_cfg, keep))
+        rows.append(row)
+    print(f"{args.model}, {len(rows)} held-out items (seed 0), K={args.layer}, r={args.ratio} "
+          f"({keep_count(args.ratio, n)} of {n} tokens); needle tokens per item: median "
+          f"{int(np.median([r['needle_tokens'] for r in rows]))}, more than the budget in "
+          f"{sum(r['needle_tokens'] > k for r in rows)}")
+    tasks = ["all", *synth.TASKS]
+    print(f"{'kept set':18s} " + " ".join(f"{t:>9s}" for t in tasks))
+    for name in ["none", "fastv", "sharp", *SETS]:
+        cells = [np.mean([r[name] for r in rows if t in ("all", r["task"])]) for t in tasks]
+        print(f"{name:18s} " + " ".join(f"{c:9.1%}" for c in cells))
+    if args.out:
+        Path(args.out).write_text(json.dumps({"settings": vars(args), "rows": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
