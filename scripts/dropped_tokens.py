@@ -41,7 +41,9 @@ def needle_tokens(frames: np.ndarray, grid: tuple[int, int, int]) -> np.ndarray:
     return np.array(hits, dtype=np.int64)
 
 
-def main():
+def held_out(prefix: str):
+    """(args, loaded model, folder, items) for a run over the first --items held-out items (seed 0);
+    shared with scripts/oracle_keep.py."""
     ap = argparse.ArgumentParser()
     ap.add_argument("--items", type=int, default=200)
     ap.add_argument("--layer", type=int, default=2)
@@ -50,8 +52,13 @@ def main():
     ap.add_argument("-m", "--model", default="sharp-tiny", help="sharp-tiny or a folder of another sharp-tiny.")
     args = ap.parse_args()
     loaded = loading.load(args.model, device="cpu", quant="none", dtype="float32")
-    work = Path(tempfile.mkdtemp(prefix="sharp-dropped-"))
+    work = Path(tempfile.mkdtemp(prefix=prefix))
     items = [json.loads(line) for line in synth.write(work, args.items, seed=0).read_text().splitlines()]
+    return args, loaded, work, items
+
+
+def main():
+    args, loaded, work, items = held_out("sharp-dropped-")
     store = PriorStore(use_disk=False)
     rows = []
     for item in items:

@@ -16,10 +16,8 @@ whose needle tokens outnumber round(r * N) keep the first round(r * N) of them.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from sharp_cli import answer, engine, loading, video  # noqa: E402
+from sharp_cli import answer, engine, video  # noqa: E402
 from sharp_cli.decode import decode  # noqa: E402
 from sharp_cli.evaluate import synth  # noqa: E402
 from sharp_cli.evaluate.letters import build_prompt, parse_letter  # noqa: E402
@@ -35,7 +33,7 @@ from sharp_cli.prune import PruneConfig, keep_count  # noqa: E402
 from sharp_cli.prune.prior import PriorStore  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from dropped_tokens import needle_tokens  # noqa: E402
+from dropped_tokens import held_out, needle_tokens  # noqa: E402
 
 SETS = ["needles + fastv", "needles + random", "needles only", "no needles"]
 
@@ -66,16 +64,7 @@ def kept_sets(needles: np.ndarray, fastv_kept: np.ndarray, n: int, k: int, rng) 
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--items", type=int, default=200)
-    ap.add_argument("--layer", type=int, default=2)
-    ap.add_argument("--ratio", type=float, default=0.15)
-    ap.add_argument("--out", default=None)
-    ap.add_argument("-m", "--model", default="sharp-tiny")
-    args = ap.parse_args()
-    loaded = loading.load(args.model, device="cpu", quant="none", dtype="float32")
-    work = Path(tempfile.mkdtemp(prefix="sharp-oracle-"))
-    items = [json.loads(line) for line in synth.write(work, args.items, seed=0).read_text().splitlines()]
+    args, loaded, work, items = held_out("sharp-oracle-")
     store, rng = PriorStore(use_disk=False), np.random.default_rng(0)
     forced_cfg = PruneConfig(method="fastv", ratio=args.ratio, layer=args.layer)  # causal mask, no prior
     rows = []
