@@ -313,20 +313,25 @@ def _colour_frames(clip, rgb) -> list[int]:
 @pytest.mark.parametrize("target", range(4))
 def test_synth_answers_match_the_pixels(target):
     rng = lambda: np.random.default_rng([1, target])  # noqa: E731
-    clip, _, shown, wrong = synth.BUILDERS["colour"](rng(), 32, 128, target)
+    clip, _, shown, wrong, boxes = synth.BUILDERS["colour"](rng(), 32, 128, target)
     flashes = _colour_frames(clip, synth.PALETTE[shown])
     assert len(flashes) == 2 and flashes[0] % 4 == 1 and flashes[1] == flashes[0] + 1
+    assert [b[0] for b in boxes] == flashes  # needle boxes: the flash's frames and pixels
+    for t, x0, y0, x1, y1 in boxes:
+        assert x1 > x0 and y1 > y0 and (clip[t, y0:y1, x0:x1] == synth.PALETTE[shown]).all()
     assert len(_colour_frames(clip, synth.PALETTE[wrong[0]])) == 32  # the static distractor
-    clip, _, first, wrong = synth.BUILDERS["order"](rng(), 32, 128, target)
+    clip, _, first, wrong, _ = synth.BUILDERS["order"](rng(), 32, 128, target)
     assert max(_colour_frames(clip, synth.PALETTE[first])) < min(_colour_frames(clip, synth.PALETTE[wrong[0]]))
-    clip, question, way, _ = synth.BUILDERS["direction"](rng(), 32, 128, target)
+    clip, question, way, _, boxes = synth.BUILDERS["direction"](rng(), 32, 128, target)
+    assert [b[0] for b in boxes] == list(range(32))  # the mover is the needle on every frame
     mover = synth.PALETTE[question.split()[-3]]
     ys, xs = zip(*[np.argwhere((np.abs(f.astype(int) - mover).sum(axis=2) < 30)).mean(axis=0) for f in clip])
     moved = {"left": xs[0] - xs[-1], "right": xs[-1] - xs[0], "up": ys[0] - ys[-1], "down": ys[-1] - ys[0]}
     assert moved[way] > 40 and max(moved.values()) == moved[way]
-    clip, _, count, wrong = synth.BUILDERS["count"](rng(), 32, 128, target)
+    clip, _, count, wrong, boxes = synth.BUILDERS["count"](rng(), 32, 128, target)
     changed = [t for t, f in enumerate(clip) if (f != clip[0]).any()]  # frame 0 never flashes
     assert sorted([*wrong, count]).index(count) == target and len(changed) == 2 * count
+    assert sorted(b[0] for b in boxes) == changed
 
 
 def test_synth_command(tmp_path):

@@ -14,9 +14,10 @@ few high-norm tokens), plus what the question is about:
 A flash covers frames 4k+1 and 4k+2, so uniform sampling of 8, 16 or 32 frames from a
 32-frame clip always sees it. Flashes are placed uniformly over the clip, so about half of them
 fall in its middle half, away from the ends that shallow attention favours; every item records
-`needle_frames` (the frames that differ from the first) and, for colour, `needle_part` (start,
-middle or end third), so accuracy can be broken down by where the needle is
-(`sharp eval --category-field needle_part`). Options are 4 per question; the correct letter cycles
+`needle_frames` (the frames that differ from the first), `needle_boxes` (every drawn box that shows
+the answer, as [frame, x0, y0, x1, y1] in the clip's pixels, end-exclusive: what needle recall@k in
+`sharp eval` maps onto visual tokens) and, for colour, `needle_part` (start, middle or end third), so
+accuracy can be broken down by where the needle is (`sharp eval --category-field needle_part`). Options are 4 per question; the correct letter cycles
 through a random order of A-D every 4 questions of a task, so letters are balanced.
 Everything derives from (seed, item number): the same seed writes the same files.
 """
@@ -78,7 +79,7 @@ def make_item(seed: int, i: int, tasks: tuple[str, ...] = TASKS, frames: int = 3
     block = np.random.default_rng([seed, TASKS.index(task), nth // OPTIONS, 1])
     target = int(block.permutation(OPTIONS)[nth % OPTIONS])
     rng = np.random.default_rng([seed, i, 0])
-    clip, question, correct, wrong = BUILDERS[task](rng, frames, size, target)
+    clip, question, correct, wrong, boxes = BUILDERS[task](rng, frames, size, target)
     if task == "count":  # numbers stay in order; the count was chosen to land on `target`
         options = [str(o) for o in sorted([*wrong, correct])]
     else:
@@ -90,7 +91,7 @@ def make_item(seed: int, i: int, tasks: tuple[str, ...] = TASKS, frames: int = 3
         part = ("start", "middle", "end")[min(2, 3 * moved[0] // len(clip))]
     return clip, {"id": f"{task}-{i:04d}", "question": question, "options": options,
                   "answer": LETTERS[options.index(str(correct))], "category": task,
-                  "needle_frames": moved, "needle_part": part}
+                  "needle_frames": moved, "needle_part": part, "needle_boxes": boxes}
 
 
 # -- scenes ----------------------------------------------------------------------------------------
@@ -122,9 +123,13 @@ def _disc(frame: np.ndarray, centre, radius: float, colour) -> None:
     frame[(ys - centre[1]) ** 2 + (xs - centre[0]) ** 2 <= radius**2] = colour
 
 
-def _square(frame: np.ndarray, x: float, y: float, side: int, colour) -> None:
+def _square(frame: np.ndarray, x: float, y: float, side: int, colour) -> list[int]:
+    """Draw a side x side square at (x, y); returns its box [x0, y0, x1, y1] clipped to the frame."""
     x0, y0 = int(round(x)), int(round(y))
     frame[max(y0, 0): max(y0 + side, 0), max(x0, 0): max(x0 + side, 0)] = colour
+    height, width = frame.shape[:2]
+    return [min(max(x0, 0), width), min(max(y0, 0), height), min(max(x0 + side, 0), width),
+            min(max(y0 + side, 0), height)]
 
 
 def _side(size: int) -> int:
@@ -136,10 +141,9 @@ def _spot(rng, size: int):
     return rng.uniform(0.05 * size, 0.95 * size - side, 2)
 
 
-def _flash(clip: np.ndarray, slot: int, xy, colour) -> None:
-    """A square on frames 4*slot+1 and 4*slot+2 only."""
-    for t in (4 * slot + 1, 4 * slot + 2):
-        _square(clip[t], xy[0], xy[1], _side(clip.shape[1]), colour)
+def _flash(clip: np.ndarray, slot: int, xy, colour) -> list[list[int]]:
+    """A square on frames 4*slot+1 and 4*slot+2 only; returns its [frame, x0, y0, x1, y1] boxes."""
+    return [[t, *_square(clip[t], xy[0], xy[1], _side(clip.shape[1]), colour)] for t in (4 * slot + 1, 4 * slot + 2)]
 
 
 def _colours(rng, k: int) -> list[str]:
@@ -156,9 +160,9 @@ def _colour_task(rng, frames, size, target):
     still = rng.uniform(0.15, 0.85, 2) * size
     for frame in clip:
         _disc(frame, still, size / 14, PALETTE[static])
-    _flash(clip, int(rng.integers(_slots(frames))), _spot(rng, size), PALETTE[shown])
+    boxes = _flash(clip, int(rng.integers(_slots(frames))), _spot(rng, size), PALETTE[shown])
     question = "A small square flashes for a moment somewhere in the video. What colour is it?"
-    return clip, question, shown, [static, *others]
+    return clip, question, shown, [static, *others], boxes
 
 
 def _direction_task(rng, frames, size, target):
@@ -171,33 +175,35 @@ def _direction_task(rng, frames, size, target):
         travel = travel[::-1]
     across = rng.uniform(0.1 * size, 0.9 * size - side)
     still = _spot(rng, size)
+    boxes = []
     for t, frame in enumerate(clip):
         _square(frame, still[0], still[1], side, PALETTE[still_colour])
         x, y = (travel[t], across) if way in ("left", "right") else (across, travel[t])
-        _square(frame, x, y, side, PALETTE[mover])
+        boxes.append([t, *_square(frame, x, y, side, PALETTE[mover])])
     question = f"Which way does the {mover} square move?"
-    return clip, question, way, [d for d in DIRECTIONS if d != way]
+    return clip, question, way, [d for d in DIRECTIONS if d != way], boxes
 
 
 def _order_task(rng, frames, size, target):
     clip = _scene(rng, frames, size)
     first, second, *others = _colours(rng, 4)
     early, late = sorted(rng.choice(_slots(frames), 2, replace=False))
-    _flash(clip, int(early), _spot(rng, size), PALETTE[first])
-    _flash(clip, int(late), _spot(rng, size), PALETTE[second])
+    boxes = _flash(clip, int(early), _spot(rng, size), PALETTE[first])
+    boxes += _flash(clip, int(late), _spot(rng, size), PALETTE[second])
     question = "Two small squares of different colours flash briefly, one after the other. What colour is the first?"
-    return clip, question, first, [second, *others]
+    return clip, question, first, [second, *others], boxes
 
 
 def _count_task(rng, frames, size, target):
     clip = _scene(rng, frames, size)
     count = min(target + 1 + int(rng.integers(2)), _slots(frames))
     lowest = max(1, count - target)  # options are lowest..lowest+3, the answer at letter `target`
+    boxes = []
     for slot in rng.choice(_slots(frames), count, replace=False):
-        _flash(clip, int(slot), _spot(rng, size), PALETTE[_colours(rng, 1)[0]])
+        boxes += _flash(clip, int(slot), _spot(rng, size), PALETTE[_colours(rng, 1)[0]])
     question = "Small squares flash briefly at different moments. How many flashes are there?"
     wrong = [n for n in range(lowest, lowest + OPTIONS) if n != count]
-    return clip, question, count, wrong
+    return clip, question, count, wrong, boxes
 
 
 BUILDERS = {"colour": _colour_task, "direction": _direction_task, "order": _order_task, "count": _count_task}
