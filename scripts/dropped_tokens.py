@@ -89,7 +89,7 @@ def main():
     print(f"{'method':24s} {'task':10s} {'acc':>6s} {'needle kept':>12s} {'acc | kept>=1':>14s} {'acc | none kept':>16s}"
           f" {'unparsed':>9s} {'token frames':>13s}")
     for name in ["none", *METHODS]:
-        for task in ["all", *synth.TASKS]:
+        for task in ["all", *synth.BASIC]:
             sel = [r for r in rows if task in ("all", r["task"])]
             if name == "none":
                 print(f"{name:24s} {task:10s} {np.mean([r['none'] for r in sel]):6.1%}")

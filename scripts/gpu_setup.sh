@@ -1,10 +1,11 @@
 # Source at the start of every device command: installs the carried wheels (bitsandbytes, decord2,
 # fastapi and what it imports: docs/gpu-notes.md)
 # into /tmp/site and puts the repo on PYTHONPATH. Made by ../shared/device/prepare-wheels.sh.
-python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
-# .whl-tf (carried when present): transformers 5.18 and huggingface_hub 1.33 over the image's 5.17, whose
-# Qwen2.5-VL video time positions differ (docs/eval.md, "An 8-layer decoder"): for training sharp-tiny.
+[ -d .whl ] && python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
+# .whl-tf (carried when present): the transformers this checkout is tested with (and its huggingface_hub and
+# tokenizers) over the image's 5.17, whose Qwen2.5-VL video time positions differ (docs/eval.md): training
+# calls carry only this (the checkpoint they continue needs the room of the 64 MiB carry).
 [ -d .whl-tf ] && python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site .whl-tf/*.whl
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 COLUMNS=220 SHARP_CACHE_DIR=/tmp/sharpcache
-export TRANSFORMERS_VERBOSITY=error HF_HUB_OFFLINE=1
+export TRANSFORMERS_VERBOSITY=error HF_HUB_OFFLINE=1 USE_HUB_KERNELS=0
 set -o pipefail

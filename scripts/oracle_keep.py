@@ -90,7 +90,7 @@ def main():
           f"({keep_count(args.ratio, n)} of {n} tokens); needle tokens per item: median "
           f"{int(np.median([r['needle_tokens'] for r in rows]))}, more than the budget in "
           f"{sum(r['needle_tokens'] > k for r in rows)}")
-    tasks = ["all", *synth.TASKS]
+    tasks = ["all", *synth.BASIC]
     print(f"{'kept set':18s} " + " ".join(f"{t:>9s}" for t in tasks))
     for name in ["none", "fastv", "sharp", *SETS]:
         cells = [np.mean([r[name] for r in rows if t in ("all", r["task"])]) for t in tasks]

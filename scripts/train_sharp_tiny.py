@@ -45,7 +45,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(ROOT))
 
-from sharp_cli.evaluate.synth import TASKS  # noqa: E402
+from sharp_cli.evaluate.synth import BASIC as TASKS  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from sharp_tiny_data import (CHECK_SEED, HELD_OUT_SEED, NONE, OUT, PER_SEED, TRAIN_SEEDS_FROM, Batcher,  # noqa: E402

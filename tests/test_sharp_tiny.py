@@ -32,7 +32,7 @@ def test_training_script_saves_a_model_sharp_ask_loads(tmp_path):
     assert (out / "model.safetensors").stat().st_size < 16 * 2**20
     record = json.loads((out / "training.json").read_text())
     assert record["steps"] == 2 and record["items"] == 4 and record["held_out"]["seed"] == 0
-    assert set(record["held_out"]["first_token_accuracy"]) == set(synth.TASKS)
+    assert set(record["held_out"]["first_token_accuracy"]) == set(synth.BASIC)
     assert "step 2 answer loss" in run.stdout
     frames, item = synth.make_item(0, 0)
     synth._encode(frames, tmp_path / "clip.mp4", 8.0)
@@ -90,7 +90,7 @@ def test_shipped_sharp_tiny_answers_held_out_clips_of_every_task(tmp_path):
     assert result.exit_code == 0, result.stderr
     rows = {row["method"]: row for row in json.loads(result.stdout)["rows"]}
     for row in rows.values():
-        assert set(row["categories"]) == set(synth.TASKS), row
+        assert set(row["categories"]) == set(synth.BASIC), row
         assert row["accuracy"] >= 0.7, (row["method"], row["categories"])
         assert min(row["categories"][task] for task in ("colour", "direction", "order")) >= 0.6, row["categories"]
     assert rows["none"]["categories"]["count"] >= 0.6, rows["none"]["categories"]

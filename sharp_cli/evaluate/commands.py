@@ -14,7 +14,8 @@ from sharp_cli.options import (DEFAULT_DEBIAS, CacheGb, Compile, JsonOut, Debias
                            Frames, Layer, MaxFrames, MaxPixels, Model, Quant, Query, RandomWeights, RegisterZ,
                            Seed, SegmentFrames, SegmentMask, TrustRemoteCode)
 
-TASKS = ("colour", "direction", "order", "count")  # synth.TASKS, without importing numpy for --help
+TASKS = ("colour", "direction", "order", "count", "flash", "sequence", "objects", "dominant", "motion", "scenes")
+TASK_GROUPS = ("basic", "hard", "all")  # synth.TASKS and synth.GROUPS, without importing numpy for --help
 Quiet = Annotated[bool, typer.Option("-q", "--quiet", help="No table or progress on stderr.")]
 Format = Annotated[str, typer.Option(help="auto, sharp, videomme, mvbench, mlvu or longvideobench.")]
 VideoDir = Annotated[Optional[str], typer.Option(help="Folder of the videos, if not where the format expects them.")]
@@ -172,7 +173,10 @@ def synth_command(
     seed: Annotated[int, typer.Option(help="Same seed, same files.")] = 0,
     frames: Annotated[int, typer.Option(help="Frames per clip.")] = 32,
     size: Annotated[int, typer.Option(help="Frame width and height in pixels.")] = 128,
-    tasks: Annotated[str, typer.Option(help="Comma list of: colour, direction, order, count.")] = ",".join(TASKS),
+    tasks: Annotated[str, typer.Option(
+        help="Comma list of tasks or groups: basic (colour, direction, order, count: still camera), hard "
+             "(flash, sequence, objects, dominant, motion, scenes: moving camera, textures, cuts; "
+             "--frames >= 32), all.")] = "basic",
     quiet: Quiet = False,
 ):
     """Write a synthetic multiple-choice set whose answers hang on a few visual tokens."""

@@ -31,9 +31,13 @@ from pathlib import Path
 import numpy as np
 
 from sharp_cli.errors import UsageError
+from sharp_cli.evaluate import scenes
 from sharp_cli.evaluate.letters import LETTERS
 
-TASKS = ("colour", "direction", "order", "count")
+BASIC = ("colour", "direction", "order", "count")
+HARD = tuple(scenes.BUILDERS)  # moving camera, textures, cuts, coverage: scenes.py
+TASKS = BASIC + HARD
+GROUPS = {"basic": BASIC, "hard": HARD, "all": TASKS}  # names --tasks accepts besides the tasks
 PALETTE = {
     "red": (220, 30, 30), "green": (30, 175, 45), "blue": (35, 70, 230), "yellow": (240, 215, 25),
     "orange": (245, 130, 15), "purple": (140, 50, 200), "cyan": (25, 200, 215), "pink": (245, 120, 190),
@@ -44,19 +48,27 @@ TILE = 16  # background tile, pixels
 OPTIONS = 4
 
 
+def expand_tasks(names) -> tuple[str, ...]:
+    """Task names and group names (basic, hard, all) -> task names, in order, without repeats."""
+    tasks = tuple(dict.fromkeys(t for name in names for t in GROUPS.get(name, (name,))))
+    unknown = [t for t in tasks if t not in TASKS]
+    if unknown or not tasks:
+        raise UsageError(f"--tasks: unknown task '{(unknown or [''])[0]}'; choose from {', '.join(TASKS)} "
+                         f"or a group: {', '.join(GROUPS)}")
+    return tasks
+
+
 def write(out: str | Path, n: int, seed: int = 0, *, frames: int = 32, size: int = 128, fps: float = 8.0,
-          tasks: tuple[str, ...] = TASKS, progress=None) -> Path:
+          tasks: tuple[str, ...] = BASIC, progress=None) -> Path:
     """Write n clips under OUT/videos and their questions to OUT/items.jsonl; returns that file."""
     if n < 1:
         raise UsageError(f"--n must be >= 1, got {n}")
-    if frames < 8:
-        raise UsageError(f"--frames must be >= 8 (flashes need room), got {frames}")
+    tasks = expand_tasks(tasks)
+    least = 32 if set(tasks) & set(HARD) else 8
+    if frames < least:
+        raise UsageError(f"--frames must be >= {least} for these tasks (flashes and cuts need room), got {frames}")
     if size < 64 or size % 2:
         raise UsageError(f"--size must be even and >= 64, got {size}")
-    tasks = tuple(dict.fromkeys(tasks))
-    unknown = [t for t in tasks if t not in TASKS]
-    if unknown or not tasks:
-        raise UsageError(f"--tasks: unknown task '{(unknown or [''])[0]}'; choose from {', '.join(TASKS)}")
     out = Path(out)
     (out / "videos").mkdir(parents=True, exist_ok=True)
     lines = []
@@ -71,27 +83,36 @@ def write(out: str | Path, n: int, seed: int = 0, *, frames: int = 32, size: int
     return items
 
 
-def make_item(seed: int, i: int, tasks: tuple[str, ...] = TASKS, frames: int = 32, size: int = 128):
+def make_item(seed: int, i: int, tasks: tuple[str, ...] = BASIC, frames: int = 32, size: int = 128):
     """Item i of the set of `seed`, in memory: (frames (T, H, W, 3) uint8, {id, question, options,
-    answer, category})."""
+    answer, category, needle_frames, needle_part, needle_boxes, and for the hard tasks camera and
+    scene_starts})."""
     task = tasks[i % len(tasks)]
     nth = i // len(tasks)  # how many questions of this task came before
     block = np.random.default_rng([seed, TASKS.index(task), nth // OPTIONS, 1])
     target = int(block.permutation(OPTIONS)[nth % OPTIONS])
     rng = np.random.default_rng([seed, i, 0])
-    clip, question, correct, wrong, boxes = BUILDERS[task](rng, frames, size, target)
-    if task == "count":  # numbers stay in order; the count was chosen to land on `target`
+    built = {**BUILDERS, **scenes.BUILDERS}[task](rng, frames, size, target)
+    clip, question, correct, wrong, boxes = built[:5]
+    if isinstance(correct, int):  # counts stay in order; the count was chosen to land on `target`
         options = [str(o) for o in sorted([*wrong, correct])]
     else:
         options = [str(wrong[j]) for j in rng.permutation(len(wrong))]
         options.insert(target, str(correct))
-    moved = [t for t in range(1, len(clip)) if (clip[t] != clip[0]).any()]
+    if task in HARD:  # the camera moves: what shows the answer is what was drawn, not what changed
+        moved = sorted({b[0] for b in boxes})
+    else:
+        moved = [t for t in range(1, len(clip)) if (clip[t] != clip[0]).any()]
     part = None
-    if task == "colour" and moved:
+    if task in ("colour", "flash") and moved:
         part = ("start", "middle", "end")[min(2, 3 * moved[0] // len(clip))]
-    return clip, {"id": f"{task}-{i:04d}", "question": question, "options": options,
-                  "answer": LETTERS[options.index(str(correct))], "category": task,
-                  "needle_frames": moved, "needle_part": part, "needle_boxes": boxes}
+    item = {"id": f"{task}-{i:04d}", "question": question, "options": options,
+            "answer": LETTERS[options.index(str(correct))], "category": task,
+            "needle_frames": moved, "needle_part": part, "needle_boxes": boxes}
+    if task in HARD:
+        scene = built[5]
+        item.update(camera=scene.cameras[0].kind, scene_starts=scene.starts)
+    return clip, item
 
 
 # -- scenes ----------------------------------------------------------------------------------------

@@ -1,0 +1,321 @@
+"""Train sharp-small, the test model whose shallow layers should behave like a real video LLM's
+(docs/eval.md, "sharp-small"), and save it where `-m sharp-small` finds it.
+
+Qwen2.5-VL's own classes at ~17M parameters (16 decoder layers, 8 query / 2 KV heads). A language
+stage first (`--language 1.0`: documents of a bigram language, copying, recall, counting; every
+sequence behind the same system prompt), then video and language mixed (`--language 0.3`). Losses:
+next-token loss on the supervised tokens (scripts/small_data.py), a per-visual-token loss (what each
+token shows, from the renderer: a stand-in for a vision encoder trained on real data) and, on the
+last decoder layer only, a retrieval loss (the answer position's attention mass on the tokens that
+show the answer). No loss touches the shallow layers' attention (issue 24: none on layers <= K+2).
+Weight decay 0.1 keeps norms in check. Training runs without pruning: ShaRP is training-free.
+
+Every `--eval-every` steps it prints the progress check (seed 999, never trained on): teacher-forced
+exact-answer accuracy per task and the shallow-attention statistics of sharp_cli/evaluate/diagnose.py
+at layers 1, 2 and L/2 on content and on black clips, and saves the model (float16) to --out, so a
+run cut short by its time budget still leaves a checkpoint. `--init-from` continues a saved model
+on new items (offset by the items it has seen), with a fresh optimizer and warm-up. On one GPU:
+
+    python -m scripts.train_sharp_small --device cuda --minutes 8 --workers 14 --language 1.0 --out /tmp/small
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+from scripts.small_data import (CHECK_SEED, NONE, PER_SEED, TASKS, TRAIN_SEEDS_FROM, Batcher, Items, black_rows,
+                                build_processor, pack, small_config, unpack)
+from sharp_cli.evaluate import diagnose
+
+OUT = Path(__file__).resolve().parent.parent / "sharp_cli" / "models" / "sharp_small"
+MODEL_KEYS = ("input_ids", "attention_mask", "mm_token_type_ids", "pixel_values_videos", "video_grid_thw",
+              "second_per_grid_ts")
+
+
+def to_device(batch: dict, device) -> dict:
+    return {k: v.to(device, non_blocking=True) if hasattr(v, "to") else v for k, v in batch.items()}
+
+
+def inputs_of(batch: dict) -> dict:
+    return {k: batch[k] for k in MODEL_KEYS if k in batch}
+
+
+class LastLayerRetrieval:
+    """The answer-predicting row's attention in the last decoder layer, with its gradient: the
+    retrieval loss is -log of its mass on the tokens that show the answer. Registered as an
+    attention function (SDPA computes the layer's output as usual)."""
+
+    NAME = "sharp_small_train_sdpa"
+
+    def __init__(self, layer: int):
+        self.layer, self.rows, self.visible, self.probs = layer, None, None, None
+
+    def register(self, model):
+        from transformers import AttentionInterface
+        from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+
+        AttentionInterface.register(self.NAME, self)
+        AttentionMaskInterface.register(self.NAME, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
+        model.model.language_model.config._attn_implementation = self.NAME
+
+    def __call__(self, module, query, key, value, attention_mask=None, **kwargs):
+        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+        out = ALL_ATTENTION_FUNCTIONS["sdpa"](module, query, key, value, attention_mask, **kwargs)
+        if self.rows is not None and getattr(module, "layer_idx", None) == self.layer:
+            q = query[torch.arange(query.shape[0], device=query.device), :, self.rows]  # (B, H, d)
+            k = key.repeat_interleave(query.shape[1] // key.shape[1], dim=1)  # (B, H, L, d)
+            scale = kwargs.get("scaling") or query.shape[-1] ** -0.5
+            logits = torch.einsum("bhd,bhld->bhl", q.float(), k.float()) * scale
+            self.probs = logits.masked_fill(~self.visible.unsqueeze(1), float("-inf")).softmax(-1).mean(1)  # (B, L)
+        return out
+
+    def arm(self, batch, video_token_id: int):
+        ids = batch["input_ids"]
+        self.rows = ids.shape[1] - batch["loss_mask"].sum(1) - 1  # the row that predicts the first supervised token
+        positions = torch.arange(ids.shape[1], device=ids.device).unsqueeze(0)
+        self.visible = batch["attention_mask"].bool() & (positions <= self.rows.unsqueeze(1))
+
+    def loss(self, batch, video_token_id: int):
+        ids = batch["input_ids"]
+        if self.probs is None or "shows_answer" not in batch:
+            self.rows = self.probs = None
+            return ids.new_zeros((), dtype=torch.float32)
+        needle = torch.zeros(ids.shape, device=ids.device)
+        needle[ids == video_token_id] = batch["shows_answer"].float()
+        has = (needle.sum(1) > 0).float()
+        loss = -(torch.log((self.probs * needle).sum(1) + 1e-4) * has).sum() / has.sum().clamp(min=1)
+        self.rows = self.probs = None
+        return loss
+
+
+def losses(logits, batch, video_token_id: int, none_id: int):
+    """(next-token loss on the supervised tokens, per-visual-token loss)."""
+    ids, mask = batch["input_ids"], batch["loss_mask"]
+    on = mask[:, 1:]
+    lm = torch.nn.functional.cross_entropy(logits[:, :-1][on].float(), ids[:, 1:][on])
+    if "token_labels" not in batch:
+        return lm, lm.new_zeros(())
+    visual = logits[ids == video_token_id].float()  # row-major: each video row's tokens in order
+    labels = batch["token_labels"]
+    each = torch.nn.functional.cross_entropy(visual, labels, reduction="none")
+    empty = (labels == none_id).float()
+    token = 0.5 * ((each * empty).sum() / empty.sum().clamp(min=1) + (each * (1 - empty)).sum() / (1 - empty).sum().clamp(min=1))
+    return lm, token
+
+
+@torch.no_grad()
+def check(model, config, rows, device, autocast) -> dict:
+    """Teacher-forced exact-answer accuracy per task, and the shallow-attention statistics (layers
+    1, 2, L/2) on the check clips and on the same clips black."""
+    model.eval()
+    text_config = model.model.language_model.config
+    layers = sorted(n for n in {1, 2, config.text_config.num_hidden_layers // 2} if n < config.text_config.num_hidden_layers)
+    right: dict[str, list[int]] = {}
+    batch = to_device(Batcher(config, answers=True, device=device)(unpack(pack(rows), device)), device)
+    with autocast():
+        logits = model(**inputs_of(batch)).logits
+    ids, mask = batch["input_ids"], batch["loss_mask"]
+    hit = (logits[:, :-1].argmax(-1) == ids[:, 1:]) | ~mask[:, 1:]
+    for task, ok in zip(batch["task"].tolist(), hit.all(1).tolist()):
+        right.setdefault(TASKS[task], [0, 0])
+        right[TASKS[task]][0] += ok
+        right[TASKS[task]][1] += 1
+    stats = {}
+    for name, these in (("content", rows), ("black", black_rows(rows))):
+        batch = to_device(Batcher(config, answers=False, device=device)(unpack(pack(these), device)), device)
+        with diagnose.capture(text_config, layers) as rec, autocast():
+            rec.visible = batch["attention_mask"].bool()
+            model(**inputs_of(batch), logits_to_keep=1)
+        ids = batch["input_ids"]
+        for layer in layers:
+            per_row = []
+            for b in range(ids.shape[0]):
+                visual = (ids[b] == config.video_token_id).nonzero().squeeze(1)
+                start = int((ids[b] == config.vision_start_token_id).nonzero()[0])
+                first = int(batch["attention_mask"][b].nonzero()[0])
+                frames = int(batch["video_grid_thw"][b, 0])
+                per_row.append(diagnose.row_stats(rec.probs[layer][b], visual, frames,
+                                                  torch.arange(first, start, device=ids.device)))
+            mean = diagnose.mean_stats(per_row)
+            mean["shape"] = diagnose.profile_shape(mean.pop("frames"))
+            stats[f"{name}_layer{layer}"] = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in mean.items()}
+    model.train()
+    return {"accuracy": {t: round(r / n, 4) for t, (r, n) in right.items()}, "attention": stats}
+
+
+def lr_at(progress: float, peak: float, warmup: float) -> float:
+    if progress < warmup:
+        return peak * progress / warmup
+    return peak * (0.1 + 0.45 * (1 + math.cos(math.pi * min(1.0, (progress - warmup) / (1 - warmup)))))
+
+
+def save(model, processor, out: Path, record: dict) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    text_impl = model.model.language_model.config._attn_implementation
+    model.model.language_model.config._attn_implementation = "sdpa"  # not the training-only name
+    model.model.visual.config._attn_implementation = "sdpa"
+    state = {k: v.detach().to(torch.float16) for k, v in model.state_dict().items()}
+    model.save_pretrained(out, state_dict=state, safe_serialization=True)
+    model.model.language_model.config._attn_implementation = text_impl
+    processor.tokenizer.padding_side = "right"
+    processor.save_pretrained(out)
+    processor.tokenizer.padding_side = "left"
+    config = json.loads((out / "config.json").read_text())
+    config["dtype"] = "float16"
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    (out / "training.json").write_text(json.dumps(record, indent=1) + "\n")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--steps", type=int, default=1_000_000)
+    p.add_argument("--minutes", type=float, default=0, help="Wall-clock budget, saving included (0: none).")
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--lr", type=float, default=1.5e-3)
+    p.add_argument("--warmup", type=float, default=0.05)
+    p.add_argument("--weight-decay", type=float, default=0.1)
+    p.add_argument("--language", type=float, default=0.3, help="Share of rows from the language stage.")
+    p.add_argument("--bare", type=float, default=0.3, help="Share of video questions asked bare (no options).")
+    p.add_argument("--tasks", default=",".join(TASKS))
+    p.add_argument("--token-loss", type=float, default=0.5)
+    p.add_argument("--retrieval-loss", type=float, default=0.25, help="On the last decoder layer only (0: off).")
+    p.add_argument("--hidden", type=int, default=256)
+    p.add_argument("--layers", type=int, default=16)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--log-every", type=int, default=50)
+    p.add_argument("--eval-every", type=int, default=500)
+    p.add_argument("--check-items", type=int, default=24, help="Progress-check items (seed 999), a few per task.")
+    p.add_argument("--init-from", type=Path)
+    p.add_argument("--out", type=Path, default=OUT)
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    a = parse_args(argv)
+    start = time.time()
+    deadline = start + a.minutes * 60 if a.minutes else math.inf
+    torch.manual_seed(a.seed)
+    torch.backends.cuda.matmul.allow_tf32 = True
+    from transformers import AutoModelForImageTextToText
+
+    from sharp_cli.models import vision_attention
+
+    device = torch.device(a.device)
+    tasks = tuple(t for t in a.tasks.split(",") if t)
+    offset, previous = 0, None
+    if a.init_from:
+        # use_kernels=False: transformers 5.2x would swap layers for hub kernels (a download) in train()
+        model = AutoModelForImageTextToText.from_pretrained(a.init_from, dtype=torch.float32, attn_implementation="sdpa",
+                                                            use_kernels=False).to(device)
+        config = model.config
+        previous = json.loads((a.init_from / "training.json").read_text())
+        offset = previous["items_to"]
+    else:
+        config = small_config(hidden=a.hidden, layers=a.layers)
+        config._attn_implementation = "sdpa"
+        model = AutoModelForImageTextToText.from_config(config, dtype=torch.float32).to(device)
+    model.model.visual.config._attn_implementation = vision_attention.register()
+    processor = build_processor(config)
+    none_id = processor.tokenizer.convert_tokens_to_ids(NONE)
+    retrieval = LastLayerRetrieval(config.text_config.num_hidden_layers - 1)
+    if a.retrieval_loss:
+        retrieval.register(model)
+    autocast = ((lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda"
+                else (lambda: torch.autocast("cpu", enabled=False)))
+    params = sum(p.numel() for p in model.parameters())
+    print(f"sharp-small: {params / 1e6:.2f}M parameters, language share {a.language}, tasks {','.join(tasks)}, "
+          f"batch {a.batch}, lr {a.lr}, on {device}, {a.workers} workers, items from {offset}", flush=True)
+    check_rows = [Items(CHECK_SEED, tasks, 0.0, 0.0, per_seed=10**9)[n] for n in range(a.check_items)]
+    data = Items(TRAIN_SEEDS_FROM, tasks, a.language, a.bare, count=a.steps * a.batch, offset=offset, per_seed=PER_SEED)
+    # Workers render and label; the processor's pixel work runs on the device (uint8 frames cross
+    # the process boundary and the bus, a quarter of the float32 pixels' bytes).
+    loader = torch.utils.data.DataLoader(data, batch_size=a.batch, num_workers=a.workers, collate_fn=pack,
+                                         prefetch_factor=4 if a.workers else None, pin_memory=device.type == "cuda")
+    batcher = Batcher(config, device=device)
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embed" not in n]
+    other = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embed" not in n)]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": a.weight_decay}, {"params": other, "weight_decay": 0.0}],
+                            lr=a.lr, betas=(0.9, 0.95), eps=1e-8)
+    log, seen, wait, skipped, step = [], 0, 0.0, 0, 0
+    running = torch.zeros(4, device=device)
+    record = {}
+    reserve = 25 if device.type == "cuda" else 90
+    train_start = time.time()
+    model.train()
+    batches = iter(loader)
+
+    def make_record(final_check=None):
+        return {"parameters": params, "steps": step, "items": seen, "batch": a.batch, "lr": a.lr, "warmup": a.warmup,
+                "weight_decay": a.weight_decay, "language": a.language, "bare": a.bare, "token_loss": a.token_loss,
+                "retrieval_loss": a.retrieval_loss, "retrieval_layers": [config.text_config.num_hidden_layers - 1],
+                "tasks": list(tasks), "seed": a.seed, "hidden": config.text_config.hidden_size,
+                "layers": config.text_config.num_hidden_layers, "device": str(device), "workers": a.workers,
+                "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+                "machine": platform.machine(), "cpus": os.cpu_count(), "torch": torch.__version__,
+                "transformers": __import__("transformers").__version__, "seconds": round(time.time() - start, 1),
+                "data_wait_seconds": round(wait, 1), "skipped_steps": skipped,
+                "train_seeds": f"{TRAIN_SEEDS_FROM}..", "check_seed": CHECK_SEED, "items_from": offset,
+                "items_to": offset + seen, "init_from": str(a.init_from) if a.init_from else None,
+                "history": (previous.get("history", []) + [{k: v for k, v in previous.items() if k not in ("log", "history")}])
+                if previous else [], "last_check": final_check, "log": log}
+
+    while step < a.steps:
+        fetched = time.time()
+        packed = next(batches, None)
+        if packed is None:
+            break
+        step += 1
+        batch = to_device(batcher(unpack(packed, device)), device)
+        wait += time.time() - fetched
+        progress = max(step / a.steps, (time.time() - train_start) / max(1e-9, deadline - reserve - train_start))
+        for group in opt.param_groups:
+            group["lr"] = lr_at(min(progress, 1.0), a.lr, a.warmup)
+        if a.retrieval_loss:
+            retrieval.arm(batch, config.video_token_id)
+        with autocast():
+            logits = model(**inputs_of(batch)).logits
+        lm, token = losses(logits, batch, config.video_token_id, none_id)
+        fetch = retrieval.loss(batch, config.video_token_id) if a.retrieval_loss else lm.new_zeros(())
+        opt.zero_grad(set_to_none=True)
+        (lm + a.token_loss * token + a.retrieval_loss * fetch).backward()
+        if torch.isfinite(torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)):
+            opt.step()
+        else:
+            skipped += 1
+        seen += len(batch["task"])
+        running += torch.stack([lm.detach(), token.detach(), fetch.detach().float(), lm.new_ones(())])
+        out_of_time = time.time() > deadline - reserve
+        last = step == a.steps or out_of_time
+        if step % a.log_every == 0 or step == 1 or last or step % a.eval_every == 0:
+            mean = (running[:3] / running[3]).tolist()
+            running.zero_()
+            elapsed = time.time() - train_start
+            print(f"step {step} lm {mean[0]:.4f} token {mean[1]:.4f} retrieval {mean[2]:.4f} lr {opt.param_groups[0]['lr']:.2e} "
+                  f"{elapsed:.0f}s {seen / elapsed:.1f} rows/s (waited {wait:.0f}s)", flush=True)
+        if step % a.eval_every == 0 or last:
+            result = check(model, config, check_rows, device, autocast)
+            log.append({"step": step, "items": seen, "lm": round(mean[0], 4), "token": round(mean[1], 4),
+                        "retrieval": round(mean[2], 4), "lr": opt.param_groups[0]["lr"],
+                        "seconds": round(time.time() - start, 1), **result})
+            print(json.dumps(log[-1]), flush=True)
+            record = make_record(result)
+            save(model, processor, a.out, record)
+        if out_of_time:
+            break
+    print(f"saved {a.out} after {step} steps, {seen} rows, in {time.time() - start:.0f}s", flush=True)
+    return record
+
+
+if __name__ == "__main__":
+    main()
