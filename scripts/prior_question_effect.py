@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from sharp_cli import engine, loading  # noqa: E402
 from sharp_cli.models import adapter_for  # noqa: E402
 from sharp_cli.models.random_init import build_random, tiny_config  # noqa: E402
-from sharp_cli.prior_pass import PRIOR_QUESTION, _black_clip, _scores_only  # noqa: E402
+from sharp_cli.prior_pass import PRIOR_QUESTION, black_clip, _scores_only  # noqa: E402
 from sharp_cli.prune import PruneConfig, keep_count  # noqa: E402
 from sharp_cli.prune.sharp import debias  # noqa: E402
 from sharp_cli.video import VideoClip  # noqa: E402
@@ -97,7 +97,7 @@ def main() -> None:
                 loaded = load(family, seed)
                 cfg = loaded.adapter.validate_prune(PruneConfig(query=query), loaded.num_layers)
                 for layout_no, clip in enumerate(clips(a, seed or 0)):
-                    black = _black_clip(clip)
+                    black = black_clip(clip)
                     fixed, _ = scores(loaded, black, PRIOR_QUESTION, cfg, pixels)
                     for question in QUESTIONS:
                         own, _ = scores(loaded, black, question, cfg, pixels)

@@ -116,6 +116,7 @@ def losses(logits, batch, video_token_id: int, none_id: int):
 def check(model, config, rows, device, autocast) -> dict:
     """Teacher-forced exact-answer accuracy per task, and the shallow-attention statistics (layers
     1, 2, L/2) on the check clips and on the same clips black."""
+    began = time.time()
     model.eval()
     text_config = model.model.language_model.config
     layers = sorted(n for n in {1, 2, config.text_config.num_hidden_layers // 2} if n < config.text_config.num_hidden_layers)
@@ -129,6 +130,7 @@ def check(model, config, rows, device, autocast) -> dict:
         right.setdefault(TASKS[task], [0, 0])
         right[TASKS[task]][0] += ok
         right[TASKS[task]][1] += 1
+    phases = {"accuracy": round(time.time() - began, 1)}
     stats = {}
     for name, these in (("content", rows), ("black", black_rows(rows))):
         batch = to_device(Batcher(config, answers=False, device=device)(unpack(pack(these), device)), device)
@@ -148,8 +150,10 @@ def check(model, config, rows, device, autocast) -> dict:
             mean = diagnose.mean_stats(per_row)
             mean["shape"] = diagnose.profile_shape(mean.pop("frames"))
             stats[f"{name}_layer{layer}"] = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in mean.items()}
+        phases[name] = round(time.time() - began, 1)
     model.train()
-    return {"accuracy": {t: round(r / n, 4) for t, (r, n) in right.items()}, "attention": stats}
+    return {"accuracy": {t: round(r / n, 4) for t, (r, n) in right.items()}, "attention": stats,
+            "check_seconds": phases}
 
 
 def lr_at(progress: float, peak: float, warmup: float) -> float:
@@ -196,6 +200,8 @@ def parse_args(argv=None):
     p.add_argument("--log-every", type=int, default=50)
     p.add_argument("--eval-every", type=int, default=500)
     p.add_argument("--check-items", type=int, default=24, help="Progress-check items (seed 999), a few per task.")
+    p.add_argument("--profile", type=int, default=0, help="Profile steps 20..20+N with torch.profiler and print "
+                   "the top operators (CPU and CUDA time), then go on training.")
     p.add_argument("--init-from", type=Path)
     p.add_argument("--out", type=Path, default=OUT)
     return p.parse_args(argv)
@@ -248,12 +254,15 @@ def main(argv=None):
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": a.weight_decay}, {"params": other, "weight_decay": 0.0}],
                             lr=a.lr, betas=(0.9, 0.95), eps=1e-8)
     log, seen, wait, skipped, step = [], 0, 0.0, 0, 0
+    prep = compute = 0.0  # seconds in the processor call and in forward/backward/step (synchronised)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     running = torch.zeros(4, device=device)
     record = {}
     reserve = 25 if device.type == "cuda" else 90
     train_start = time.time()
     model.train()
     batches = iter(loader)
+    profiler = None
 
     def make_record(final_check=None):
         return {"parameters": params, "steps": step, "items": seen, "batch": a.batch, "lr": a.lr, "warmup": a.warmup,
@@ -264,7 +273,8 @@ def main(argv=None):
                 "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
                 "machine": platform.machine(), "cpus": os.cpu_count(), "torch": torch.__version__,
                 "transformers": __import__("transformers").__version__, "seconds": round(time.time() - start, 1),
-                "data_wait_seconds": round(wait, 1), "skipped_steps": skipped,
+                "data_wait_seconds": round(wait, 1), "processor_seconds": round(prep, 1),
+                "compute_seconds": round(compute, 1), "skipped_steps": skipped,
                 "train_seeds": f"{TRAIN_SEEDS_FROM}..", "check_seed": CHECK_SEED, "items_from": offset,
                 "items_to": offset + seen, "init_from": str(a.init_from) if a.init_from else None,
                 "history": (previous.get("history", []) + [{k: v for k, v in previous.items() if k not in ("log", "history")}])
@@ -272,12 +282,25 @@ def main(argv=None):
 
     while step < a.steps:
         fetched = time.time()
+        if a.profile and step == 20:
+            profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]
+                                              + ([torch.profiler.ProfilerActivity.CUDA] if device.type == "cuda" else []))
+            profiler.__enter__()
+        if profiler is not None and step == 20 + a.profile:
+            profiler.__exit__(None, None, None)
+            for key in ("self_cuda_time_total", "self_cpu_time_total") if device.type == "cuda" else ("self_cpu_time_total",):
+                print(profiler.key_averages().table(sort_by=key, row_limit=25, max_name_column_width=60), flush=True)
+            profiler = None
         packed = next(batches, None)
         if packed is None:
             break
         step += 1
-        batch = to_device(batcher(unpack(packed, device)), device)
         wait += time.time() - fetched
+        prepared = time.time()
+        batch = to_device(batcher(unpack(packed, device)), device)
+        sync()
+        prep += time.time() - prepared
+        computed = time.time()
         progress = max(step / a.steps, (time.time() - train_start) / max(1e-9, deadline - reserve - train_start))
         for group in opt.param_groups:
             group["lr"] = lr_at(min(progress, 1.0), a.lr, a.warmup)
@@ -293,6 +316,8 @@ def main(argv=None):
             opt.step()
         else:
             skipped += 1
+        sync()
+        compute += time.time() - computed
         seen += len(batch["task"])
         running += torch.stack([lm.detach(), token.detach(), fetch.detach().float(), lm.new_ones(())])
         out_of_time = time.time() > deadline - reserve
@@ -302,7 +327,8 @@ def main(argv=None):
             running.zero_()
             elapsed = time.time() - train_start
             print(f"step {step} lm {mean[0]:.4f} token {mean[1]:.4f} retrieval {mean[2]:.4f} lr {opt.param_groups[0]['lr']:.2e} "
-                  f"{elapsed:.0f}s {seen / elapsed:.1f} rows/s (waited {wait:.0f}s)", flush=True)
+                  f"{elapsed:.0f}s {seen / elapsed:.1f} rows/s (waited {wait:.0f}s for data, {prep:.0f}s processor, "
+                  f"{compute:.0f}s forward/backward)", flush=True)
         if step % a.eval_every == 0 or last:
             result = check(model, config, check_rows, device, autocast)
             log.append({"step": step, "items": seen, "lm": round(mean[0], 4), "token": round(mean[1], 4),

@@ -126,7 +126,7 @@ def ask(
 
     video_mod.check_sampling(frames, fps, max_frames, max_pixels, decoder)
     info = video_mod.probe(video)  # a missing or broken video is one line, before any model lookup
-    if not random_weights and model != "sharp-tiny":  # an unreachable hub: one line, before torch loads
+    if not random_weights:  # an unreachable hub: one line, before torch loads
         from sharp_cli import hub
 
         hub.check_reachable(model)
@@ -335,8 +335,10 @@ def env():
 
 
 from sharp_cli.evaluate.commands import eval_command, synth_command  # noqa: E402
+from sharp_cli.evaluate.diagnose_command import diagnose_command  # noqa: E402
 app.command("eval")(eval_command)
 app.command("synth")(synth_command)
+app.command("diagnose")(diagnose_command)
 from sharp_cli.batch import batch_command  # noqa: E402
 from sharp_cli.serve.command import serve_command  # noqa: E402
 app.command("batch")(batch_command)

@@ -18,6 +18,9 @@ from sharp_cli.prune.config import PruneConfig
 
 DEFAULT_MODEL = "Qwen/Qwen2.5-VL-7B-Instruct"
 SHARP_TINY = Path(__file__).resolve().parent / "models" / "sharp_tiny"  # scripts/train_sharp_tiny.py
+SHARP_SMALL = Path(__file__).resolve().parent / "models" / "sharp_small"  # scripts/train_sharp_small.py
+SHIPPED = {"sharp-tiny": (SHARP_TINY, "scripts/train_sharp_tiny.py"),  # keys: hub.SHIPPED_MODELS
+           "sharp-small": (SHARP_SMALL, "python -m scripts.train_sharp_small")}
 
 
 @dataclass
@@ -74,7 +77,7 @@ def resolve_device(device: str) -> torch.device:
 
 def resolve_quant(quant: str, device: torch.device, name: str | None = None) -> str:
     if quant == "auto":  # a few-MB model gains nothing from 4 bits, and bitsandbytes' kernels cost
-        return "nf4" if device.type == "cuda" and name != "sharp-tiny" else "none"
+        return "nf4" if device.type == "cuda" and name not in SHIPPED else "none"
     if quant not in ("nf4", "int8", "none"):
         raise UsageError(f"--quant must be auto, nf4, int8 or none, got '{quant}'")
     if quant != "none" and device.type != "cuda":
@@ -118,12 +121,13 @@ def quantization_config(quant: str, adapter, dtype: torch.dtype = torch.bfloat16
 
 
 def model_path(name: str) -> str:
-    """`sharp-tiny` -> the folder shipped in the package; any other name as given."""
-    if name != "sharp-tiny":
+    """`sharp-tiny`, `sharp-small` -> the folder shipped in the package; any other name as given."""
+    if name not in SHIPPED:
         return name
-    if not (SHARP_TINY / "model.safetensors").exists():
-        raise ModelError(f"sharp-tiny is not in this install ({SHARP_TINY}); scripts/train_sharp_tiny.py makes it")
-    return str(SHARP_TINY)
+    folder, maker = SHIPPED[name]
+    if not (folder / "model.safetensors").exists():
+        raise ModelError(f"{name} is not in this install ({folder}); {maker} makes it")
+    return str(folder)
 
 
 def read_config(name: str, trust_remote_code: bool):
@@ -171,8 +175,10 @@ def load(name: str = DEFAULT_MODEL, *, device: str = "auto", quant: str = "auto"
     config = read_config(name, trust_remote_code)
     adapter = adapter_for(config)
     _refuse_pickles(name)
+    # use_kernels=False: with the `kernels` package installed, transformers >= 5.2x would replace layers
+    # with kernels fetched from the hub (a download; offline, an error) unless told not to.
     kwargs = dict(dtype=tdtype, attn_implementation="sdpa", trust_remote_code=trust_remote_code,
-                  use_safetensors=True)
+                  use_safetensors=True, use_kernels=False)
     qconfig = quantization_config(qmode, adapter, tdtype)
     if qconfig is not None:
         # The current device, not GPU 0: sharded evals set it per rank (torch.cuda.set_device).

@@ -40,7 +40,7 @@ def positional_prior(loaded: Loaded, clip, encoded, cfg: PruneConfig, store: Pri
     prior = store.get(key)
     if prior is not None:
         return PriorInfo(prior.to(loaded.device), True, 0.0)
-    black = _black_clip(clip)
+    black = black_clip(clip)
     watch = measure.Stopwatch(loaded.device)
     with watch:
         inputs = prepare(loaded, black, PRIOR_QUESTION, max_pixels)
@@ -103,7 +103,7 @@ def _scores_only(loaded: Loaded, encoded, cfg: PruneConfig) -> torch.Tensor:
     return session.scores
 
 
-def _black_clip(clip):
+def black_clip(clip):
     black = copy.copy(clip)
     black.frames = np.zeros_like(clip.frames)
     return black

@@ -58,10 +58,14 @@ def capture(text_config, layers):
     from transformers import AttentionInterface
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
     inner = text_config._attn_implementation
-    recorder = LastRowCapture(layers, inner)
+    # "eager" is each module's own code, not a registered function: the capture hands on to SDPA then
+    recorder = LastRowCapture(layers, inner if inner in ALL_ATTENTION_FUNCTIONS else "sdpa")
     AttentionInterface.register(CAPTURE_NAME, recorder)
-    mask = ALL_MASK_ATTENTION_FUNCTIONS[inner] if inner in ALL_MASK_ATTENTION_FUNCTIONS else ALL_MASK_ATTENTION_FUNCTIONS["sdpa"]
+    mask = ALL_MASK_ATTENTION_FUNCTIONS[recorder.inner] if recorder.inner in ALL_MASK_ATTENTION_FUNCTIONS \
+        else ALL_MASK_ATTENTION_FUNCTIONS["sdpa"]
     AttentionMaskInterface.register(CAPTURE_NAME, mask)
     text_config._attn_implementation = CAPTURE_NAME
     try:
