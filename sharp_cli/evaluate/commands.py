@@ -145,7 +145,7 @@ def eval_command(
         from sharp_cli.evaluate.table import table
 
         if warning:
-            console.print(warning, markup=False)
+            console.print(warning, markup=False, soft_wrap=True)  # one line, whatever the width
         console.print(table(result, width=console.width))
 
 
