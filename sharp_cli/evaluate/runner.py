@@ -239,6 +239,7 @@ def run(loaded, job: Job, todo, progress=None, cache=None, store=None) -> int:
                                                      max_pixels=job.video.get("max_pixels"), store=store,
                                                      cache=cache)
             reference = needle = None
+            mapped = not item.needle_boxes  # needle tokens: mapped once per item, at its first answer
             if compare and unpruned not in cells:
                 reference = ask(replace(job.base, method="none", ratio=1.0, seed=0), 1).prefill.logits
             for cell in sorted(cells, key=lambda c: c[0] != "none"):  # the reference first
@@ -246,8 +247,8 @@ def run(loaded, job: Job, todo, progress=None, cache=None, store=None) -> int:
                 answer = ask(replace(job.base, method=method, ratio=ratio, seed=seed), job.max_new_tokens)
                 if method == "none":
                     reference = answer.prefill.logits
-                if needle is None and item.needle_boxes:  # the same video, so the same tokens, in every cell
-                    needle = _needle_tokens(loaded, item, clip, answer.encoded.layout)
+                if not mapped:  # the same video, so the same tokens, in every cell
+                    needle, mapped = _needle_tokens(loaded, item, clip, answer.encoded.layout), True
                 _append(handle, _record(job, item, cell, answer=answer, reference=reference, needle=needle))
                 written += 1
                 if progress is not None:
