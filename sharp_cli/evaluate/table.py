@@ -119,10 +119,11 @@ def _captions(result: dict, headers: list[str]) -> list[str]:
     if len(categories) > MAX_CATEGORY_COLUMNS:
         captions.append(f"{len(categories)} categories: per-category accuracy is in --json")
     if "vs fastv" in headers or "vs none" in headers:
-        boot = result.get("bootstrap") or {}
+        resamples = (result.get("bootstrap") or {}).get("resamples", 0)
+        interval = (f"[95% paired bootstrap interval, {resamples:,} resamples of the questions]; ns: the interval "
+                    "includes 0" if resamples else "(no intervals: --bootstrap 0)")
         captions.append(f"vs fastv, vs none: accuracy minus fastv's at the same ratio, and minus unpruned, in points "
-                        f"[95% paired bootstrap interval, {boot.get('resamples', 0):,} resamples of the questions]; "
-                        "ns: the interval includes 0")
+                        + interval)
     if "spread" in headers:
         captions.append("accuracy: mean over seeds; spread: lowest-highest over seeds; seeds: how many ran "
                         "(skipped: the first seed tied nothing, later ones would answer the same)")
