@@ -17,11 +17,11 @@ from typer.testing import CliRunner
 
 from sharp_cli.cli import app
 from sharp_cli.errors import SharpError, UsageError
-from sharp_cli.evaluate import formats, runner, synth
+from sharp_cli.evaluate import formats, runner, summary, synth
 from sharp_cli.evaluate.letters import INSTRUCTION, build_prompt, parse_letter, strip_letter_prefixes
 
 cli = CliRunner()
-SMALL = ["--frames", "8", "--max-pixels", "12544", "--ratio", "0.5"]
+SMALL = ["--tie-seeds", "1", "--random-seeds", "1", "--frames", "8", "--max-pixels", "12544", "--ratio", "0.5"]
 CELLS = [("none", 1.0), ("fastv", 0.5), ("random", 0.5), ("sharp", 0.5)]
 
 
@@ -346,32 +346,36 @@ def test_synth_command(tmp_path):
 # -- the runner ------------------------------------------------------------------------------------
 def test_summary_accuracy_relative_and_categories():
     items = [formats.Item(str(i), "/v.mp4", "q", ["a", "b"], "A", "x" if i < 2 else "y") for i in range(4)]
-    cells = [("none", 1.0), ("sharp", 0.5)]
+    cells = [("none", 1.0, 0), ("sharp", 0.5, 0)]
 
     def rec(i, method, ratio, correct, **extra):
-        return {"item": str(i), "method": method, "ratio": ratio, "correct": correct, "category": items[i].category,
+        return {"item": str(i), "method": method, "ratio": ratio, "seed": 0, "correct": correct,
+                "category": items[i].category,
                 "prediction": "A" if correct else None, "prefill_seconds": 0.5 if method == "none" else 0.25,
                 "visual_tokens_kept": 100 if method == "none" else 50, "visual_tokens_total": 100, **extra}
 
     records = [rec(i, "none", 1.0, i != 3) for i in range(4)] + [rec(i, "sharp", 0.5, i == 0) for i in range(3)]
-    records.append({"item": "3", "method": "sharp", "ratio": 0.5, "correct": False, "category": "y",
+    records.append({"item": "3", "method": "sharp", "ratio": 0.5, "seed": 0, "correct": False, "category": "y",
                     "prediction": None, "error": "cannot read video"})
     records.append(rec(0, "none", 1.0, False))  # a duplicate line: the first one counts
-    none, pruned = runner.summarize(records, items, cells)
+    none, pruned = summary.summarize(records, items, cells)
     assert none["accuracy"] == 0.75 and none["relative_accuracy"] == 1.0 and none["categories"] == {"x": 1.0, "y": 0.5}
     assert pruned["accuracy"] == 0.25 and pruned["relative_accuracy"] == pytest.approx(1 / 3)
     assert pruned["errors"] == 1 and pruned["unparsed"] == 2 and pruned["questions"] == 4
     assert pruned["prefill_seconds"] == 0.25 and pruned["visual_tokens_kept"] == 50
-    assert runner.plan_cells(["sharp", "none"], [0.1, 0.2]) == [("none", 1.0), ("sharp", 0.1), ("sharp", 0.2)]
-    assert runner.plan_cells(["sharp", "sharp"], [0.5, 0.50]) == [("sharp", 0.5)]
+    assert runner.plan_cells(["sharp", "none"], [0.1, 0.2]) == [("none", 1.0, 0), ("sharp", 0.1, 0), ("sharp", 0.2, 0)]
+    assert runner.plan_cells(["sharp", "sharp"], [0.5, 0.50]) == [("sharp", 0.5, 0)]
+    assert runner.plan_cells(["random", "none", "fastv"], [0.5], tie_seeds=2, random_seeds=3, first_seed=7) == [
+        ("none", 1.0, 0), ("random", 0.5, 7), ("random", 0.5, 8), ("random", 0.5, 9), ("fastv", 0.5, 7),
+        ("fastv", 0.5, 8)]
 
 
 def test_half_written_line_is_ignored_then_cut(tmp_path):
     path = tmp_path / "r.jsonl"
-    path.write_text('{"item": "1", "method": "none", "ratio": 1.0}\nnot json\n{"item": "2", "meth')
+    path.write_text('{"item": "1", "method": "none", "ratio": 1.0, "seed": 0}\nnot json\n{"item": "2", "meth')
     assert [r["item"] for r in runner.read_results(path)] == ["1"]
     with runner._open_for_append(path) as handle:
-        runner._append(handle, {"item": "3", "method": "none", "ratio": 1.0})
+        runner._append(handle, {"item": "3", "method": "none", "ratio": 1.0, "seed": 0})
     assert [r["item"] for r in runner.read_results(path)] == ["1", "3"] and path.read_text().endswith("\n")
 
 
@@ -470,7 +474,7 @@ def test_first_token_kl_and_same_answer():
 
 def test_agreement_of_a_model_with_itself_is_total(model_dirs, synth_items, tmp_path):
     """fastv and every-component-off sharp at ratio 1 run the unpruned computation: 100%, KL 0."""
-    result = sharp("eval", synth_items, "-m", model_dirs["qwen2.5-vl"], *SMALL[:4], "--ratio", 1, "--methods",
+    result = sharp("eval", synth_items, "-m", model_dirs["qwen2.5-vl"], *SMALL[:-2], "--ratio", 1, "--methods",
                    "none,fastv,sharp", "--no-segment-mask", "--debias", "none", "--no-dedup", "-o", tmp_path / "r.jsonl",
                    "--json")
     assert result.exit_code == 0, result.stderr
@@ -490,7 +494,7 @@ def test_agreement_of_a_different_method_and_after_resuming(model_dirs, synth_it
     from sharp_cli import answer
 
     model = model_dirs["qwen2.5-vl"]
-    args = ("eval", synth_items, "-m", model, *SMALL[:4], "--ratio", 0.05)
+    args = ("eval", synth_items, "-m", model, *SMALL[:-2], "--ratio", 0.05)
     fresh = sharp(*args, "--methods", "none,random", "-o", tmp_path / "fresh.jsonl", "--json")
     assert fresh.exit_code == 0, fresh.stderr
     row = json.loads(fresh.stdout)["rows"][1]
@@ -549,15 +553,16 @@ def test_eval_missing_data_and_videos(model_dirs, tmp_path):
 # -- sharding --------------------------------------------------------------------------------------
 def _job(tmp_path, world=2, rank=0):
     items = [formats.Item(f"q{i}", "/v.mp4", "q", ["a", "b"], "A") for i in range(3)]
-    return runner.Job(items, [("none", 1.0), ("sharp", 0.5)], None, tmp_path / "r.jsonl", {"s": 1}, {}, 8, rank, world)
+    return runner.Job(items, [("none", 1.0, 0), ("sharp", 0.5, 0), ("sharp", 0.5, 1)], None, tmp_path / "r.jsonl",
+                      {"s": 1}, {}, 8, rank, world)
 
 
 def _write(path, job, item_ids, rank):
     with open(path, "a") as fh:
         for item in job.items:
             if item.id in item_ids:
-                for method, ratio in job.cells:
-                    fh.write(json.dumps({"item": item.id, "method": method, "ratio": ratio, "rank": rank,
+                for method, ratio, seed in job.cells:
+                    fh.write(json.dumps({"item": item.id, "method": method, "ratio": ratio, "seed": seed, "rank": rank,
                                          "settings": {"s": 1}}) + "\n")
 
 
@@ -568,11 +573,11 @@ def test_file_based_wait_and_merge_in_item_order(tmp_path):
     assert runner.wait_for_shards(job, timeout=0) == [1]  # rank 1 has written nothing yet
     _write(runner.shard_path(job.results, 1), job, {"q1"}, 1)
     assert runner.wait_for_shards(job, timeout=0) == []
-    assert runner.merge(job) == 6
-    assert [(r["item"], r["method"]) for r in _lines(job.results)] == [
-        (f"q{i}", m) for i in range(3) for m in ("none", "sharp")]
+    assert runner.merge(job) == 9
+    assert [(r["item"], r["method"], r["seed"]) for r in _lines(job.results)] == [
+        (f"q{i}", m, s) for i in range(3) for m, s in (("none", 0), ("sharp", 0), ("sharp", 1))]
     assert [p.name for p in tmp_path.iterdir()] == ["r.jsonl"]  # shards removed once merged
-    assert runner.merge(job) == 0 and len(_lines(job.results)) == 6
+    assert runner.merge(job) == 0 and len(_lines(job.results)) == 9
 
 
 def test_resume_reads_leftover_shards_and_refuses_other_settings(tmp_path):
@@ -580,7 +585,9 @@ def test_resume_reads_leftover_shards_and_refuses_other_settings(tmp_path):
     _write(runner.shard_path(job.results, 1), job, {"q1"}, 1)
     single = _job(tmp_path, world=1)
     assert [(item.id, cells) for item, cells in runner.pending(single)] == [
-        ("q0", single.cells), ("q2", single.cells)]
+        ("q0", single.cells[:2]), ("q2", single.cells[:2])]  # the first phase: every cell's first seed
+    assert [(item.id, cells) for item, cells in runner.pending(single, later=True)] == [
+        ("q0", single.cells[2:]), ("q2", single.cells[2:])]
     single.settings = {"s": 2}
     with pytest.raises(UsageError, match="other settings.*s: 1 there, 2 now"):
         runner.pending(single)

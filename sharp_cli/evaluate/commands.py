@@ -12,7 +12,7 @@ import typer
 
 from sharp_cli.options import (DEFAULT_DEBIAS, CacheGb, Compile, JsonOut, Debias, Decoder, Dedup, DedupThreshold, DedupWindow, Device, Dtype, Fps,
                            Frames, Layer, MaxFrames, MaxPixels, Model, Quant, Query, RandomWeights, RegisterZ,
-                           Seed, SegmentFrames, SegmentMask, TrustRemoteCode)
+                           SegmentFrames, SegmentMask, TrustRemoteCode)
 
 TASKS = ("colour", "direction", "order", "count", "flash", "sequence", "objects", "dominant", "motion", "scenes")
 TASK_GROUPS = ("basic", "hard", "all")  # synth.TASKS and synth.GROUPS, without importing numpy for --help
@@ -29,6 +29,12 @@ Limit = Annotated[Optional[int], typer.Option(help="Only the first N questions."
 Output = Annotated[Optional[str], typer.Option("--output", "-o", help="Results file, JSON lines; a rerun resumes it. "
                                                "Default: sharp-eval-<data>-<model>.jsonl in the current folder.")]
 ShardTimeout = Annotated[float, typer.Option(help="Sharded runs: seconds rank 0 waits for the other ranks.")]
+TieSeeds = Annotated[int, typer.Option(help="Seeds per score-based cell (sharp, fastv, ...): each breaks exact score "
+                                       "ties its own way; later seeds are skipped where the first tied nothing.")]
+RandomSeeds = Annotated[Optional[int], typer.Option(help="Seeds of the random baseline (default: --tie-seeds, at "
+                                                    "least 5).", show_default=False)]
+Bootstrap = Annotated[int, typer.Option(help="Resamples of the paired bootstrap intervals (0: no intervals).")]
+FirstSeed = Annotated[int, typer.Option("--seed", help="First seed of every cell: seeds S, S+1, ... (none: one run).")]
 
 
 def eval_command(
@@ -42,11 +48,12 @@ def eval_command(
     layer: Layer = None, query: Query = "last",
     segment_mask: SegmentMask = True, segment_frames: SegmentFrames = None, debias: Debias = DEFAULT_DEBIAS,
     dedup: Dedup = True, dedup_threshold: DedupThreshold = 0.9, dedup_window: DedupWindow = 1,
-    register_z: RegisterZ = 8.0, seed: Seed = 0,
+    register_z: RegisterZ = 8.0, seed: FirstSeed = 0,
     frames: Frames = 32, fps: Fps = None, max_frames: MaxFrames = 768, max_pixels: MaxPixels = None,
     decoder: Decoder = "auto", max_new_tokens: MaxNewTokens = 8, limit: Limit = None, output: Output = None,
     shard_timeout: ShardTimeout = 3600.0, cache_gb: CacheGb = 4.0, compile_model: Compile = False,
     json_out: JsonOut = False, quiet: Quiet = False,
+    tie_seeds: TieSeeds = 3, random_seeds: RandomSeeds = None, bootstrap: Bootstrap = 2000,
 ):
     """Multiple-choice accuracy of every method and ratio on a video QA set (resumable, shardable)."""
     from sharp_cli.options import prune_config, quiet_transformers, split_list, stderr_console
@@ -72,6 +79,9 @@ def eval_command(
         raise UsageError(f"--cache-gb must be >= 0, got {cache_gb}")
     if max_new_tokens < 1 or shard_timeout <= 0:
         raise UsageError("--max-new-tokens must be >= 1 and --shard-timeout > 0")
+    random_seeds = max(5, tie_seeds) if random_seeds is None else random_seeds
+    if tie_seeds < 1 or random_seeds < 1 or bootstrap < 0 or seed < 0:
+        raise UsageError("--tie-seeds and --random-seeds must be >= 1, --bootstrap and --seed >= 0")
     console = stderr_console(quiet)
     dataset = formats.drop_missing(formats.load(data, format, video_dir, category_field), skip_missing)
     items = dataset.items[:limit] if limit else dataset.items
@@ -90,20 +100,23 @@ def eval_command(
         "model": model, "random_weights": random_weights, "quant": loading.resolve_quant(quant, dev, model),
         "dtype": str(loading.resolve_dtype(dtype, dev)).replace("torch.", ""), "frames": frames, "fps": fps,
         "max_frames": max_frames, "max_pixels": max_pixels, "max_new_tokens": max_new_tokens, "prompt": PROMPT_VERSION,
-        "options": {k: v for k, v in base.as_dict().items() if k not in ("method", "ratio")},
+        "options": {k: v for k, v in base.as_dict().items() if k not in ("method", "ratio", "seed")},
     }
     video = dict(frames=frames, fps=fps, max_frames=max_frames, max_pixels=max_pixels, backend=decoder)
-    job = runner.Job(items, runner.plan_cells(method_list, ratios), base, default_output(output, dataset.name, model),
-                     settings, video, max_new_tokens, rank, world, cache_gb)
-    todo = runner.pending(job)
-    left, mine = sum(len(cells) for _, cells in todo), len(job.my_items) * len(job.cells)
-    if left < mine:
-        console.print(f"resuming {job.output}: {mine - left} of {mine} answers already there")
+    cells = runner.plan_cells(method_list, ratios, tie_seeds, random_seeds, seed)
+    job = runner.Job(items, cells, base, default_output(output, dataset.name, model), settings, video,
+                     max_new_tokens, rank, world, cache_gb)
+    first, later = runner.pending(job), runner.pending(job, later=True)
+    left = _count(first) + _count(later)  # later seeds: at most this many (skipped where nothing tied)
+    done = runner.done_records(job)
+    there = sum(runner.key(item.id, *c) in done for item in job.my_items for c in job.cells)
+    if there:
+        console.print(f"resuming {job.output}: {there} of {len(job.my_items) * len(job.cells)} answers already there")
     group = runner.Group(world, shard_timeout)
     try:
-        if todo:
-            _answer(job, todo, left, console, dict(name=model, device=device, quant=quant, dtype=dtype,
-                                                   random_weights=random_weights, trust_remote_code=trust_remote_code),
+        if first or later:
+            _answer(job, first, left, console, dict(name=model, device=device, quant=quant, dtype=dtype,
+                                                    random_weights=random_weights, trust_remote_code=trust_remote_code),
                     compile_model)
         group.barrier()
     finally:
@@ -116,9 +129,15 @@ def eval_command(
     if missing:
         raise SharpError(f"ranks {', '.join(map(str, missing))} did not finish within {shard_timeout:g} s; "
                          f"merged what was there into {job.results}; run again to resume")
-    result = {"rows": runner.summarize(runner.read_results(job.results), items, job.cells), "questions": len(items),
-              "data": str(data), "format": dataset.format, "results_file": str(job.results), "world_size": world,
-              "settings": settings}
+    from sharp_cli.evaluate import stats, summary
+
+    rows = summary.summarize(runner.read_results(job.results), items, job.cells, bootstrap)
+    warning = summary.tie_warning(rows)
+    result = {"rows": rows, "questions": len(items), "data": str(data), "format": dataset.format,
+              "results_file": str(job.results), "world_size": world, "settings": settings,
+              "seeds": {"first": seed, "tie": tie_seeds, "random": random_seeds},
+              "bootstrap": {"resamples": bootstrap, "seed": stats.DEFAULT_SEED, "level": stats.LEVEL},
+              "warnings": [warning] if warning else []}
     if json_out:
         from sharp_cli import report
 
@@ -126,17 +145,26 @@ def eval_command(
     if not quiet:
         from sharp_cli.evaluate.table import table
 
-        console.print(table(result))
+        if warning:
+            console.print(warning, markup=False, soft_wrap=True)  # one line, whatever the width
+        console.print(table(result, width=console.width))
 
 
-def _answer(job, todo, left: int, console, load_args: dict, compile_model: bool = False) -> None:
-    """Load the model once (on this rank's GPU when sharded) and answer with a progress bar."""
+def _count(todo) -> int:
+    return sum(len(cells) for _, cells in todo)
+
+
+def _answer(job, first, left: int, console, load_args: dict, compile_model: bool = False) -> None:
+    """Load the model once (on this rank's GPU when sharded) and answer with a progress bar: the
+    first seeds, then the later seeds that the first ones' tie audit leaves to run."""
     import os
 
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     from sharp_cli import loading
     from sharp_cli.evaluate import runner
+    from sharp_cli.prune.prior import PriorStore
+    from sharp_cli.video_cache import VideoCache
 
     if job.world > 1 and loading.resolve_device(load_args["device"]).type == "cuda":
         import torch
@@ -146,9 +174,14 @@ def _answer(job, todo, left: int, console, load_args: dict, compile_model: bool 
         loaded = loading.load(**load_args)
     loaded.use_compile(compile_model)  # not in the settings: compiled answers are the same answers
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    shared = dict(cache=VideoCache(int(job.cache_gb * 2**30)), store=PriorStore())
     with Progress(*columns, console=console, transient=True) as progress:
         task = progress.add_task("answering" if job.world == 1 else f"rank {job.rank}", total=left)
-        runner.run(loaded, job, todo, progress=lambda: progress.advance(task))
+        advance = lambda: progress.advance(task)  # noqa: E731
+        written = runner.run(loaded, job, first, progress=advance, **shared)
+        later = runner.pending(job, later=True)
+        progress.update(task, total=written + _count(later))
+        runner.run(loaded, job, later, progress=advance, **shared)
 
 
 def default_output(output, data_name: str, model: str):

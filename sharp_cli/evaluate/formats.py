@@ -4,7 +4,7 @@ Every reader returns Items: an id unique in the set, the video's absolute path, 
 the option texts (without "A." prefixes), the answer letter and a category for per-category
 accuracy. docs/eval.md describes each layout and the assumptions made about it.
 
-    sharp           JSON list or JSONL of {video, question, options?, answer?, category?, id?};
+    sharp           JSON list or JSONL of {video, question, options?, answer?, category?, id?, needle_boxes?};
                     video paths relative to the data file (or to --video-dir)
     videomme        videomme/test-*.parquet (or the same records as JSON/JSONL); videos data/<videoID>.mp4
     mvbench         json/<task>.json with {video, question, candidates, answer text}; videos video/<folder>/...
@@ -19,6 +19,7 @@ import os
 from pathlib import Path
 
 from sharp_cli.errors import SharpError, UsageError
+from sharp_cli.evaluate import needles
 from sharp_cli.evaluate.items import Dataset, Item  # noqa: F401 - readers' results; Item re-exported
 from sharp_cli.evaluate.items import answer_letter, field_of, find_video, first_dir, make_item, read_records
 from sharp_cli.evaluate.letters import strip_letter_prefixes
@@ -121,7 +122,8 @@ def _read_sharp(path: Path, video_dir: Path | None, category_field: str | None) 
             raise SharpError(f"{where}: an answer needs options to be one of")
         items.append(make_item(
             rec.get("id", i), base / str(field_of(rec, "video", where)), field_of(rec, "question", where), options,
-            answer, rec.get(category_field or "category"), where))
+            answer, rec.get(category_field or "category"), where,
+            needles.check_boxes(rec.get("needle_boxes"), where)))
     return Dataset(items, "sharp", file.stem if file.stem not in ("items", "data") else file.parent.name)
 
 

@@ -20,6 +20,7 @@ class Item:
     options: list[str]  # empty: an open question, asked as it is (agreement only)
     answer: str | None  # letter; None: no gold answer (counts for agreement, not accuracy)
     category: str | None = None
+    needle_boxes: list | None = None  # [frame, x0, y0, x1, y1] boxes showing the answer (needles.py)
 
 
 @dataclass
@@ -48,13 +49,14 @@ def answer_letter(answer, options: list[str], where: str) -> str:
     raise SharpError(f"{where}: answer {answer!r} is neither an option letter nor one of the options")
 
 
-def make_item(item_id, video: Path, question, options: list[str], answer: str | None, category, where: str) -> Item:
+def make_item(item_id, video: Path, question, options: list[str], answer: str | None, category, where: str,
+              needle_boxes=None) -> Item:
     if options and not 2 <= len(options) <= len(LETTERS):
         raise SharpError(f"{where}: needs 2 to {len(LETTERS)} options, got {len(options)}")
     if not str(question).strip():
         raise SharpError(f"{where}: the question is empty")
     return Item(str(item_id), str(Path(video).absolute()), str(question).strip(), [str(o) for o in options],
-                answer, None if category is None else str(category))
+                answer, None if category is None else str(category), needle_boxes)
 
 
 def field_of(rec, key: str, where: str, kind=None):

@@ -1,15 +1,24 @@
-"""Run methods x ratios over the items with one loaded model; resume, shard, merge, summarise.
+"""Run methods x ratios x seeds over the items with one loaded model; resume, shard, merge.
 
-The results file is JSON lines, one per (item, method, ratio), appended and flushed as each
+A cell is (method, ratio, seed). Every score-based method (sharp, fastv, evs, ...) runs under
+`tie_seeds` seeds: PruneConfig.seed drives the permutation that breaks exact ties in its scores;
+`random` runs under `random_seeds` seeds; `none` once (seed 0). The run goes in two phases:
+first every item's first-seed cells (and every seed of random), then the later seeds; a cell
+whose first seed tied nothing on any item (tie audit 0 everywhere: its later seeds would give
+the same answers) skips its later seeds in a single-process run.
+
+The results file is JSON lines, one per (item, method, ratio, seed), appended and flushed as each
 answer comes, so an interrupted run loses at most the answer in flight. A rerun skips every
-(item, method, ratio) already in the file; a half-written last line is cut off and redone.
-Every line carries the run's settings; resuming with other settings is refused.
+cell already in the file; a half-written last line is cut off and redone. Every line carries the
+run's settings; resuming with other settings is refused, and so is a file written before lines
+carried their seed (its selection broke ties another way).
 
 Sharding: with RANK and WORLD_SIZE set (torchrun, accelerate launch), rank r takes
 items[r::world] and appends to its own `<results>.rank{r}`. Rank 0 then waits for every
 rank's lines (a gloo barrier when the launcher gives MASTER_ADDR/MASTER_PORT, then the files
 themselves, up to a timeout) and appends what the results file lacks, in item-then-cell
-order, so the merged file matches a single-process run. Shard files go once merged.
+order, so the merged file matches a single-process run. Shard files go once merged. Sharded
+runs answer every seed (a rank cannot see the other ranks' ties).
 """
 
 from __future__ import annotations
@@ -26,13 +35,15 @@ from sharp_cli.evaluate.letters import build_prompt, parse_letter
 from sharp_cli.jsonl import append as _append, open_for_append as _open_for_append  # shared with batch
 
 POLL_SECONDS = 1.0
+UNSEEDED = ("none",)  # methods whose answer no seed changes: one cell, seed 0
+RANDOM = "random"  # its seed draws the kept set itself: random_seeds cells
 
 
 @dataclass
 class Job:
     items: list  # every item of the run (all ranks), in order
-    cells: list[tuple[str, float]]  # (method, ratio) in order
-    base: object  # PruneConfig; method and ratio are replaced per cell
+    cells: list[tuple[str, float, int]]  # (method, ratio, seed) in order
+    base: object  # PruneConfig; method, ratio and seed are replaced per cell
     results: Path
     settings: dict  # what must match for a line to be reused
     video: dict  # load_video keyword arguments: frames, fps, max_frames, max_pixels, backend
@@ -40,6 +51,7 @@ class Job:
     rank: int = 0
     world: int = 1
     cache_gb: float = 4.0  # the per-video cache: nothing is recomputed per cell that a cell before computed
+    skip_untied: bool = True  # skip later seeds of a cell that tied nothing (single-process runs only)
 
     @property
     def my_items(self) -> list:
@@ -50,19 +62,50 @@ class Job:
         return self.results if self.world == 1 else shard_path(self.results, self.rank)
 
 
-def plan_cells(methods: list[str], ratios: list[float]) -> list[tuple[str, float]]:
-    """`none` once at ratio 1.0, then every other method at every ratio (repeats dropped)."""
-    cells = [("none", 1.0)] if "none" in methods else []
-    cells += [(m, round(float(r), 6)) for m in methods if m != "none" for r in ratios]
+def plan_cells(methods: list[str], ratios: list[float], tie_seeds: int = 1, random_seeds: int = 1,
+               first_seed: int = 0) -> list[tuple[str, float, int]]:
+    """`none` once at ratio 1.0 (seed 0), then every other method at every ratio, each under its
+    seeds: first_seed.. (tie_seeds of them, random_seeds for random); repeats dropped."""
+    cells = [("none", 1.0, 0)] if "none" in methods else []
+    for m in methods:
+        if m in UNSEEDED:
+            continue
+        count = random_seeds if m == RANDOM else tie_seeds
+        cells += [(m, round(float(r), 6), first_seed + s) for r in ratios for s in range(count)]
     return list(dict.fromkeys(cells))
 
 
-def key(item_id, method: str, ratio) -> tuple:
-    return str(item_id), str(method), round(float(ratio), 6)
+def first_seeds(cells) -> dict[tuple[str, float], int]:
+    """(method, ratio) -> the first seed it runs under."""
+    first: dict[tuple[str, float], int] = {}
+    for method, ratio, seed in cells:
+        first.setdefault((method, ratio), seed)
+    return first
+
+
+def is_later(cell, first: dict) -> bool:
+    """A second or later seed of a tie-seeded method: answered in the second phase."""
+    method, ratio, seed = cell
+    return method != RANDOM and seed != first[(method, ratio)]
+
+
+def key(item_id, method: str, ratio, seed) -> tuple:
+    return str(item_id), str(method), round(float(ratio), 6), int(seed)
 
 
 def line_key(record: dict) -> tuple:
-    return key(record["item"], record["method"], record["ratio"])
+    return key(record["item"], record["method"], record["ratio"], record["seed"])
+
+
+def untied(records: dict, item_ids, method: str, ratio: float, seed: int) -> bool:
+    """Whether the (method, ratio, seed) answers of every item are in `records` (a key -> record
+    dict) and none tied (tie_share exactly 0; an answer without a tie audit counts as tied, one
+    that failed on its video as untied: later seeds cannot change it)."""
+    for item_id in item_ids:
+        record = records.get(key(item_id, method, ratio, seed))
+        if record is None or (not record.get("error") and record.get("tie_share") != 0):
+            return False
+    return True
 
 
 def distributed() -> tuple[int, int]:
@@ -93,37 +136,66 @@ def read_results(path: Path) -> list[dict]:
     return [r for r in complete_records(path) if {"item", "method", "ratio"} <= r.keys()]
 
 
-def done_keys(job: Job) -> set:
-    """Keys already answered in the results file or any shard file, after checking their settings."""
+def done_records(job: Job) -> dict:
+    """key -> line already answered in the results file or any shard file, after checking that each
+    line has a seed and the run's settings."""
     settings = json.loads(json.dumps(job.settings))
-    done = set()
+    done = {}
     for path in [job.results, *shard_files(job.results)]:
         for record in read_results(path):
+            if "seed" not in record:
+                raise UsageError(f"{path} was written by an older sharp eval (its answers carry no tie seed, "
+                                 "and ties were broken by index order); pass another --output, or remove that "
+                                 "file to start over")
             if record.get("settings") != settings:
-                difference = _first_difference(record.get("settings"), settings)
-                raise UsageError(f"{path} holds results of other settings ({difference}); "
-                                 "pass another --output, or remove that file to start over")
-            done.add(line_key(record))
+                changed = differences(record.get("settings"), settings)
+                raise UsageError(f"{path} holds results of other settings ({changed}); pass another --output, "
+                                 "or remove that file to start over")
+            done.setdefault(line_key(record), record)
     return done
 
 
-def _first_difference(old, new) -> str:
+def differences(old, new, limit: int = 4) -> str:
+    """What differs between two settings dicts, leaf by leaf: "layer: 2 there, 6 now; ..."."""
     if not isinstance(old, dict):
         return "no settings recorded"
-    for name in sorted(set(old) | set(new)):
-        if old.get(name) != new.get(name):
-            return f"{name}: {old.get(name)!r} there, {new.get(name)!r} now"
-    return "same"
+    found = []
+
+    def walk(a, b):
+        for name in sorted(set(a) | set(b), key=str):
+            x, y = a.get(name), b.get(name)
+            if isinstance(x, dict) and isinstance(y, dict):
+                walk(x, y)
+            elif x != y:
+                found.append(f"{name}: {_short(x) if name in a else 'absent'} there, "
+                             f"{_short(y) if name in b else 'absent'} now")
+
+    walk(old, new)
+    more = f"; and {len(found) - limit} more" if len(found) > limit else ""
+    return "; ".join(found[:limit]) + more if found else "same"
 
 
-def pending(job: Job) -> list[tuple[object, list[tuple[str, float]]]]:
-    """(item, cells still to answer) for this rank's items that have any."""
-    done = done_keys(job)
+def _short(value) -> str:
+    text = json.dumps(value) if not isinstance(value, str) else value
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def pending(job: Job, later: bool = False) -> list[tuple[object, list[tuple[str, float, int]]]]:
+    """(item, cells still to answer) for this rank's items that have any: the first phase's cells,
+    or with later=True the later seeds (less those of cells whose first seed tied nothing, in a
+    single-process run)."""
+    done = done_records(job)
+    first = first_seeds(job.cells)
+    cells = [c for c in job.cells if is_later(c, first) == later]
+    if later and job.skip_untied and job.world == 1:
+        ids = [item.id for item in job.my_items]
+        skipped = {(m, r) for (m, r), s in first.items() if untied(done, ids, m, r, s)}
+        cells = [c for c in cells if c[:2] not in skipped]
     todo = []
     for item in job.my_items:
-        cells = [c for c in job.cells if key(item.id, *c) not in done]
-        if cells:
-            todo.append((item, cells))
+        mine = [c for c in cells if key(item.id, *c) not in done]
+        if mine:
+            todo.append((item, mine))
     return todo
 
 
@@ -133,29 +205,31 @@ def prompt_for(item) -> str:
     return build_prompt(item.question, item.options) if item.options else item.question
 
 
-def run(loaded, job: Job, todo, progress=None) -> int:
+def run(loaded, job: Job, todo, progress=None, cache=None, store=None) -> int:
     """Answer every pending cell: one video decode per item, answer.ask per cell. Returns lines written.
 
     Pruned lines carry their first-token agreement with the unpruned answer of the same item: from
-    the `none` cell answered just before, or, when that one was answered by an earlier run (resumed),
-    from one unpruned prefill redone here (logits are not stored in the results file)."""
+    the `none` cell answered just before, or, when that one was answered earlier (a resumed run, or
+    the first phase of this one), from one unpruned prefill redone here (logits are not stored in
+    the results file). cache, store: a VideoCache and PriorStore to share between calls."""
     from sharp_cli import answer as answer_mod
     from sharp_cli.prune.prior import PriorStore
     from sharp_cli.video_cache import VideoCache
 
-    store = PriorStore()
+    store = store if store is not None else PriorStore()
     # Every cell of an item asks about the same video: its frames, vision output and the prompt's
     # start (for each K and segment setting) are computed once per item, not once per cell.
-    cache = VideoCache(int(job.cache_gb * 2**30))
+    cache = cache if cache is not None else VideoCache(int(job.cache_gb * 2**30))
     written = 0
-    compare = ("none", 1.0) in job.cells
+    unpruned = ("none", 1.0, 0)
+    compare = unpruned in job.cells
     with _open_for_append(job.output) as handle:
         for item, cells in todo:
             try:
                 clip = cache.load_video(item.video, **job.video)
             except VideoError as exc:  # a broken file stays broken: record it, count it wrong, go on
-                for method, ratio in cells:
-                    _append(handle, _record(job, item, method, ratio, error=one_line(str(exc), 300)))
+                for cell in cells:
+                    _append(handle, _record(job, item, cell, error=one_line(str(exc), 300)))
                     written += 1
                     if progress is not None:
                         progress()
@@ -164,27 +238,44 @@ def run(loaded, job: Job, todo, progress=None) -> int:
             ask = lambda cfg, tokens: answer_mod.ask(loaded, clip, prompt, cfg, max_new_tokens=tokens,  # noqa: E731
                                                      max_pixels=job.video.get("max_pixels"), store=store,
                                                      cache=cache)
-            reference = None
-            if compare and ("none", 1.0) not in cells:
-                reference = ask(replace(job.base, method="none", ratio=1.0), 1).prefill.logits
-            for method, ratio in sorted(cells, key=lambda c: c[0] != "none"):  # the reference first
-                answer = ask(replace(job.base, method=method, ratio=ratio), job.max_new_tokens)
+            reference = needle = None
+            mapped = not item.needle_boxes  # needle tokens: mapped once per item, at its first answer
+            if compare and unpruned not in cells:
+                reference = ask(replace(job.base, method="none", ratio=1.0, seed=0), 1).prefill.logits
+            for cell in sorted(cells, key=lambda c: c[0] != "none"):  # the reference first
+                method, ratio, seed = cell
+                answer = ask(replace(job.base, method=method, ratio=ratio, seed=seed), job.max_new_tokens)
                 if method == "none":
                     reference = answer.prefill.logits
-                _append(handle, _record(job, item, method, ratio, answer=answer, reference=reference))
+                if not mapped:  # the same video, so the same tokens, in every cell
+                    needle, mapped = _needle_tokens(loaded, item, clip, answer.encoded.layout), True
+                _append(handle, _record(job, item, cell, answer=answer, reference=reference, needle=needle))
                 written += 1
                 if progress is not None:
                     progress()
     return written
 
 
-def _record(job: Job, item, method: str, ratio: float, answer=None, error: str | None = None,
-            reference=None) -> dict:
+def _needle_tokens(loaded, item, clip, layout) -> list[int] | None:
+    """The visual tokens the item's needle boxes overlap (needles.py), or None if not mappable.
+    The boxes are in the file's pixels; frames decoded smaller (--max-pixels) are the same frame."""
+    from sharp_cli import video
+    from sharp_cli.evaluate import needles
+
+    if not needles.mappable(loaded.processor):
+        return None
+    info = video.probe(item.video)
+    size = (info.width, info.height) if info is not None else (clip.frames.shape[2], clip.frames.shape[1])
+    return needles.token_numbers(item.needle_boxes, size, list(clip.indices), layout.grid, layout.frames_per_step)
+
+
+def _record(job: Job, item, cell, answer=None, error: str | None = None, reference=None, needle=None) -> dict:
     from sharp_cli.evaluate import agreement
 
+    method, ratio, seed = cell
     labelled = bool(item.options) and item.answer is not None
-    record = {"item": item.id, "method": method, "ratio": ratio, "category": item.category, "answer": item.answer,
-              "prediction": None, "correct": False if labelled else None, "output": None}
+    record = {"item": item.id, "method": method, "ratio": ratio, "seed": seed, "category": item.category,
+              "answer": item.answer, "prediction": None, "correct": False if labelled else None, "output": None}
     if answer is not None:
         layout = answer.encoded.layout
         kept = answer.prefill.kept
@@ -195,12 +286,30 @@ def _record(job: Job, item, method: str, ratio: float, answer=None, error: str |
                       visual_tokens_kept=int(kept.numel()) if kept is not None else int(layout.num_visual),
                       prefill_seconds=answer.prefill.seconds, vision_seconds=answer.vision_seconds,
                       decode_seconds=answer.decode_seconds)
+        record.update(_selection(answer, method, needle))
         if method != "none" and reference is not None:
             record.update(agreement.first_token(reference, answer.prefill.logits))
     else:
         record["error"] = error
     record.update(rank=job.rank, time=round(time.time(), 3), settings=job.settings)
     return record
+
+
+def _selection(answer, method: str, needle) -> dict:
+    """The tie audit and the needle tokens kept, read once the answer is done (nothing in flight):
+    tie_share from the prune session's details (share of the kept tokens tied with the first dropped
+    one; None where the selection does not report it), needle counts where the item has boxes."""
+    session = answer.prefill.session
+    share = (session.details or {}).get("tie_share") if session is not None else None
+    out = {"tie_share": None if share is None else round(float(share), 6)}
+    if needle is not None:
+        kept = answer.prefill.kept
+        if method == "none":
+            hits = len(needle)  # nothing pruned
+        else:
+            hits = None if kept is None else len(set(needle) & set(kept.reshape(-1).tolist()))
+        out.update(needle_tokens=len(needle), needle_kept=hits)
+    return out
 
 
 # -- sharding --------------------------------------------------------------------------------------
@@ -266,51 +375,3 @@ def merge(job: Job, remove_shards: bool = True) -> int:
         for path in shards:
             path.unlink(missing_ok=True)
     return len(ordered)
-
-
-# -- summary ---------------------------------------------------------------------------------------
-def summarize(records: list[dict], items: list, cells: list[tuple[str, float]]) -> list[dict]:
-    """Per (method, ratio): accuracy (over the items with an answer), accuracy relative to `none`,
-    per category, agreement with `none` (over every item), mean prefill and kept tokens."""
-    from sharp_cli.evaluate import agreement
-
-    by_key = {}
-    for record in records:
-        by_key.setdefault(line_key(record), record)
-    references = {str(item.id): by_key[k] for item in items if (k := key(item.id, "none", 1.0)) in by_key}
-    options_of = {str(item.id): item.options for item in items}
-    rows = []
-    for method, ratio in cells:
-        found = [by_key[k] for item in items if (k := key(item.id, method, ratio)) in by_key]
-        answered = [r for r in found if not r.get("error")]
-        labelled = [r for r in found if r.get("correct") is not None]
-        categories: dict[str, list[bool]] = {}
-        for record in labelled:
-            if record.get("category") is not None:
-                categories.setdefault(str(record["category"]), []).append(bool(record.get("correct")))
-        row = {
-            "method": method, "ratio": ratio, "questions": len(found), "of": len(items),
-            "correct": sum(bool(r.get("correct")) for r in labelled),
-            "accuracy": _mean([bool(r.get("correct")) for r in labelled]),
-            "relative_accuracy": None,
-            "categories": {c: _mean(v) for c, v in categories.items()},
-            "unparsed": sum(r.get("prediction") is None for r in answered if options_of.get(str(r["item"]))),
-            "errors": len(found) - len(answered),
-            "prefill_seconds": _mean([r["prefill_seconds"] for r in answered if "prefill_seconds" in r]),
-            "visual_tokens_kept": _mean([r["visual_tokens_kept"] for r in answered if "visual_tokens_kept" in r]),
-            "visual_tokens_total": _mean([r["visual_tokens_total"] for r in answered if "visual_tokens_total" in r]),
-        }
-        if method == "none":  # the reference itself
-            row.update(agreement_questions=0, answer_agreement=None, first_token_agreement=None, first_token_kl=None)
-        else:
-            row.update(agreement.summarize(found, references, options_of))
-        rows.append(row)
-    base = next((r for r in rows if r["method"] == "none"), None)
-    for row in rows:
-        if base is not None and base["accuracy"] and row["accuracy"] is not None:
-            row["relative_accuracy"] = row["accuracy"] / base["accuracy"]
-    return rows
-
-
-def _mean(values: list) -> float | None:
-    return sum(values) / len(values) if values else None
