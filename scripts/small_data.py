@@ -62,21 +62,24 @@ def vocabulary() -> list[str]:
 
 
 def small_config(vocab: int = 1024, hidden: int = 256, layers: int = 16, heads: int = 8, kv_heads: int = 2,
-                 vision_depth: int = 4, vision_hidden: int = 128):
+                 vision_depth: int = 4, vision_hidden: int = 128, rope_theta: float = 10000.0,
+                 tokens_per_second: float = 8):
     """Qwen2.5-VL's own classes at ~17M parameters: 7B-like grouped-query attention (4 query heads
-    per KV head), RoPE theta and M-RoPE split as the 7B's in proportion (head dim 32: 4/6/6)."""
+    per KV head), the M-RoPE split as the 7B's in proportion (head dim 32: 4/6/6). The 7B has
+    theta 1e6 over head dim 128, so its temporal band's slowest frequency turns 0.04 rad a position;
+    here (head dim 32) theta 1e4 gives 0.18 and 1e6 gives 0.075 (--rope-theta)."""
     from transformers import Qwen2_5_VLConfig
 
     special = {"bos": vocab - 12, "eos": vocab - 10, "vstart": vocab - 9, "vend": vocab - 8, "vpad": vocab - 7,
                "image": vocab - 6, "video": vocab - 5}
     text = dict(hidden_size=hidden, intermediate_size=4 * hidden, num_hidden_layers=layers, num_attention_heads=heads,
                 num_key_value_heads=kv_heads, vocab_size=vocab, max_position_embeddings=8192, rms_norm_eps=1e-6,
-                rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [4, 6, 6]},
+                rope_parameters={"rope_type": "default", "rope_theta": rope_theta, "mrope_section": [4, 6, 6]},
                 bos_token_id=special["bos"], eos_token_id=special["eos"], tie_word_embeddings=False)
     vision = dict(depth=vision_depth, hidden_size=vision_hidden, intermediate_size=2 * vision_hidden,
                   num_heads=max(2, vision_hidden // 32), out_hidden_size=hidden, patch_size=14, spatial_merge_size=2,
                   temporal_patch_size=2, window_size=56, fullatt_block_indexes=list(range(1, vision_depth, 2)),
-                  tokens_per_second=8)  # 8 fps, 2 frames a token frame: temporal positions step by 2, as the 7B's at 2 fps
+                  tokens_per_second=tokens_per_second)  # 8: at 8 fps, 2 frames a token frame, temporal positions step by 2, as the 7B's at 2 fps
     return Qwen2_5_VLConfig(vision_config=vision, text_config=text, image_token_id=special["image"],
                             video_token_id=special["video"], vision_start_token_id=special["vstart"],
                             vision_end_token_id=special["vend"], vision_token_id=special["vpad"],

@@ -194,6 +194,9 @@ def parse_args(argv=None):
     p.add_argument("--retrieval-loss", type=float, default=0.25, help="On the last decoder layer only (0: off).")
     p.add_argument("--hidden", type=int, default=256)
     p.add_argument("--layers", type=int, default=16)
+    p.add_argument("--rope-theta", type=float, default=10000.0, help="From scratch only: RoPE theta.")
+    p.add_argument("--tokens-per-second", type=float, default=8, help="From scratch only: temporal position "
+                   "step per second of video (8: 2 per token frame at 8 fps).")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
@@ -228,7 +231,8 @@ def main(argv=None):
         previous = json.loads((a.init_from / "training.json").read_text())
         offset = previous["items_to"]
     else:
-        config = small_config(hidden=a.hidden, layers=a.layers)
+        config = small_config(hidden=a.hidden, layers=a.layers, rope_theta=a.rope_theta,
+                              tokens_per_second=a.tokens_per_second)
         config._attn_implementation = "sdpa"
         model = AutoModelForImageTextToText.from_config(config, dtype=torch.float32).to(device)
     model.model.visual.config._attn_implementation = vision_attention.register()
