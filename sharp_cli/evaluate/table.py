@@ -8,6 +8,7 @@ MAX_CATEGORY_COLUMNS = 8
 def table(result: dict):
     from rich.table import Table
 
+    from sharp_cli.evaluate import headline
     from sharp_cli.report import fmt_seconds
 
     rows = result["rows"]
@@ -21,14 +22,16 @@ def table(result: dict):
     errors = any(row["errors"] for row in rows)
     agreement = any(row.get("agreement_questions") for row in rows)
     t = Table(title=title, title_justify="left", header_style="bold")
-    columns = ["method", "ratio", "answered", "accuracy", "% of none", *shown]
+    head = headline.column(result)  # MLVU's M-Avg, MVBench's task mean: beside the per-question accuracy
+    columns = ["method", "ratio", "answered", "accuracy", *([head[0]] if head else []), "% of none", *shown]
     columns += ["agree", "top-1", "KL"] * agreement
     columns += ["unparsed"] * unparsed + ["errors"] * errors + ["prefill", "kept"]
     for col in columns:
         t.add_column(col, justify="left" if col == "method" else "right", no_wrap=col == "method")
-    for row in rows:
+    for i, row in enumerate(rows):
         kept, total = row["visual_tokens_kept"], row["visual_tokens_total"]
         cells = [row["method"], f"{row['ratio']:.2f}", f"{row['questions']}/{row['of']}", _pct(row["accuracy"]),
+                 *([_pct(head[1][i])] if head else []),
                  _pct(row["relative_accuracy"]), *(_pct(row["categories"].get(c)) for c in shown)]
         if agreement:  # with the unpruned answer: the answer, the first token's argmax, KL of its distribution
             kl = row.get("first_token_kl")
@@ -38,7 +41,7 @@ def table(result: dict):
         cells += ["-" if row["prefill_seconds"] is None else fmt_seconds(row["prefill_seconds"]),
                   "-" if kept is None else f"{kept:,.0f}/{total:,.0f}"]
         t.add_row(*cells)
-    captions = []
+    captions = [line] if (line := headline.caption(result)) else []
     if categories and not shown:
         captions.append(f"{len(categories)} categories: per-category accuracy is in --json")
     if agreement:

@@ -1,0 +1,59 @@
+"""Each benchmark's own headline number, beside sharp's accuracy over questions.
+
+MLVU's M-Avg is the mean of the accuracies of its multiple-choice task types, MVBench's average the
+mean over its tasks (lmms-eval: mlvu_aggregate_results_dev; MVBench's leaderboard "Avg"); Video-MME
+and LongVideoBench report the accuracy over all questions (lmms-eval: videomme_aggregate_results,
+longvideobench_aggregate_results), which is sharp's `accuracy` itself. A mean over groups counts
+the groups that have at least one answered question with a gold answer in this run.
+"""
+
+from __future__ import annotations
+
+# format -> (the benchmark's name for it, what it is, averaged over groups?)
+METRICS = {
+    "mlvu": ("M-Avg", "mean of the per-task-type accuracies", True),
+    "mvbench": ("Avg", "mean of the per-task accuracies", True),
+    "videomme": ("Overall", "accuracy over questions", False),
+    "longvideobench": ("Overall", "accuracy over questions", False),
+}
+
+
+def add(rows: list[dict], records: list[dict], items: list, fmt: str) -> None:
+    """Give every summary row its `headline`: {metric, value, definition, groups ({group: accuracy})}."""
+    if fmt not in METRICS:
+        return
+    from sharp_cli.evaluate.runner import key
+
+    name, definition, by_group = METRICS[fmt]
+    by_key = {}
+    for record in records:
+        by_key.setdefault(key(record["item"], record["method"], record["ratio"]), record)
+    for row in rows:
+        groups: dict[str, list[bool]] = {}
+        for item in items:
+            record = by_key.get(key(item.id, row["method"], row["ratio"]))
+            if by_group and item.group is not None and record is not None and record.get("correct") is not None:
+                groups.setdefault(item.group, []).append(bool(record["correct"]))
+        accuracy = {g: sum(v) / len(v) for g, v in groups.items()}
+        value = (sum(accuracy.values()) / len(accuracy) if accuracy else None) if by_group else row["accuracy"]
+        row["headline"] = {"metric": name, "value": value, "definition": definition, "groups": accuracy}
+
+
+def column(result: dict) -> tuple[str, list] | None:
+    """(column name, value per row) for the table, when the headline is not the accuracy column itself."""
+    fmt = result.get("format")
+    if fmt not in METRICS or not METRICS[fmt][2]:
+        return None
+    return METRICS[fmt][0], [(row.get("headline") or {}).get("value") for row in result["rows"]]
+
+
+def caption(result: dict) -> str | None:
+    fmt = result.get("format")
+    if fmt not in METRICS:
+        return None
+    name, definition, by_group = METRICS[fmt]
+    counts = {len((row.get("headline") or {}).get("groups") or {}) for row in result["rows"]}
+    if by_group:
+        return (f"{name}: the benchmark's headline, the {definition} ({max(counts, default=0)} in this run); "
+                "accuracy is per question")
+    return f"accuracy is the benchmark's headline ({name}, {definition})"
