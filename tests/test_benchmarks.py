@@ -230,6 +230,36 @@ def test_mlvu_official_release_folder(tmp_path):
     assert dataset.items[0].group == "order" and any("without candidates" in n for n in dataset.notes)
 
 
+# -- lmms-eval's caches: questions in the hub snapshot, videos in the task's cache_dir ---------------------
+def _snapshot(hf_home: Path, repo: str) -> Path:
+    return hf_home / "hub" / f"datasets--{repo.replace('/', '--')}" / "snapshots" / "0123abcd"
+
+
+@pytest.mark.parametrize("cache, repo, annotation, rows, clip, fmt", [
+    ("videomme", "lmms-eval/Video-MME", "videomme/test-00000-of-00001.parquet", [rec.VIDEOMME_001_1],
+     "data/fFjv93ACGo8.mp4", "videomme"),
+    ("mlvu", "sy1998/MLVU_dev", "mlvu/test-00000-of-00001.parquet", MLVU_DEV[:1], "video_part_1/needle_32.mp4", "mlvu"),
+    ("datasets/longvideobench", "longvideobench/LongVideoBench", "validation-00000-of-00001.parquet",
+     [rec.lvb_parquet_row(rec.LVB_VAL_0)], "videos/86CxyhFV9MI.mp4", "longvideobench"),
+])
+def test_lmms_eval_cache_folder_or_its_snapshot(tmp_path, cache, repo, annotation, rows, clip, fmt):
+    """$HF_HOME/<cache_dir> holds the unpacked videos, $HF_HOME/hub/.../snapshots/<sha>/ the questions
+    (lmms_eval/api/task.py): either one, given as DATA, finds the other."""
+    ann = _parquet(_snapshot(tmp_path, repo) / annotation, rows)
+    video = _touch(tmp_path / cache / clip)
+    for data in (tmp_path / cache, ann, _snapshot(tmp_path, repo)):
+        dataset = formats.drop_missing(formats.load(data), skip=False)
+        assert dataset.format == fmt and [i.video for i in dataset.items] == [str(video)]
+
+
+def test_mvbench_lmms_eval_cache_is_a_link_to_its_snapshot(tmp_path):
+    snapshot = _snapshot(tmp_path, "OpenGVLab/MVBench")
+    clips = _mvbench_video_revision(snapshot, {"action_antonym": rec.MVBENCH_ANTONYM_VIDEO})
+    (tmp_path / "mvbench_video").symlink_to(snapshot)
+    item, = formats.drop_missing(formats.load(tmp_path / "mvbench_video"), skip=False).items
+    assert item.video == str(tmp_path / "mvbench_video" / clips["action_antonym"].relative_to(snapshot))
+
+
 # -- 6. numbers comparable with published ones --------------------------------------------------------
 def test_reference_prompts_are_lmms_evals():
     """lmms-eval's text for each task (yaml default kwargs + utils.py doc_to_text), written out by hand."""

@@ -12,6 +12,8 @@ docs/eval.md shows each layout and the command that evaluates it.
     mvbench         readers/mvbench.py: json/<task>.json; video/<folder>/... or revision `video`'s <folder>/...
     mlvu            readers/mlvu.py: MLVU/json/<n>_<task>.json, or lmms-eval's mlvu/test-*.parquet
     longvideobench  readers/longvideobench.py: lvb_val.json, lvb_test_wo_gt.json, validation/test-*.parquet
+
+readers/lmms_cache.py joins lmms-eval's two halves (hub snapshot: questions; cache folder: videos).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from sharp_cli.errors import SharpError, UsageError
 from sharp_cli.evaluate.items import Dataset, Item  # noqa: F401 - readers' results; Item re-exported
 from sharp_cli.evaluate.items import answer_letter, columns, field_of, make_item, read_records
 from sharp_cli.evaluate.letters import strip_letter_prefixes
-from sharp_cli.evaluate.readers import longvideobench, mlvu, mvbench, videomme
+from sharp_cli.evaluate.readers import lmms_cache, longvideobench, mlvu, mvbench, videomme
 
 FORMATS = ("auto", "sharp", "videomme", "mvbench", "mlvu", "longvideobench")
 # Folder layouts, most specific first: MVBench's json/ names its tasks, MLVU's numbers them.
@@ -41,8 +43,10 @@ def load(data: str | os.PathLike, fmt: str = "auto", video_dir: str | None = Non
         raise UsageError(f"data not found: {path}")
     if video_dir is not None and not Path(video_dir).expanduser().is_dir():
         raise UsageError(f"--video-dir is not a folder: {video_dir}")
-    fmt = detect(path) if fmt == "auto" else fmt
     vdir = Path(video_dir).expanduser().absolute() if video_dir else None
+    path, vdir = lmms_cache.resolve(path, vdir)  # lmms-eval keeps questions and videos apart
+    path = _single_annotation_file(path) or path
+    fmt = detect(path) if fmt == "auto" else fmt
     reader = {"sharp": _read_sharp, "videomme": videomme.read, "mvbench": mvbench.read, "mlvu": mlvu.read,
               "longvideobench": longvideobench.read}[fmt]
     dataset = reader(path, vdir, category_field)
@@ -65,11 +69,18 @@ def detect(path: Path) -> str:
                 return name
         if _items_file(path, missing_ok=True):
             return "sharp"
-        annotations = sorted(path.glob("*.parquet")) + sorted(path.glob("*.json")) + sorted(path.glob("*.jsonl"))
-        if len(annotations) == 1:
-            return detect(annotations[0])
         raise UsageError(f"cannot tell the format of folder {path}; pass --format")
     return detect_fields(columns(path), path)
+
+
+def _single_annotation_file(folder: Path) -> Path | None:
+    """A folder no layout claims, holding one annotation file (e.g. videomme/test.json beside data/): that file."""
+    if not folder.is_dir() or any(reader.is_root(folder) for _, reader in _FOLDER_READERS):
+        return None
+    if _items_file(folder, missing_ok=True):
+        return None
+    files = [f for pattern in ("*.parquet", "*.json", "*.jsonl") for f in sorted(folder.glob(pattern)) if f.is_file()]
+    return files[0] if len(files) == 1 else None
 
 
 def detect_fields(keys: set[str], path: Path) -> str:

@@ -77,10 +77,8 @@ def _first(path: Path) -> dict:
 def _read_lmms(files: list[Path], video_dir: Path | None, category_field: str | None) -> Dataset:
     base = files[0].parent
     root = base.parent if base.name in LMMS_FOLDERS else base
-    if video_dir:
-        folders = [video_dir]
-    else:  # the zips may unzip into a folder of their own: one level down too
-        folders = [root, *sorted(p for p in root.iterdir() if p.is_dir() and p.name not in LMMS_FOLDERS)]
+    top = video_dir or root  # the zips may unzip into a folder of their own: one level down too
+    folders = [top, *sorted(p for p in top.iterdir() if p.is_dir() and p.name not in LMMS_FOLDERS)]
     items = []
     for file in files:
         records = read_records(file)

@@ -26,10 +26,9 @@ def is_root(folder: Path) -> bool:
 
 def read(path: Path, video_dir: Path | None, category_field: str | None) -> Dataset:
     if path.is_dir():
-        files = (sorted((path / "videomme").glob("*.parquet")) or sorted(path.glob("*.parquet"))
-                 or sorted(path.glob("*.json")) + sorted(path.glob("*.jsonl")))
+        files = sorted((path / "videomme").glob("*.parquet")) or sorted(path.glob("*.parquet"))
         if not files:
-            raise UsageError(f"no videomme/*.parquet (or .json/.jsonl annotation file) in {path}")
+            raise UsageError(f"no videomme/*.parquet in {path}")
         base = path
     else:
         files, base = [path], path.parent
