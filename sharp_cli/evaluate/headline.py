@@ -39,12 +39,12 @@ def add(rows: list[dict], records: list[dict], items: list, fmt: str) -> None:
         row["headline"] = {"metric": name, "value": value, "definition": definition, "groups": accuracy}
 
 
-def column(result: dict) -> tuple[str, list] | None:
-    """(column name, value per row) for the table, when the headline is not the accuracy column itself."""
+def column(result: dict) -> str | None:
+    """The table column's name (rows carry the value), when the headline is not the accuracy column itself."""
     fmt = result.get("format")
-    if fmt not in METRICS or not METRICS[fmt][2]:
+    if fmt not in METRICS or not METRICS[fmt][2] or not all("headline" in row for row in result["rows"]):
         return None
-    return METRICS[fmt][0], [(row.get("headline") or {}).get("value") for row in result["rows"]]
+    return METRICS[fmt][0]
 
 
 def caption(result: dict) -> str | None:

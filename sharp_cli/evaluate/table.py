@@ -23,15 +23,15 @@ def table(result: dict):
     agreement = any(row.get("agreement_questions") for row in rows)
     t = Table(title=title, title_justify="left", header_style="bold")
     head = headline.column(result)  # MLVU's M-Avg, MVBench's task mean: beside the per-question accuracy
-    columns = ["method", "ratio", "answered", "accuracy", *([head[0]] if head else []), "% of none", *shown]
+    columns = ["method", "ratio", "answered", "accuracy", *([head] if head else []), "% of none", *shown]
     columns += ["agree", "top-1", "KL"] * agreement
     columns += ["unparsed"] * unparsed + ["errors"] * errors + ["prefill", "kept"]
     for col in columns:
         t.add_column(col, justify="left" if col == "method" else "right", no_wrap=col == "method")
-    for i, row in enumerate(rows):
+    for row in rows:
         kept, total = row["visual_tokens_kept"], row["visual_tokens_total"]
         cells = [row["method"], f"{row['ratio']:.2f}", f"{row['questions']}/{row['of']}", _pct(row["accuracy"]),
-                 *([_pct(head[1][i])] if head else []),
+                 *([_pct(row["headline"]["value"])] if head else []),
                  _pct(row["relative_accuracy"]), *(_pct(row["categories"].get(c)) for c in shown)]
         if agreement:  # with the unpruned answer: the answer, the first token's argmax, KL of its distribution
             kl = row.get("first_token_kl")
