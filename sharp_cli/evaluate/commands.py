@@ -17,8 +17,13 @@ from sharp_cli.options import (DEFAULT_DEBIAS, CacheGb, Compile, JsonOut, Debias
 TASKS = ("colour", "direction", "order", "count", "flash", "sequence", "objects", "dominant", "motion", "scenes")
 TASK_GROUPS = ("basic", "hard", "all")  # synth.TASKS and synth.GROUPS, without importing numpy for --help
 Quiet = Annotated[bool, typer.Option("-q", "--quiet", help="No table or progress on stderr.")]
-Format = Annotated[str, typer.Option(help="auto, sharp, videomme, mvbench, mlvu or longvideobench.")]
-VideoDir = Annotated[Optional[str], typer.Option(help="Folder of the videos, if not where the format expects them.")]
+Format = Annotated[str, typer.Option(help="auto, sharp, videomme, mvbench, mlvu or longvideobench "
+                                      "(auto: from the folder layout or the annotation fields; docs/eval.md).")]
+VideoDir = Annotated[Optional[str], typer.Option(
+    help="Where the videos are, if not where the download puts them: the folder of the video files "
+         "(MVBench: the folder holding its task folders).")]
+Prompt = Annotated[str, typer.Option(
+    help="auto (the benchmark's reference prompt, lmms-eval's), sharp, videomme, mvbench, mlvu or longvideobench.")]
 CategoryField = Annotated[Optional[str], typer.Option(
     help="Annotation field to break accuracy down by (default: the format's, see docs/eval.md).")]
 SkipMissing = Annotated[bool, typer.Option("--skip-missing", help="Leave out questions whose video is missing.")]
@@ -40,7 +45,7 @@ FirstSeed = Annotated[int, typer.Option("--seed", help="First seed of every cell
 def eval_command(
     data: Annotated[str, typer.Argument(help="Questions: a file, or a benchmark's folder (see --format).")],
     format: Format = "auto", video_dir: VideoDir = None, category_field: CategoryField = None,
-    skip_missing: SkipMissing = False,
+    skip_missing: SkipMissing = False, prompt: Prompt = "auto",
     model: Model = "Qwen/Qwen2.5-VL-7B-Instruct",
     device: Device = "auto", quant: Quant = "auto", dtype: Dtype = "auto",
     random_weights: RandomWeights = False, trust_remote_code: TrustRemoteCode = False,
@@ -58,8 +63,7 @@ def eval_command(
     """Multiple-choice accuracy of every method and ratio on a video QA set (resumable, shardable)."""
     from sharp_cli.options import prune_config, quiet_transformers, split_list, stderr_console
     from sharp_cli.errors import SharpError, UsageError
-    from sharp_cli.evaluate import formats
-    from sharp_cli.evaluate.letters import PROMPT_VERSION
+    from sharp_cli.evaluate import formats, headline, prompts
     from sharp_cli.prune.config import METHODS
 
     method_list = split_list([methods], str, "--methods")
@@ -82,8 +86,10 @@ def eval_command(
     random_seeds = max(5, tie_seeds) if random_seeds is None else random_seeds
     if tie_seeds < 1 or random_seeds < 1 or bootstrap < 0 or seed < 0:
         raise UsageError("--tie-seeds and --random-seeds must be >= 1, --bootstrap and --seed >= 0")
+    prompts.check(prompt)
     console = stderr_console(quiet)
     dataset = formats.drop_missing(formats.load(data, format, video_dir, category_field), skip_missing)
+    dataset, prompt = prompts.apply(dataset, prompt)
     items = dataset.items[:limit] if limit else dataset.items
     for note in dataset.notes:
         console.print(f"note: {note}")
@@ -99,7 +105,8 @@ def eval_command(
     settings = {  # a results line is reused only under the same settings
         "model": model, "random_weights": random_weights, "quant": loading.resolve_quant(quant, dev, model),
         "dtype": str(loading.resolve_dtype(dtype, dev)).replace("torch.", ""), "frames": frames, "fps": fps,
-        "max_frames": max_frames, "max_pixels": max_pixels, "max_new_tokens": max_new_tokens, "prompt": PROMPT_VERSION,
+        "max_frames": max_frames, "max_pixels": max_pixels, "max_new_tokens": max_new_tokens,
+        "prompt": prompts.setting(prompt),
         "options": {k: v for k, v in base.as_dict().items() if k not in ("method", "ratio", "seed")},
     }
     video = dict(frames=frames, fps=fps, max_frames=max_frames, max_pixels=max_pixels, backend=decoder)
@@ -131,7 +138,9 @@ def eval_command(
                          f"merged what was there into {job.results}; run again to resume")
     from sharp_cli.evaluate import stats, summary
 
-    rows = summary.summarize(runner.read_results(job.results), items, job.cells, bootstrap)
+    records = runner.read_results(job.results)
+    rows = summary.summarize(records, items, job.cells, bootstrap)
+    headline.add(rows, records, items, dataset.format)  # MLVU's M-Avg etc. beside the accuracy
     warning = summary.tie_warning(rows)
     result = {"rows": rows, "questions": len(items), "data": str(data), "format": dataset.format,
               "results_file": str(job.results), "world_size": world, "settings": settings,
