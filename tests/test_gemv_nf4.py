@@ -65,9 +65,9 @@ def test_the_kernel_equals_bitsandbytes_on_awkward_shapes():
             (37, 64 * 11, 64, None), (40, 512, 64, (8, 8, 4)), (33, 64 * 19, 64, (16, 16, 4)),
             (70, 128 * 5, 128, (32, 2, 4)), (16, 96, 32, None),  # rows past n, other block sizes,
             (37, 100, 64, None), (5, 3, 64, None), (3, 70, 64, None)]  # blocks straddling rows, odd k
-        for n, k, blocksize, sizes in cases:
+        for case, (n, k, blocksize, sizes) in enumerate(cases):
             for nested in (False, True):
-                for kind in ("nf4", "fp4"):
+                for kind in ("nf4", "fp4") if case in (0, 5) else ("nf4",):  # fp4: the same kernels, its table
                     w = torch.randn(n, k) * 0.05
                     packed, state = F.quantize_4bit(w.bfloat16(), blocksize=blocksize,
                                                     compress_statistics=nested, quant_type=kind)
@@ -123,19 +123,19 @@ def test_answers_through_4bit_layers_equal_bitsandbytes_layers():
         gemv_nf4._launch = lambda x, *a, **k: shapes.append(tuple(x.shape)) or plain(x, *a, **k)
         clip = make_clip(seed=1)
         pixels = 56 * 56 * 4
-        ours = ask(loaded, clip, "what colour?", PruneConfig(method="none"), max_new_tokens=10, max_pixels=pixels)
-        assert len(shapes) >= 9 * 28, len(shapes)  # nine decode steps went through it
+        ours = ask(loaded, clip, "what colour?", PruneConfig(method="none"), max_new_tokens=8, max_pixels=pixels)
+        assert len(shapes) >= 7 * 28, len(shapes)  # seven decode steps went through it
         assert all(s[:-1] == (1, 1) for s in shapes), set(shapes)  # one token each, never the prefill
         with gemv.stock_linears(model):
             assert not any(isinstance(m, gemv_nf4.Gemv4bit) for m in model.modules())
-            stock = ask(loaded, clip, "what colour?", PruneConfig(method="none"), max_new_tokens=10,
+            stock = ask(loaded, clip, "what colour?", PruneConfig(method="none"), max_new_tokens=8,
                         max_pixels=pixels)
         assert ours.tokens == stock.tokens, (ours.tokens, stock.tokens)
         assert sum(isinstance(m, gemv_nf4.Gemv4bit) for m in model.modules()) == len(kernel_layers)
         config = PruneConfig(method="sharp", layer=2, ratio=0.3)
-        pruned = ask(loaded, clip, "what colour?", config, max_new_tokens=10, max_pixels=pixels)
+        pruned = ask(loaded, clip, "what colour?", config, max_new_tokens=8, max_pixels=pixels)
         with gemv.stock_linears(model):
-            stock = ask(loaded, clip, "what colour?", config, max_new_tokens=10, max_pixels=pixels)
+            stock = ask(loaded, clip, "what colour?", config, max_new_tokens=8, max_pixels=pixels)
         assert pruned.tokens == stock.tokens
         print("ok")
     """)

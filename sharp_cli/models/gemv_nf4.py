@@ -30,8 +30,8 @@ and shared memory does 32 lanes a clock per SM: ~8e12 weights/s on 132 SMs, ~4 T
 bytes, just under the memory's rate) and about four instructions in all (a shift, the shuffle,
 the multiply-add, a share of the x and absmax loads: ptxas' code for sm_90 from Triton 3.6), which
 the SMs issue at ~8e12 weights/s. So this design can reach most of the bandwidth, not all of it;
-a lookup from memory instead of a shuffle took three times the instructions (address arithmetic
-per weight), which is why the shuffle is inline PTX. Measured figures go to docs/benchmarks.md
+a lookup from memory instead of a shuffle took 2.8 times the instructions (address arithmetic per
+weight), which is why the shuffle is inline PTX. Measured figures go to docs/benchmarks.md
 (`python scripts/gemv_nf4_bench.py`).
 
 Rows whose length is not a whole number of blocks (blocks straddle rows, odd k splits bytes)
