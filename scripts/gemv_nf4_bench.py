@@ -1,8 +1,9 @@
 """One-token products of a text model's 4-bit weights, bitsandbytes' against sharp's kernel.
 
 bitsandbytes' own product (matmul_4bit, what Linear4bit runs) against sharp's Triton kernel
-(sharp_cli/models/gemv_nf4.py), per weight shape and for a whole decode step, in GB/s of bytes read. CUDA only; no autotuning (the kernel's
-block sizes are a fixed table, `--sweep` times a small set of others).
+(sharp_cli/models/gemv_nf4.py), per weight shape and for a whole decode step, in GB/s of bytes
+read. CUDA only; no autotuning (the kernel's block sizes are a fixed table, `--sweep` times 36
+others).
 
 Weights are random, quantized by bitsandbytes itself (nf4, double quantization: what `--quant nf4`
 loads). For each shape: the kernel's and bitsandbytes' products against the float64 product of

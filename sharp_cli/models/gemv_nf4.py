@@ -25,14 +25,14 @@ up, down 18944x3584 / 3584x18944: 233.0M weights a layer): packed weights 116.5 
 3.64 MB + absmax2 0.06 MB = 120.2 MB a layer, 3.37 GB a step, 0.78 ms at the ~4.3 TB/s an H200
 copies; with the bf16 lm_head (1.09 GB, not quantized) 4.46 GB and 1.04 ms a step. Per product:
 q and o 6.64 MB (1.5 us), k and v 0.95 MB (0.2 us: launch and latency bound), gate, up and down
-35.1 MB (8.2 us). The work per weight bounds it too: one shuffle (the unit that serves shuffles
-and shared memory does 32 lanes a clock per SM: ~8e12 weights/s on 132 SMs, ~4 TB/s of packed
-bytes, just under the memory's rate) and about four instructions in all (a shift, the shuffle,
-the multiply-add, a share of the x and absmax loads: ptxas' code for sm_90 from Triton 3.6), which
-the SMs issue at ~8e12 weights/s. So this design can reach most of the bandwidth, not all of it;
-a lookup from memory instead of a shuffle took 2.8 times the instructions (address arithmetic per
-weight), which is why the shuffle is inline PTX. Measured figures go to docs/benchmarks.md
-(`python scripts/gemv_nf4_bench.py`).
+35.1 MB (8.2 us). The work per weight bounds it too: one shuffle (the unit that serves shuffles and
+shared memory does 32 lanes a clock per SM: ~8e12 weights/s on 132 SMs, ~4 TB/s of packed bytes,
+just under the memory's rate) and about four instructions in all (a shift, the shuffle, the
+multiply-add, a share of the x and absmax loads: ptxas' code for sm_90 from Triton 3.6,
+`scripts/nf4_kernel_sass.py`), which the SMs issue at ~8e12 weights/s. So this design can reach
+most of the bandwidth, not all of it; a lookup from memory instead of a shuffle took 2.8 times the
+instructions (address arithmetic per weight), which is why the shuffle is inline PTX. Measured
+figures go to docs/benchmarks.md (`python scripts/gemv_nf4_bench.py`).
 
 Rows whose length is not a whole number of blocks (blocks straddle rows, odd k splits bytes)
 take a slower per-element kernel; real checkpoints never do (k is a multiple of 64). Triton's CPU
@@ -75,15 +75,15 @@ def available(device: torch.device) -> bool:
 
 
 def block_sizes(n: int, k: int, blocksize: int = 64) -> tuple[int, int, int]:
-    """(BLOCK_N, NB, num_warps) for an (n, k) weight: rows per program, quantization blocks per
-    row per step, warps. Chosen from the compiled code for an H200 (sm_90, Triton 3.6: registers
-    and the main loop's instructions per weight, 4.1-4.6 with 4 warps) and its 132 SMs, not yet
-    from timings (`scripts/gemv_nf4_bench.py --sweep` times every candidate): a thread reads 16
-    bytes of a row, so a step of NB=8 blocks spreads a row over 16 lanes, and rows past the
-    warps' reach repeat in registers, where they share the thread's x. 32 rows a program for
-    gate and up (592 programs, 128 registers: 4 programs an SM); 16 for q and o (224 programs);
-    down's 3,584 rows of 296 blocks take 8 rows of NB=32 (448 programs, the last step masked),
-    where 32 rows would leave 20 SMs idle; k and v (512 rows) take 4 rows and 2 warps (128
+    """(BLOCK_N, NB, num_warps) for an (n, k) weight: rows per program, quantization blocks per row
+    per step, warps. Chosen from the compiled code for an H200 (sm_90, Triton 3.6: registers and
+    the main loop's instructions per weight, 4.1-4.6 with 4 warps: scripts/nf4_kernel_sass.py) and
+    its 132 SMs, not yet from timings (`scripts/gemv_nf4_bench.py --sweep` times every candidate):
+    a thread reads 16 bytes of a row, so a step of NB=8 blocks spreads a row over 16 lanes, and
+    rows past the warps' reach repeat in registers, where they share the thread's x. 32 rows a
+    program for gate and up (592 programs, 128 registers: 4 programs an SM); 16 for q and o (224
+    programs); down's 3,584 rows of 296 blocks take 8 rows of NB=32 (448 programs, the last step
+    masked), where 32 rows would leave 20 SMs idle; k and v (512 rows) take 4 rows and 2 warps (128
     programs). NB scales with the block size so a step reads the same bytes."""
     def blocks(nb64: int) -> int:
         return max(1, nb64 * 64 // blocksize)
