@@ -259,8 +259,9 @@ def ready(loaded: Loaded) -> Loaded:
     """Route the text model's attention through sharp_sdpa (stock SDPA unless a segment plan is on),
     and a packed vision tower's through one SDPA call per window length instead of one per window;
     its MLPs padded to aligned widths (models/vision_mlp.py); on CUDA the text model's one-token
-    products through sharp's matrix-vector kernel (models/gemv.py)."""
-    from sharp_cli.models import gemv, vision_attention, vision_mlp
+    products through sharp's matrix-vector kernels (models/gemv.py; bitsandbytes' 4-bit layers
+    through models/gemv_nf4.py when SHARP_GEMV_NF4=1)."""
+    from sharp_cli.models import gemv, gemv_nf4, vision_attention, vision_mlp
 
     name = attention.register()
     text = loaded.adapter.text_model(loaded.model)
@@ -272,6 +273,8 @@ def ready(loaded: Loaded) -> Loaded:
         vision_mlp.pad_gated_mlps(visual)
     if gemv.available(loaded.device):
         gemv.use_gemv([text, loaded.adapter.lm_head(loaded.model)])
+    if gemv_nf4.available(loaded.device):
+        gemv_nf4.use_gemv_4bit([text])
     from sharp_cli.kv import KVPool
 
     if loaded.device.type == "cuda":
