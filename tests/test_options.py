@@ -77,3 +77,24 @@ def test_ask_runs_evs_and_reports_layer_zero(model_dirs, tmp_path):
     record = json.loads(result.stdout)
     assert record["method"] == "evs" and record["layer"] == 0
     assert record["visual_tokens_kept"] == max(1, int(0.5 * record["visual_tokens_total"] + 0.5))
+
+
+def test_bench_runs_evs_with_every_layer_on_the_kept_tokens(model_dirs):
+    from sharp_cli.measure import layer_flops, text_dims
+    from sharp_cli.models.random_init import tiny_config
+
+    result = runner.invoke(app, ["bench", "-m", str(model_dirs["qwen2.5-vl"]), "--frames", "8", "--height", "56",
+                                 "--width", "112", "--methods", "none,evs", "--ratio", "0.5", "--iters", "1",
+                                 "--warmup", "0", "--decode-tokens", "2", "--json", "-q"])
+    assert result.exit_code == 0, result.stderr
+    base, evs = json.loads(result.stdout)["rows"]
+    assert evs["method"] == "evs" and evs["layer"] == 0
+    dims = text_dims(tiny_config("qwen2.5-vl"))
+    kept_len = base["sequence_tokens"] - base["visual_tokens_total"] + evs["visual_tokens_kept"]
+    assert evs["prefill_flops"] == pytest.approx(dims["layers"] * layer_flops(kept_len, dims))
+
+
+def test_bench_refuses_evs_on_qwen3_vl_before_loading():
+    result = runner.invoke(app, ["bench", "-m", "Qwen/Qwen3-VL-8B-Instruct", "--random-weights", "--frames", "2",
+                                 "--methods", "none,evs"])
+    assert result.exit_code == 2 and "evs is not supported on Qwen3-VL" in result.stderr
