@@ -75,7 +75,10 @@ def prune_options(*, skip: tuple[str, ...] = ()):
             raise TypeError(f"{command.__name__} has no `prune` parameter")
         params = []
         for p in own.parameters.values():  # the options take the place of `prune`, so --help keeps an order
-            params.extend(added) if p.name == "prune" else params.append(p.replace(kind=keyword))
+            if p.name == "prune":
+                params.extend(added)
+            else:
+                params.append(p.replace(kind=keyword))
 
         @functools.wraps(command)
         def run(**kwargs):
