@@ -20,9 +20,10 @@ from typing import Annotated, Optional
 
 import typer
 
-from sharp_cli.options import (DEFAULT_DEBIAS, CacheGb, Compile, CudaGraphs, Debias, Decoder, Dedup, DedupThreshold, DedupWindow, Device, Dtype, Fps,
-                               Frames, Layer, MaxFrames, MaxPixels, Method, Model, NoPriorCache, Quant, Query,
-                               RandomWeights, Ratio, RegisterZ, Seed, SegmentFrames, SegmentMask, TrustRemoteCode)
+from sharp_cli.options import (DEFAULT_MODEL, CacheGb, Compile, CudaGraphs, Decoder, Device, Dtype, Fps, Frames,
+                               MaxFrames, MaxPixels, Model, NoPriorCache, Quant, RandomWeights, TrustRemoteCode,
+                               prune_options)
+from sharp_cli.prune.config import PruneConfig
 
 InputFile = Annotated[str, typer.Argument(help="JSON lines of {video, question, id?, options?}; '-' reads stdin.")]
 Output = Annotated[Optional[str], typer.Option(
@@ -33,28 +34,25 @@ MaxNewTokens = Annotated[int, typer.Option(help="Answer tokens when an item give
 Quiet = Annotated[bool, typer.Option("-q", "--quiet", help="No progress on stderr.")]
 
 
+@prune_options()
 def batch_command(
     file: InputFile,
-    model: Model = "Qwen/Qwen2.5-VL-7B-Instruct",
+    model: Model = DEFAULT_MODEL,
     device: Device = "auto", quant: Quant = "auto", dtype: Dtype = "auto",
     random_weights: RandomWeights = False, trust_remote_code: TrustRemoteCode = False,
     frames: Frames = 32, fps: Fps = None, max_frames: MaxFrames = 768, max_pixels: MaxPixels = None,
     decoder: Decoder = "auto",
-    method: Method = "sharp", ratio: Ratio = 0.15, layer: Layer = None, query: Query = "last",
-    segment_mask: SegmentMask = True, segment_frames: SegmentFrames = None, debias: Debias = DEFAULT_DEBIAS,
-    dedup: Dedup = True, dedup_threshold: DedupThreshold = 0.9, dedup_window: DedupWindow = 1,
-    register_z: RegisterZ = 8.0, seed: Seed = 0,
+    prune: PruneConfig = PruneConfig(),
     max_new_tokens: MaxNewTokens = 128, output: Output = None, video_dir: VideoDir = None,
     no_prior_cache: NoPriorCache = False, cuda_graphs: CudaGraphs = True, compile_model: Compile = False, cache_gb: CacheGb = 4.0,
     quiet: Quiet = False,
 ):
     """Answer a JSON-lines file of questions, one JSON line per answer (resumable with --output)."""
     from sharp_cli.errors import UsageError
-    from sharp_cli.options import prune_config, quiet_transformers
+    from sharp_cli.options import quiet_transformers
     from sharp_cli.overrides import MAX_TOKENS_LIMIT, Defaults
 
-    cfg = prune_config(method, ratio, layer, query, segment_mask, segment_frames, debias, dedup,
-                       dedup_threshold, dedup_window, register_z, seed)
+    cfg = prune.validate()
     if not 1 <= max_new_tokens <= MAX_TOKENS_LIMIT:
         raise UsageError(f"--max-new-tokens must be in [1, {MAX_TOKENS_LIMIT}], got {max_new_tokens}")
     if frames < 1 or (fps is not None and not fps > 0) or max_frames < 1 or (max_pixels is not None and max_pixels < 1):

@@ -17,12 +17,10 @@ from typer.core import TyperGroup
 
 from sharp_cli.errors import SharpError, UsageError, one_line
 from sharp_cli.errors import describe as _describe  # shared with serve and batch
-from sharp_cli.options import (DEFAULT_DEBIAS, Compile, Debias, Decoder, Dedup, DedupThreshold, DedupWindow, Device, Dtype, Fps, Frames,
-                               JsonOut, Layer, MaxFrames, MaxPixels, MaxVisualTokens, Method, Model, Quant, Query,
-                               RandomWeights, Ratio, RegisterZ, Seed, SegmentFrames, SegmentMask, Temperature, TopK,
-                               TopP, TrustRemoteCode, prune_config, quiet_transformers, sampling, split_list,
-                               stderr_console, write_atomic)
-
+from sharp_cli.options import (DEFAULT_MODEL, Compile, Decoder, Device, Dtype, Fps, Frames, JsonOut, MaxFrames, MaxPixels,
+                               MaxVisualTokens, Model, Quant, RandomWeights, Temperature, TopK, TopP, TrustRemoteCode,
+                               prune_options, quiet_transformers, sampling, split_list, stderr_console, write_atomic)
+from sharp_cli.prune.config import PruneConfig
 
 class SharpGroup(TyperGroup):
     """Turns every failure into one line and an exit code, for users and the CLI test runner alike."""
@@ -88,17 +86,15 @@ def _main(version: Annotated[bool, typer.Option("--version", callback=_print_ver
 
 
 @app.command()
+@prune_options()
 def ask(
     video: Annotated[str, typer.Argument(help="Video file (mp4, mkv, webm, ...).")],
     question: Annotated[str, typer.Argument(help="The question about the video.")],
-    model: Model = "Qwen/Qwen2.5-VL-7B-Instruct",
+    model: Model = DEFAULT_MODEL,
     device: Device = "auto", quant: Quant = "auto", dtype: Dtype = "auto",
     frames: Frames = 32, fps: Fps = None, max_frames: MaxFrames = 768, max_pixels: MaxPixels = None,
     max_visual_tokens: MaxVisualTokens = None, decoder: Decoder = "auto",
-    method: Method = "sharp", ratio: Ratio = 0.15, layer: Layer = None, query: Query = "last",
-    segment_mask: SegmentMask = True, segment_frames: SegmentFrames = None, debias: Debias = DEFAULT_DEBIAS,
-    dedup: Dedup = True, dedup_threshold: DedupThreshold = 0.9, dedup_window: DedupWindow = 1,
-    register_z: RegisterZ = 8.0, seed: Seed = 0,
+    prune: PruneConfig = PruneConfig(),
     max_new_tokens: Annotated[int, typer.Option(help="Upper bound on answer tokens (stops at EOS).")] = 128,
     temperature: Temperature = 0.0, top_p: TopP = 1.0, top_k: TopK = 0,
     json_out: JsonOut = False,
@@ -111,9 +107,8 @@ def ask(
 ):
     """Answer QUESTION about VIDEO; the answer goes to stdout (as it is written, on a terminal), what it
     cost to stderr."""
-    cfg = prune_config(method, ratio, layer, query, segment_mask, segment_frames, debias, dedup,
-                       dedup_threshold, dedup_window, register_z, seed)
-    pick = sampling(temperature, top_p, top_k, seed)
+    cfg = prune.validate()
+    pick = sampling(temperature, top_p, top_k, cfg.seed)
     if max_new_tokens < 1:
         raise UsageError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
     if warmup < 0:
@@ -184,24 +179,22 @@ def ask(
 
 
 @app.command()
+@prune_options(skip=("method", "ratio"))
 def bench(
     video: Annotated[Optional[str], typer.Option(help="A real video; default: a synthetic one of the layout below.")] = None,
     frames: Frames = 32,
     height: Annotated[int, typer.Option(help="Synthetic video frame height in pixels.")] = 392,
     width: Annotated[int, typer.Option(help="Synthetic video frame width in pixels.")] = 784,
     question: Annotated[str, typer.Option(help="The question asked in every run.")] = "What happens in this video?",
-    model: Model = "Qwen/Qwen2.5-VL-7B-Instruct",
+    model: Model = DEFAULT_MODEL,
     device: Device = "auto", quant: Quant = "auto", dtype: Dtype = "auto",
     random_weights: RandomWeights = False, trust_remote_code: TrustRemoteCode = False,
-    methods: Annotated[str, typer.Option(help="Comma list of methods to compare: sharp, fastv, random, none, and the stock "
-                                         "path: transformers (generate(), dynamic cache), transformers-static (static "
-                                         "cache, compiled on CUDA: the first call compiles for a minute or more).")
+    methods: Annotated[str, typer.Option(help="Comma list of methods to compare: sharp, fastv, evs, random, none, and the "
+                                         "stock path: transformers (generate(), dynamic cache), transformers-static "
+                                         "(static cache, compiled on CUDA: the first call compiles for a minute or more).")
                        ] = "transformers,none,fastv,random,sharp",
     ratio: Annotated[Optional[list[str]], typer.Option(help="Ratio(s) kept; repeat or give a comma list.")] = None,
-    layer: Layer = None, query: Query = "last",
-    segment_mask: SegmentMask = True, segment_frames: SegmentFrames = None, debias: Debias = DEFAULT_DEBIAS,
-    dedup: Dedup = True, dedup_threshold: DedupThreshold = 0.9, dedup_window: DedupWindow = 1,
-    register_z: RegisterZ = 8.0, seed: Seed = 0,
+    prune: PruneConfig = PruneConfig(),
     max_pixels: MaxPixels = None, max_visual_tokens: MaxVisualTokens = None, decoder: Decoder = "auto",
     warmup: Annotated[int, typer.Option(help="Untimed runs per row before timing.")] = 1,
     iters: Annotated[int, typer.Option(help="Timed runs per row (the median is reported).")] = 5,
@@ -209,10 +202,6 @@ def bench(
                                                "many); end to end = vision + prefill + these (0: prefill only).")] = 64,
     cuda_graphs: Annotated[bool, typer.Option(help="Replay the pruned layers from CUDA graphs (CUDA only).")] = True,
     compile_model: Compile = False,
-    segment_attention: Annotated[str, typer.Option(
-        help="sharp: segment mask as blocks (one SDPA call per segment) or merged (3 flash calls a layer, "
-             "merged by log-sum-exp; slower on an H200); same result."
-    )] = "blocks",
     json_out: JsonOut = False,
     output_json: Annotated[Optional[str], typer.Option(help="Also write the JSON result to this file.")] = None,
     plot: Annotated[Optional[str], typer.Option(help="Write a PNG of speed-up and memory vs ratio (needs matplotlib).")] = None,
@@ -228,11 +217,11 @@ def bench(
         if m not in (*METHODS, *PEERS):
             raise UsageError(f"--methods: unknown method '{m}'; choose from {', '.join((*METHODS, *PEERS))}")
     ratios = split_list(ratio or ["0.15"], float, "--ratio")
-    base = prune_config("sharp", ratios[0] if ratios else 0.15, layer, query, segment_mask, segment_frames, debias,
-                        dedup, dedup_threshold, dedup_window, register_z, seed, segment_attention)
+    from dataclasses import replace
+
+    base = replace(prune, ratio=ratios[0] if ratios else 0.15).validate()
     for r in ratios:
-        prune_config("sharp", r, layer, query, segment_mask, segment_frames, debias, dedup, dedup_threshold,
-                     dedup_window, register_z, seed)
+        replace(prune, ratio=r).validate()
     if iters < 1 or warmup < 0 or decode_tokens < 0:
         raise UsageError("--iters must be >= 1, --warmup and --decode-tokens >= 0")
     if frames < 1 or height < 28 or width < 28:
@@ -257,6 +246,8 @@ def bench(
 
     config = loading.model_config(model, random_weights=random_weights, trust_remote_code=trust_remote_code)
     if any(m in METHODS and m != "none" for m in method_list):  # --layer against the model, before loading weights
+        if "evs" in method_list:  # refused on some families (Qwen3-VL): now, not after the other rows
+            loading.check_prune_config(model, replace(base, method="evs"), config=config)
         base = loading.check_prune_config(model, base, config=config)
     budget.check(adapter_for(config), config, *clip.frames.shape[:3], max_pixels=max_pixels, question=question,
                  max_new_tokens=decode_tokens, max_visual_tokens=max_visual_tokens)

@@ -10,13 +10,12 @@ from pathlib import Path
 
 import torch
 
-from sharp_cli import hub, measure
+from sharp_cli import DEFAULT_MODEL, hub, measure  # DEFAULT_MODEL lives in the package root: --help needs it
 from sharp_cli.errors import DeviceError, ModelError, UsageError
 from sharp_cli.models import adapter_for
 from sharp_cli.prune import attention
 from sharp_cli.prune.config import PruneConfig
 
-DEFAULT_MODEL = "Qwen/Qwen2.5-VL-7B-Instruct"
 SHARP_TINY = Path(__file__).resolve().parent / "models" / "sharp_tiny"  # scripts/train_sharp_tiny.py
 SHARP_SMALL = Path(__file__).resolve().parent / "models" / "sharp_small"  # scripts/train_sharp_small.py
 SHIPPED = {"sharp-tiny": (SHARP_TINY, "scripts/train_sharp_tiny.py"),  # keys: hub.SHIPPED_MODELS

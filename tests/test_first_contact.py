@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -365,20 +366,25 @@ def test_debias_normalises_scores_and_prior_to_distributions():
     """Scores and prior are compared as distributions: their scales do not matter (a black video's
     attention mass on the visual tokens differs from a real one's), and subtracting leaves a
     zero-sum correction."""
-    from sharp_cli.prune.sharp import debias
+    from sharp_cli.prune import PruneConfig
+    from sharp_cli.prune.sharp import debias, head_mean
 
     gen = torch.Generator().manual_seed(0)
-    scores = torch.rand(48, generator=gen) * 0.02  # a little of the attention reaches the video
-    prior = torch.rand(48, generator=gen) * 0.3  # the black video's reaches it more
-    for mode in ("subtract", "divide"):
-        reference = debias(scores / scores.sum(), prior / prior.sum(), mode)
-        torch.testing.assert_close(debias(scores, prior, mode), reference)
-        torch.testing.assert_close(debias(scores * 7, prior * 1e-3, mode), reference)
-    out = debias(scores, prior, "subtract")
-    torch.testing.assert_close(out, scores / scores.sum() - prior / prior.sum())
+    log_attention = (torch.rand(2, 1, 48, generator=gen) * 0.02).log()  # a little of the attention reaches the video
+    prior = torch.rand(2, 48, generator=gen) * 0.3  # the black video's reaches it more
+    for mode in ("subtract", "divide", "divide-mean"):
+        cfg = PruneConfig(debias=mode)
+        reference = debias(log_attention, prior / prior.sum(-1, keepdim=True), cfg)
+        torch.testing.assert_close(debias(log_attention, prior * 1e-3, cfg), reference)
+        scaled = debias(log_attention + math.log(7), prior, cfg)  # 7x the attention mass
+        torch.testing.assert_close(scaled, reference)
+    out = debias(log_attention, prior, PruneConfig(debias="subtract"))
+    scores = head_mean(log_attention)
+    p = prior / prior.sum(-1, keepdim=True)
+    torch.testing.assert_close(out, scores / scores.sum() - p.mean(0))
     assert abs(float(out.sum())) < 1e-6
     # unnormalised, the larger prior would swamp the scores and reorder them
-    assert not torch.equal(torch.argsort(out), torch.argsort(scores - prior))
+    assert not torch.equal(torch.argsort(out), torch.argsort(scores - prior.mean(0)))
 
 
 # -- tables in 80 columns --------------------------------------------------------------------------

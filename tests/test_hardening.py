@@ -11,9 +11,8 @@ from hypothesis import strategies as st
 from typer.testing import CliRunner
 
 from sharp_cli.cli import app
-from sharp_cli.prune import keep_count
+from sharp_cli.prune import keep_count, rank
 from sharp_cli.prune.baselines import select_fastv, select_random
-from sharp_cli.prune.sharp import select_with_refill
 from videos import make_video
 
 runner = CliRunner()
@@ -125,10 +124,11 @@ def test_selection_invariants(n, ratio, seed):
     gen = torch.Generator().manual_seed(seed)
     scores = torch.rand(n, generator=gen)
     flagged = torch.rand(n, generator=gen) < 0.3
-    for kept in (select_fastv(scores, ratio), select_random(n, ratio, seed), select_with_refill(scores, flagged, k)):
+    order = rank.rank(scores, seed)
+    for kept in (select_fastv(scores, ratio, seed)[0], select_random(n, ratio, seed), rank.first_unskipped(order, flagged, k)):
         values = kept.tolist()
         assert len(values) == k and values == sorted(set(values)) and 0 <= values[0] and values[-1] < n
-    refill = set(select_with_refill(scores, flagged, k).tolist())
+    refill = set(rank.first_unskipped(order, flagged, k).tolist())
     unflagged = int((~flagged).sum())
     if k <= unflagged:  # flagged tokens are used only when the unflagged ones run out
         assert not any(flagged[i] for i in refill)

@@ -10,9 +10,9 @@ from typing import Annotated, Optional
 
 import typer
 
-from sharp_cli.options import (DEFAULT_DEBIAS, CacheGb, Compile, JsonOut, Debias, Decoder, Dedup, DedupThreshold, DedupWindow, Device, Dtype, Fps,
-                           Frames, Layer, MaxFrames, MaxPixels, Model, Quant, Query, RandomWeights, RegisterZ,
-                           SegmentFrames, SegmentMask, TrustRemoteCode)
+from sharp_cli.options import (DEFAULT_MODEL, CacheGb, Compile, Decoder, Device, Dtype, Fps, Frames, JsonOut, MaxFrames,
+                               MaxPixels, Model, Quant, RandomWeights, TrustRemoteCode, prune_options)
+from sharp_cli.prune.config import PruneConfig
 
 TASKS = ("colour", "direction", "order", "count", "flash", "sequence", "objects", "dominant", "motion", "scenes")
 TASK_GROUPS = ("basic", "hard", "all")  # synth.TASKS and synth.GROUPS, without importing numpy for --help
@@ -27,7 +27,7 @@ Prompt = Annotated[str, typer.Option(
 CategoryField = Annotated[Optional[str], typer.Option(
     help="Annotation field to break accuracy down by (default: the format's, see docs/eval.md).")]
 SkipMissing = Annotated[bool, typer.Option("--skip-missing", help="Leave out questions whose video is missing.")]
-Methods = Annotated[str, typer.Option(help="Comma list of methods to compare.")]
+Methods = Annotated[str, typer.Option(help="Comma list of methods to compare: sharp, fastv, evs, random, none.")]
 Ratios = Annotated[Optional[list[str]], typer.Option(help="Ratio(s) kept; repeat or give a comma list.")]
 MaxNewTokens = Annotated[int, typer.Option(help="Upper bound on answer tokens (a letter needs few).")]
 Limit = Annotated[Optional[int], typer.Option(help="Only the first N questions.")]
@@ -42,18 +42,17 @@ Bootstrap = Annotated[int, typer.Option(help="Resamples of the paired bootstrap 
 FirstSeed = Annotated[int, typer.Option("--seed", help="First seed of every cell: seeds S, S+1, ... (none: one run).")]
 
 
+@prune_options(skip=("method", "ratio", "seed"))  # seeds: --seed and --tie-seeds below
 def eval_command(
     data: Annotated[str, typer.Argument(help="Questions: a file, or a benchmark's folder (see --format).")],
     format: Format = "auto", video_dir: VideoDir = None, category_field: CategoryField = None,
     skip_missing: SkipMissing = False, prompt: Prompt = "auto",
-    model: Model = "Qwen/Qwen2.5-VL-7B-Instruct",
+    model: Model = DEFAULT_MODEL,
     device: Device = "auto", quant: Quant = "auto", dtype: Dtype = "auto",
     random_weights: RandomWeights = False, trust_remote_code: TrustRemoteCode = False,
     methods: Methods = "none,fastv,random,sharp", ratio: Ratios = None,
-    layer: Layer = None, query: Query = "last",
-    segment_mask: SegmentMask = True, segment_frames: SegmentFrames = None, debias: Debias = DEFAULT_DEBIAS,
-    dedup: Dedup = True, dedup_threshold: DedupThreshold = 0.9, dedup_window: DedupWindow = 1,
-    register_z: RegisterZ = 8.0, seed: FirstSeed = 0,
+    prune: PruneConfig = PruneConfig(),
+    seed: FirstSeed = 0,
     frames: Frames = 32, fps: Fps = None, max_frames: MaxFrames = 768, max_pixels: MaxPixels = None,
     decoder: Decoder = "auto", max_new_tokens: MaxNewTokens = 8, limit: Limit = None, output: Output = None,
     shard_timeout: ShardTimeout = 3600.0, cache_gb: CacheGb = 4.0, compile_model: Compile = False,
@@ -61,7 +60,9 @@ def eval_command(
     tie_seeds: TieSeeds = 3, random_seeds: RandomSeeds = None, bootstrap: Bootstrap = 2000,
 ):
     """Multiple-choice accuracy of every method and ratio on a video QA set (resumable, shardable)."""
-    from sharp_cli.options import prune_config, quiet_transformers, split_list, stderr_console
+    from dataclasses import replace
+
+    from sharp_cli.options import quiet_transformers, split_list, stderr_console
     from sharp_cli.errors import SharpError, UsageError
     from sharp_cli.evaluate import formats, headline, prompts
     from sharp_cli.prune.config import METHODS
@@ -73,10 +74,9 @@ def eval_command(
     if not method_list:
         raise UsageError("--methods is empty")
     ratios = split_list(ratio or ["0.15"], float, "--ratio")
-    base = None
-    for r in [*ratios, 1.0]:  # validates every ratio; the base config's method and ratio are set per cell
-        base = prune_config("sharp", r, layer, query, segment_mask, segment_frames, debias, dedup, dedup_threshold,
-                            dedup_window, register_z, seed)
+    for r in ratios:  # validates every ratio; the base config's method and ratio are set per cell
+        replace(prune, ratio=r).validate()
+    base = replace(prune, ratio=1.0).validate()
     if limit is not None and limit < 1:
         raise UsageError(f"--limit must be >= 1, got {limit}")
     if not cache_gb >= 0:
@@ -100,6 +100,9 @@ def eval_command(
 
     rank, world = runner.distributed()
     # K resolved for the model first: it is part of the settings a resumed run must match.
+    if "evs" in method_list:  # refused on some families (Qwen3-VL): before any answer, not in a cell
+        loading.check_prune_config(model, replace(base, method="evs"), random_weights=random_weights,
+                                   trust_remote_code=trust_remote_code)
     base = loading.check_prune_config(model, base, random_weights=random_weights, trust_remote_code=trust_remote_code)
     dev = loading.resolve_device(device)
     settings = {  # a results line is reused only under the same settings

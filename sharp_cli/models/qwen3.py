@@ -7,13 +7,14 @@ pads, with its timestamp text and frame markers between runs. VisualLayout.segme
 DeepStack adds features from three vision-encoder layers to the hidden states at the visual
 positions after decoder layers 0, 1 and 2. Pruning before layer 3 would drop tokens those
 additions still target, so this family needs K >= 3 (min_layer); we enforce that rather than
-prune the DeepStack masks too. Decoding calls the text model without the DeepStack kwargs, which
+prune the DeepStack masks too. For the same reason --method evs (pruning before layer 0) is refused
+here with a usage error. Decoding calls the text model without the DeepStack kwargs, which
 then does nothing.
 """
 
 from __future__ import annotations
 
-from sharp_cli.errors import ModelError
+from sharp_cli.errors import ModelError, UsageError
 from sharp_cli.models import budget
 from sharp_cli.models.qwen import QwenVLAdapter, _pooled
 
@@ -34,6 +35,11 @@ class Qwen3VLAdapter(QwenVLAdapter):
     min_layer = DEEPSTACK_LAYERS
     min_layer_reason = ("Qwen3-VL's DeepStack adds visual features to the visual tokens after decoder "
                         "layers 0-2, so pruning must start at layer 3 or later")
+
+    def check_evs(self) -> None:
+        raise UsageError("--method evs is not supported on Qwen3-VL: DeepStack adds vision features to every "
+                         "visual token after decoder layers 0-2, so tokens cannot be dropped before layer 0; "
+                         "use sharp, fastv or random (K >= 3)")
 
     text_per_token_frame = 8  # "<t seconds>" (~6 tokens), <|vision_start|>, <|vision_end|>
     text_per_video = 0

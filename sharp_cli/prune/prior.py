@@ -1,4 +1,4 @@
-"""The positional prior: layer-K scores of a black video with the same layout.
+"""The positional prior: layer-K attention of a black video with the same layout, per head (H, N).
 
 It depends on the layout (frames, token grid, prompt shape), the model and the pruning layer, not
 on the content, so it is computed once and cached: in memory for the process, and on disk under
@@ -15,7 +15,7 @@ import os
 import struct
 from pathlib import Path
 
-PRIOR_VERSION = 2  # 2: keys name the model's files and weights, the prompt's tokens and positions
+PRIOR_VERSION = 3  # 2: keys name the model's files and weights, the prompt's tokens and positions; 3: per head (H, N)
 
 
 def cache_dir() -> Path:
