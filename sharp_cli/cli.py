@@ -134,28 +134,23 @@ def ask(
     quiet_transformers()
     from sharp_cli import answer as answer_mod
     from sharp_cli import loading, report
-    from sharp_cli.models import adapter_for, budget
+    from sharp_cli.clip_budget import ClipBudget
+    from sharp_cli.models import adapter_for
     from sharp_cli.prune.prior import PriorStore
 
     config = loading.model_config(model, random_weights=random_weights, trust_remote_code=trust_remote_code)
     cfg = loading.check_prune_config(model, cfg, config=config)
-    adapter = adapter_for(config)
-    limits = dict(max_pixels=max_pixels, question=question, max_new_tokens=max_new_tokens,
-                  max_visual_tokens=max_visual_tokens)
-    decode_pixels = max_pixels
-    if info is not None and info.sampled_frames(frames, fps, max_frames):  # refused before decoding
-        sampled = info.sampled_frames(frames, fps, max_frames)
-        decode_pixels = adapter.decode_pixels(config, sampled, max_pixels)
-        width, height = info.decoded_size(decode_pixels)
-        budget.check(adapter, config, sampled, height, width, **limits)
+    fit = ClipBudget(adapter_for(config), config, loading.saved_video_bound(model, random_weights=random_weights))
+    limits = dict(question=question, max_new_tokens=max_new_tokens, max_visual_tokens=max_visual_tokens)
+    video_args = dict(frames=frames, fps=fps, max_frames=max_frames, max_pixels=max_pixels, backend=decoder)
+    video_args = fit.plan(info, video_args, **limits)  # refused before decoding; decoded no larger than kept
     started = time.perf_counter()
     with console.status("decoding video"):
-        clip = video_mod.load_video(video, frames=frames, fps=fps, max_frames=max_frames,
-                                    max_pixels=decode_pixels, backend=decoder)
+        clip = video_mod.load_video(video, **video_args)
     video_s = time.perf_counter() - started
     for note in clip.notes:
         console.print(f"note: {note}")
-    budget.check(adapter, config, *clip.frames.shape[:3], **limits)  # exact: the frames as decoded
+    fit.check_clip(clip, max_pixels, info, **limits)  # exact: the frames as decoded
 
     loaded, load_s = _load(console, model, device, quant, dtype, random_weights, trust_remote_code, cuda_graphs,
                            compile_model)
@@ -244,22 +239,25 @@ def bench(
     from sharp_cli import bench as bench_mod
     from sharp_cli import video as video_mod
 
-    started = time.perf_counter()
-    if video:
-        clip = video_mod.load_video(video, frames=frames, max_pixels=max_pixels, backend=decoder)
-    else:
-        clip = bench_mod.synthetic_clip(frames, height, width)
-    video_s = time.perf_counter() - started if video else None
     quiet_transformers()
     from sharp_cli import loading, report
-
-    from sharp_cli.models import adapter_for, budget
+    from sharp_cli.clip_budget import ClipBudget
+    from sharp_cli.models import adapter_for
 
     config = loading.model_config(model, random_weights=random_weights, trust_remote_code=trust_remote_code)
     if any(m in METHODS and m != "none" for m in method_list):  # --layer against the model, before loading weights
         base = loading.check_prune_config(model, base, config=config)
-    budget.check(adapter_for(config), config, *clip.frames.shape[:3], max_pixels=max_pixels, question=question,
-                 max_new_tokens=decode_tokens, max_visual_tokens=max_visual_tokens)
+    fit = ClipBudget(adapter_for(config), config, loading.saved_video_bound(model, random_weights=random_weights))
+    limits = dict(question=question, max_new_tokens=decode_tokens, max_visual_tokens=max_visual_tokens)
+    started = time.perf_counter()
+    info = video_mod.probe(video) if video else None
+    if video:
+        video_args = fit.plan(info, dict(frames=frames, max_pixels=max_pixels, backend=decoder), **limits)
+        clip = video_mod.load_video(video, **video_args)
+    else:
+        clip = bench_mod.synthetic_clip(frames, height, width)
+    video_s = time.perf_counter() - started if video else None
+    fit.check_clip(clip, max_pixels, info, **limits)
     loaded, load_s = _load(console, model, device, quant, dtype, random_weights, trust_remote_code, cuda_graphs,
                            compile_model)
     from rich.progress import Progress

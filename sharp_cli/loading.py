@@ -140,6 +140,17 @@ def read_config(name: str, trust_remote_code: bool):
         raise ModelError(f"cannot load {where} '{name}': {exc}") from None
 
 
+def saved_video_bound(name: str, *, random_weights: bool = False) -> int | None:
+    """The upper bound (pixels a frame) the model's video processor was saved with, read from its
+    files before loading (models/budget.py): sharp-tiny's keeps its frames at the size it was
+    trained at. None with random weights (the processor is built with the family's defaults)."""
+    from sharp_cli.models import budget
+
+    if random_weights:
+        return None
+    return budget.saved_bound_in(hub.local_folder(model_path(name)))
+
+
 def model_config(name: str, *, random_weights: bool = False, trust_remote_code: bool = False):
     """The model's config alone (a shipped one with random weights): cheap, before any weights."""
     if random_weights:
