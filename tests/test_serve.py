@@ -152,6 +152,11 @@ BAD = [
     ("bad top_p", body(top_p=0), 400, "invalid_value"),
     ("n > 1", body(n=2), 400, "unsupported_parameter"),
     ("http url", body(url="https://example.com/clip.mp4"), 400, "unsupported_url"),
+    ("deeply nested JSON", b"[" * 100_000 + b"]" * 100_000, 400, "invalid_json"),
+    ("nested inside the request", body() | {"user": [[[[[[[[[[[[[[[[[[[[]]]]]]]]]]]]]]]]]]]]}, 200, None),
+    ("seed beyond 64 bits", body(seed=2**70), 400, "invalid_value"),
+    ("temperature infinity", body(temperature=float("inf")), 400, "invalid_value"),
+    ("max_pixels beyond any frame", body(max_pixels=10**15), 400, "invalid_value"),
     ("unknown model", body() | {"model": "gpt-4o"}, 404, "model_not_found"),
 ]
 
@@ -160,16 +165,58 @@ BAD = [
 def test_bad_requests_get_openai_errors_and_the_server_goes_on(server, payload, status, code):
     response = server.post(payload, headers={"content-type": "application/json"})
     assert response.status_code == status, response.text
+    if status == 200:
+        return
     error = response.json()["error"]
     assert error["code"] == code and error["type"] == "invalid_request_error"
     assert error["message"] and "\n" not in error["message"] and "Traceback" not in error["message"]
     assert server.post(body(max_tokens=1)).status_code == 200
 
 
+def test_seed_and_max_pixels_bounds_are_named(server):
+    assert server.post(body(seed=2**70)).json()["error"]["message"] == \
+        f"seed must be in [0, 2**64 - 1], got {2**70}"
+    assert server.post(body(max_pixels=10**15)).json()["error"]["message"] == \
+        "max_pixels must be in [1, 16,777,216] (a 4096x4096 frame), got 1,000,000,000,000,000"
+    assert server.post(b"[" * 100_000 + b"]" * 100_000).json()["error"]["message"] == \
+        "the request body is nested too deeply"
+
+
+def test_a_large_video_is_decoded_at_the_models_pixel_budget(loaded, tmp_path, monkeypatch):
+    """Without --max-pixels, 1080p frames become 560x1008 while decoding (what Qwen2.5-VL's processor
+    keeps of them), not 1920x1080; the answer's grid is the reference's."""
+    from sharp_cli import video as video_mod
+
+    make_video(tmp_path / "hd.mp4", n_frames=8, fps=8, size=(1920, 1080))
+    shapes, real = [], video_mod.load_video
+    monkeypatch.setattr(video_mod, "load_video", lambda *a, **k: shapes.append(real(*a, **k).frames.shape)
+                        or real(*a, **k))
+    with LiveServer(loaded, tmp_path, max_pixels=None) as live:
+        reply = live.post(body(url="hd.mp4", frames=2, max_tokens=1, method="none"))
+    assert reply.status_code == 200, reply.text
+    assert reply.json()["sharp"]["token_grid"] == [1, 20, 36]
+    assert shapes and all(shape[1:3] == (560, 1008) for shape in shapes)
+
+
+def test_a_request_over_the_models_context_is_a_400_before_decoding(server, loaded, monkeypatch):
+    from sharp_cli import video as video_mod
+
+    monkeypatch.setattr(loaded.model.config.text_config, "max_position_embeddings", 200)
+    decoded, real = [], video_mod.load_video
+    monkeypatch.setattr(video_mod, "load_video", lambda *a, **k: decoded.append(1) or real(*a, **k))
+    response = server.post(body(frames=24))
+    assert response.status_code == 400 and response.json()["error"]["code"] == "invalid_value"
+    message = response.json()["error"]["message"]
+    assert "over the model's 200-token context (max_position_embeddings)" in message
+    assert "lower frames (or fps / max_frames) or max_pixels" in message and not decoded
+    assert server.post(body(frames=2, max_tokens=1)).status_code == 200
+
+
 def test_option_errors_name_the_field_not_the_flag(server):
     assert server.post(body(ratio=0)).json()["error"]["message"] == "ratio must be in (0, 1], got 0.0"
     assert server.post(body(ratoi=1)).json()["error"]["message"] == "ratoi: unknown field"
-    assert server.post(body(max_pixels=0)).json()["error"]["message"] == "max_pixels must be >= 1, got 0"
+    assert server.post(body(max_pixels=0)).json()["error"]["message"] == \
+        "max_pixels must be in [1, 16,777,216] (a 4096x4096 frame), got 0"
     assert server.post(body(layer=7)).json()["error"]["message"].startswith("layer must be < 4")
 
 

@@ -95,13 +95,20 @@ class Service:
     def decode(self, question: Question):
         """The sampled frames (blocking: runs in a thread); an upload's temporary file is removed
         as soon as its frames are in memory."""
-        from sharp_cli.video import load_video
+        from sharp_cli.clip_budget import ClipBudget
+        from sharp_cli.video import load_video, probe
 
-        source = question.source
+        source, plan = question.source, question.plan
+        fit, limits = ClipBudget.of(self.loaded), dict(question=question.text, max_new_tokens=plan.max_new_tokens)
         try:
+            info = probe(source.path)  # a clip over the model's context is refused before it is decoded
+            video = fit.plan(info, plan.video, **limits)  # decoded no larger than the model keeps
             if self.cache is not None and not source.temporary:  # an upload is one-off: not kept
-                return self.cache.load_video(source.path, **question.plan.video)
-            return load_video(source.path, **question.plan.video)
+                clip = self.cache.load_video(source.path, **video)
+            else:
+                clip = load_video(source.path, **video)
+            fit.check_clip(clip, plan.video.get("max_pixels"), info, **limits)
+            return clip
         except VideoError as exc:  # the client named its upload, not our temporary file
             raise VideoError(str(exc).replace(source.path, source.label)) from None
         finally:
