@@ -103,6 +103,9 @@ def test_pyav_fallback_when_decord_breaks(model_dirs, video, monkeypatch):
     (["--device", "cuda"], 1, "no CUDA GPU"),
     (["--quant", "nf4"], 2, "--quant nf4 needs a CUDA GPU"),
     (["--bogus-flag"], 2, "No such option"),
+    (["--temperature", "inf"], 2, "--temperature must be a finite number >= 0, got inf"),
+    (["--temperature", "nan"], 2, "--temperature must be a finite number >= 0, got nan"),
+    (["--seed", str(2**70)], 2, "--seed must be in [0, 2**64 - 1]"),
 ])
 def test_bad_arguments_get_one_line_and_an_exit_code(model_dirs, video, args, code, message):
     result = sharp("ask", video, "what?", "-m", model_dirs["qwen2.5-vl"], *SMALL, *args)

@@ -187,3 +187,24 @@ def test_three_hour_video_is_sampled_with_little_memory(tmp_path):
     path = make_long_video(tmp_path / "long.mp4")
     shape, seconds, peak, _ = _probe(path, 32, 0, "auto")
     assert shape.startswith("(32,") and peak < 2 * 2**30 and seconds < 20
+
+
+def test_eval_output_refuses_a_file_that_is_not_ours_before_loading(model_dirs, video, tmp_path, monkeypatch):
+    """`sharp eval -o` at a file that is not eval's results (here: its own questions) is one line,
+    exit 2, before the model loads, and the file keeps every byte."""
+    from sharp_cli import loading
+
+    def never(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(loading, "load", never)
+    items = tmp_path / "items.jsonl"
+    items.write_text(json.dumps({"id": "q1", "video": video, "question": "what?", "options": ["a", "b"],
+                                 "answer": "A"}) + "\n")
+    before = items.read_bytes()
+    copy = tmp_path / "copy.jsonl"
+    copy.write_bytes(before)
+    result = runner.invoke(app, ["eval", str(items), "-m", str(model_dirs["qwen2.5-vl"]), "-o", str(copy)])
+    assert result.exit_code == 2, result.output
+    assert result.stderr.count("\n") == 1 and "is not a results file of sharp's (line 1" in result.stderr
+    assert copy.read_bytes() == before
