@@ -208,3 +208,28 @@ def test_eval_output_refuses_a_file_that_is_not_ours_before_loading(model_dirs, 
     assert result.exit_code == 2, result.output
     assert result.stderr.count("\n") == 1 and "is not a results file of sharp's (line 1" in result.stderr
     assert copy.read_bytes() == before
+
+
+def test_a_full_disk_under_the_prior_cache_keeps_the_prior_in_memory(video, tmp_path):
+    """A file-size limit makes every write fail as a full disk does (EFBIG, raised by safetensors as
+    its own SafetensorError, not OSError): `sharp ask` still answers, with one warning line."""
+    import os
+    import resource
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    def small_files():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (64, 64))  # Python ignores SIGXFSZ: writes fail instead
+
+    env = dict(os.environ, SHARP_CACHE_DIR=str(tmp_path / "cache"), PYTHONPATH=str(Path(__file__).parent.parent))
+    done = subprocess.run([sys.executable, "-m", "sharp_cli", "ask", video, "what colour is it?", "-m", "sharp-tiny",
+                           "--max-new-tokens", "2", "-q"], capture_output=True, text=True, timeout=300,
+                          preexec_fn=small_files, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip()
+    warnings = [line for line in done.stderr.splitlines() if "warning" in line]
+    assert len(warnings) == 1 and "cannot write the positional-prior cache" in warnings[0], done.stderr
+    assert "Traceback" not in done.stderr
+    priors = tmp_path / "cache" / "priors"
+    assert not priors.exists() or not any(p.stat().st_size for p in priors.iterdir())  # nothing half-written kept

@@ -279,3 +279,21 @@ print(len(hits))
 """
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0 and done.stdout.strip() == "1", (done.returncode, done.stderr[-500:])
+
+
+def test_a_prior_cache_that_cannot_be_written_still_answers_200(loaded, media, tmp_path, monkeypatch, capfd):
+    """safetensors raises its own error for a read-only or full folder, not OSError: the server
+    keeps the prior in memory, says so once, and answers."""
+    import safetensors.torch
+    from safetensors import SafetensorError
+
+    def full(*args, **kwargs):
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setenv("SHARP_CACHE_DIR", str(tmp_path))  # an empty cache: the prior must be written
+    monkeypatch.setattr(safetensors.torch, "save_file", full)
+    with LiveServer(loaded, media) as live:
+        assert live.post(body(max_tokens=1)).status_code == 200
+        assert live.post(body(url="wide.mp4", max_tokens=1)).status_code == 200
+    err = capfd.readouterr().err
+    assert err.count("cannot write the positional-prior cache") == 1 and "No space left on device" in err
