@@ -260,11 +260,17 @@ def test_model_names_a_request_may_use():
 
 
 # -- security ----------------------------------------------------------------------------------------
-def test_api_key_is_required_on_every_route(loaded, media):
+def test_api_key_is_required_on_every_route_but_liveness(loaded, media):
     with LiveServer(loaded, media, api_key="s3cret") as live:
-        for response in (live.post(body(max_tokens=1)), httpx.get(live.url + "/health"),
-                         httpx.get(live.url + "/v1/models"), httpx.get(live.url + "/nothing")):
+        for response in (live.post(body(max_tokens=1)), httpx.get(live.url + "/v1/models"),
+                         httpx.get(live.url + "/nothing"), httpx.post(live.url + "/health"),
+                         httpx.get(live.url + "/health/", headers={"Authorization": "Bearer guess"})):
             assert response.status_code == 401 and response.json()["error"]["code"] == "invalid_api_key"
+        for key in (None, "guess"):  # a load balancer's probe: alive or not, nothing more
+            probe = httpx.get(live.url + "/health", headers={"Authorization": f"Bearer {key}"} if key else {})
+            assert probe.status_code == 200 and probe.json() == {"status": "ok"}
+        details = httpx.get(live.url + "/health", headers={"Authorization": "Bearer s3cret"}).json()
+        assert details["model"] == "tiny-served" and {"busy", "waiting", "answered", "failed"} <= set(details)
         wrong = live.post(body(max_tokens=1), headers={"Authorization": "Bearer guess"})
         assert wrong.status_code == 401 and wrong.json()["error"]["message"] == "invalid API key"
         with pytest.raises(openai.AuthenticationError):

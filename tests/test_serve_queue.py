@@ -201,6 +201,27 @@ def test_serve_says_when_the_port_is_taken(tiny_dir):
     assert len(result.stderr.strip().splitlines()) == 1
 
 
+def test_a_second_server_on_the_same_port_fails_before_loading(tiny_dir, monkeypatch):
+    """The first `sharp serve` holds its port from the start, while it loads its model: a second one
+    on that port says so in one line and never loads a model."""
+    from sharp_cli import loading
+    from sharp_cli.serve.app import bind
+
+    def never(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    first = bind("127.0.0.1", 0)  # what the first server holds while its model loads
+    try:
+        port = first.getsockname()[1]
+        monkeypatch.setattr(loading, "load", never)
+        result = runner.invoke(app, ["serve", "-m", str(tiny_dir), "--port", str(port)])
+    finally:
+        first.close()
+    assert result.exit_code == 1, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and f"cannot listen on 127.0.0.1:{port}" in lines[0] and "in use" in lines[0]
+
+
 def start_sharp_serve(tiny_dir, media_dir, *extra, env=None):
     """`python -m sharp_cli serve` on a free port; returns (process, base URL, stderr lines so far)."""
     command = [sys.executable, "-m", "sharp_cli", "serve", "-m", str(tiny_dir), "--port", "0",
@@ -229,7 +250,8 @@ def test_sharp_serve_answers_then_stops_cleanly_on_a_signal(tiny_dir, media, sto
     try:
         wait_for(lambda: httpx.get(url + "/health", headers={"Authorization": "Bearer k3y"}).status_code == 200,
                  what="/health")
-        assert httpx.get(url + "/health").status_code == 401  # the key came from SHARP_API_KEY
+        assert httpx.get(url + "/health").json() == {"status": "ok"}  # open, without the details
+        assert httpx.get(url + "/v1/models").status_code == 401  # the key came from SHARP_API_KEY
         client = openai.OpenAI(base_url=url + "/v1", api_key="k3y", max_retries=0, timeout=120)
         reply = client.chat.completions.create(model=os.path.basename(str(tiny_dir)),
                                                messages=video_message("clip one.mp4"))

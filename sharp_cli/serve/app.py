@@ -21,8 +21,10 @@ from sharp_cli.serve.schema import ApiError
 from sharp_cli.serve.service import Question, Service, api_error
 from sharp_cli.serve.worker import Busy, Job
 
+BACKLOG = 2048  # uvicorn's default
 GRACEFUL_SHUTDOWN_SECONDS = 5.0  # then requests still running are cancelled (between tokens)
 _HTTP_CODES = {404: "not_found", 405: "method_not_allowed"}
+PUBLIC_ONLY = "sharp.public_only"  # scope key: the request came without the API key (GET /health only)
 
 
 def create_app(service: Service) -> FastAPI:
@@ -44,10 +46,12 @@ def create_app(service: Service) -> FastAPI:
         return error_response(ApiError(exc.status_code, f"{exc.detail}: {request.method} {request.url.path}", code))
 
     @app.get("/health")
-    async def health():
+    async def health(request: Request):
+        """Liveness, open to all (load balancers send no key); the details need the key when one is set."""
         worker = service.worker
-        body = {"status": "ok" if worker.alive else "stopping", "model": service.model_id,
-                "busy": worker.busy, "waiting": worker.waiting, **dict(worker.stats)}
+        body = {"status": "ok" if worker.alive else "stopping"}
+        if not request.scope.get(PUBLIC_ONLY):
+            body.update(model=service.model_id, busy=worker.busy, waiting=worker.waiting, **dict(worker.stats))
         return JSONResponse(body, status_code=200 if worker.alive else 503)
 
     @app.get("/v1/models")
@@ -222,13 +226,18 @@ class BearerAuth:
         scheme, _, token = header.partition(b" ")
         if scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), self.key):
             return await self.app(scope, receive, send)
+        if scope.get("path") == "/health" and scope.get("method") in ("GET", "HEAD"):  # liveness stays open
+            return await self.app({**scope, PUBLIC_ONLY: True}, receive, send)
         message = "missing API key: send 'Authorization: Bearer <key>'" if not header else "invalid API key"
         await error_response(ApiError(401, message, "invalid_api_key"))(scope, receive, send)
 
 
 # -- running -----------------------------------------------------------------------------------------
 def bind(host: str, port: int) -> socket.socket:
-    """A bound socket (IPv4 or IPv6, as the host says), so a port in use fails before the model loads."""
+    """A listening socket (IPv4 or IPv6, as the host says), so a port in use fails before the model
+    loads. Listening at once matters: two sockets with SO_REUSEADDR may both bind one port while
+    neither listens, so a second `sharp serve` started while the first loads its model would load
+    its own and only then fail. Connections that arrive before the server runs wait in the backlog."""
     from sharp_cli.errors import SharpError
 
     sock = None
@@ -238,6 +247,7 @@ def bind(host: str, port: int) -> socket.socket:
         sock = socket.socket(family, kind, proto)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind(address)
+        sock.listen(BACKLOG)
     except OSError as exc:
         if sock is not None:
             sock.close()
