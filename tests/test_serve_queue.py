@@ -319,3 +319,49 @@ def test_a_prior_cache_that_cannot_be_written_still_answers_200(loaded, media, t
         assert live.post(body(url="wide.mp4", max_tokens=1)).status_code == 200
     err = capfd.readouterr().err
     assert err.count("cannot write the positional-prior cache") == 1 and "No space left on device" in err
+
+
+def _stall(url: str, headers_done: bool) -> socket.socket:
+    """A client that sends part of its request and stops: mid-headers, or mid-body."""
+    host, port = url.removeprefix("http://").split(":")
+    sock = socket.create_connection((host, int(port)), timeout=60)
+    sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n")
+    if headers_done:
+        sock.sendall(b'Content-Length: 1000\r\n\r\n{"model": "tiny-served", "messages": [')
+    return sock
+
+
+def _reply(sock: socket.socket) -> bytes:
+    chunks = []
+    while chunk := sock.recv(65536):
+        chunks.append(chunk)
+    sock.close()
+    return b"".join(chunks)
+
+
+def test_stalled_clients_hold_no_place_in_the_queue(loaded, media):
+    """With --max-queue 1, a dozen clients stalled mid-headers or mid-body while the others ask:
+    the others are answered (before, each stalled body held a place: everyone else got 503)."""
+    with LiveServer(loaded, media, max_queue=1, header_seconds=120, body_idle_seconds=120) as live:
+        stalled = [_stall(live.url, headers_done=i % 2 == 1) for i in range(12)]
+        wait_for(lambda: live.service.worker.waiting == 0, what="the server to see them")
+        for url in ("clip one.mp4", "wide.mp4", "tall.mp4"):
+            assert live.post(body(url=url, max_tokens=1)).status_code == 200
+        for sock in stalled:  # still stalled, still unanswered: they were there all along
+            sock.setblocking(False)
+            with pytest.raises(BlockingIOError):
+                sock.recv(1)
+            sock.close()
+
+
+def test_stalled_clients_get_a_408_and_their_connection_closed(loaded, media):
+    with LiveServer(loaded, media, header_seconds=0.5, body_idle_seconds=0.5) as live:
+        mid_headers, mid_body = _stall(live.url, headers_done=False), _stall(live.url, headers_done=True)
+        silent = socket.create_connection(tuple(live.url.removeprefix("http://").split(":")[:1]) +
+                                          (int(live.url.rsplit(":", 1)[1]),), timeout=60)
+        for sock, says in ((mid_headers, b"request headers"), (silent, b"request headers"),
+                           (mid_body, b"request body")):
+            reply = _reply(sock)
+            assert reply.startswith(b"HTTP/1.1 408 ") and b'"code": "request_timeout"' in reply.replace(
+                b'"code":"', b'"code": "') and says in reply, reply
+        assert live.post(body(max_tokens=1)).status_code == 200

@@ -31,6 +31,12 @@ class Settings:
     decode_ahead: int = 2  # videos decoded before their turn, while the model answers another request
     prior_cache: bool = True  # the on-disk positional-prior cache
     cache_gb: float = 4.0  # the per-video cache (frames, vision output, prompt start); 0: off
+    # A client that sends slowly or stalls gets a 408 and its connection closed (app.py): the
+    # request's headers must be in within header_seconds, its body must not pause longer than
+    # body_idle_seconds and must be in within body_seconds (300 s: 100 MB at 333 KB/s).
+    header_seconds: float = 10.0
+    body_idle_seconds: float = 10.0
+    body_seconds: float = 300.0
 
 
 @dataclass
