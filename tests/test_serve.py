@@ -302,6 +302,55 @@ def test_media_dir_confines_local_files(server, media, tmp_path):
     assert server.post(body(url="file://elsewhere/clip.mp4")).json()["error"]["code"] == "invalid_video_url"
 
 
+def test_a_sibling_folder_that_shares_the_media_folders_name_is_outside(loaded, tmp_path):
+    """<media>-x/ starts with <media> as a string but is not under it (a string-prefix check would let
+    it through): 403."""
+    media = tmp_path / "media"
+    sibling = tmp_path / "media-x"
+    for folder in (media, sibling):
+        folder.mkdir()
+        make_video(folder / "clip.mp4", n_frames=8, fps=8, size=(56, 56))
+    with LiveServer(loaded, media) as live:
+        for url in (str(sibling / "clip.mp4"), "../media-x/clip.mp4", f"file://{sibling}/clip.mp4"):
+            response = live.post(body(url=url, max_tokens=1))
+            assert response.status_code == 403 and response.json()["error"]["code"] == "outside_media_dir", url
+        assert live.post(body(url="clip.mp4", max_tokens=1)).status_code == 200
+
+
+def test_a_file_swapped_for_a_symlink_after_the_check_is_not_read(loaded, tmp_path, monkeypatch):
+    """The path passes the check when the request arrives; before its frames are decoded it becomes
+    a symlink to a video outside the media folder. The file opened for decoding is checked: 403,
+    and the outside video is never decoded."""
+    from sharp_cli import video as video_mod
+    from sharp_cli.serve.service import Service
+
+    media, outside = tmp_path / "media", tmp_path / "private"
+    media.mkdir()
+    outside.mkdir()
+    make_video(media / "swap.mp4", n_frames=8, fps=8, size=(56, 56))
+    secret = make_video(outside / "secret.mp4", n_frames=8, fps=8, size=(112, 84))
+    real_decode, decoded = Service.decode, []
+
+    def swap_then_decode(self, question):
+        os.replace(media / "swap.mp4", media / "was-swap.mp4")
+        os.symlink(secret, media / "swap.mp4")
+        return real_decode(self, question)
+
+    real_load = video_mod.load_video
+    monkeypatch.setattr(video_mod, "load_video", lambda path, **k: decoded.append(os.path.realpath(path))
+                        or real_load(path, **k))
+    monkeypatch.setattr(Service, "decode", swap_then_decode)
+    with LiveServer(loaded, media) as live:
+        response = live.post(body(url="swap.mp4", max_tokens=1))
+        assert response.status_code == 403 and response.json()["error"]["code"] == "outside_media_dir"
+        assert secret not in decoded
+        os.unlink(media / "swap.mp4")
+        os.replace(media / "was-swap.mp4", media / "swap.mp4")
+        monkeypatch.setattr(Service, "decode", real_decode)
+        assert live.post(body(url="swap.mp4", max_tokens=1)).status_code == 200  # read through the opened file
+        assert decoded[-1] == str(media / "swap.mp4")
+
+
 def test_uploads_are_bounded_and_their_files_removed(loaded, media):
     data = (media / "wide.mp4").read_bytes()
     upload = "data:video/mp4;base64," + base64.b64encode(data).decode()

@@ -106,17 +106,19 @@ class Service:
 
         source, plan = question.source, question.plan
         fit, limits = ClipBudget.of(self.loaded), dict(question=question.text, max_new_tokens=plan.max_new_tokens)
+        path = source.path
         try:
-            info = probe(source.path)  # a clip over the model's context is refused before it is decoded
-            video = fit.plan(info, plan.video, **limits)  # decoded no larger than the model keeps
-            if self.cache is not None and not source.temporary:  # an upload is one-off: not kept
-                clip = self.cache.load_video(source.path, **video)
-            else:
-                clip = load_video(source.path, **video)
+            with source.opened() as path:  # a local file: opened once, checked, read as opened
+                info = probe(path)  # a clip over the model's context is refused before it is decoded
+                video = fit.plan(info, plan.video, **limits)  # decoded no larger than the model keeps
+                if self.cache is not None and not source.temporary:  # an upload is one-off: not kept
+                    clip = self.cache.load_video(path, **video)
+                else:
+                    clip = load_video(path, **video)
             fit.check_clip(clip, plan.video.get("max_pixels"), info, **limits)
             return clip
-        except VideoError as exc:  # the client named its upload, not our temporary file
-            raise VideoError(str(exc).replace(source.path, source.label)) from None
+        except VideoError as exc:  # the client named its file or upload, not our file descriptor or temporary file
+            raise VideoError(str(exc).replace(path, source.label).replace(source.path, source.label)) from None
         finally:
             source.discard()
 
