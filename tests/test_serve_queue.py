@@ -12,6 +12,7 @@ import subprocess
 import sys
 import threading
 import time
+from multiprocessing.pool import ThreadPool
 
 import httpx
 import openai
@@ -365,3 +366,28 @@ def test_stalled_clients_get_a_408_and_their_connection_closed(loaded, media):
             assert reply.startswith(b"HTTP/1.1 408 ") and b'"code": "request_timeout"' in reply.replace(
                 b'"code":"', b'"code": "') and says in reply, reply
         assert live.post(body(max_tokens=1)).status_code == 200
+
+
+def test_concurrent_decord_decodes_leave_the_servers_stderr_and_exit_status(tiny_dir, tmp_path):
+    """Six different videos asked about at once, decoded by decord two at a time: the server still
+    logs afterwards, and SIGINT still stops it with status 0 (its stderr used to be lost here, and
+    the exit status with it)."""
+    from videos import make_video
+
+    for i, width in enumerate((64, 80, 112, 128, 160, 176)):
+        make_video(tmp_path / f"v{i}.mp4", n_frames=16, fps=8, size=(width, 56))
+    proc, url, lines, seen = start_sharp_serve(tiny_dir, tmp_path, "--max-new-tokens", "1", "--decoder", "decord")
+    try:
+        with ThreadPool(6) as pool:
+            codes = pool.map(lambda i: httpx.post(url + "/v1/chat/completions", json=body(url=f"v{i}.mp4") | {"model": None},
+                                                  timeout=120).status_code, range(6))
+        assert codes == [200] * 6
+        assert httpx.get(url + "/health").status_code == 200
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    time.sleep(0.2)
+    log = "".join(seen) + "".join(lines.get_nowait() for _ in range(lines.qsize()))
+    assert "sharp serve: stopped" in log and "Traceback" not in log

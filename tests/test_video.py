@@ -563,3 +563,47 @@ def test_forced_decord_retries_a_lost_place(vids, monkeypatch):
     clip = load_video(vids["h264"], frames=8)  # auto: PyAV at once
     assert clip.backend == "pyav" and frame_indices(clip.frames) == clip.indices
     assert any("lost its place" in n for n in clip.notes)
+
+
+_OVERLAP = """
+import os, threading
+from sharp_cli.decord_read import watch_stderr
+before, results = os.fstat(2), {}
+entered, second_in = threading.Event(), threading.Event()
+
+def first():
+    with watch_stderr(b"MARK") as seen:
+        entered.set()
+        second_in.wait(1.0)  # the second block starts meanwhile, unless it must wait for this one
+        os.write(2, b"MARK first\\n")
+    results["first"] = len(seen)
+
+def second():
+    entered.wait()
+    with watch_stderr(b"MARK") as seen:
+        second_in.set()
+        os.write(2, b"MARK second\\n")
+    results["second"] = len(seen)
+
+threads = [threading.Thread(target=first), threading.Thread(target=second)]
+[t.start() for t in threads]
+[t.join() for t in threads]
+after = os.fstat(2)
+os.write(2, b"still here\\n")
+print((before.st_dev, before.st_ino) == (after.st_dev, after.st_ino), results["first"], results["second"])
+"""
+
+
+def test_two_threads_watching_stderr_at_once_leave_it_working():
+    """serve decodes two videos at once: each watch swapped fd 2 for its own pipe, they restored each
+    other's, and the process lost its stderr for good. Each block sees its own marker line, and
+    fd 2 is the real stderr after both."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    done = subprocess.run([sys.executable, "-c", _OVERLAP], capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent)})
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["True", "1", "1"]
+    assert "still here" in done.stderr and "MARK" not in done.stderr
