@@ -75,6 +75,9 @@ def batch_command(
         raise UsageError(f"--video-dir is not a folder: {video_dir}")
     base = Path(video_dir or (os.path.dirname(os.path.abspath(file)) if file != "-" else os.getcwd()))
 
+    from sharp_cli import model_files
+
+    model_files.check_layer(model, cfg, random_weights)  # --layer against the model's depth, before torch loads
     quiet_transformers()
     from sharp_cli import loading
 

@@ -12,12 +12,12 @@ import torch
 
 from sharp_cli import hub, measure
 from sharp_cli.errors import DeviceError, ModelError, UsageError
+from sharp_cli.model_files import SHARP_TINY  # scripts/train_sharp_tiny.py makes it
 from sharp_cli.models import adapter_for
 from sharp_cli.prune import attention
 from sharp_cli.prune.config import PruneConfig
 
 DEFAULT_MODEL = "Qwen/Qwen2.5-VL-7B-Instruct"
-SHARP_TINY = Path(__file__).resolve().parent / "models" / "sharp_tiny"  # scripts/train_sharp_tiny.py
 
 
 @dataclass

@@ -152,6 +152,32 @@ def test_help_lists_commands_without_importing_torch():
     assert result.exit_code == 0 and "ask" in result.stdout and "bench" in result.stdout
 
 
+_LAYER_CHECK = """
+import sys
+from sharp_cli.cli import app
+try:
+    app(sys.argv[1:])
+except SystemExit as exc:
+    print(exc.code, "torch" in sys.modules)
+"""
+
+
+@pytest.mark.parametrize("command", ["ask", "batch", "serve", "ask-random-weights"])
+def test_a_layer_beyond_the_models_depth_is_refused_before_torch_loads(video, tmp_path, command):
+    """--layer 99 on an 8-layer model: one line and exit 2 from the model's config.json alone, not
+    after seconds of imports and a model load."""
+    items = tmp_path / "items.jsonl"
+    items.write_text('{"video": "v.mp4", "question": "what?"}\n')
+    args = {"ask": ["ask", video, "what?", "-m", "sharp-tiny"], "batch": ["batch", str(items), "-m", "sharp-tiny"],
+            "serve": ["serve", "-m", "sharp-tiny", "--port", "0"],
+            "ask-random-weights": ["ask", video, "what?", "-m", "Qwen/Qwen2.5-VL-7B-Instruct", "--random-weights"]}
+    out = subprocess.run([sys.executable, "-c", _LAYER_CHECK, *args[command], "--layer", "99"], capture_output=True,
+                         text=True, timeout=120)
+    assert out.stdout.split() == ["2", "False"], (out.stdout, out.stderr[-1000:])
+    depth = 28 if command == "ask-random-weights" else 8
+    assert out.stderr.strip() == f"sharp: error: --layer must be < {depth} (the model's decoder layers), got 99"
+
+
 def test_fresh_process_end_to_end(model_dirs, video):
     """A real `python -m sharp_cli` process: catches import-order crashes in-process tests hide."""
     env = dict(os.environ, SHARP_DEBUG="0")
