@@ -128,6 +128,7 @@ def run(loaded, source, defaults, base: Path, output: str | None, progress: Prog
     """Answer every item of `source` (lines, as bytes or text); returns how many failed."""
     from sharp_cli import jsonl
     from sharp_cli.prune.prior import PriorStore
+    from sharp_cli.report import count
     from sharp_cli.video_cache import VideoCache
 
     cache = VideoCache(int(cache_gb * 2**30)) if cache_gb > 0 else None
@@ -159,7 +160,8 @@ def run(loaded, source, defaults, base: Path, output: str | None, progress: Prog
             else:
                 record = {"id": item_id, **record}
                 progress.answered += 1
-                progress.item(item_id, f"ok ({record['new_tokens']} tokens, {time.perf_counter() - started:.1f} s)")
+                progress.item(item_id, f"ok ({count(record['new_tokens'], 'token')}, "
+                                       f"{time.perf_counter() - started:.1f} s)")
             jsonl.append(sink, record)
     finally:
         if sink is not sys.stdout:

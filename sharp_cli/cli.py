@@ -87,7 +87,7 @@ def _main(version: Annotated[bool, typer.Option("--version", callback=_print_ver
     """Ask questions about videos with a video LLM, made fast by ShaRP token pruning."""
 
 
-@app.command()
+@app.command(short_help="Answer a question about a video.")
 def ask(
     video: Annotated[str, typer.Argument(help="Video file (mp4, mkv, webm, ...).")],
     question: Annotated[str, typer.Argument(help="The question about the video.")],
@@ -181,7 +181,7 @@ def ask(
         console.print(report.ask_table(record, width=console.width))
 
 
-@app.command()
+@app.command(short_help="Time every method against stock transformers, side by side.")
 def bench(
     video: Annotated[Optional[str], typer.Option(help="A real video; default: a synthetic one of the layout below.")] = None,
     frames: Frames = 32,
@@ -298,7 +298,7 @@ def _load(console, model, device, quant, dtype, random_weights, trust_remote_cod
     return loaded.use_cuda_graphs(cuda_graphs), time.perf_counter() - started
 
 
-@app.command()
+@app.command(short_help="Versions of the libraries, video decoders, CUDA and the GPU.")
 def env():
     """Versions of Python, torch, transformers, bitsandbytes, the video decoders, CUDA and the GPU."""
     import importlib.metadata as md
@@ -340,12 +340,12 @@ def env():
 
 
 from sharp_cli.evaluate.commands import eval_command, synth_command  # noqa: E402
-app.command("eval")(eval_command)
-app.command("synth")(synth_command)
+app.command("eval", short_help="Multiple-choice accuracy per method and ratio.")(eval_command)
+app.command("synth", short_help="Write a synthetic needle-in-the-video QA set.")(synth_command)
 from sharp_cli.batch import batch_command  # noqa: E402
 from sharp_cli.serve.command import serve_command  # noqa: E402
-app.command("batch")(batch_command)
-app.command("serve")(serve_command)
+app.command("batch", short_help="Answer a JSON-lines file of questions, one line each.")(batch_command)
+app.command("serve", short_help="Serve a model over an OpenAI-compatible HTTP API.")(serve_command)
 
 
 def main():

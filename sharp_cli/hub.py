@@ -103,9 +103,13 @@ def unreachable(timeout: float = PROBE_SECONDS) -> str | None:
     return reason
 
 
+# Offline, the one model always at hand: said wherever a hub model cannot be had.
+TRY_OFFLINE = "-m sharp-tiny runs offline (the small model shipped with sharp)"
+
+
 def not_cached(name: str) -> str:
     return (f"cannot load model id '{name}': it is not in the local Hugging Face cache ({cache_dir()}) and "
-            "HF_HUB_OFFLINE is set; unset it to download the model, or pass a local folder with -m")
+            f"HF_HUB_OFFLINE is set; unset it to download the model, or pass a local folder with -m; {TRY_OFFLINE}")
 
 
 def check_reachable(name: str) -> None:
@@ -124,4 +128,4 @@ def check_reachable(name: str) -> None:
         return
     raise ModelError(f"cannot reach the Hugging Face Hub ({reason}) and '{name}' is not in the local cache "
                      f"({cache_dir()}): pass a local folder with -m, or set HF_HUB_OFFLINE=1 to work from the "
-                     "cache only")
+                     f"cache only; {TRY_OFFLINE}")

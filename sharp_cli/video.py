@@ -114,6 +114,9 @@ def load_video(path: str | os.PathLike, *, frames: int | None = 32, fps: float |
     path = _check_path(path)
     clip = _load(path, dict(frames=frames, fps=fps, max_frames=max_frames), max_pixels, backend, size)
     clip.sized = size is not None
+    asked = min(frames, max_frames) if fps is None and frames is not None else None
+    if asked is not None and len(clip.indices) < asked:  # said, not done silently
+        clip.notes.append(f"the video has {len(clip.indices)} frames: all are used, fewer than the {asked} asked for")
     return clip
 
 

@@ -133,6 +133,35 @@ def test_unknown_model_offline_is_one_line(video, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     result = sharp("ask", video, "what?", "-m", "nobody/no-such-model-xyz", *SMALL)
     assert result.exit_code == 1 and "cannot load" in result.stderr and len(result.stderr.splitlines()) == 1
+    assert "-m sharp-tiny runs offline" in result.stderr  # the one model a user without the hub has
+
+
+def test_help_names_the_choices_and_does_not_cut_summaries():
+    summary = sharp("--help").stdout.split("Commands:")[1]
+    assert "..." not in summary and all(name in summary for name in ("ask", "bench", "eval", "serve", "batch"))
+    assert max(len(line) for line in summary.splitlines()) <= 80
+    options = sharp("ask", "--help").stdout
+    for choices in ("[auto|cuda|cpu]", "[auto|nf4|int8|none]", "[auto|decord|pyav]"):
+        assert choices in options
+
+
+def test_fewer_frames_than_asked_is_said_and_one_token_is_singular(model_dirs, video):
+    """The 24-frame clip with --frames 64: all 24 are used, and the note says so (stderr and JSON)."""
+    result = sharp("ask", video, "what?", "-m", model_dirs["qwen2.5-vl"], "--frames", "64", "--max-pixels",
+                   str(56 * 56 * 4), "--max-new-tokens", "1")
+    assert result.exit_code == 0, result.stderr
+    assert "note: the video has 24 frames: all are used, fewer than the 64 asked for" in result.stderr
+    assert "1 token " in result.stderr and "1 tokens" not in result.stderr
+    record = json.loads(sharp("ask", video, "what?", "-m", model_dirs["qwen2.5-vl"], "--frames", "64",
+                              "--max-pixels", str(56 * 56 * 4), "--max-new-tokens", "1", "--json").stdout)
+    assert record["frames"] == 24 and record["notes"] == ["the video has 24 frames: all are used, fewer than the "
+                                                          "64 asked for"]
+
+
+def test_synth_says_how_to_evaluate_offline(tmp_path):
+    result = sharp("synth", str(tmp_path / "s"), "--n", "1", "--frames", "8", "--size", "64")
+    assert result.exit_code == 0, result.stderr
+    assert f"evaluate with: sharp eval {tmp_path / 's' / 'items.jsonl'} -m sharp-tiny" in " ".join(result.stderr.split())
 
 
 def test_a_folder_that_is_not_a_video_llm(tmp_path, video):
