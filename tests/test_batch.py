@@ -280,3 +280,21 @@ def test_output_keeps_our_complete_records_and_cuts_only_our_unfinished_line(mod
     handle = jsonl.open_for_append(out, jsonl.is_batch_record)
     handle.close()
     assert out.read_bytes() == kept
+
+
+def test_an_items_frame_count_turns_off_the_default_fps(model_dirs, folder, tmp_path):
+    """--fps 2 for the run; an item asking for 4 frames gets 4, not the 6 of 3 s at 2 frames a second."""
+    from sharp_cli.overrides import BatchItem, Defaults, resolve
+    from sharp_cli.prune.config import PruneConfig
+
+    video = dict(frames=32, fps=2.0, max_frames=768, max_pixels=None, backend="auto")
+    plan = resolve(BatchItem(video="a.mp4", question="q", frames=4), Defaults(PruneConfig(layer=2), video))
+    assert plan.video["frames"] == 4 and plan.video["fps"] is None
+    items = write_items(tmp_path / "items.jsonl", [
+        {"id": "four", "video": "a.mp4", "question": "what?", "frames": 4, "max_tokens": 1},
+        {"id": "default", "video": "a.mp4", "question": "what?", "max_tokens": 1},
+    ])
+    result = sharp("batch", items, "-m", model_dirs["qwen2.5-vl"], "--fps", "2", "--max-pixels", 56 * 56 * 4,
+                   "--video-dir", folder, "-q")
+    assert result.exit_code == 0, result.stderr
+    assert [r["frames"] for r in lines(result.stdout)] == [4, 6]  # a.mp4: 24 frames at 8 fps, 3 s

@@ -91,6 +91,8 @@ def test_sample_indices_examples():
     assert sample_indices(0, 25) == []
     # fps mode over the cap: max_frames spread uniformly over the whole video instead
     assert sample_indices(10_000, 10, fps=5, max_frames=4) == sample_indices(10_000, 10, frames=4)
+    # exactly at the cap: still one frame every 1/fps seconds (spread uniformly would be 5, 15, 26, ...)
+    assert sample_indices(105, 10, fps=1, max_frames=10) == [5, 15, 25, 35, 45, 55, 65, 75, 85, 95]
     assert sample_indices(10_000, 10, frames=1000, max_frames=10) == sample_indices(10_000, 10, frames=10)
     assert sample_indices(7, 10, frames=None) == list(range(7))
 
