@@ -32,7 +32,7 @@ MaxPixels = Annotated[Optional[int], typer.Option(
 MaxVisualTokens = Annotated[Optional[int], typer.Option(
     help="Refuse a clip that would become more visual tokens than this (checked before decoding and "
          "before the vision encoder).", show_default=False)]
-Decoder = Annotated[str, typer.Option(metavar="[auto|decord|pyav]", help="Video decoder: auto (decord, then PyAV), decord or pyav.")]
+Decoder = Annotated[str, typer.Option(metavar="[auto|decord|pyav]", help="Video decoder: auto (PyAV, then decord if PyAV fails), decord or pyav.")]
 Method = Annotated[str, typer.Option(help="sharp, fastv, random or none.")]
 Ratio = Annotated[float, typer.Option(help="Fraction of visual tokens kept from layer K on, in (0, 1].")]
 Layer = Annotated[Optional[int], typer.Option(

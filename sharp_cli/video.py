@@ -2,9 +2,9 @@
 
 PyAV opens every file first: that reads headers only, and turns non-videos into clear
 errors before decord can crash or print FFmpeg noise on them. Frames then come from
-decord (fast batched random access, optional, quirky) or PyAV, which seeks to the
-keyframe before each sampled frame so its cost follows the number of frames sampled,
-not the length of the video. User-caused failures become one line: VideoError for
+PyAV, which seeks to the keyframe before each sampled frame so its cost follows the
+number of frames sampled, not the length of the video, or from decord (batched random
+access, optional, quirky): `--decoder auto` tries them in AUTO_ORDER, by measurement. User-caused failures become one line: VideoError for
 the file, UsageError for the sampling arguments. `probe` reads the header alone, so a
 command can check a video and estimate what it costs before decoding any of it.
 """
@@ -25,6 +25,10 @@ from sharp_cli.errors import UsageError, VideoError, one_line
 from sharp_cli.seek import Unseekable, decode_at
 
 BACKENDS = ("auto", "decord", "pyav")
+# The decoder --decoder auto tries first, by measurement (scripts/decoder_bench.py, docs/video.md,
+# "Which decoder"): PyAV was faster on 4 of 5 clips on a 2-core CPU, and in a fresh process (one
+# `sharp ask`) 127 ms against decord's 515 ms. The other one takes over when the first fails.
+AUTO_ORDER = ("pyav", "decord")
 
 _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 # FFmpeg's still-image demuxers (png_pipe, jpeg_pipe, ..., image2) open a renamed photo
@@ -100,7 +104,7 @@ def load_video(path: str | os.PathLike, *, frames: int | None = 32, fps: float |
                max_pixels: int | None = None, backend: str = "auto", size: tuple[int, int] | None = None) -> VideoClip:
     """Decode the frames sample_indices picks from a video file.
 
-    backend: "auto" (decord, or PyAV if decord is missing or fails), "decord" or "pyav".
+    backend: "auto" (AUTO_ORDER: PyAV, or decord if PyAV fails), "decord" or "pyav".
     max_pixels: frames are scaled down while decoding (aspect ratio kept) so that
     H*W <= max_pixels; full-size frames never pile up.
     size: (width, height) as stored to scale every frame to instead (the size the model's
@@ -126,21 +130,37 @@ def _load(path: str, sampling: dict, max_pixels, backend: str, size) -> VideoCli
         return _load_decord_alone(path, sampling, max_pixels, notes, size)
     with _open(path) as container:
         stream = _video_stream(path, container)
-        if backend != "pyav":
+        if backend == "pyav" or (backend == "auto" and AUTO_ORDER[0] == "pyav"):
             try:
-                decord = import_decord()
+                return _load_pyav(path, container, stream, sampling, max_pixels, notes, size)
+            except VideoError as exc:  # auto: decord may read what PyAV cannot; else PyAV's words stand
+                clip = None if backend == "pyav" else _try_decord(path, container, stream, sampling, max_pixels, size)
+                if clip is None:
+                    raise
+                clip.notes.insert(0, f"PyAV failed ({str(exc).split(': ', 1)[-1]}); used decord")
+                return clip
+        try:
+            decord = import_decord()
+        except Exception as exc:
+            if backend == "decord":
+                raise UsageError(f"decord is not available ({_short(exc)}); install decord2 or use pyav") from exc
+            notes.append("decord is not installed; used PyAV")
+        else:
+            try:
+                return _load_decord(decord, path, container, stream, sampling, max_pixels, notes, backend, size)
             except Exception as exc:
                 if backend == "decord":
-                    raise UsageError(f"decord is not available ({_short(exc)}); install decord2 or use pyav") from exc
-                notes.append("decord is not installed; used PyAV")
-            else:
-                try:
-                    return _load_decord(decord, path, container, stream, sampling, max_pixels, notes, backend, size)
-                except Exception as exc:
-                    if backend == "decord":
-                        raise _fail(path, f"decord cannot decode it ({_short(exc)})") from exc
-                    notes.append(f"decord failed ({_short(exc)}); used PyAV")
+                    raise _fail(path, f"decord cannot decode it ({_short(exc)})") from exc
+                notes.append(f"decord failed ({_short(exc)}); used PyAV")
         return _load_pyav(path, container, stream, sampling, max_pixels, notes, size)
+
+
+def _try_decord(path, container, stream, sampling, max_pixels, size) -> VideoClip | None:
+    """The clip as decord reads it, or None when it cannot (auto mode, after PyAV failed)."""
+    try:
+        return _load_decord(import_decord(), path, container, stream, sampling, max_pixels, [], "auto", size)
+    except Exception:  # noqa: BLE001 - PyAV's error is the one to report
+        return None
 
 
 @dataclass

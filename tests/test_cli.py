@@ -81,6 +81,10 @@ def test_same_input_same_answer_and_kept_set(model_dirs, video):
 def test_pyav_fallback_when_decord_breaks(model_dirs, video, monkeypatch):
     import decord
 
+    import sharp_cli.video as video_mod
+
+    monkeypatch.setattr(video_mod, "AUTO_ORDER", ("decord", "pyav"))  # decord first, as another CPU may measure
+
     def broken(*args, **kwargs):
         raise RuntimeError("simulated decord failure")
 

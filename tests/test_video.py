@@ -23,6 +23,15 @@ HAS_DECORD = available_backends()["decord"] is not None
 BACKENDS = ["pyav", pytest.param("decord", marks=pytest.mark.skipif(not HAS_DECORD, reason="decord not installed"))]
 
 
+@pytest.fixture
+def decord_first(monkeypatch):
+    """--decoder auto trying decord first, as AUTO_ORDER may say on another machine (the lead's
+    measurement decides): its fallbacks to PyAV stay tested."""
+    import sharp_cli.video as video
+
+    monkeypatch.setattr(video, "AUTO_ORDER", ("decord", "pyav"))
+
+
 @pytest.fixture(scope="module")
 def vids(tmp_path_factory):
     """The test videos, encoded once for the module (about a second in all)."""
@@ -251,7 +260,7 @@ def test_max_pixels_bounds_every_frame(tmp_path, backend):
 
 @pytest.mark.parametrize("backend", ["pyav", "auto"])
 @pytest.mark.parametrize("rotation", [90, -90])
-def test_quarter_turn_rotation_is_applied(tmp_path, rotation, backend):
+def test_quarter_turn_rotation_is_applied(tmp_path, rotation, backend, decord_first):
     # rotation is counter-clockwise (FFmpeg's display matrix convention, which
     # VideoFrame.rotation reports); upright frames are the stored ones turned that way.
     clip = load_video(make_video(tmp_path / "rot.mp4", rotation=rotation), frames=5, backend=backend)
@@ -297,8 +306,34 @@ def test_deterministic(vids, backend):
 # ---------------------------------------------------------------- decord fallback
 
 
+def test_auto_reads_with_pyav_first_as_measured(vids):
+    """scripts/decoder_bench.py found PyAV faster on this CPU (docs/video.md): auto uses it."""
+    from sharp_cli.video import AUTO_ORDER
+
+    assert AUTO_ORDER == ("pyav", "decord")
+    clip = load_video(vids["h264"], frames=8)
+    assert clip.backend == "pyav" and frame_indices(clip.frames) == clip.indices and clip.notes == []
+
+
 @pytest.mark.skipif(not HAS_DECORD, reason="decord not installed")
-def test_auto_falls_back_to_pyav_when_decord_raises(vids, monkeypatch):
+def test_auto_falls_back_to_decord_when_pyav_fails(vids, monkeypatch):
+    import av
+
+    import sharp_cli.video as video
+
+    def broken(*args, **kwargs):
+        raise av.error.InvalidDataError(1094995529, "Invalid data found when processing input")
+
+    monkeypatch.setattr(video, "decode_at", broken)
+    clip = load_video(vids["h264"], frames=8)
+    assert clip.backend == "decord" and frame_indices(clip.frames) == clip.indices
+    assert clip.notes[0].startswith("PyAV failed (decoding failed (") and clip.notes[0].endswith("); used decord")
+    with pytest.raises(VideoError, match="decoding failed"):  # forced: PyAV's own words
+        load_video(vids["h264"], frames=8, backend="pyav")
+
+
+@pytest.mark.skipif(not HAS_DECORD, reason="decord not installed")
+def test_auto_falls_back_to_pyav_when_decord_raises(vids, monkeypatch, decord_first):
     import decord
 
     def broken(*args, **kwargs):
@@ -314,7 +349,7 @@ def test_auto_falls_back_to_pyav_when_decord_raises(vids, monkeypatch):
 
 
 @pytest.mark.skipif(not HAS_DECORD, reason="decord not installed")
-def test_auto_falls_back_when_decord_returns_garbage(vids, monkeypatch):
+def test_auto_falls_back_when_decord_returns_garbage(vids, monkeypatch, decord_first):
     import decord
 
     class Garbage:
@@ -340,7 +375,11 @@ def test_auto_falls_back_when_decord_returns_garbage(vids, monkeypatch):
 
 
 def test_missing_decord(vids, monkeypatch):
+    import sharp_cli.video as video
+
     monkeypatch.setitem(sys.modules, "decord", None)  # makes `import decord` raise ImportError
+    assert load_video(vids["h264"], frames=4).backend == "pyav"
+    monkeypatch.setattr(video, "AUTO_ORDER", ("decord", "pyav"))
     clip = load_video(vids["h264"], frames=4)
     assert clip.backend == "pyav" and any("not installed" in n for n in clip.notes)
     with pytest.raises(UsageError, match="decord"):
@@ -562,7 +601,10 @@ def test_forced_decord_retries_a_lost_place(vids, monkeypatch):
     with pytest.raises(VideoError, match="lost its place"):
         load_video(vids["h264"], frames=8, backend="decord")
     assert len(calls) == ATTEMPTS
-    clip = load_video(vids["h264"], frames=8)  # auto: PyAV at once
+    import sharp_cli.video as video
+
+    monkeypatch.setattr(video, "AUTO_ORDER", ("decord", "pyav"))
+    clip = load_video(vids["h264"], frames=8)  # auto, decord first: PyAV at once
     assert clip.backend == "pyav" and frame_indices(clip.frames) == clip.indices
     assert any("lost its place" in n for n in clip.notes)
 
