@@ -1,10 +1,11 @@
 """JSON-lines results files that survive interruption: append and flush one line per result, and
 on the next run cut off the unfinished last line an interrupted run left (eval and batch share it).
 
-Only a results file of ours is appended to: every complete line one of our records (a `sharp
-batch` answer or error, a `sharp eval` cell), and at most an unfinished last line that begins like
-one. Anything else named by --output (a questions file, a log, a JSON document) is refused with one
-line, and nothing in it is cut.
+Only a results file of ours is appended to: its JSON lines all our records (a `sharp batch` answer
+or error, a `sharp eval` cell), at most an unfinished last line that begins like one, and lines
+that are not JSON at all only among records of ours (damage, which readers skip). Anything else
+named by --output (a questions file, a log, a JSON document) is refused with one line, and nothing
+in it is cut.
 """
 
 from __future__ import annotations
@@ -38,8 +39,8 @@ def is_batch_record(record) -> bool:
 
 
 def is_eval_record(record) -> bool:
-    """A `sharp eval` line: one (item, method, ratio) cell and the settings it was answered under."""
-    return isinstance(record, dict) and {"item", "method", "ratio", "settings"} <= record.keys()
+    """A `sharp eval` line: one (item, method, ratio) cell (evaluate/runner.py reads these)."""
+    return isinstance(record, dict) and {"item", "method", "ratio"} <= record.keys()
 
 
 def looks_ours(record) -> bool:
@@ -61,15 +62,20 @@ def check_ours(path: Path, is_ours=looks_ours) -> int:
     end = data.rfind(b"\n") + 1
     refuse = (f"{path} is not a results file of sharp's ({{}}); it is left as it is: pass another --output, "
               "or remove that file to start over")
+    ours, damaged = 0, None
     for number, raw in enumerate(data[:end].split(b"\n")[:-1], 1):
         if not raw.strip():
             continue
         try:
             record = json.loads(raw)
         except (ValueError, RecursionError):
-            raise UsageError(refuse.format(f"line {number} is not JSON")) from None
+            damaged = damaged or number
+            continue
         if not is_ours(record):
             raise UsageError(refuse.format(f"line {number} is not one of its records"))
+        ours += 1
+    if damaged and not ours:
+        raise UsageError(refuse.format(f"line {damaged} is not JSON"))
     tail = data[end:]
     if tail:  # an unfinished last line: an interrupted run's, if it begins like one of our records
         number = data[:end].count(b"\n") + 1

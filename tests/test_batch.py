@@ -252,7 +252,8 @@ def test_invalid_utf8_and_deeply_nested_lines_are_error_lines(model_dirs, folder
     b'{"video": "a.mp4", "question": "what?", "id": 1}\n{"video": "b.mp4", "question": "why?", "id": 2}\n',
     b"notes from the meeting\nno newline at the end",
     b"a single line without a newline",
-    b'{"id": 1, "error": "x"}\nsome log line\n',
+    b'{"id": 1, "error": "x"}\n{"video": "a.mp4", "question": "what?", "id": 2}\n',
+    b"a log line\nanother\n",
     b'{"settings": {}}\n',
 ])
 def test_output_refuses_a_file_that_is_not_ours_and_leaves_it_untouched(model_dirs, folder, tmp_path, content):

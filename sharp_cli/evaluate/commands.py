@@ -190,5 +190,5 @@ def synth_command(
         items = synth.write(out, n, seed, frames=frames, size=size, tasks=tuple(split_list([tasks], str, "--tasks")),
                             progress=lambda: progress.advance(task))
     typer.echo(str(items))
-    console.print(f"{n} questions in {items}; evaluate with: sharp eval {items} -m sharp-tiny --frames {frames} "
+    console.print(f"{n} question{'' if n == 1 else 's'} in {items}; evaluate with: sharp eval {items} -m sharp-tiny --frames {frames} "
                   "(sharp-tiny: the small model shipped with sharp, offline on a CPU)")
