@@ -63,12 +63,19 @@ def batch_command(
         raise UsageError(f"--output is a folder: {output}")
     if output is not None and file != "-" and os.path.exists(output) and os.path.samefile(output, file):
         raise UsageError("--output is the input file; the answers would be appended to the questions")
+    if output is not None:  # only a results file of ours is appended to, before the model loads
+        from sharp_cli import jsonl
+
+        jsonl.check_ours(Path(output), jsonl.is_batch_record)
     if not cache_gb >= 0:
         raise UsageError(f"--cache-gb must be >= 0, got {cache_gb}")
     if video_dir is not None and not os.path.isdir(video_dir):
         raise UsageError(f"--video-dir is not a folder: {video_dir}")
     base = Path(video_dir or (os.path.dirname(os.path.abspath(file)) if file != "-" else os.getcwd()))
 
+    from sharp_cli import model_files
+
+    model_files.check_layer(model, cfg, random_weights)  # --layer against the model's depth, before torch loads
     quiet_transformers()
     from sharp_cli import loading
 
@@ -81,12 +88,13 @@ def batch_command(
     loaded.use_compile(compile_model)
     video = dict(frames=frames, fps=fps, max_frames=max_frames, max_pixels=max_pixels, backend=decoder)
     defaults = Defaults(loaded.adapter.validate_prune(cfg, loaded.num_layers), video, max_new_tokens)
-    source = sys.stdin if file == "-" else open(file, encoding="utf-8")
+    # Bytes, decoded line by line: one line of invalid UTF-8 is that item's error, not the run's end.
+    source = getattr(sys.stdin, "buffer", sys.stdin) if file == "-" else open(file, "rb")
     try:
         failed = run(loaded, source, defaults, base, output, progress, prior_cache=not no_prior_cache,
                      cache_gb=cache_gb)
     finally:
-        if source is not sys.stdin:
+        if file != "-":
             source.close()
     raise typer.Exit(1 if failed else 0)
 
@@ -115,16 +123,17 @@ class Progress:
 
 def run(loaded, source, defaults, base: Path, output: str | None, progress: Progress, prior_cache: bool = True,
         cache_gb: float = 4.0) -> int:
-    """Answer every item of `source` (lines of text); returns how many failed."""
+    """Answer every item of `source` (lines, as bytes or text); returns how many failed."""
     from sharp_cli import jsonl
     from sharp_cli.prune.prior import PriorStore
+    from sharp_cli.report import count
     from sharp_cli.video_cache import VideoCache
 
     cache = VideoCache(int(cache_gb * 2**30)) if cache_gb > 0 else None
 
     done = answered_ids(Path(output)) if output else set()
     store = PriorStore(use_disk=prior_cache)
-    sink = jsonl.open_for_append(Path(output)) if output else sys.stdout
+    sink = jsonl.open_for_append(Path(output), jsonl.is_batch_record) if output else sys.stdout
     seen: dict[str, int] = {}
     try:
         for number, raw in enumerate(source, 1):
@@ -149,7 +158,8 @@ def run(loaded, source, defaults, base: Path, output: str | None, progress: Prog
             else:
                 record = {"id": item_id, **record}
                 progress.answered += 1
-                progress.item(item_id, f"ok ({record['new_tokens']} tokens, {time.perf_counter() - started:.1f} s)")
+                progress.item(item_id, f"ok ({count(record['new_tokens'], 'token')}, "
+                                       f"{time.perf_counter() - started:.1f} s)")
             jsonl.append(sink, record)
     finally:
         if sink is not sys.stdout:
@@ -159,15 +169,22 @@ def run(loaded, source, defaults, base: Path, output: str | None, progress: Prog
 
 
 def parse_item(raw: str, number: int):
-    """(id, BatchItem or None, error or None) of one input line."""
+    """(id, BatchItem or None, error or None) of one input line (bytes or text)."""
     import json
 
     from pydantic import ValidationError
 
     from sharp_cli.overrides import BatchItem, validation_message
 
+    if isinstance(raw, bytes):
+        try:
+            raw = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            return number, None, f"line {number} is not UTF-8 text (byte 0x{raw[exc.start]:02x} at {exc.start + 1})"
     try:
         data = json.loads(raw)
+    except RecursionError:
+        return number, None, f"line {number} is not JSON this program reads (nested too deeply)"
     except ValueError as exc:
         return number, None, f"line {number} is not JSON ({exc.msg})"
     if not isinstance(data, dict):
@@ -184,14 +201,19 @@ def answer_item(loaded, item, defaults, base: Path, store, progress: Progress, c
     """(the ask --json record, None) or (None, the one-line error)."""
     from sharp_cli import answer as answer_mod
     from sharp_cli import report
+    from sharp_cli.clip_budget import ClipBudget
     from sharp_cli.errors import SharpError, UsageError, describe, is_out_of_memory, one_line, release_gpu_memory
     from sharp_cli.overrides import as_field_names, resolve
-    from sharp_cli.video import load_video
+    from sharp_cli.video import load_video, probe
 
     try:
         plan = resolve(item, defaults, loaded)
         path, started = base / os.path.expanduser(item.video), time.perf_counter()
-        clip = cache.load_video(path, **plan.video) if cache is not None else load_video(path, **plan.video)
+        fit, limits = ClipBudget.of(loaded), dict(question=item.question, max_new_tokens=plan.max_new_tokens)
+        info = probe(path)  # a clip over the model's context is refused before it is decoded
+        video = fit.plan(info, plan.video, **limits)  # decoded no larger than the model keeps
+        clip = cache.load_video(path, **video) if cache is not None else load_video(path, **video)
+        fit.check_clip(clip, plan.video.get("max_pixels"), info, **limits)
         video_s = time.perf_counter() - started
         for note in clip.notes:
             progress.say(f"note: {item.video}: {note}")

@@ -85,7 +85,7 @@ def _main(version: Annotated[bool, typer.Option("--version", callback=_print_ver
     """Ask questions about videos with a video LLM, made fast by ShaRP token pruning."""
 
 
-@app.command()
+@app.command(short_help="Answer a question about a video.")
 @prune_options()
 def ask(
     video: Annotated[str, typer.Argument(help="Video file (mp4, mkv, webm, ...).")],
@@ -125,32 +125,30 @@ def ask(
         from sharp_cli import hub
 
         hub.check_reachable(model)
+    from sharp_cli import model_files
+
+    model_files.check_layer(model, cfg, random_weights)  # --layer against the model's depth, before torch loads
     console = stderr_console(quiet)
     quiet_transformers()
     from sharp_cli import answer as answer_mod
     from sharp_cli import loading, report
-    from sharp_cli.models import adapter_for, budget
+    from sharp_cli.clip_budget import ClipBudget
+    from sharp_cli.models import adapter_for
     from sharp_cli.prune.prior import PriorStore
 
     config = loading.model_config(model, random_weights=random_weights, trust_remote_code=trust_remote_code)
     cfg = loading.check_prune_config(model, cfg, config=config)
-    adapter = adapter_for(config)
-    limits = dict(max_pixels=max_pixels, question=question, max_new_tokens=max_new_tokens,
-                  max_visual_tokens=max_visual_tokens)
-    decode_pixels = max_pixels
-    if info is not None and info.sampled_frames(frames, fps, max_frames):  # refused before decoding
-        sampled = info.sampled_frames(frames, fps, max_frames)
-        decode_pixels = adapter.decode_pixels(config, sampled, max_pixels)
-        width, height = info.decoded_size(decode_pixels)
-        budget.check(adapter, config, sampled, height, width, **limits)
+    fit = ClipBudget(adapter_for(config), config, loading.saved_video_bound(model, random_weights=random_weights))
+    limits = dict(question=question, max_new_tokens=max_new_tokens, max_visual_tokens=max_visual_tokens)
+    video_args = dict(frames=frames, fps=fps, max_frames=max_frames, max_pixels=max_pixels, backend=decoder)
+    video_args = fit.plan(info, video_args, **limits)  # refused before decoding; decoded no larger than kept
     started = time.perf_counter()
     with console.status("decoding video"):
-        clip = video_mod.load_video(video, frames=frames, fps=fps, max_frames=max_frames,
-                                    max_pixels=decode_pixels, backend=decoder)
+        clip = video_mod.load_video(video, **video_args)
     video_s = time.perf_counter() - started
     for note in clip.notes:
         console.print(f"note: {note}")
-    budget.check(adapter, config, *clip.frames.shape[:3], **limits)  # exact: the frames as decoded
+    fit.check_clip(clip, max_pixels, info, **limits)  # exact: the frames as decoded
 
     loaded, load_s = _load(console, model, device, quant, dtype, random_weights, trust_remote_code, cuda_graphs,
                            compile_model)
@@ -178,7 +176,7 @@ def ask(
         console.print(report.ask_table(record, width=console.width))
 
 
-@app.command()
+@app.command(short_help="Time every method against stock transformers, side by side.")
 @prune_options(skip=("method", "ratio"))
 def bench(
     video: Annotated[Optional[str], typer.Option(help="A real video; default: a synthetic one of the layout below.")] = None,
@@ -229,28 +227,35 @@ def bench(
     for path in (output_json, plot):
         if path and os.path.isdir(path):
             raise UsageError(f"'{path}' is a directory")
+    if any(m in METHODS and m != "none" for m in method_list):  # --layer against its depth, before torch loads
+        from sharp_cli import model_files
+
+        model_files.check_layer(model, base, random_weights)
     console = stderr_console(quiet)
     from sharp_cli import bench as bench_mod
     from sharp_cli import video as video_mod
 
-    started = time.perf_counter()
-    if video:
-        clip = video_mod.load_video(video, frames=frames, max_pixels=max_pixels, backend=decoder)
-    else:
-        clip = bench_mod.synthetic_clip(frames, height, width)
-    video_s = time.perf_counter() - started if video else None
     quiet_transformers()
     from sharp_cli import loading, report
-
-    from sharp_cli.models import adapter_for, budget
+    from sharp_cli.clip_budget import ClipBudget
+    from sharp_cli.models import adapter_for
 
     config = loading.model_config(model, random_weights=random_weights, trust_remote_code=trust_remote_code)
     if any(m in METHODS and m != "none" for m in method_list):  # --layer against the model, before loading weights
         if "evs" in method_list:  # refused on some families (Qwen3-VL): now, not after the other rows
             loading.check_prune_config(model, replace(base, method="evs"), config=config)
         base = loading.check_prune_config(model, base, config=config)
-    budget.check(adapter_for(config), config, *clip.frames.shape[:3], max_pixels=max_pixels, question=question,
-                 max_new_tokens=decode_tokens, max_visual_tokens=max_visual_tokens)
+    fit = ClipBudget(adapter_for(config), config, loading.saved_video_bound(model, random_weights=random_weights))
+    limits = dict(question=question, max_new_tokens=decode_tokens, max_visual_tokens=max_visual_tokens)
+    started = time.perf_counter()
+    info = video_mod.probe(video) if video else None
+    if video:
+        video_args = fit.plan(info, dict(frames=frames, max_pixels=max_pixels, backend=decoder), **limits)
+        clip = video_mod.load_video(video, **video_args)
+    else:
+        clip = bench_mod.synthetic_clip(frames, height, width)
+    video_s = time.perf_counter() - started if video else None
+    fit.check_clip(clip, max_pixels, info, **limits)
     loaded, load_s = _load(console, model, device, quant, dtype, random_weights, trust_remote_code, cuda_graphs,
                            compile_model)
     from rich.progress import Progress
@@ -284,7 +289,7 @@ def _load(console, model, device, quant, dtype, random_weights, trust_remote_cod
     return loaded.use_cuda_graphs(cuda_graphs), time.perf_counter() - started
 
 
-@app.command()
+@app.command(short_help="Versions of the libraries, video decoders, CUDA and the GPU.")
 def env():
     """Versions of Python, torch, transformers, bitsandbytes, the video decoders, CUDA and the GPU."""
     import importlib.metadata as md
@@ -327,13 +332,13 @@ def env():
 
 from sharp_cli.evaluate.commands import eval_command, synth_command  # noqa: E402
 from sharp_cli.evaluate.diagnose_command import diagnose_command  # noqa: E402
-app.command("eval")(eval_command)
-app.command("synth")(synth_command)
-app.command("diagnose")(diagnose_command)
+app.command("eval", short_help="Multiple-choice accuracy per method and ratio.")(eval_command)
+app.command("synth", short_help="Write a synthetic needle-in-the-video QA set.")(synth_command)
+app.command("diagnose", short_help="May this model judge a pruning method? Its shallow attention, checked.")(diagnose_command)
 from sharp_cli.batch import batch_command  # noqa: E402
 from sharp_cli.serve.command import serve_command  # noqa: E402
-app.command("batch")(batch_command)
-app.command("serve")(serve_command)
+app.command("batch", short_help="Answer a JSON-lines file of questions, one line each.")(batch_command)
+app.command("serve", short_help="Serve a model over an OpenAI-compatible HTTP API.")(serve_command)
 
 
 def main():

@@ -12,14 +12,11 @@ import torch
 
 from sharp_cli import DEFAULT_MODEL, hub, measure  # DEFAULT_MODEL lives in the package root: --help needs it
 from sharp_cli.errors import DeviceError, ModelError, UsageError
+from sharp_cli.model_files import SHIPPED  # the test models in the package: sharp-tiny, sharp-small
 from sharp_cli.models import adapter_for
 from sharp_cli.prune import attention
 from sharp_cli.prune.config import PruneConfig
 
-SHARP_TINY = Path(__file__).resolve().parent / "models" / "sharp_tiny"  # scripts/train_sharp_tiny.py
-SHARP_SMALL = Path(__file__).resolve().parent / "models" / "sharp_small"  # scripts/train_sharp_small.py
-SHIPPED = {"sharp-tiny": (SHARP_TINY, "scripts/train_sharp_tiny.py"),  # keys: hub.SHIPPED_MODELS
-           "sharp-small": (SHARP_SMALL, "python -m scripts.train_sharp_small")}
 
 
 @dataclass
@@ -141,6 +138,17 @@ def read_config(name: str, trust_remote_code: bool):
             raise ModelError(hub.not_cached(name)) from None
         where = "local folder" if Path(name).exists() else "model id"
         raise ModelError(f"cannot load {where} '{name}': {exc}") from None
+
+
+def saved_video_bound(name: str, *, random_weights: bool = False) -> int | None:
+    """The upper bound (pixels a frame) the model's video processor was saved with, read from its
+    files before loading (models/budget.py): sharp-tiny's keeps its frames at the size it was
+    trained at. None with random weights (the processor is built with the family's defaults)."""
+    from sharp_cli.models import budget
+
+    if random_weights:
+        return None
+    return budget.saved_bound_in(hub.local_folder(model_path(name)))
 
 
 def model_config(name: str, *, random_weights: bool = False, trust_remote_code: bool = False):

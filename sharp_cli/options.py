@@ -17,9 +17,9 @@ from sharp_cli import DEFAULT_MODEL  # noqa: F401  (the commands' default; light
 
 Model = Annotated[str, typer.Option("-m", "--model", envvar="SHARP_MODEL",
                                     help="Hub id or local folder of a supported video LLM.")]
-Device = Annotated[str, typer.Option(help="auto, cuda or cpu.")]
-Quant = Annotated[str, typer.Option(help="auto (nf4 on CUDA, none on CPU and for sharp-tiny), nf4, int8 or none.")]
-Dtype = Annotated[str, typer.Option(help="auto (bfloat16 on GPUs that have it, else float16; float32 on CPU), "
+Device = Annotated[str, typer.Option(metavar="[auto|cuda|cpu]", help="auto, cuda or cpu.")]
+Quant = Annotated[str, typer.Option(metavar="[auto|nf4|int8|none]", help="auto (nf4 on CUDA, none on CPU and for sharp-tiny), nf4, int8 or none.")]
+Dtype = Annotated[str, typer.Option(metavar="[auto|bfloat16|float16|float32]", help="auto (bfloat16 on GPUs that have it, else float16; float32 on CPU), "
                                          "bfloat16, float16, float32.")]
 RandomWeights = Annotated[bool, typer.Option("--random-weights", help="Build the model's architecture from its "
                                              "shipped config with random weights (speed measurements, no download).")]
@@ -33,7 +33,7 @@ MaxPixels = Annotated[Optional[int], typer.Option(
 MaxVisualTokens = Annotated[Optional[int], typer.Option(
     help="Refuse a clip that would become more visual tokens than this (checked before decoding and "
          "before the vision encoder).", show_default=False)]
-Decoder = Annotated[str, typer.Option(help="Video decoder: auto (decord, then PyAV), decord or pyav.")]
+Decoder = Annotated[str, typer.Option(metavar="[auto|decord|pyav]", help="Video decoder: auto (PyAV, then decord if PyAV fails), decord or pyav.")]
 Temperature = Annotated[float, typer.Option(help="Sample with this temperature (0: greedy, the default, as "
                                             "generate(do_sample=False)).")]
 TopP = Annotated[float, typer.Option(help="Sampling: keep the smallest set of tokens whose probability reaches this.")]

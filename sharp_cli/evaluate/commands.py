@@ -206,6 +206,9 @@ def default_output(output, data_name: str, model: str):
     if output:
         if os.path.isdir(output):
             raise UsageError(f"--output '{output}' is a directory")
+        from sharp_cli import jsonl
+
+        jsonl.check_ours(Path(output), jsonl.is_eval_record)  # before the model loads; nothing else is appended to
         return Path(output).absolute()
     slug = Path(model.rstrip("/")).name if os.path.isdir(model) else model.replace("/", "--")
     name = re.sub(r"[^A-Za-z0-9._-]+", "-", f"sharp-eval-{data_name}-{slug}")
@@ -236,4 +239,5 @@ def synth_command(
         items = synth.write(out, n, seed, frames=frames, size=size, tasks=tuple(split_list([tasks], str, "--tasks")),
                             progress=lambda: progress.advance(task))
     typer.echo(str(items))
-    console.print(f"{n} questions in {items}; evaluate with: sharp eval {items} --frames {frames}")
+    console.print(f"{n} question{'' if n == 1 else 's'} in {items}; evaluate with: sharp eval {items} -m sharp-tiny --frames {frames} "
+                  "(sharp-tiny: the small model shipped with sharp, offline on a CPU)")

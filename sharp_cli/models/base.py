@@ -172,17 +172,26 @@ class Adapter:
     text_per_token_frame: int = 0  # text tokens the processor adds per token frame (Qwen3-VL's timestamps)
     text_per_video: int = 0  # text tokens around the video block (markers, LLaVA's newline)
 
-    def token_grid(self, config, frames: int, height: int, width: int, max_pixels: int | None = None):
-        """(token frames, rows, columns) the processor makes of `frames` frames of height x width."""
+    def token_grid(self, config, frames: int, height: int, width: int, max_pixels: int | None = None,
+                   saved: int | None = None):
+        """(token frames, rows, columns) the processor makes of `frames` frames of height x width;
+        `saved`: the upper bound its video processor was saved with (budget.saved_bound)."""
         raise NotImplementedError
 
-    def visual_tokens(self, config, frames: int, height: int, width: int, max_pixels: int | None = None) -> int:
-        t, h, w = self.token_grid(config, frames, height, width, max_pixels)
+    def visual_tokens(self, config, frames: int, height: int, width: int, max_pixels: int | None = None,
+                      saved: int | None = None) -> int:
+        t, h, w = self.token_grid(config, frames, height, width, max_pixels, saved=saved)
         return t * h * w
 
-    def decode_pixels(self, config, frames: int, max_pixels: int | None = None) -> int | None:
+    def decode_pixels(self, config, frames: int, max_pixels: int | None = None, saved: int | None = None) -> int | None:
         """Pixels a frame is decoded to at most: no more than the processor keeps (None: as stored)."""
         return max_pixels
+
+    def decode_size(self, config, frames: int, height: int, width: int, max_pixels: int | None = None,
+                    saved: int | None = None) -> tuple[int, int] | None:
+        """(height, width) the processor resizes such frames to, when it depends on their size
+        (the Qwen families); None where every frame becomes the same grid (LLaVA)."""
+        return None
 
     def what_to_lower(self) -> str:
         return "--frames (or --fps / --max-frames) or --max-pixels"

@@ -59,7 +59,7 @@ class Qwen3VLAdapter(QwenVLAdapter):
             clip.indices = list(short.indices) + [short.indices[-1]] * len(repeat)
         return super().processor_inputs(processor, prompt, clip, max_pixels)
 
-    def resized(self, frames, height, width, factor, temporal, max_pixels):
+    def resized(self, frames, height, width, factor, temporal, max_pixels, saved=None):
         frames = max(frames, temporal)  # one frame is repeated to fill a token frame (above)
         low, high = self.pixel_bounds(frames, factor, temporal, max_pixels)
         return budget.resize_clip(frames, height, width, temporal, factor, low, high)
@@ -74,7 +74,10 @@ class Qwen3VLAdapter(QwenVLAdapter):
         # Qwen3-VL's video processor bounds the pixels of the whole clip (t x h x w), not of a frame.
         return budget.qwen3_bounds(frames, factor, temporal, max_pixels)
 
-    def decode_pixels(self, config, frames, max_pixels=None):
+    def bounds(self, frames, factor, temporal, max_pixels, saved=None):
+        return self.pixel_bounds(frames, factor, temporal, max_pixels)  # its saved bound is per clip: video_size
+
+    def decode_pixels(self, config, frames, max_pixels=None, saved=None):
         vc = config.vision_config
         factor = vc.patch_size * vc.spatial_merge_size
         return max_pixels or self.pixel_bounds(frames, factor, vc.temporal_patch_size, None)[1] // max(1, frames)

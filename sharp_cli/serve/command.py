@@ -73,6 +73,9 @@ def serve_command(
     if api_key is not None and not api_key.strip():
         raise UsageError("--api-key (or SHARP_API_KEY) is empty; give a key or leave it out")
 
+    from sharp_cli import model_files
+
+    model_files.check_layer(model, cfg, random_weights)  # --layer against the model's depth, before torch loads
     from sharp_cli.serve.app import bind
 
     sock = bind(host, port)  # a port in use fails now, not after the model has loaded
