@@ -12,7 +12,7 @@ import torch
 
 from sharp_cli import DEFAULT_MODEL, hub, measure  # DEFAULT_MODEL lives in the package root: --help needs it
 from sharp_cli.errors import DeviceError, ModelError, UsageError
-from sharp_cli.model_files import SHIPPED  # the test models in the package: sharp-tiny, sharp-small
+from sharp_cli.model_files import SHARP_SMALL, SHARP_TINY, SHIPPED  # noqa: F401  (the test models in the package)
 from sharp_cli.models import adapter_for
 from sharp_cli.prune import attention
 from sharp_cli.prune.config import PruneConfig
