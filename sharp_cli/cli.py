@@ -15,7 +15,7 @@ from typing import Annotated, Optional
 import typer
 from typer.core import TyperGroup
 
-from sharp_cli.errors import SharpError, UsageError, one_line
+from sharp_cli.errors import SharpError, UsageError, debug_enabled, one_line
 from sharp_cli.errors import describe as _describe  # shared with serve and batch
 from sharp_cli.options import (DEFAULT_MODEL, Compile, Decoder, Device, Dtype, Fps, Frames, JsonOut, MaxFrames, MaxPixels,
                                MaxVisualTokens, Model, Quant, RandomWeights, Temperature, TopK, TopP, TrustRemoteCode,
@@ -54,7 +54,7 @@ class SharpGroup(TyperGroup):
 
 
 def _debug_reraise():
-    if os.environ.get("SHARP_DEBUG") not in (None, "", "0"):
+    if debug_enabled():
         raise
 
 
@@ -268,7 +268,9 @@ def bench(
                                progress=lambda: progress.advance(task),
                                extra={"load_seconds": load_s, "video_seconds": video_s})
     if output_json:
-        write_atomic(output_json, json.dumps(result, indent=2, default=str) + "\n")
+        from sharp_cli.jsonl import plain
+
+        write_atomic(output_json, json.dumps(result, indent=2, default=plain) + "\n")
     if plot:
         bench_mod.plot(result, plot)
     if json_out:

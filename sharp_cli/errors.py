@@ -1,6 +1,15 @@
-"""User-facing errors: one line on stderr and an exit code, never a traceback (unless SHARP_DEBUG=1)."""
+"""User-facing errors: one line on stderr and an exit code, never a traceback (unless SHARP_DEBUG=1).
+
+The failure policy, in one place: a command's failure is one line and an exit code (cli.py); one
+item's failure inside a run of many (a `sharp eval` cell, a `sharp batch` line, a served request)
+is one line recorded for that item, and the run goes on (`item_failure`); after running out of GPU
+memory the allocator's cache is given back before the next item (`release_gpu_memory`);
+SHARP_DEBUG=1 turns both back into tracebacks (`debug_enabled`).
+"""
 
 from __future__ import annotations
+
+import os
 
 
 class SharpError(Exception):
@@ -44,6 +53,23 @@ def describe(exc: Exception) -> str:
         return ("out of GPU memory; lower --frames, --max-pixels or --ratio, or use --quant nf4 "
                 f"({one_line(str(exc), 160)})")
     return f"{type(exc).__name__}: {exc} (SHARP_DEBUG=1 shows the traceback)"
+
+
+def debug_enabled() -> bool:
+    """SHARP_DEBUG set to anything but "" or "0": show tracebacks instead of one-line errors."""
+    return os.environ.get("SHARP_DEBUG") not in (None, "", "0")
+
+
+def item_failure(exc: Exception) -> tuple[str, bool]:
+    """(the one line recorded for an item that failed, whether it ran out of GPU memory). Call it in
+    the except block: a SharpError is its own message; anything else is described (out of memory
+    with advice), or re-raised under SHARP_DEBUG so its traceback shows. When it ran out of memory,
+    call release_gpu_memory() after the except block, once the traceback's frames are gone."""
+    if isinstance(exc, SharpError):
+        return one_line(str(exc)), False
+    if debug_enabled():
+        raise exc
+    return one_line(describe(exc)), is_out_of_memory(exc)
 
 
 def release_gpu_memory() -> None:

@@ -23,11 +23,13 @@ MAX_UNFINISHED_BYTES = 16 * 2**20  # a half-written record is one record: never 
 
 
 def dumps(record: dict) -> str:
-    return json.dumps(record, default=_plain)
+    return json.dumps(record, default=plain)
 
 
-def _plain(value):
-    if hasattr(value, "tolist"):  # numpy and torch scalars or arrays
+def plain(value):
+    """The JSON default encoder every output of sharp's uses: numpy and torch scalars or arrays
+    become numbers or lists, anything else its str()."""
+    if hasattr(value, "tolist"):
         return value.tolist()
     return str(value)
 

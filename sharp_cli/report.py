@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import sys
 
+from sharp_cli.jsonl import plain
+
 
 def fmt_bytes(n: int | None) -> str:
     if n is None:
@@ -189,11 +191,5 @@ def fit_table(title: str, headers: list[str], rows: list[list[str]], width: int 
 
 
 def print_json(obj) -> None:
-    sys.stdout.write(json.dumps(obj, default=_json_default) + "\n")
+    sys.stdout.write(json.dumps(obj, default=plain) + "\n")
     sys.stdout.flush()
-
-
-def _json_default(value):
-    if hasattr(value, "tolist"):
-        return value.tolist()
-    return str(value)

@@ -151,7 +151,8 @@ def done_records(job: Job) -> dict:
                 changed = differences(record.get("settings"), settings)
                 raise UsageError(f"{path} holds results of other settings ({changed}); pass another --output, "
                                  "or remove that file to start over")
-            done.setdefault(line_key(record), record)
+            if not record.get("retry"):  # a cell that failed (not on its video) is answered again
+                done.setdefault(line_key(record), record)
     return done
 
 
@@ -214,7 +215,10 @@ def run(loaded, job: Job, todo, progress=None, cache=None, store=None) -> int:
     Pruned lines carry their first-token agreement with the unpruned answer of the same item: from
     the `none` cell answered just before, or, when that one was answered earlier (a resumed run, or
     the first phase of this one), from one unpruned prefill redone here (logits are not stored in
-    the results file). cache, store: a VideoCache and PriorStore to share between calls."""
+    the results file). A video that cannot be decoded gets an error line per cell, kept by later
+    runs (a broken file stays broken); a cell that fails otherwise (out of memory, ...) gets an
+    error line marked `retry`, which the next run answers again (errors.item_failure), and the run
+    goes on. cache, store: a VideoCache and PriorStore to share between calls."""
     from sharp_cli import answer as answer_mod
     from sharp_cli.prune.prior import PriorStore
     from sharp_cli.video_cache import VideoCache
@@ -226,16 +230,21 @@ def run(loaded, job: Job, todo, progress=None, cache=None, store=None) -> int:
     written = 0
     unpruned = ("none", 1.0, 0)
     compare = unpruned in job.cells
+
+    def wrote(record: dict) -> None:
+        nonlocal written
+        _append(handle, record)
+        written += 1
+        if progress is not None:
+            progress()
+
     with _open_for_append(job.output) as handle:
         for item, cells in todo:
             try:
                 clip = cache.load_video(item.video, **job.video)
             except VideoError as exc:  # a broken file stays broken: record it, count it wrong, go on
                 for cell in cells:
-                    _append(handle, _record(job, item, cell, error=one_line(str(exc), 300)))
-                    written += 1
-                    if progress is not None:
-                        progress()
+                    wrote(_record(job, item, cell, error=one_line(str(exc), 300)))
                 continue
             prompt = prompt_for(item)
             ask = lambda cfg, tokens: answer_mod.ask(loaded, clip, prompt, cfg, max_new_tokens=tokens,  # noqa: E731
@@ -244,19 +253,35 @@ def run(loaded, job: Job, todo, progress=None, cache=None, store=None) -> int:
             reference = needle = None
             mapped = not item.needle_boxes  # needle tokens: mapped once per item, at its first answer
             if compare and unpruned not in cells:
-                reference = ask(replace(job.base, method="none", ratio=1.0, seed=0), 1).prefill.logits
+                reference, _ = _attempt(lambda: ask(replace(job.base, method="none", ratio=1.0, seed=0), 1))
+                reference = reference.prefill.logits if reference is not None else None
             for cell in sorted(cells, key=lambda c: c[0] != "none"):  # the reference first
                 method, ratio, seed = cell
-                answer = ask(replace(job.base, method=method, ratio=ratio, seed=seed), job.max_new_tokens)
+                answer, error = _attempt(lambda: ask(replace(job.base, method=method, ratio=ratio, seed=seed),
+                                                     job.max_new_tokens))
+                if answer is None:
+                    wrote(_record(job, item, cell, error=error, retry=True))
+                    continue
                 if method == "none":
                     reference = answer.prefill.logits
                 if not mapped:  # the same video, so the same tokens, in every cell
                     needle, mapped = _needle_tokens(loaded, item, clip, answer.encoded.layout), True
-                _append(handle, _record(job, item, cell, answer=answer, reference=reference, needle=needle))
-                written += 1
-                if progress is not None:
-                    progress()
+                wrote(_record(job, item, cell, answer=answer, reference=reference, needle=needle))
     return written
+
+
+def _attempt(call):
+    """(call(), None), or (None, the one-line error) when it fails: one cell's failure must not end
+    the run (errors.item_failure; SHARP_DEBUG=1 re-raises). Ctrl-C is not a failure: it stops."""
+    from sharp_cli.errors import item_failure, release_gpu_memory
+
+    try:
+        return call(), None
+    except Exception as exc:  # noqa: BLE001 - recorded as the cell's error line
+        message, oom = item_failure(exc)
+    if oom:  # here, not in the except block: by now the traceback (and the tensors it holds) is gone
+        release_gpu_memory()
+    return None, message
 
 
 def _needle_tokens(loaded, item, clip, layout) -> list[int] | None:
@@ -272,7 +297,8 @@ def _needle_tokens(loaded, item, clip, layout) -> list[int] | None:
     return needles.token_numbers(item.needle_boxes, size, list(clip.indices), layout.grid, layout.frames_per_step)
 
 
-def _record(job: Job, item, cell, answer=None, error: str | None = None, reference=None, needle=None) -> dict:
+def _record(job: Job, item, cell, answer=None, error: str | None = None, reference=None, needle=None,
+            retry: bool = False) -> dict:
     from sharp_cli.evaluate import agreement
 
     method, ratio, seed = cell
@@ -294,6 +320,8 @@ def _record(job: Job, item, cell, answer=None, error: str | None = None, referen
             record.update(agreement.first_token(reference, answer.prefill.logits))
     else:
         record["error"] = error
+        if retry:  # not the video's fault: the next run answers it again
+            record["retry"] = True
     record.update(rank=job.rank, time=round(time.time(), 3), settings=job.settings)
     return record
 
@@ -361,13 +389,13 @@ def wait_for_shards(job: Job, timeout: float) -> list[int]:
 
 def merge(job: Job, remove_shards: bool = True) -> int:
     """Append the shard lines the results file lacks, in item-then-cell order; returns how many."""
-    have = {line_key(rec) for rec in read_results(job.results)}
+    have = {line_key(rec) for rec in read_results(job.results) if not rec.get("retry")}
     shards = shard_files(job.results)
     new = {}
     for path in shards:
         for record in read_results(path):
             k = line_key(record)
-            if k not in have and k not in new:
+            if k not in have and (k not in new or new[k].get("retry")):  # an answer replaces a failure
                 new[k] = record
     position = {key(item.id, *c): (i, j) for i, item in enumerate(job.items) for j, c in enumerate(job.cells)}
     ordered = sorted(new.values(), key=lambda rec: position.get(line_key(rec), (len(job.items), 0)))

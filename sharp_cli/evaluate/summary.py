@@ -22,7 +22,9 @@ def summarize(records: list[dict], items: list, cells: list[tuple[str, float, in
 
     by_key: dict = {}
     for record in records:
-        by_key.setdefault(line_key(record), record)
+        k = line_key(record)
+        if k not in by_key or by_key[k].get("retry"):  # a later answer replaces a failed cell's line
+            by_key[k] = record
     ids = [str(item.id) for item in items]
     references = {i: by_key[k] for i in ids if (k := key(i, "none", 1.0, 0)) in by_key}
     options_of = {str(item.id): item.options for item in items}
