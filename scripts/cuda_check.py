@@ -1,7 +1,7 @@
 """CUDA-only checks that CPU CI cannot run. Prints one line per check, exits non-zero if any fails.
 
-    python scripts/cuda_check.py [--model Qwen/Qwen2.5-VL-7B-Instruct] [--frames 8] [--quant none|nf4|int8]
-                                 [--dtype auto|float16]
+    python -m scripts.cuda_check [--model Qwen/Qwen2.5-VL-7B-Instruct] [--frames 8] [--quant none|nf4|int8]
+                                  [--dtype auto|float16]
 
 1. decode: graph-replayed steps against eager steps (pruned and unpruned);
 2. unpruned decode against transformers' generate(do_sample=False) (with the checkpoint's

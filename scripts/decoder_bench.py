@@ -11,8 +11,8 @@ sharp_cli.video.load_video with --decoder decord and --decoder pyav; the median 
 frame indices. For the README clip it also times the first call in a fresh process, which is
 what a one-off `sharp ask` pays (the decoder's libraries load on first use).
 
-    python scripts/decoder_bench.py                      # table on stdout
-    python scripts/decoder_bench.py --json out.json --repeats 7 --clips /tmp/decoder-clips
+    python -m scripts.decoder_bench                      # table on stdout
+    python -m scripts.decoder_bench --json out.json --repeats 7 --clips /tmp/decoder-clips
 
 Machine load changes every figure: run it on an idle machine, and read `load` in the output.
 """
@@ -28,10 +28,7 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-
-from videos import make_video  # noqa: E402  (the tests' PyAV encoder: frames that say their index)
+from tests.videos import make_video  # the tests' PyAV encoder: frames that say their index
 
 BUDGET = 602_112  # Qwen2.5-VL's per-frame bound at 32 frames (768 tokens of 28x28 pixels)
 # name: (frames, fps, (width, height), keyframe interval in frames)

@@ -8,9 +8,9 @@ and N separate `sharp ask` processes answer the same questions (each loads the m
 Everything must fit in --seconds: what does not fit is skipped and the JSON says so.
 
 GPU (the default model, random weights: no download):
-    python scripts/serve_bench.py --processes 8 --seconds 540 --output serve_bench.json
+    python -m scripts.serve_bench --processes 8 --seconds 540 --output serve_bench.json
 CPU check with a tiny model folder:
-    python scripts/serve_bench.py --model DIR --device cpu --quant none --no-random-weights \
+    python -m scripts.serve_bench --model DIR --device cpu --quant none --no-random-weights \
         --size 64 --frames 8 --max-tokens 4 --processes 2 --seconds 300
 Only the standard library and sharp itself are needed.
 """

@@ -2,7 +2,7 @@
 
 Every block runs the same code and holds no index of its own, so inductor compiles it once and the
 other blocks reuse it (their weights are inputs of the compiled graph, not constants of it). What it
-buys on an H200 (docs/results/h200-decode-profiles-compile.log): RMSNorm, rotary embedding, the
+buys on an H200 (research/results/h200-decode-profiles-compile.log): RMSNorm, rotary embedding, the
 activation and the residual adds become a few fused kernels, the MLP products aligned ones, and the
 encoder takes 113 ms instead of 239 ms for 32 frames of Qwen2.5-VL-7B; the first call compiles
 (14.5 s). (The decoder layers index their cache by layer number, so they are compiled as one decode

@@ -46,7 +46,7 @@ class Decoded:
         return steps / self.seconds if steps > 0 and self.seconds > 0 else None
 
 
-class _Step:
+class Step:
     """One decode step and the state it reads and writes (static tensors, so it can be captured)."""
 
     def __init__(self, loaded: Loaded, cache: kv.StaticKV, rules: Rules, next_position: torch.Tensor,
@@ -112,7 +112,7 @@ def compiled(advance):
     return torch.compile(advance, dynamic=True)
 
 
-def _capture(step: _Step):
+def capture_step(step: Step):
     """(graph, seconds) for one step, or (None, reason). The warm-up step runs on the real buffers,
     so the state it changes is put back; the cache row it wrote is rewritten by the first replay."""
     from sharp_cli.prune.graphs import capture
@@ -142,12 +142,12 @@ def _stepper(loaded: Loaded, cache: kv.StaticKV, rules: Rules, next_position, st
     key = _rules_key(loaded, rules, next_position, keep_logits)
     want_graph = cache.step.device.type == "cuda" and loaded.graphs is not None and steps >= MIN_STEPS_TO_CAPTURE
     if not want_graph:
-        step = _Step(loaded, cache, rules, next_position, keep_logits)
+        step = Step(loaded, cache, rules, next_position, keep_logits)
         return step, step, "eager", 0.0, None
     if key in cache.graphs:
         step, graph = cache.graphs[key]
         return step, graph.replay, "cuda graph", 0.0, None
-    step = _Step(loaded, cache, rules, next_position, keep_logits)
+    step = Step(loaded, cache, rules, next_position, keep_logits)
     if key in pool.failed:
         return step, step, "eager", 0.0, pool.failed[key]
     return step, None, "capture", 0.0, None  # captured once the first token is in place
@@ -168,7 +168,7 @@ def decode(loaded: Loaded, encoded, state: Prefill, max_new_tokens: int, *, prom
         step, run, mode, capture_s, note = _stepper(loaded, cache, rules, encoded.next_position, steps, kept_logits)
         step.start(state.logits, prompt_ids, encoded.next_position)
         if run is None:  # first use of these buffers with these rules: capture now
-            graph, result = _capture(step)
+            graph, result = capture_step(step)
             if graph is None:
                 loaded.kv_pool.failed[key] = result
                 run, mode, note = step, "eager", result
@@ -212,7 +212,7 @@ def decode(loaded: Loaded, encoded, state: Prefill, max_new_tokens: int, *, prom
     return Decoded(tokens, reader.seconds(len(tokens) - 1), mode, capture_s, stop, note, logits)
 
 
-def _keep(cache: kv.StaticKV, key, step: _Step, graph) -> None:
+def _keep(cache: kv.StaticKV, key, step: Step, graph) -> None:
     cache.graphs[key] = (step, graph)
     while len(cache.graphs) > GRAPHS_PER_CACHE:
         cache.graphs.pop(next(iter(cache.graphs)))

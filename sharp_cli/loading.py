@@ -253,7 +253,7 @@ def _freeze_gc() -> None:
 def use_shape_free_attention_kernels() -> None:
     """Keep SDPA off its cuDNN backend. PyTorch prefers cuDNN on Hopper, and cuDNN builds a plan for
     every new shape: ~40 ms per attention call the first time a length is seen (H200, torch 2.11;
-    docs/results/h200-decode-profiles-compile.log). Every question has a new length, so a served
+    research/results/h200-decode-profiles-compile.log). Every question has a new length, so a served
     question or a one-off `sharp ask` paid 1-2.5 s of plan building in prefill and the vision tower.
     The flash and memory-efficient kernels need no per-shape setup. peers.stock_attention turns
     cuDNN back on for the stock transformers rows, which measure what plain transformers does."""

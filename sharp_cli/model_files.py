@@ -14,7 +14,7 @@ from pathlib import Path
 SHARP_TINY = Path(__file__).resolve().parent / "models" / "sharp_tiny"
 SHARP_SMALL = Path(__file__).resolve().parent / "models" / "sharp_small"
 # The test models shipped in the package (-m sharp-tiny, -m sharp-small): folder, and what makes it.
-SHIPPED = {"sharp-tiny": (SHARP_TINY, "scripts/train_sharp_tiny.py"),
+SHIPPED = {"sharp-tiny": (SHARP_TINY, "python -m scripts.train_sharp_tiny"),
            "sharp-small": (SHARP_SMALL, "python -m scripts.train_sharp_small")}
 
 

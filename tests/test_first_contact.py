@@ -508,29 +508,6 @@ def test_fit_table_drops_columns_by_priority_and_says_so():
     assert all(cell in full for row in rows for cell in row) and "not shown" not in full
 
 
-# -- scripts/bench_table.py ------------------------------------------------------------------------
-def test_bench_table_reads_every_result_or_says_why(model_dirs, tmp_path):
-    cpu = tmp_path / "cpu-bench.json"
-    result = sharp("bench", "-m", model_dirs["qwen2.5-vl"], "--frames", "4", "--height", "56", "--width", "56",
-                   "--iters", "1", "--warmup", "0", "--decode-tokens", "0", "--methods", "none,fastv",
-                   "--output-json", cpu, "-q")
-    assert result.exit_code == 0, result.stderr
-    assert json.loads(cpu.read_text())["rows"][0]["peak_memory_bytes"] is None  # a CPU run has none
-    (tmp_path / "broken.json").write_text("{not json")
-    paths = sorted(str(p) for p in (REPO / "docs" / "results").glob("h100-*.json"))
-    paths += [str(cpu), str(tmp_path / "broken.json")]
-    out = subprocess.run([sys.executable, str(REPO / "scripts" / "bench_table.py"), *paths], capture_output=True,
-                         text=True, timeout=120, env=dict(os.environ, PYTHONPATH=str(REPO)))
-    assert out.returncode == 0, out.stderr[-2000:]
-    asks = [p for p in paths if "ask" in os.path.basename(p)]
-    for path in asks:
-        assert f"skipped {path}: a `sharp ask` result" in out.stderr
-    assert f"skipped {tmp_path / 'broken.json'}: not JSON" in out.stderr
-    assert out.stdout.count("| method | ratio |") == len(paths) - len(asks) - 1
-    fastv = next(line for line in out.stdout.split(str(cpu))[1].splitlines() if line.startswith("| fastv |"))
-    assert fastv.endswith("| - |")  # a CPU run has no peak GPU memory
-
-
 def test_sharp_tiny_is_not_quantized_by_default_on_a_gpu():
     import torch
 

@@ -5,7 +5,7 @@ dequantize_4bit (float32, exactly) and its own product (matmul_4bit, bf16) on sh
 tile, do not split into whole blocks or bytes, with and without double quantization; whole answers
 through 4-bit layers against bitsandbytes' own layers; the layer under torch.compile. The GPU's
 shuffle lookup (inline PTX, which the interpreter cannot run) is checked by the last test on CUDA
-and by scripts/gemv_nf4_bench.py."""
+and by scripts/kernel_bench.py --nf4."""
 
 from __future__ import annotations
 

@@ -20,12 +20,11 @@ from sharp_cli.evaluate import synth
 
 ROOT = Path(__file__).resolve().parent.parent
 SHIPPED = (SHARP_TINY / "model.safetensors").exists()
-sys.path.insert(0, str(ROOT / "scripts"))
 
 
 def test_training_script_saves_a_model_sharp_ask_loads(tmp_path):
     out = tmp_path / "tiny"
-    run = subprocess.run([sys.executable, str(ROOT / "scripts" / "train_sharp_tiny.py"), "--steps", "2", "--batch", "2",
+    run = subprocess.run([sys.executable, "-m", "scripts.train_sharp_tiny", "--steps", "2", "--batch", "2",
                           "--eval-every", "2", "--eval-items", "4", "--final-items", "4", "--workers", "0",
                           "--device", "cpu", "--out", str(out)], capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert run.returncode == 0, run.stderr[-2000:]
@@ -46,7 +45,7 @@ def test_token_labels_mark_the_needles():
     """Each visual token is taught what it shows: the flash's colour where a flash is, `none`
     elsewhere (the static disc of another colour included), the direction on the moving square,
     which flash it is for count; and whether it shows the answer (order: the first flash only)."""
-    import sharp_tiny_data as train
+    from scripts import train_sharp_tiny as train
 
     frames, item = synth.make_item(0, 0)  # colour: one flash, a static disc of a wrong option's colour
     words, shows = train.token_words(frames, item)
@@ -77,7 +76,7 @@ def test_token_labels_mark_the_needles():
 README_PRUNING = ["--layer", "6"]
 
 
-@pytest.mark.skipif(not SHIPPED, reason="sharp-tiny weights are not shipped yet (scripts/train_sharp_tiny.py)")
+@pytest.mark.skipif(not SHIPPED, reason="sharp-tiny weights are not shipped yet (python -m scripts.train_sharp_tiny)")
 def test_shipped_sharp_tiny_answers_held_out_clips_of_every_task(tmp_path):
     """20 held-out clips (seed 0, never trained on) of each task through `sharp eval`, unpruned and
     ShaRP at 0.15 with the README's settings. A broken path answers at chance (25%); on 400 such
@@ -111,12 +110,12 @@ def test_shipped_sharp_tiny_answers_a_bare_question(tmp_path):
 
 @pytest.mark.skipif(not SHIPPED, reason="sharp-tiny weights are not shipped yet")
 def test_a_grown_model_answers_as_its_source(tmp_path):
-    """scripts/grow_sharp_tiny.py doubles the decoder, a zeroed block after every layer: reloaded
+    """research/grow_sharp_tiny.py doubles the decoder, a zeroed block after every layer: reloaded
     through the real loading path, the grown model answers as the source, and pruned at K=4 it
     answers as the source pruned at K=2 (its layer 4 is the source's layer 2, on the same hidden
     states), for every method. Catches blocks that add to the residual, a config that does not match
     the saved layers, and layer indices that share a KV-cache slot."""
-    run = subprocess.run([sys.executable, str(ROOT / "scripts" / "grow_sharp_tiny.py"), str(SHARP_TINY),
+    run = subprocess.run([sys.executable, "-m", "research.grow_sharp_tiny", str(SHARP_TINY),
                           str(tmp_path / "grown")], capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert run.returncode == 0, run.stderr[-2000:]
     source = json.loads((SHARP_TINY / "config.json").read_text())["text_config"]["num_hidden_layers"]
@@ -150,9 +149,9 @@ def test_sharp_tiny_missing_is_one_line(tmp_path):
 
 
 def test_needle_tokens_are_the_grid_cells_where_the_frames_change():
-    """scripts/dropped_tokens.py's map from changed pixels to token numbers (raster t, h, w): a
+    """research/dropped_tokens.py's map from changed pixels to token numbers (raster t, h, w): a
     square in frames 2-3 of a 4x4 grid's cell (row 1, column 2) is token (1*4 + 1)*4 + 2 = 22."""
-    from dropped_tokens import needle_tokens
+    from research.dropped_tokens import needle_tokens
 
     frames = np.zeros((8, 64, 64, 3), dtype=np.uint8)
     frames[2:4, 20:28, 36:44] = 200  # rows 16-31 -> h 1, columns 32-47 -> w 2; frames 2-3 -> t 1

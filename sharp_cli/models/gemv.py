@@ -2,11 +2,11 @@
 
 A decode step is ~200 products of one token with a weight matrix: the GPU's work is reading the
 weights (14 GB a step for a 7B model in bf16). cuBLAS runs them as GEMMs with m = 1 and read them at
-~3.1 TB/s on an H200 (4.57 ms of a 5.85 ms compiled step, docs/results/h200-decode-profiles-compile.log),
+~3.1 TB/s on an H200 (4.57 ms of a 5.85 ms compiled step, research/results/h200-decode-profiles-compile.log),
 two thirds of what the memory delivers. This kernel is the plain memory-bound loop: each program
 streams BLOCK_N whole rows of the weight, K in BLOCK_K chunks, multiplies by the token in float32
 and sums, so all it does is read each weight byte once. A step's products took 4.00 ms instead of
-cuBLAS's 4.76 (H200, `python scripts/gemv_bench.py`, docs/results/h200-gemv-bf16.json), and the
+cuBLAS's 4.76 (H200, `python -m scripts.kernel_bench`, research/results/h200-gemv-bf16.json), and the
 compiled pruned decode went from 188 to 219 tok/s.
 
 `use_gemv(modules)` turns the given nn.Linear modules into `GemvLinear` (a class swap: same
@@ -42,8 +42,8 @@ def available(device: torch.device) -> bool:
 
 
 def block_sizes(n: int, k: int) -> tuple[int, int, int]:
-    """(BLOCK_N, BLOCK_K, num_warps) for an (n, k) weight, from scripts/gemv_bench.py's sweep on an
-    H200 (docs/results/h200-gemv-bf16.json): few rows per program where there are few rows (every
+    """(BLOCK_N, BLOCK_K, num_warps) for an (n, k) weight, from scripts/kernel_bench.py's sweep on an
+    H200 (research/results/h200-gemv-bf16.json): few rows per program where there are few rows (every
     SM gets work), long chunks of K where rows are long."""
     def chunk(width: int) -> int:
         return min(width, 1 << max(4, (k - 1).bit_length()))

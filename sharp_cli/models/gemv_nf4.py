@@ -29,10 +29,10 @@ q and o 6.64 MB (1.5 us), k and v 0.95 MB (0.2 us: launch and latency bound), ga
 shared memory does 32 lanes a clock per SM: ~8e12 weights/s on 132 SMs, ~4 TB/s of packed bytes,
 just under the memory's rate) and about four instructions in all (a shift, the shuffle, the
 multiply-add, a share of the x and absmax loads: ptxas' code for sm_90 from Triton 3.6,
-`scripts/nf4_kernel_sass.py`), which the SMs issue at ~8e12 weights/s. So this design can reach
+`research/nf4_kernel_sass.py`), which the SMs issue at ~8e12 weights/s. So this design can reach
 most of the bandwidth, not all of it; a lookup from memory instead of a shuffle took 2.8 times the
 instructions (address arithmetic per weight), which is why the shuffle is inline PTX. Measured
-figures go to docs/benchmarks.md (`python scripts/gemv_nf4_bench.py`).
+figures go to docs/benchmarks.md (`python -m scripts.kernel_bench --nf4`).
 
 Rows whose length is not a whole number of blocks (blocks straddle rows, odd k splits bytes)
 take a slower per-element kernel; real checkpoints never do (k is a multiple of 64). Triton's CPU
@@ -44,7 +44,7 @@ dequantized once per row and re-read from L2; the layers take the kernel for one
 parameters, same state dict) whose forward takes the kernel for one token on CUDA and calls
 bitsandbytes for everything else (prefill, other devices). Inside torch.compile and CUDA graphs
 the kernel is one opaque custom op. Off unless SHARP_GEMV_NF4=1 (and SHARP_GEMV=0 turns it off
-with the bf16 kernel) until scripts/gemv_nf4_bench.py has checked it on the GPU.
+with the bf16 kernel) until scripts/kernel_bench.py --nf4 has checked it on the GPU.
 """
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ import torch
 from sharp_cli.models.gemv import HALF, INTERPRETED, SWITCH
 
 SWITCH_4BIT = "SHARP_GEMV_NF4"  # =1 routes Linear4bit's one-token products through the kernel
-DEFAULT_4BIT = "0"  # becomes "1" once the GPU check (scripts/gemv_nf4_bench.py) has passed
+DEFAULT_4BIT = "0"  # becomes "1" once the GPU check (scripts/kernel_bench.py --nf4) has passed
 
 
 def available(device: torch.device) -> bool:
@@ -77,8 +77,8 @@ def available(device: torch.device) -> bool:
 def block_sizes(n: int, k: int, blocksize: int = 64) -> tuple[int, int, int]:
     """(BLOCK_N, NB, num_warps) for an (n, k) weight: rows per program, quantization blocks per row
     per step, warps. Chosen from the compiled code for an H200 (sm_90, Triton 3.6: registers and
-    the main loop's instructions per weight, 4.1-4.6 with 4 warps: scripts/nf4_kernel_sass.py) and
-    its 132 SMs, not yet from timings (`scripts/gemv_nf4_bench.py --sweep` times every candidate):
+    the main loop's instructions per weight, 4.1-4.6 with 4 warps: research/nf4_kernel_sass.py) and
+    its 132 SMs, not yet from timings (`python -m scripts.kernel_bench --nf4 --sweep` times every candidate):
     a thread reads 16 bytes of a row, so a step of NB=8 blocks spreads a row over 16 lanes, and
     rows past the warps' reach repeat in registers, where they share the thread's x. 32 rows a
     program for gate and up (592 programs, 128 registers: 4 programs an SM); 16 for q and o (224

@@ -3,7 +3,7 @@
 Qwen2.5-VL's vision blocks have an intermediate size of 3,420: rows of 6,840 bytes, which are not
 16-byte aligned, so cuBLAS falls back to its 2-element-aligned kernels. On an H200 those three
 products per block took 90 of the encoder's 239 ms for 32 frames; aligned, the same products take
-~45 ms (docs/results/h200-decode-profiles-compile.log, `scripts/profile_vision.py`).
+~45 ms (research/results/h200-decode-profiles-compile.log, `python -m scripts.profiler vision`).
 
 Padding is exact: the new gate rows and biases are zero, so act(gate) * up is zero there (SiLU(0)
 = 0), and the new down-projection columns are zero as well, so they add nothing.

@@ -11,7 +11,7 @@ No L x L mask is ever built. Two exact ways to compute it (PruneConfig.segment_a
   causal half). Row i of a segment [a, b) must see keys [0, b) = [0, i] + [a, b) - [a, i]; flash
   kernels return each row's log-sum-exp, so the three parts merge exactly. Three launches per
   layer, but on an H200 the flash op with log-sum-exp, the grouped-query head copies and the fp32
-  merge cost more than the launches saved (scripts/segment_attention_check.py: 2.73 vs 1.25 ms a
+  merge cost more than the launches saved (research/segment_attention_check.py: 2.73 vs 1.25 ms a
   layer at 16 segments of 392 tokens, 2.62 vs 2.57 at 32 of 196). Kept as the exact building
   block for a fused kernel, and for GPUs where the balance differs.
 

@@ -272,7 +272,7 @@ def rearm_signal_handlers() -> None:
     """Install SIGINT's and SIGTERM's Python handlers (uvicorn's) again, once a second. On the GPU a
     served answer left SIGINT in native hands: the server then exited with status 1 on Ctrl-C
     before Python saw the signal (no "Shutting down", no SystemExit; idle, it stopped cleanly;
-    scripts/serve_stop_check.sh). signal.signal with the handler Python already has re-points the
+    research/serve_stop_check.sh). signal.signal with the handler Python already has re-points the
     process's handler at Python's; it must run in the main thread, where uvicorn's loop ticks."""
     import signal
     import threading

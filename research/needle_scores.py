@@ -1,7 +1,7 @@
 """Where layer K's question attention and sharp's positional prior fall on sharp-tiny's held-out items,
 against the tokens that show the needle (docs/eval.md, "Pruning at K=2 on the 8-layer model").
 
-    python scripts/needle_scores.py [-m sharp-tiny] [--items 40] [--layer 2]
+    python -m research.needle_scores [-m sharp-tiny] [--items 40] [--layer 2]
 
 Prints the share of the visual tokens' attention mass on the needle tokens (and the needles' share
 of the tokens; how much of it the top needle token has), the prior's share on the same tokens, how many needle tokens score below zero once
@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dropped_tokens import needle_tokens
+from research.dropped_tokens import needle_tokens
 from sharp_cli import answer, loading, video
 from sharp_cli.evaluate import synth
 from sharp_cli.evaluate.letters import build_prompt

@@ -3,7 +3,7 @@ without their options, answered by one `sharp batch` run, scored by the answer w
 "Bare questions"). `sharp eval` measures the multiple-choice prompt instead.
 
     sharp synth /tmp/heldout --n 400 --seed 0 -q
-    python scripts/bare_accuracy.py /tmp/heldout/items.jsonl --items 120 -- -m sharp-tiny --layer 6
+    python -m research.bare_accuracy /tmp/heldout/items.jsonl --items 120 -- -m sharp-tiny --layer 6
 
 Everything after `--` goes to `sharp batch` (model, method, ratio, layer, ShaRP's switches).
 """

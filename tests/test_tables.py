@@ -1,26 +1,32 @@
-"""scripts/eval_tables.py: one command runs every table of a K and writes one markdown table per K."""
+"""scripts/tables.py: `eval` runs every table of a K and writes one markdown table per K; `bench`
+turns `sharp bench` results into markdown tables, or says why a file is not one."""
 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 
+from typer.testing import CliRunner
+
+from scripts import tables
+from sharp_cli.cli import app
 from sharp_cli.evaluate import synth
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
-import eval_tables  # noqa: E402
+REPO = Path(__file__).resolve().parent.parent
 
 
 def test_tables_of_one_k_in_one_markdown_file(model_dirs, tmp_path, monkeypatch):
     items = synth.write(tmp_path / "data", 2, seed=0, frames=16, size=64)
-    monkeypatch.setattr(eval_tables, "TABLES", [
+    monkeypatch.setattr(tables, "TABLES", [
         ("main", "none,fastv,warp", []),  # warp: a method this build does not have
         ("no-dedup", "sharp", ["--no-dedup"]),  # compared with the main run's none and fastv
         ("broken", "sharp", ["--no-such-flag"]),
     ])
     out = tmp_path / "out"
-    code = eval_tables.main(["--model", str(model_dirs["qwen2.5-vl"]), "--layers", "2", "--out", str(out),
+    code = tables.main(["eval", "--model", str(model_dirs["qwen2.5-vl"]), "--layers", "2", "--out", str(out),
                              "--data", str(items), "--items", "2", "--ratios", "0.5", "--tie-seeds", "1",
                              "--", "--frames", "8", "--max-pixels", "12544"])
     assert code == 1  # one run failed; the others ran and the page is written
@@ -59,8 +65,30 @@ def test_ablation_rows_compare_with_the_main_runs_fastv_and_none(tmp_path):
     runs = [write("main", [("none", 1.0, [1, 1, 1, 0]), ("fastv", 0.5, [1, 1, 1, 1])]),
             write("no-dedup", [("none", 1.0, [0, 0, 0, 0]), ("fastv", 0.5, [0, 0, 0, 0]), ("sharp", 0.5, [1, 0, 1, 0])])]
     args = Namespace(model="m", ratios="0.5", items=4, tie_seeds=1)
-    page = eval_tables.markdown(args, data, 2, runs)
+    page = tables.markdown(args, data, 2, runs)
     row = next(line for line in page.splitlines() if line.startswith("| sharp no-dedup"))
     cells = row.split(" | ")
     assert cells[2] == "50.0%" and cells[4].startswith("-50.0 [") and cells[5].startswith("-25.0 [")
     assert "seeds: 1 per score-based cell, 5 for random" in page
+
+
+def test_bench_table_reads_every_result_or_says_why(model_dirs, tmp_path):
+    cpu = tmp_path / "cpu-bench.json"
+    result = CliRunner().invoke(app, ["bench", "-m", str(model_dirs["qwen2.5-vl"]), "--frames", "4", "--height", "56",
+                                      "--width", "56", "--iters", "1", "--warmup", "0", "--decode-tokens", "0",
+                                      "--methods", "none,fastv", "--output-json", str(cpu), "-q"])
+    assert result.exit_code == 0, result.stderr
+    assert json.loads(cpu.read_text())["rows"][0]["peak_memory_bytes"] is None  # a CPU run has none
+    (tmp_path / "broken.json").write_text("{not json")
+    paths = sorted(str(p) for p in (REPO / "research" / "results").glob("h100-*.json"))
+    paths += [str(cpu), str(tmp_path / "broken.json")]
+    out = subprocess.run([sys.executable, "-m", "scripts.tables", "bench", *paths], capture_output=True,
+                         text=True, timeout=120, cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO)))
+    assert out.returncode == 0, out.stderr[-2000:]
+    asks = [p for p in paths if "ask" in os.path.basename(p)]
+    for path in asks:
+        assert f"skipped {path}: a `sharp ask` result" in out.stderr
+    assert f"skipped {tmp_path / 'broken.json'}: not JSON" in out.stderr
+    assert out.stdout.count("| method | ratio |") == len(paths) - len(asks) - 1
+    fastv = next(line for line in out.stdout.split(str(cpu))[1].splitlines() if line.startswith("| fastv |"))
+    assert fastv.endswith("| - |")  # a CPU run has no peak GPU memory

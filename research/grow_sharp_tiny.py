@@ -7,7 +7,7 @@ MLP down projections zeroed. A zeroed block adds nothing to the residual stream,
 logits equal the source's (checked here before saving); training then gives the new blocks a role.
 `training.json` is carried over, so `train_sharp_tiny.py --init-from OUT` trains on new items only.
 
-    python scripts/grow_sharp_tiny.py sharp_cli/models/sharp_tiny /tmp/grown --every 1   # 4 -> 8 layers
+    python -m research.grow_sharp_tiny sharp_cli/models/sharp_tiny /tmp/grown --every 1   # 4 -> 8 layers
 """
 
 from __future__ import annotations
@@ -16,14 +16,9 @@ import argparse
 import copy
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import torch
-
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
 
 def grow(model, every: int):
@@ -57,9 +52,7 @@ def main(argv=None):
     a = p.parse_args(argv)
     from transformers import AutoModelForImageTextToText
 
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from sharp_tiny_data import HELD_OUT_SEED, Batcher, Items, as_tensors
-    from train_sharp_tiny import MODEL_KEYS, TASKS, history
+    from scripts.train_sharp_tiny import HELD_OUT_SEED, MODEL_KEYS, TASKS, Batcher, Items, as_tensors, history
 
     model = AutoModelForImageTextToText.from_pretrained(a.source, dtype=torch.float32).eval()
     rows = [Items(HELD_OUT_SEED, TASKS, 32, 0.0, False, 10**9)[n] for n in range(4)]  # one clip of each task

@@ -1,8 +1,8 @@
 """What the positional prior's fixed question costs: the prior from the fixed question against the
 prior from the user's own question, on the same black clip.
 
-    python scripts/prior_question_effect.py [--families qwen2.5-vl,llava-onevision] [--seeds 0,1]
-    python scripts/prior_question_effect.py --model Qwen/Qwen2.5-VL-7B-Instruct --video clip.mp4  # GPU
+    python -m research.prior_question_effect [--families qwen2.5-vl,llava-onevision] [--seeds 0,1]
+    python -m research.prior_question_effect --model Qwen/Qwen2.5-VL-7B-Instruct --video clip.mp4  # GPU
 
 sharp computes the prior once per layout with "What happens in this video?" so that one cached
 prior serves every question. The user's question has other tokens and another length, so the
@@ -19,21 +19,17 @@ real one (with --video, on that video's frames at 8, 16 and 32 frames, instead o
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from sharp_cli import engine, loading  # noqa: E402
-from sharp_cli.models import adapter_for  # noqa: E402
-from sharp_cli.models.random_init import build_random, tiny_config  # noqa: E402
-from sharp_cli.prior_pass import PRIOR_QUESTION, black_clip  # noqa: E402
-from sharp_cli.prune import PruneConfig, keep_count, rank  # noqa: E402
-from sharp_cli.prune.session import PruneSession, StopPrefill  # noqa: E402
-from sharp_cli.prune.sharp import debias, prior_from  # noqa: E402
-from sharp_cli.video import VideoClip  # noqa: E402
+from sharp_cli import engine, loading
+from sharp_cli.models import adapter_for
+from sharp_cli.models.random_init import build_random, tiny_config
+from sharp_cli.prior_pass import PRIOR_QUESTION, black_clip
+from sharp_cli.prune import PruneConfig, keep_count, rank
+from sharp_cli.prune.session import PruneSession, StopPrefill
+from sharp_cli.prune.sharp import debias, prior_from
+from sharp_cli.video import VideoClip
 
 QUESTIONS = ["what colour is the ball?", "how many objects move left?",
              "is the red square above the blue circle in the last frame?",

@@ -5,26 +5,22 @@ torch.cuda.memory_allocated(); this asks the same questions and, after each, als
 full garbage collection, then at the end after dropping the KV pool and the prefill graphs, and
 lists the largest live CUDA tensors by shape: what is holding the memory.
 
-    python scripts/memory_growth.py
+    python -m research.memory_growth
 """
 
 from __future__ import annotations
 
 import collections
 import gc
-import sys
 from dataclasses import replace
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from sharp_cli import loading  # noqa: E402
-from sharp_cli.answer import ask  # noqa: E402
-from sharp_cli.bench import synthetic_clip  # noqa: E402
-from sharp_cli.prune import PruneConfig  # noqa: E402
-from sharp_cli.prune.prior import PriorStore  # noqa: E402
+from sharp_cli import loading
+from sharp_cli.answer import ask
+from sharp_cli.bench import synthetic_clip
+from sharp_cli.prune import PruneConfig
+from sharp_cli.prune.prior import PriorStore
 
 
 def gib(n: int) -> str:

@@ -1,18 +1,25 @@
-"""The accuracy tables of docs/eval.md, one command: every table at every K, one markdown file per K.
+"""The markdown tables of docs/eval.md and docs/benchmarks.md, one command each.
 
-    python scripts/eval_tables.py --model sharp-tiny --layers 2,3,6 --out OUT [--items 400]
+    python -m scripts.tables eval --model sharp-tiny --layers 2,3,6 --out OUT [--items 400]
         [--ratios 0.5,0.25,0.15,0.10] [--tables main,no-dedup] [--tie-seeds 3] [-- more sharp eval flags]
+    python -m scripts.tables bench FILE.json ...
 
-Without --data, the held-out split is written first (`sharp synth OUT/heldout --n ITEMS --seed 0`).
-Each table is one `sharp eval` run (its results file OUT/k<K>-<table>.jsonl, its JSON summary
-OUT/k<K>-<table>.json; a rerun resumes every run where it stopped). Then OUT/k<K>.md puts every
-table of that K into one markdown table: the main table's rows, then each ablation's sharp rows,
-each row with its accuracy over seeds, spread, and paired bootstrap intervals against the main
-table's fastv (same ratio) and unpruned answers (docs/eval.md, "What the table shows").
+eval: the accuracy tables, every table at every K, one markdown file per K. Without --data, the
+held-out split is written first (`sharp synth OUT/heldout --n ITEMS --seed 0`). Each table is one
+`sharp eval` run (its results file OUT/k<K>-<table>.jsonl, its JSON summary OUT/k<K>-<table>.json; a
+rerun resumes every run where it stopped). Then OUT/k<K>.md puts every table of that K into one
+markdown table: the main table's rows, then each ablation's sharp rows, each row with its accuracy
+over seeds, spread, and paired bootstrap intervals against the main table's fastv (same ratio) and
+unpruned answers (docs/eval.md, "What the table shows"). TABLES below is the list to edit: a name,
+the methods, and the raw `sharp eval` flags of the run. A method this build does not know is left
+out (the markdown says so); a run that fails (a flag this build does not have) is reported in the
+markdown with its error line, and the others go on.
 
-TABLES below is the list to edit: a name, the methods, and the raw `sharp eval` flags of the run.
-A method this build does not know is left out (the markdown says so); a run that fails (a flag
-this build does not have) is reported in the markdown with its error line, and the others go on.
+bench: a markdown table per `sharp bench --output-json` file. What is not a bench result (a
+`sharp ask --json` record, broken JSON) is skipped with a line on stderr saying why. Missing values
+(a CPU run has no peak GPU memory, older files lack later columns) print as "-". The causal-aware
+FLOPs limit is taken from the file, or recomputed from its token counts with the model's shipped
+config when the file predates it.
 """
 
 from __future__ import annotations
@@ -25,8 +32,7 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
+# -- eval: the accuracy tables ---------------------------------------------------------------------
 TABLES = [
     # (name, methods, extra `sharp eval` flags); "main" gives the none and fastv rows the others compare with
     ("main", "none,fastv,random,evs,sharp", []),
@@ -39,8 +45,9 @@ TABLES = [
 RATIOS = "0.5,0.25,0.15,0.10"
 
 
-def main(argv=None) -> int:
-    args, extra = parse(argv)
+def eval_tables(argv: list[str]) -> int:
+    """`eval`: every table of TABLES at every K, one markdown page per K."""
+    args, extra = parse_eval(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     data = Path(args.data) if args.data else held_out(out / "heldout", args.items)
@@ -60,8 +67,9 @@ def main(argv=None) -> int:
     return 1 if failed else 0
 
 
-def parse(argv):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def parse_eval(argv: list[str]):
+    p = argparse.ArgumentParser(prog="python -m scripts.tables eval", description="The accuracy tables of "
+                                "docs/eval.md: every table at every K, one markdown file per K.")
     p.add_argument("--model", default="sharp-tiny")
     p.add_argument("--layers", default="2,3,6", help="comma list of K")
     p.add_argument("--out", required=True)
@@ -70,7 +78,7 @@ def parse(argv):
     p.add_argument("--ratios", default=RATIOS)
     p.add_argument("--tables", help="comma list of table names (default: all)")
     p.add_argument("--tie-seeds", type=int, default=3)
-    argv = sys.argv[1:] if argv is None else list(argv)
+    argv = list(argv)
     cut = argv.index("--") if "--" in argv else len(argv)
     return p.parse_args(argv[:cut]), argv[cut + 1:]
 
@@ -179,6 +187,113 @@ def _spread(row) -> str:
 
 def _seeds(row) -> str:
     return f"{len(row['seeds'])} ({row['seeds_skipped']} skipped)" if row["seeds_skipped"] else str(len(row["seeds"]))
+
+
+
+# -- bench: the speed tables -----------------------------------------------------------------------
+BENCH_HEADER = ("| method | ratio | visual kept | LLM prefill | speed-up | FLOPs limit | efficiency | causal limit | "
+          "eff. vs causal | selection | TTFT | KV cache | peak mem |")
+
+
+class Skip(Exception):
+    """Not a bench result this script can read; the message says why."""
+
+
+def load_bench(path: str) -> dict:
+    """A `sharp bench --output-json` file's contents, or Skip saying why it is not one."""
+    try:
+        with open(path) as fh:
+            data = json.load(fh)
+    except OSError as exc:
+        raise Skip(exc.strerror or str(exc)) from None
+    except json.JSONDecodeError as exc:
+        raise Skip(f"not JSON ({exc.msg}, line {exc.lineno})") from None
+    if isinstance(data, dict) and "answer" in data and "rows" not in data:
+        raise Skip("a `sharp ask` result, not a `sharp bench` one")
+    if not isinstance(data, dict) or not isinstance(data.get("rows"), list) or not data["rows"]:
+        raise Skip("no bench rows in it")
+    return data
+
+
+def causal_limits(data: dict, name: str) -> list:
+    """Per row: the file's causal FLOPs limit, else recomputed from the shipped config, else None."""
+    rows = data["rows"]
+    if all(r.get("flops_limit_causal") is not None for r in rows):
+        return [r["flops_limit_causal"] for r in rows]
+    base = next((r for r in rows if r.get("method") == "none"), None)
+    try:
+        from sharp_cli import measure
+        from sharp_cli.models.random_init import load_config
+
+        dims = measure.text_dims(load_config(name))
+    except Exception:  # a model without a shipped config: the column stays empty
+        return [r.get("flops_limit_causal") for r in rows]
+    out = []
+    for r in rows:
+        try:
+            seq, kept, k = base["sequence_tokens"], r["tokens_after_pruning"], r.get("layer") or 2
+            full = measure.prefill_flops(dims, seq, seq, k, measure.causal_layer_flops)
+            out.append(full / measure.prefill_flops(dims, seq, kept, k, measure.causal_layer_flops))
+        except (KeyError, TypeError, ZeroDivisionError):
+            out.append(r.get("flops_limit_causal"))
+    return out
+
+
+def fmt(value, spec: str, scale: float = 1.0, unit: str = "") -> str:
+    if value is None:
+        return "-"
+    return f"{value * scale:{spec}}{unit}"
+
+
+def bench_table(path: str, data: dict) -> list[str]:
+    """The markdown lines of one bench result: a title naming the setup and the file, then the rows."""
+    name = str(data.get("model", "?")).split("random-models/")[-1].replace("--", "/")
+    size = data.get("frame_size") or ["?", "?"]
+    graphs = {True: "CUDA graphs", False: "no CUDA graphs"}.get(data.get("cuda_graphs"), "CUDA graphs: ?")
+    lines = ["", f"**{name}**, {data.get('quant', '?')}/{data.get('dtype', '?')}, {data.get('frames', '?')} frames "
+             f"{size[0]}x{size[1]}, K={data.get('layer', '?')}, {graphs}, median of {data.get('iters', '?')} "
+             f"after {data.get('warmup', '?')} warm-up, {data.get('gpu') or data.get('device', '?')} (`{path}`)", "",
+             BENCH_HEADER, "|---" * BENCH_HEADER.count(" | ") + "|---|"]
+    for r, limit_c in zip(data["rows"], causal_limits(data, name)):
+        speedup = r.get("speedup")
+        vs_causal = speedup / limit_c if speedup is not None and limit_c else None
+        kept, total = r.get("visual_tokens_kept"), r.get("visual_tokens_total")
+        selection = fmt(r.get("selection_seconds"), ".2f", 1e3, " ms")
+        if r.get("selection_share") is not None:
+            selection += f" ({r['selection_share']:.1%})"
+        lines.append(" | ".join([
+            f"| {r.get('method', '?')}", fmt(r.get("ratio"), ".2f"),
+            f"{kept:,}/{total:,}" if kept is not None and total is not None else "-",
+            fmt(r.get("prefill_seconds"), ".1f", 1e3, " ms"), fmt(speedup, ".2f", unit="x"),
+            fmt(r.get("flops_limit"), ".2f", unit="x"), fmt(r.get("efficiency"), ".0%"), fmt(limit_c, ".2f", unit="x"),
+            fmt(vs_causal, ".0%"), selection, fmt(r.get("ttft_seconds"), ".0f", 1e3, " ms"),
+            fmt(r.get("kv_cache_bytes"), ".1f", 2**-20, " MiB"), fmt(r.get("peak_memory_bytes"), ".2f", 2**-30, " GiB"),
+        ]) + " |")
+    return lines
+
+
+def bench_tables(paths: list[str]) -> int:
+    """`bench`: one markdown table per result file; exit code 1 when none could be read."""
+    made, skipped = 0, []
+    for path in paths:
+        try:
+            lines = bench_table(path, load_bench(path))
+        except Skip as why:
+            skipped.append(path)
+            print(f"skipped {path}: {why}", file=sys.stderr)
+            continue
+        print("\n".join(lines))
+        made += 1
+    print(f"{made} table(s) from {len(paths)} file(s); {len(skipped)} skipped", file=sys.stderr)
+    return 0 if made or not paths else 1
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv or argv[0] not in ("eval", "bench"):
+        print(__doc__.split("\n\n")[1], file=sys.stderr)
+        return 0 if argv[:1] in (["-h"], ["--help"]) else 2
+    return eval_tables(argv[1:]) if argv[0] == "eval" else bench_tables(argv[1:])
 
 
 if __name__ == "__main__":

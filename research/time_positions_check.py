@@ -6,23 +6,15 @@ later give 0, 0, 1, 1, ... This measures a model's held-out first-token accuracy
 script's measure, seed 0) both ways on the installed release: as given, and with
 second_per_grid_ts set to 0, which is what 5.17 computed (docs/eval.md, "An 8-layer decoder").
 
-    python scripts/time_positions_check.py sharp_cli/models/sharp_tiny --items 80
+    python -m research.time_positions_check sharp_cli/models/sharp_tiny --items 80
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
-import sys
 from pathlib import Path
 
-import torch
-
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-spec = importlib.util.spec_from_file_location("train_sharp_tiny", ROOT / "scripts" / "train_sharp_tiny.py")
-train = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(train)
+from scripts import train_sharp_tiny as train
 
 
 def main() -> None:

@@ -3,7 +3,7 @@ follows: for every item, the tokens that show the needle (the pixels that differ
 frame, mapped onto the token grid) and how many of them each method kept, against whether its
 first answer token was right.
 
-    python scripts/dropped_tokens.py [-m sharp-tiny] [--items 200] [--layer 2] [--ratio 0.15] [--out result.json]
+    python -m research.dropped_tokens [-m sharp-tiny] [--items 200] [--layer 2] [--ratio 0.15] [--out result.json]
 
 Prints, per method and task: accuracy, the share of needle tokens kept, accuracy on the items
 where at least one needle token was kept and on those where none was, the share of answers that are
@@ -43,7 +43,7 @@ def needle_tokens(frames: np.ndarray, grid: tuple[int, int, int]) -> np.ndarray:
 
 def held_out(prefix: str):
     """(args, loaded model, folder, items) for a run over the first --items held-out items (seed 0);
-    shared with scripts/oracle_keep.py."""
+    shared with research/oracle_keep.py."""
     ap = argparse.ArgumentParser()
     ap.add_argument("--items", type=int, default=200)
     ap.add_argument("--layer", type=int, default=2)

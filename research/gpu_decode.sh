@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The runs behind docs/benchmarks.md's decode and end-to-end sections, in one device call:
 # the CUDA checks, then `sharp bench` against the stock transformers path, then the decode profile.
-# Usage (device machine, repo root): source scripts/gpu_setup.sh; bash scripts/gpu_decode.sh OUT_DIR [SECONDS] [STEPS]
+# Usage (device machine, repo root): source research/gpu_setup.sh; bash research/gpu_decode.sh OUT_DIR [SECONDS] [STEPS]
 # STEPS: a comma list of step names to run (default: all), run in the order of this file. Each step gets what is left of the
 # budget, so a slow step costs only the later ones. 128 frames: --max-pixels 392x784 keeps every frame at
 # 392x784 (the processor's clip budget would shrink them), 25,088 visual tokens.
@@ -21,32 +21,32 @@ step() {  # step NAME COMMAND...: output to the log, JSON (if any) to $out
 # An array, not a function: `timeout` runs programs, and a shell function is none.
 bench=(python3 -m sharp_cli bench --random-weights --ratio 0.15 --layer 2 --warmup 2 --iters 5 --decode-tokens 64)
 nvidia-smi -L >> "$log"; python3 -c "import torch, transformers; print(torch.__version__, transformers.__version__)" >> "$log"
-step gemv python3 scripts/gemv_bench.py --sweep --json "$out/$gpu-gemv-bf16.json"
+step gemv python3 -m scripts.kernel_bench --sweep --json "$out/$gpu-gemv-bf16.json"
 step bench-bf16 "${bench[@]}" --quant none --methods transformers,none,fastv,random,sharp --output-json "$out/$gpu-e2e-bf16-6272.json"
 step bench-bf16-cublas env SHARP_GEMV=0 "${bench[@]}" --quant none --methods none,sharp --output-json "$out/$gpu-e2e-bf16-6272-cublas.json"
 step bench-compile "${bench[@]}" --quant none --compile --methods transformers,transformers-static,none,sharp --output-json "$out/$gpu-e2e-compiled-6272.json"
 step bench-compile-rows "${bench[@]}" --quant none --compile --methods none,sharp --output-json "$out/$gpu-e2e-compiled-6272-rows.json"
 step bench-compile-cublas env SHARP_GEMV=0 "${bench[@]}" --quant none --compile --methods none,sharp --output-json "$out/$gpu-e2e-compiled-6272-cublas.json"
-step serve python3 scripts/serve_bench.py --processes 4 --seconds 150 --output "$out/$gpu-serve-bench.json"
-step serve-stop bash scripts/serve_stop_check.sh "$out" ask
-step serve-stop-idle bash scripts/serve_stop_check.sh "$out" idle
-step signal-owner python3 scripts/signal_owner.py --random-weights --quant none
-step memory-growth python3 scripts/memory_growth.py
-step check-bf16 python3 scripts/cuda_check.py --frames 8
+step serve python3 -m scripts.serve_bench --processes 4 --seconds 150 --output "$out/$gpu-serve-bench.json"
+step serve-stop bash research/serve_stop_check.sh "$out" ask
+step serve-stop-idle bash research/serve_stop_check.sh "$out" idle
+step signal-owner python3 -m research.signal_owner --random-weights --quant none
+step memory-growth python3 -m research.memory_growth
+step check-bf16 python3 -m scripts.cuda_check --frames 8
 step bench-128-compile "${bench[@]}" --quant none --compile --frames 128 --max-pixels 307328 --methods none,sharp --iters 3 --warmup 1 --output-json "$out/$gpu-e2e-compiled-25088.json"
-step profile-vision python3 scripts/profile_vision.py --compile
-step profile-questions python3 scripts/profile_questions.py
-step profile-compile python3 scripts/profile_decode.py --quant none --compile
-step profile-bf16 python3 scripts/profile_decode.py --quant none
+step profile-vision python3 -m scripts.profiler vision --compile
+step profile-questions python3 -m scripts.profiler questions
+step profile-compile python3 -m scripts.profiler decode --quant none --compile
+step profile-bf16 python3 -m scripts.profiler decode --quant none
 step bench-static "${bench[@]}" --quant none --methods transformers-static,none,sharp --output-json "$out/$gpu-e2e-static-6272.json"
 step bench-nf4 "${bench[@]}" --quant nf4 --methods transformers,none,fastv,random,sharp --output-json "$out/$gpu-e2e-nf4-6272.json"
-step profile-nf4 python3 scripts/profile_decode.py --quant nf4
+step profile-nf4 python3 -m scripts.profiler decode --quant nf4
 # sharp's 4-bit kernel (models/gemv_nf4.py, off by default until these pass): products against
 # bitsandbytes per shape and a whole step, then graph == eager == generate() with it, the bench, the profile
-step gemv-nf4 python3 scripts/gemv_nf4_bench.py --json "$out/$gpu-gemv-nf4.json"
-step check-nf4-kernel env SHARP_GEMV_NF4=1 python3 scripts/cuda_check.py --frames 8 --quant nf4
+step gemv-nf4 python3 -m scripts.kernel_bench --nf4 --json "$out/$gpu-gemv-nf4.json"
+step check-nf4-kernel env SHARP_GEMV_NF4=1 python3 -m scripts.cuda_check --frames 8 --quant nf4
 step bench-nf4-kernel env SHARP_GEMV_NF4=1 "${bench[@]}" --quant nf4 --methods none,sharp --output-json "$out/$gpu-e2e-nf4-6272-kernel.json"
-step profile-nf4-kernel env SHARP_GEMV_NF4=1 python3 scripts/profile_decode.py --quant nf4
+step profile-nf4-kernel env SHARP_GEMV_NF4=1 python3 -m scripts.profiler decode --quant nf4
 step bench-128 "${bench[@]}" --quant none --frames 128 --max-pixels 307328 --methods none,sharp --iters 3 --warmup 1 --output-json "$out/$gpu-e2e-bf16-25088.json"
-step check-small python3 scripts/cuda_check.py -m llava-hf/llava-onevision-qwen2-0.5b-ov-hf --quant int8 --skip bounded
-step check-fp16 python3 scripts/cuda_check.py -m llava-hf/llava-onevision-qwen2-0.5b-ov-hf --dtype float16 --skip bounded
+step check-small python3 -m scripts.cuda_check -m llava-hf/llava-onevision-qwen2-0.5b-ov-hf --quant int8 --skip bounded
+step check-fp16 python3 -m scripts.cuda_check -m llava-hf/llava-onevision-qwen2-0.5b-ov-hf --dtype float16 --skip bounded

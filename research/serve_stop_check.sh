@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Start `sharp serve`, ask one question (or none), stop it with SIGINT; print its exit code and log.
-# Usage: bash scripts/serve_stop_check.sh OUT_DIR [ask|idle] [extra serve args...]
+# Usage: bash research/serve_stop_check.sh OUT_DIR [ask|idle] [extra serve args...]
 out=${1:?output folder}; mode=${2:-ask}; shift 2
 work=$(mktemp -d); port=$((40000 + RANDOM % 20000))
 python3 - "$work" <<'PY'

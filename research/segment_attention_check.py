@@ -1,7 +1,7 @@
 """Segment-aware attention on the GPU at real size: the merged way and the per-block way against a
 dense-mask reference, and their times (CUDA events, median of 20 after 5 warm-up).
 
-Usage: python scripts/segment_attention_check.py [--tokens 6272] [--segment 392] [--heads 28 --kv-heads 4]
+Usage: python -m research.segment_attention_check [--tokens 6272] [--segment 392] [--heads 28 --kv-heads 4]
 """
 
 from __future__ import annotations

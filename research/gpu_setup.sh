@@ -1,5 +1,5 @@
 # Source at the start of every device command: installs the carried wheels (bitsandbytes, decord2,
-# fastapi and what it imports: docs/gpu-notes.md)
+# fastapi and what it imports: research/gpu-notes.md)
 # into /tmp/site and puts the repo on PYTHONPATH. Made by ../shared/device/prepare-wheels.sh.
 [ -d .whl ] && python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
 # .whl-tf (carried when present): the transformers this checkout is tested with (and its huggingface_hub and

@@ -3,8 +3,8 @@ serve` exits with status 1 on SIGINT after it has answered, before Python sees t
 stops cleanly). Reads the process's sigaction for SIGINT and SIGTERM and names the shared library
 the handler's code lives in (dladdr). Linux, glibc.
 
-    python scripts/signal_owner.py --random-weights --quant none          # GPU: Qwen2.5-VL-7B
-    python scripts/signal_owner.py -m tests-folder --device cpu
+    python -m research.signal_owner --random-weights --quant none          # GPU: Qwen2.5-VL-7B
+    python -m research.signal_owner -m tests-folder --device cpu
 """
 
 from __future__ import annotations
@@ -12,10 +12,6 @@ from __future__ import annotations
 import argparse
 import ctypes
 import signal
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 class _Sigaction(ctypes.Structure):  # glibc's struct sigaction on x86-64

@@ -5,7 +5,7 @@ Triton compiles ahead of time for a named target; ptxas and cuobjdump come with 
 The figures in gemv_nf4.py's docstrings come from this (with the Triton the device runs: put its
 wheel's folder first on PYTHONPATH to compile with another version than the venv's).
 
-    python scripts/nf4_kernel_sass.py [--sizes 4,8,2 16,8,4 32,8,4 8,32,4] [--table]
+    python -m research.nf4_kernel_sass [--sizes 4,8,2 16,8,4 32,8,4 8,32,4] [--table]
 """
 
 from __future__ import annotations
@@ -15,11 +15,8 @@ import collections
 import os
 import re
 import subprocess
-import sys
 import tempfile
 from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def compile_sm90(block_n: int, nb: int, warps: int, shuffle: bool, nested: bool, folder: str) -> str:

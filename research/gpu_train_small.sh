@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
-# sharp-small on the lent GPU: stages of scripts/train_sharp_small.py, each continuing the last; the
+# sharp-small on the lent GPU: stages of `python -m scripts.train_sharp_small`, each continuing the last; the
 # final model comes back as <= 15 MiB parts of one tarball (a device call returns at most 8 files of
 # 16 MiB, 64 MiB in all). Continues ckpt/init (an earlier call's parts, unpacked; carry `ckpt`) unless
 # INIT=none (from scratch) or INIT=<folder>. WORKERS data processes (default 14: two runs side by
 # side take 7 each); RETURN=0 keeps the model on the machine (logs only).
 # Usage (device machine, repo root; carry .whl-tf):
-#   bash scripts/gpu_train_small.sh OUT NAME "MINUTES ARGS..." ["MINUTES ARGS..." ...]
-# e.g. bash scripts/gpu_train_small.sh $OUT s1 "3.5 --language 1.0" "4.5 --language 0.3"
+#   bash research/gpu_train_small.sh OUT NAME "MINUTES ARGS..." ["MINUTES ARGS..." ...]
+# e.g. bash research/gpu_train_small.sh $OUT s1 "3.5 --language 1.0" "4.5 --language 0.3"
 out=${1:?}; name=${2:?}; shift 2
-source scripts/gpu_setup.sh
+source research/gpu_setup.sh
 init=${INIT:-}
 [ -z "$init" ] && [ -f ckpt/init/training.json ] && init=ckpt/init
 [ "$init" = none ] && init=""

@@ -3,37 +3,32 @@ with kept sets chosen from the answer's own pixels, beside the methods. If even 
 that shows the needle does not bring the accuracy to the unpruned one, the limit at that K and ratio
 is the model running on few tokens, not the choice of tokens (docs/eval.md, "Sixth session").
 
-    python scripts/oracle_keep.py [--items 200] [--layer 2] [--ratio 0.15]
+    python -m research.oracle_keep [--items 200] [--layer 2] [--ratio 0.15]
 
 Kept sets, each exactly round(r * N) tokens unless noted:
   needles + fastv    every needle token, the rest from fastv's own kept set
   needles + random   every needle token, the rest a seeded random draw
   needles only       the needle tokens alone (fewer than round(r * N))
   no needles         fastv's kept set with every needle token swapped for a non-needle one
-A needle token is one whose pixels differ from the first frame's (scripts/dropped_tokens.py). Items
+A needle token is one whose pixels differ from the first frame's (research/dropped_tokens.py). Items
 whose needle tokens outnumber round(r * N) keep the first round(r * N) of them.
 """
 
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from sharp_cli import answer, engine, video  # noqa: E402
-from sharp_cli.decode import decode  # noqa: E402
-from sharp_cli.evaluate import synth  # noqa: E402
-from sharp_cli.evaluate.letters import build_prompt, parse_letter  # noqa: E402
-from sharp_cli.prune import PruneConfig, keep_count  # noqa: E402
-from sharp_cli.prune.prior import PriorStore  # noqa: E402
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from dropped_tokens import held_out, needle_tokens  # noqa: E402
+from research.dropped_tokens import held_out, needle_tokens
+from sharp_cli import answer, engine, video
+from sharp_cli.decode import decode
+from sharp_cli.evaluate import synth
+from sharp_cli.evaluate.letters import build_prompt, parse_letter
+from sharp_cli.prune import PruneConfig, keep_count
+from sharp_cli.prune.prior import PriorStore
 
 SETS = ["needles + fastv", "needles + random", "needles only", "no needles"]
 
