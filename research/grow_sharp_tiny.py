@@ -1,9 +1,9 @@
 """Make a deeper sharp-tiny from a trained one, computing the same function, to continue training.
 
-Training an 8-layer sharp-tiny from scratch did not learn within one GPU call (docs/eval.md, "An
-8-layer decoder"), so this grows a trained model instead (block expansion, as in LLaMA Pro): after
-every `--every` decoder layers it inserts a copy of the layer before, with its attention output and
-MLP down projections zeroed. A zeroed block adds nothing to the residual stream, so the grown model's
+Training an 8-layer sharp-tiny from scratch did not learn within one GPU call (research/history.md,
+"GPU trainings that did not learn"), so this grows a trained model instead (block expansion, as in
+LLaMA Pro): after every `--every` decoder layers it inserts a copy of the layer before, with its
+attention output and MLP down projections zeroed. A zeroed block adds nothing to the residual stream, so the grown model's
 logits equal the source's (checked here before saving); training then gives the new blocks a role.
 `training.json` is carried over, so `train_sharp_tiny.py --init-from OUT` trains on new items only.
 

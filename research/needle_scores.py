@@ -1,5 +1,5 @@
 """Where layer K's question attention and sharp's positional prior fall on sharp-tiny's held-out items,
-against the tokens that show the needle (docs/eval.md, "Pruning at K=2 on the 8-layer model").
+against the tokens that show the needle (research/history.md, "Subtracting the prior").
 
     python -m research.needle_scores [-m sharp-tiny] [--items 40] [--layer 2]
 

@@ -1,7 +1,7 @@
 """How far any selection at layer K could go on sharp-tiny: the held-out multiple-choice items answered
 with kept sets chosen from the answer's own pixels, beside the methods. If even keeping every token
 that shows the needle does not bring the accuracy to the unpruned one, the limit at that K and ratio
-is the model running on few tokens, not the choice of tokens (docs/eval.md, "Sixth session").
+is the model running on few tokens, not the choice of tokens (docs/eval.md, "Pruning on sharp-tiny").
 
     python -m research.oracle_keep [--items 200] [--layer 2] [--ratio 0.15]
 

@@ -4,7 +4,7 @@ transformers 5.17 numbered a Qwen2.5-VL video's frames in time with `tokens_per_
 int(second_per_grid_ts)`: for our 8 fps clips int(0.25 s) = 0, every frame at time 0. 5.18 and
 later give 0, 0, 1, 1, ... This measures a model's held-out first-token accuracy (the training
 script's measure, seed 0) both ways on the installed release: as given, and with
-second_per_grid_ts set to 0, which is what 5.17 computed (docs/eval.md, "An 8-layer decoder").
+second_per_grid_ts set to 0, which is what 5.17 computed (docs/eval.md, "sharp-tiny").
 
     python -m research.time_positions_check sharp_cli/models/sharp_tiny --items 80
 """

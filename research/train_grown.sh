@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The shipped sharp-tiny continued on the GPU two ways side by side, same recipe and items: as it is
 # (4 layers), and grown to 8 layers (research/grow_sharp_tiny.py: zeroed blocks, the same function at
-# the start; the retrieval loss stays on the source's last layer, 6). docs/eval.md, "The shipped model (fifth session)".
+# the start; the retrieval loss stays on the source's last layer, 6). docs/eval.md, "sharp-tiny".
 # Usage (device machine, repo root, transformers >= 5.18): bash research/train_grown.sh OUT [MINUTES]
 out=${1:?}; minutes=${2:-8.3}; src=sharp_cli/models/sharp_tiny
 python3 -c "import transformers; print('transformers', transformers.__version__)" | tee "$out/grown-version.txt"

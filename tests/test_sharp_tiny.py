@@ -70,7 +70,7 @@ def test_token_labels_mark_the_needles():
         assert {w for w, s in zip(words, shows) if s} == {count}
 
 
-# The setting the README's first command uses with sharp-tiny (docs/eval.md, "The shipped model"):
+# The setting the README's first command uses with sharp-tiny (docs/eval.md, "Bare questions"):
 # asked a bare question, this 8-layer model's last token attends to the needle only from layer 6 on
 # (ShaRP at K=2 answers 41.7% of bare questions, at K=6 86.7%; with the multiple-choice prompt K=2 works).
 README_PRUNING = ["--layer", "6"]
