@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
@@ -15,6 +16,7 @@ import videos  # noqa: F401
 from videos import make_video
 
 runner = CliRunner()
+REPO = Path(__file__).resolve().parent.parent
 ASK_KEYS = {"answer", "model", "method", "ratio", "layer", "frames", "visual_tokens_total", "visual_tokens_kept",
             "prefill_seconds", "kv_cache_bytes", "kv_cache_bytes_unpruned", "peak_memory_bytes", "device", "quant"}
 SMALL = ["--frames", "8", "--max-pixels", str(56 * 56 * 4), "--max-new-tokens", "4"]
@@ -282,3 +284,87 @@ def test_bench_rejects_unknown_methods(model_dirs):
 def test_bench_refuses_a_layout_over_max_visual_tokens_before_loading():
     result = sharp("bench", "--random-weights", "--frames", "32", "--max-visual-tokens", "1000")
     assert result.exit_code == 2 and "6,272 visual tokens" in result.stderr and "--max-visual-tokens" in result.stderr
+
+
+# -- the bare command, --version, env; Ctrl-C, output files, paths ----------------------------------
+FEW = ["--frames", "8", "--max-pixels", str(56 * 56 * 4), "--max-new-tokens", "3"]
+
+
+@pytest.fixture(scope="module")
+def unicode_video(tmp_path_factory):
+    return str(make_video(tmp_path_factory.mktemp("h") / "clip é ü.mp4", n_frames=16, fps=8, size=(112, 84)))
+
+
+def test_bare_sharp_prints_the_help():
+    result = runner.invoke(app, [])
+    assert result.exit_code == 0 and result.stderr == ""
+    assert result.stdout.startswith("Usage:") and "ask" in result.stdout and len(result.stdout.splitlines()) > 8
+    out = subprocess.run([sys.executable, "-m", "sharp_cli"], capture_output=True, text=True, timeout=60,
+                         env=dict(os.environ, PYTHONPATH=str(REPO)))
+    assert out.returncode == 0 and out.stdout.startswith("Usage:") and out.stderr == ""
+
+
+def test_version():
+    from sharp_cli import __version__
+
+    result = sharp("--version")
+    assert result.exit_code == 0 and result.stdout.strip() == f"sharp {__version__}"
+
+
+def test_env_names_the_module_that_imports():
+    import importlib.metadata as md
+
+    result = sharp("env")
+    assert result.exit_code == 0
+    line = next(line for line in result.stdout.splitlines() if line.startswith("decord (module)"))
+    import decord
+
+    assert decord.__version__ in line and "not installed" not in result.stdout.split("decord (module)")[1]
+    if "decord2" in md.packages_distributions().get("decord", []):
+        assert "from decord2" in line
+
+
+def test_the_video_is_checked_before_any_model_lookup(tmp_path, monkeypatch):
+    from sharp_cli import hub, loading
+
+    def looked_up(*args, **kwargs):
+        raise AssertionError("the model was looked up before the video was checked")
+
+    monkeypatch.setattr(hub, "check_reachable", looked_up)
+    monkeypatch.setattr(loading, "read_config", looked_up)
+    result = sharp("ask", tmp_path / "video.mp4", "what?", "-m", "nobody/nothing")
+    assert result.exit_code == 1 and result.stderr.count("\n") == 1
+    assert "cannot read video" in result.stderr and "not found" in result.stderr
+
+
+def test_ctrl_c_exits_130_and_leaves_no_partial_output(model_dirs, tmp_path, monkeypatch):
+    from sharp_cli import bench
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(bench, "run", interrupted)
+    target = tmp_path / "result.json"
+    target.write_text("previous results\n")
+    result = runner.invoke(app, ["bench", "-m", str(model_dirs["qwen2.5-vl"]), "--frames", "4", "--height", "56",
+                                 "--width", "56", "--output-json", str(target)])
+    assert result.exit_code == 130 and "interrupted" in result.stderr
+    assert target.read_text() == "previous results\n"  # the user's file is untouched
+    assert [p.name for p in tmp_path.iterdir()] == ["result.json"]  # no temp file left behind
+
+
+def test_output_json_is_replaced_atomically(model_dirs, tmp_path):
+    target = tmp_path / "r.json"
+    target.write_text("old")
+    result = runner.invoke(app, ["bench", "-m", str(model_dirs["qwen2.5-vl"]), "--frames", "4", "--height", "56",
+                                 "--width", "56", "--iters", "1", "--warmup", "0", "--decode-tokens", "0",
+                                 "--methods", "none,random", "--output-json", str(target), "-q"])
+    assert result.exit_code == 0, result.stderr
+    assert json.loads(target.read_text())["rows"][1]["method"] == "random"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.json"]
+
+
+def test_unicode_and_spaces_in_paths(model_dirs, unicode_video):
+    result = runner.invoke(app, ["ask", unicode_video, "what?", "-m", str(model_dirs["qwen2.5-vl"]), *FEW, "--json"])
+    assert result.exit_code == 0, result.stderr
+    assert json.loads(result.stdout)["video"] == unicode_video

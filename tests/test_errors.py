@@ -14,8 +14,10 @@ from sharp_cli.cli import app
 from sharp_cli.errors import UsageError, VideoError, debug_enabled, item_failure
 from sharp_cli.jsonl import dumps, plain
 from sharp_cli.report import print_json
+from videos import make_video
 
 runner = CliRunner()
+FEW = ["--frames", "8", "--max-pixels", str(56 * 56 * 4), "--max-new-tokens", "3"]
 
 
 @pytest.mark.parametrize("value, on", [(None, False), ("", False), ("0", False), ("1", True), ("yes", True)])
@@ -73,3 +75,22 @@ def test_debug_shows_a_commands_traceback(model_dirs, tmp_path, monkeypatch):
     monkeypatch.setenv("SHARP_DEBUG", "1")
     loud = runner.invoke(app, args)
     assert isinstance(loud.exception, KeyError)
+
+
+@pytest.fixture(scope="module")
+def unicode_video(tmp_path_factory):
+    return str(make_video(tmp_path_factory.mktemp("h") / "clip é ü.mp4", n_frames=16, fps=8, size=(112, 84)))
+
+
+def test_out_of_memory_names_what_to_lower(model_dirs, unicode_video, monkeypatch):
+    from sharp_cli import engine
+
+    def oom(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    monkeypatch.setattr(engine, "prefill", oom)
+    result = runner.invoke(app, ["ask", unicode_video, "what?", "-m", str(model_dirs["qwen2.5-vl"]), *FEW])
+    assert result.exit_code == 1
+    line = result.stderr.strip()
+    assert "\n" not in line and "out of GPU memory" in line
+    assert "--frames" in line and "--max-pixels" in line and "--ratio" in line

@@ -19,6 +19,7 @@ from sharp_cli.cli import app
 from sharp_cli.errors import SharpError, UsageError
 from sharp_cli.evaluate import formats, runner, summary, synth
 from sharp_cli.evaluate.letters import INSTRUCTION, build_prompt, parse_letter, strip_letter_prefixes
+from videos import make_video
 
 cli = CliRunner()
 SMALL = ["--tie-seeds", "1", "--random-seeds", "1", "--frames", "8", "--max-pixels", "12544", "--ratio", "0.5"]
@@ -678,3 +679,29 @@ def test_help_lists_eval_and_synth_without_importing_torch():
     assert "typer" in imported and "torch" not in imported and "numpy" not in imported
     result = sharp("--help")
     assert "eval" in result.stdout and "synth" in result.stdout
+
+
+@pytest.fixture(scope="module")
+def unicode_video(tmp_path_factory):
+    return str(make_video(tmp_path_factory.mktemp("h") / "clip é ü.mp4", n_frames=16, fps=8, size=(112, 84)))
+
+
+def test_eval_output_refuses_a_file_that_is_not_ours_before_loading(model_dirs, unicode_video, tmp_path, monkeypatch):
+    """`sharp eval -o` at a file that is not eval's results (here: its own questions) is one line,
+    exit 2, before the model loads, and the file keeps every byte."""
+    from sharp_cli import loading
+
+    def never(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(loading, "load", never)
+    items = tmp_path / "items.jsonl"
+    items.write_text(json.dumps({"id": "q1", "video": unicode_video, "question": "what?", "options": ["a", "b"],
+                                 "answer": "A"}) + "\n")
+    before = items.read_bytes()
+    copy = tmp_path / "copy.jsonl"
+    copy.write_bytes(before)
+    result = cli.invoke(app, ["eval", str(items), "-m", str(model_dirs["qwen2.5-vl"]), "-o", str(copy)])
+    assert result.exit_code == 2, result.output
+    assert result.stderr.count("\n") == 1 and "is not a results file of sharp's (line 1" in result.stderr
+    assert copy.read_bytes() == before

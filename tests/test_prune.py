@@ -370,3 +370,33 @@ def test_merged_segment_attention_lets_out_of_memory_through(tiny, clip, monkeyp
     with pytest.raises(torch.OutOfMemoryError):
         _prefill(tiny, encoded, method="sharp", ratio=0.25, segment_attention="merged", debias="none")
     assert _prefill(tiny, encoded, method="sharp", ratio=0.25, debias="none").kept is not None  # blocks: unaffected
+
+
+@pytest.mark.parametrize("family", ["qwen2.5-vl", "qwen3-vl", "llava-onevision"])
+def test_query_text_scores_with_the_questions_rows(tiny_models, clip, family, monkeypatch):
+    """The rows that score the video under --query text are exactly the question's tokens, found
+    here independently (the question tokenized alone, searched for in the sequence): not
+    <|vision_end|>, not LLaVA's newline, not the template's tail."""
+    from sharp_cli.prune import PruneConfig, session
+
+    tiny = tiny_models(family)
+    question = "where is the red ball?"
+    inputs = engine.prepare(tiny, clip, question, 56 * 56 * 4)
+    encoded, _ = engine.encode(tiny, inputs)
+    ids = inputs["input_ids"][0].tolist()
+    alone = tiny.processor.tokenizer(question, add_special_tokens=False)["input_ids"]
+    start = max(i for i in range(len(ids) - len(alone) + 1) if ids[i:i + len(alone)] == alone)
+    expected = list(range(start, start + len(alone)))
+    rows_seen = []
+    real = session.question_attention
+    monkeypatch.setattr(session, "question_attention", lambda layer, rope, hidden, pe, layout, rows: (
+        rows_seen.append(rows.tolist()), real(layer, rope, hidden, pe, layout, rows))[1])
+    cfg = tiny.adapter.validate_prune(PruneConfig(query="text", debias="none"), tiny.num_layers)
+    engine.prefill(tiny, encoded, cfg)
+    assert rows_seen == [expected]
+    assert tiny.processor.tokenizer.decode([ids[i] for i in expected]).replace(" ", "") == question.replace(" ", "")
+    tail = ids[expected[-1] + 1:]
+    assert tail and encoded.layout.seq_len - 1 not in expected  # the template's tail is not a question row
+    cfg_last = tiny.adapter.validate_prune(PruneConfig(query="last", debias="none"), tiny.num_layers)
+    engine.prefill(tiny, encoded, cfg_last)
+    assert rows_seen[-1] == [encoded.layout.seq_len - 1]

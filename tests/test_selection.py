@@ -11,6 +11,8 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from sharp_cli.errors import UsageError
 from sharp_cli.prune import PruneConfig, keep_count, rank
@@ -439,3 +441,23 @@ def test_new_options_are_checked():
         with pytest.raises(UsageError, match=flag):
             replace(PruneConfig(), **bad).validate()
     assert PruneConfig(method="evs", layer=5).validate(num_layers=4).layer == 5  # evs ignores --layer
+
+
+@settings(max_examples=60, deadline=None)
+@given(n=st.integers(1, 3000), ratio=st.floats(0.001, 1.0), seed=st.integers(0, 10_000))
+def test_selection_invariants(n, ratio, seed):
+    k = keep_count(ratio, n)
+    assert 1 <= k <= n
+    gen = torch.Generator().manual_seed(seed)
+    scores = torch.rand(n, generator=gen)
+    flagged = torch.rand(n, generator=gen) < 0.3
+    order = rank.rank(scores, seed)
+    for kept in (select_fastv(scores, ratio, seed)[0], select_random(n, ratio, seed), rank.first_unskipped(order, flagged, k)):
+        values = kept.tolist()
+        assert len(values) == k and values == sorted(set(values)) and 0 <= values[0] and values[-1] < n
+    refill = set(rank.first_unskipped(order, flagged, k).tolist())
+    unflagged = int((~flagged).sum())
+    if k <= unflagged:  # flagged tokens are used only when the unflagged ones run out
+        assert not any(flagged[i] for i in refill)
+    else:
+        assert sum(1 for i in refill if not flagged[i]) == unflagged  # every unflagged one is kept

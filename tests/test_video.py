@@ -651,3 +651,56 @@ def test_two_threads_watching_stderr_at_once_leave_it_working():
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["True", "1", "1"]
     assert "still here" in done.stderr and "MARK" not in done.stderr
+
+
+_MEMORY_PROBE = """
+import re, sys, time
+sys.path.insert(0, {tests!r})
+# VmHWM, not getrusage's ru_maxrss: Linux carries ru_maxrss across fork and exec, so a child of a
+# pytest worker that has loaded models would report the worker's peak instead of its own.
+def peak_kib():
+    return int(re.search(r"VmHWM:\\s+(\\d+)", open("/proc/self/status").read()).group(1))
+import torch, av  # the libraries a decode maps in (decord2 alone maps ~0.4 GB) are not frames
+try:
+    import decord
+except ImportError:
+    pass
+from sharp_cli.video import load_video
+libraries = peak_kib()
+start = time.perf_counter()
+clip = load_video({path!r}, frames={frames}, max_pixels={max_pixels} or None, backend={backend!r})
+print(clip.frames.shape, round(time.perf_counter() - start, 2), peak_kib(), peak_kib() - libraries)
+"""
+
+
+def _probe(path, frames, max_pixels, backend):
+    """(frames shape, seconds, peak RSS bytes, peak RSS bytes above the imported libraries), measured
+    in a fresh process."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = _MEMORY_PROBE.format(tests=str(Path(__file__).parent), path=str(path), frames=frames,
+                                max_pixels=max_pixels, backend=backend)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    shape, seconds, peak_kib, decode_kib = out.stdout.strip().rsplit(" ", 3)
+    return shape, float(seconds), int(peak_kib) * 1024, int(decode_kib) * 1024
+
+
+@pytest.mark.parametrize("backend", ["pyav", "auto"])
+def test_8k_frames_are_resized_while_decoding(tmp_path, backend):
+    """7680x4320 frames come back small, and decoding never holds the sampled frames at full size.
+    Measured above the imported libraries: ~170 MB (decord) and ~300 MB (PyAV, whose frame threads
+    each hold a 50 MB YUV frame); the 4 full-size RGB frames would add 400 MB on top."""
+    path = make_video(tmp_path / "8k.mp4", n_frames=4, fps=2, size=(7680, 4320), gop=1)
+    shape, _, _, decoding = _probe(path, 4, 640 * 360, backend)
+    assert shape == "(4, 360, 640, 3)"
+    assert decoding < 500 * 2**20
+
+
+def test_three_hour_video_is_sampled_with_little_memory(tmp_path):
+    from videos import make_long_video
+
+    path = make_long_video(tmp_path / "long.mp4")
+    shape, seconds, peak, _ = _probe(path, 32, 0, "auto")
+    assert shape.startswith("(32,") and peak < 2 * 2**30 and seconds < 20
