@@ -310,7 +310,8 @@ def main():
         norms[args.norms_model] = _norm_summary(checkpoint_ratios(args.norms_model, work, items, args.layer))
     print("\n3. layer-K hidden-state norm / median visual token's norm")
     for name, summary in norms.items():
-        print(f"{name}: " + ", ".join(f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}" for k, v in summary.items()))
+        print(f"{name}: " + ", ".join(f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}"
+                                      for k, v in summary.items()))
     Path(args.out).write_text(json.dumps({"layer": args.layer, "ratio": args.ratio, "items": len(items),
                                           "slopes": SLOPES, "sinks": SINKS, "setting": setting, "real": real,
                                           "synthetic": synthetic, "norms": norms}, indent=2) + "\n")

@@ -189,14 +189,16 @@ def compare(loaded, runs: dict, ref: dict | None, skip: set) -> None:
         text = (f"none: tokens vs generate(do_sample=False) (repetition_penalty "
                 f"{loaded.model.generation_config.repetition_penalty}): "
                 + ("all equal" if part is None else f"equal up to token {part} of {len(stock.tokens)}"))
-        errors, upto = ({"equal": part is None}, 0) if exact else closeness({"ours": ours, "generate": stock}, ref["none"])
+        errors, upto = (({"equal": part is None}, 0) if exact
+                        else closeness({"ours": ours, "generate": stock}, ref["none"]))
         judge(text, "ours", "generate", errors, upto, exact)
     if "kv" not in skip:
         eager, graph = runs["tail eager"], runs["tail graph"]
         same_len = [a[0] for a in eager] == [b[0] for b in graph] and all(b[2] == b[0] for b in graph)
         same_len &= runs["tail same kept"]  # layers 0..K-1 run eagerly in both: the same tokens kept
         replay_ok = runs["tail replayed"] or loaded.quant == "int8"  # int8's tail runs eagerly by design
-        text = f"sharp: prefill tail graph KV rows vs eager (lengths equal {same_len}, replayed {runs['tail replayed']})"
+        text = (f"sharp: prefill tail graph KV rows vs eager (lengths equal {same_len}, "
+                f"replayed {runs['tail replayed']})")
         if exact:
             error = relative_rows_error(graph, eager)
             report(same_len and replay_ok and error == 0.0, f"{text}: relative difference {error:.2e}")

@@ -107,7 +107,8 @@ def main() -> None:
         decord_s, decord_idx, decord_notes = time_decoder(path, "decord", args.repeats)
         pyav_s, pyav_idx, _ = time_decoder(path, "pyav", args.repeats)
         if decord_idx != pyav_idx:
-            raise SystemExit(f"{name}: the decoders sampled different frames ({decord_idx[:4]}... vs {pyav_idx[:4]}...)")
+            raise SystemExit(f"{name}: the decoders sampled different frames "
+                             f"({decord_idx[:4]}... vs {pyav_idx[:4]}...)")
         frames, fps, (w, h), gop = CLIPS[name]
         cold = {b: time_cold(path, b, args.repeats) for b in ("decord", "pyav")} if name == "readme-128px" else {}
         rows.append({"clip": name, "frames": frames, "fps": fps, "size": f"{w}x{h}", "keyframe_every": gop,

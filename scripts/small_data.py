@@ -79,7 +79,8 @@ def small_config(vocab: int = 1024, hidden: int = 256, layers: int = 16, heads: 
     vision = dict(depth=vision_depth, hidden_size=vision_hidden, intermediate_size=2 * vision_hidden,
                   num_heads=max(2, vision_hidden // 32), out_hidden_size=hidden, patch_size=14, spatial_merge_size=2,
                   temporal_patch_size=2, window_size=56, fullatt_block_indexes=list(range(1, vision_depth, 2)),
-                  tokens_per_second=tokens_per_second)  # 8: at 8 fps, 2 frames a token frame, temporal positions step by 2, as the 7B's at 2 fps
+                  # 8: at 8 fps, 2 frames a token frame, temporal positions step by 2, as the 7B's at 2 fps
+                  tokens_per_second=tokens_per_second)
     return Qwen2_5_VLConfig(vision_config=vision, text_config=text, image_token_id=special["image"],
                             video_token_id=special["video"], vision_start_token_id=special["vstart"],
                             vision_end_token_id=special["vend"], vision_token_id=special["vpad"],
@@ -281,8 +282,9 @@ class Batcher:
         kwargs = {"return_tensors": "pt", "padding": True}
         if videos:
             kwargs.update(videos=videos, do_sample_frames=False, size=proc.video_processor.size,
-                          video_metadata=[{"total_num_frames": len(v), "fps": FPS, "frames_indices": list(range(len(v))),
-                                           "duration": len(v) / FPS} for v in videos])
+                          video_metadata=[{"total_num_frames": len(v), "fps": FPS,
+                                           "frames_indices": list(range(len(v))), "duration": len(v) / FPS}
+                                          for v in videos])
             if hasattr(type(proc.video_processor), "cap_pixels_per_frame"):
                 kwargs["cap_pixels_per_frame"] = True
             if self.device is not None:  # the pixel work on the accelerator: uint8 frames travel, not float32

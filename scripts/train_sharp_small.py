@@ -31,8 +31,20 @@ from pathlib import Path
 
 import torch
 
-from scripts.small_data import (CHECK_SEED, NONE, PER_SEED, TASKS, TRAIN_SEEDS_FROM, Batcher, Items, black_rows,
-                                build_processor, pack, small_config, unpack)
+from scripts.small_data import (
+    CHECK_SEED,
+    NONE,
+    PER_SEED,
+    TASKS,
+    TRAIN_SEEDS_FROM,
+    Batcher,
+    Items,
+    black_rows,
+    build_processor,
+    pack,
+    small_config,
+    unpack,
+)
 from sharp_cli.evaluate import diagnose
 
 OUT = Path(__file__).resolve().parent.parent / "sharp_cli" / "models" / "sharp_small"
@@ -108,7 +120,8 @@ def losses(logits, batch, video_token_id: int, none_id: int):
     labels = batch["token_labels"]
     each = torch.nn.functional.cross_entropy(visual, labels, reduction="none")
     empty = (labels == none_id).float()
-    token = 0.5 * ((each * empty).sum() / empty.sum().clamp(min=1) + (each * (1 - empty)).sum() / (1 - empty).sum().clamp(min=1))
+    token = 0.5 * ((each * empty).sum() / empty.sum().clamp(min=1)
+                   + (each * (1 - empty)).sum() / (1 - empty).sum().clamp(min=1))
     return lm, token
 
 
@@ -119,7 +132,8 @@ def check(model, config, rows, device, autocast) -> dict:
     began = time.time()
     model.eval()
     text_config = model.model.language_model.config
-    layers = sorted(n for n in {1, 2, config.text_config.num_hidden_layers // 2} if n < config.text_config.num_hidden_layers)
+    depth = config.text_config.num_hidden_layers
+    layers = sorted(n for n in {1, 2, depth // 2} if n < depth)
     right: dict[str, list[int]] = {}
     batch = to_device(Batcher(config, answers=True, device=device)(unpack(pack(rows), device)), device)
     with autocast():
@@ -225,8 +239,8 @@ def main(argv=None):
     offset, previous = 0, None
     if a.init_from:
         # use_kernels=False: transformers 5.2x would swap layers for hub kernels (a download) in train()
-        model = AutoModelForImageTextToText.from_pretrained(a.init_from, dtype=torch.float32, attn_implementation="sdpa",
-                                                            use_kernels=False).to(device)
+        model = AutoModelForImageTextToText.from_pretrained(a.init_from, dtype=torch.float32,
+                                                            attn_implementation="sdpa", use_kernels=False).to(device)
         config = model.config
         previous = json.loads((a.init_from / "training.json").read_text())
         offset = previous["items_to"]
@@ -281,18 +295,21 @@ def main(argv=None):
                 "compute_seconds": round(compute, 1), "skipped_steps": skipped,
                 "train_seeds": f"{TRAIN_SEEDS_FROM}..", "check_seed": CHECK_SEED, "items_from": offset,
                 "items_to": offset + seen, "init_from": str(a.init_from) if a.init_from else None,
-                "history": (previous.get("history", []) + [{k: v for k, v in previous.items() if k not in ("log", "history")}])
+                "history": (previous.get("history", [])
+                            + [{k: v for k, v in previous.items() if k not in ("log", "history")}])
                 if previous else [], "last_check": final_check, "log": log}
 
     while step < a.steps:
         fetched = time.time()
         if a.profile and step == 20:
-            profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]
-                                              + ([torch.profiler.ProfilerActivity.CUDA] if device.type == "cuda" else []))
+            kinds = [torch.profiler.ProfilerActivity.CPU]
+            kinds += [torch.profiler.ProfilerActivity.CUDA] if device.type == "cuda" else []
+            profiler = torch.profiler.profile(activities=kinds)
             profiler.__enter__()
         if profiler is not None and step == 20 + a.profile:
             profiler.__exit__(None, None, None)
-            for key in ("self_cuda_time_total", "self_cpu_time_total") if device.type == "cuda" else ("self_cpu_time_total",):
+            keys = ("self_cuda_time_total", "self_cpu_time_total") if device.type == "cuda" else ()
+            for key in keys or ("self_cpu_time_total",):
                 print(profiler.key_averages().table(sort_by=key, row_limit=25, max_name_column_width=60), flush=True)
             profiler = None
         packed = next(batches, None)
@@ -330,7 +347,8 @@ def main(argv=None):
             mean = (running[:3] / running[3]).tolist()
             running.zero_()
             elapsed = time.time() - train_start
-            print(f"step {step} lm {mean[0]:.4f} token {mean[1]:.4f} retrieval {mean[2]:.4f} lr {opt.param_groups[0]['lr']:.2e} "
+            print(f"step {step} lm {mean[0]:.4f} token {mean[1]:.4f} retrieval {mean[2]:.4f} "
+                  f"lr {opt.param_groups[0]['lr']:.2e} "
                   f"{elapsed:.0f}s {seen / elapsed:.1f} rows/s (waited {wait:.0f}s for data, {prep:.0f}s processor, "
                   f"{compute:.0f}s forward/backward)", flush=True)
         if step % a.eval_every == 0 or last:

@@ -179,7 +179,8 @@ def _relative(rows: list[dict], eos) -> None:
     base = next((r for r in ok if r["method"] == "none"), None)
     stock = {m: next((r for r in ok if r["method"] == m), None) for m in peers.PEERS}
     for row in ok:
-        spread = (row["e2e_seconds_max"] - row["e2e_seconds_min"]) / row["e2e_seconds"] if row.get("e2e_seconds") else None
+        spread = ((row["e2e_seconds_max"] - row["e2e_seconds_min"]) / row["e2e_seconds"]
+                  if row.get("e2e_seconds") else None)
         row["e2e_spread"] = spread
         row["steady"] = spread is not None and spread <= UNSTEADY
         for peer, key in (("transformers", "e2e_speedup"), ("transformers-static", "e2e_speedup_static")):

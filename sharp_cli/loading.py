@@ -18,7 +18,6 @@ from sharp_cli.prune import attention
 from sharp_cli.prune.config import PruneConfig
 
 
-
 @dataclass
 class Loaded:
     model: object

@@ -4,9 +4,10 @@ PyAV opens every file first: that reads headers only, and turns non-videos into 
 errors before decord can crash or print FFmpeg noise on them. Frames then come from
 PyAV, which seeks to the keyframe before each sampled frame so its cost follows the
 number of frames sampled, not the length of the video, or from decord (batched random
-access, optional, quirky): `--decoder auto` tries them in AUTO_ORDER, by measurement. User-caused failures become one line: VideoError for
-the file, UsageError for the sampling arguments. `probe` reads the header alone, so a
-command can check a video and estimate what it costs before decoding any of it.
+access, optional, quirky): `--decoder auto` tries them in AUTO_ORDER, by measurement. User-caused
+failures become one line: VideoError for the file, UsageError for the sampling arguments. `probe`
+reads the header alone, so a command can check a video and estimate what it costs before decoding
+any of it.
 """
 
 from __future__ import annotations

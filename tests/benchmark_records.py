@@ -119,7 +119,7 @@ LVB_VAL_0 = {
                 "clothes with black sleeves, on stage?",
     "question_wo_referring_query": "Which subtitles appear at the same time?",
     "candidates": ["promisc has come to an end, in and run away countless times, i was just scared, i still",
-                   "run away countless times, i was just scared, i still and front of our crown, like a world of souls,",
+                   "run away countless times, i was just scared, i still and front of our crown, like a world of souls,",  # noqa: E501 - quoted
                    "promisc has come to an end, in and front of our crown, like a world of souls,",
                    "promisc has come to an end, in and captain of the godson, three three three three three three"],
     "correct_choice": 1, "position": [854, 948, 1373], "topic_category": "NP-News-Programs",

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from sharp_cli.cli import app
 import videos  # noqa: F401
+from sharp_cli.cli import app
 from videos import make_video
 
 runner = CliRunner()

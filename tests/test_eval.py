@@ -156,8 +156,9 @@ def test_our_format_errors_name_the_item(tmp_path, record, message):
 def test_our_format_without_answer_or_options(tmp_path):
     """Agreement needs no labels: such questions are read, with no answer (and no options)."""
     _touch(tmp_path / "a.mp4")
+    labelled = {"video": "a.mp4", "question": "Colour?", "options": ["red", "blue"]}
     (tmp_path / "qa.jsonl").write_text(json.dumps({"video": "a.mp4", "question": "What happens?"}) + "\n"
-                                       + json.dumps({"video": "a.mp4", "question": "Colour?", "options": ["red", "blue"]}))
+                                       + json.dumps(labelled))
     open_q, unlabelled = formats.load(tmp_path / "qa.jsonl").items
     assert (open_q.options, open_q.answer, unlabelled.options, unlabelled.answer) == ([], None, ["red", "blue"], None)
     assert runner.prompt_for(open_q) == "What happens?" and INSTRUCTION in runner.prompt_for(unlabelled)
@@ -502,7 +503,8 @@ def test_first_token_kl_and_same_answer():
     ref = torch.tensor([[[math.log(0.5), math.log(0.5)]]])
     assert agreement.first_token(ref, ref.clone()) == {"first_token_kl": 0.0, "first_token_agree": True}
     got = agreement.first_token(ref, torch.tensor([math.log(0.25), math.log(0.75)]))
-    assert got["first_token_kl"] == pytest.approx(0.5 * math.log(2) + 0.5 * math.log(2 / 3)) and not got["first_token_agree"]
+    assert got["first_token_kl"] == pytest.approx(0.5 * math.log(2) + 0.5 * math.log(2 / 3))
+    assert not got["first_token_agree"]
     options = ["red", "blue"]
     assert agreement.same_answer({"output": "B"}, {"output": "B. blue"}, options)
     assert agreement.same_answer({"prediction": "A", "output": "A"}, {"prediction": None, "output": "red"}, options)
@@ -514,8 +516,8 @@ def test_first_token_kl_and_same_answer():
 def test_agreement_of_a_model_with_itself_is_total(model_dirs, synth_items, tmp_path):
     """fastv and every-component-off sharp at ratio 1 run the unpruned computation: 100%, KL 0."""
     result = sharp("eval", synth_items, "-m", model_dirs["qwen2.5-vl"], *SMALL[:-2], "--ratio", 1, "--methods",
-                   "none,fastv,sharp", "--no-segment-mask", "--debias", "none", "--no-dedup", "-o", tmp_path / "r.jsonl",
-                   "--json")
+                   "none,fastv,sharp", "--no-segment-mask", "--debias", "none", "--no-dedup",
+                   "-o", tmp_path / "r.jsonl", "--json")
     assert result.exit_code == 0, result.stderr
     none, *pruned = json.loads(result.stdout)["rows"]
     assert none["answer_agreement"] is None and none["agreement_questions"] == 0

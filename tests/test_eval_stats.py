@@ -231,7 +231,8 @@ def test_table_without_a_width_is_one_table_with_every_column():
 def test_settings_differences_name_each_leaf():
     old = {"model": "sharp-tiny", "frames": 32, "options": {"layer": 2, "debias": "divide", "query": "last"}}
     new = {"model": "sharp-tiny", "frames": 16, "options": {"layer": 6, "debias": "divide"}}
-    assert runner.differences(old, new) == "frames: 32 there, 16 now; layer: 2 there, 6 now; query: last there, absent now"
+    assert runner.differences(old, new) == ("frames: 32 there, 16 now; layer: 2 there, 6 now; "
+                                            "query: last there, absent now")
     assert runner.differences(None, new) == "no settings recorded"
     many = runner.differences({str(i): i for i in range(6)}, {str(i): -i for i in range(6)})
     assert many.endswith("; and 1 more") and many.count("there") == 4

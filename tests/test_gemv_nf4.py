@@ -187,8 +187,8 @@ def test_the_switches(monkeypatch):
 def test_the_shuffle_lookup_equals_bitsandbytes_on_the_gpu():
     """The GPU path (codes by warp shuffle) and the table lookup against bitsandbytes' own
     dequantization, on CUDA."""
-    import torch
     import bitsandbytes.functional as F
+    import torch
 
     from sharp_cli.models import gemv_nf4
 

@@ -53,9 +53,9 @@ def test_the_prior_comes_from_a_black_video(tiny):
 
 
 def test_the_prior_cache_key_covers_layer_layout_timing_and_model(tiny, tmp_path):
-    from sharp_cli.models.random_init import build_random, tiny_config
     from sharp_cli import loading
     from sharp_cli.models import adapter_for
+    from sharp_cli.models.random_init import build_random, tiny_config
     from sharp_cli.prune.prior import PriorStore
 
     store = PriorStore(tmp_path)
@@ -148,9 +148,9 @@ def test_a_full_disk_under_the_prior_cache_keeps_the_prior_in_memory(unicode_vid
         resource.setrlimit(resource.RLIMIT_FSIZE, (64, 64))  # Python ignores SIGXFSZ: writes fail instead
 
     env = dict(os.environ, SHARP_CACHE_DIR=str(tmp_path / "cache"), PYTHONPATH=str(Path(__file__).parent.parent))
-    done = subprocess.run([sys.executable, "-m", "sharp_cli", "ask", unicode_video, "what colour is it?", "-m", "sharp-tiny",
-                           "--max-new-tokens", "2", "-q"], capture_output=True, text=True, timeout=300,
-                          preexec_fn=small_files, env=env)
+    done = subprocess.run([sys.executable, "-m", "sharp_cli", "ask", unicode_video, "what colour is it?",
+                           "-m", "sharp-tiny", "--max-new-tokens", "2", "-q"], capture_output=True, text=True,
+                          timeout=300, preexec_fn=small_files, env=env)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip()
     warnings = [line for line in done.stderr.splitlines() if "warning" in line]

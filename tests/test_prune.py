@@ -12,7 +12,7 @@ from sharp_cli.decode import decode
 from sharp_cli.prune import PruneConfig, keep_count
 from sharp_cli.prune import attention as seg
 from sharp_cli.prune.prior import PriorStore
-from sharp_cli.prune.sharp import head_mean, question_attention, query_rows
+from sharp_cli.prune.sharp import head_mean, query_rows, question_attention
 
 PLAIN = dict(segment_mask=False, debias="none", dedup=False)
 

@@ -17,8 +17,16 @@ from hypothesis import strategies as st
 from sharp_cli.errors import UsageError
 from sharp_cli.prune import PruneConfig, keep_count, rank
 from sharp_cli.prune.baselines import FIRST_FRAME, evs_scores, select_evs, select_fastv, select_random
-from sharp_cli.prune.sharp import (debias, find_duplicates, find_registers, head_mean, prior_from,
-                                   question_attention, query_rows, select_sharp)
+from sharp_cli.prune.sharp import (
+    debias,
+    find_duplicates,
+    find_registers,
+    head_mean,
+    prior_from,
+    query_rows,
+    question_attention,
+    select_sharp,
+)
 
 OFF = dict(debias="none", dedup=False, registers=False)  # sharp with no correction: scores only
 
@@ -452,7 +460,8 @@ def test_selection_invariants(n, ratio, seed):
     scores = torch.rand(n, generator=gen)
     flagged = torch.rand(n, generator=gen) < 0.3
     order = rank.rank(scores, seed)
-    for kept in (select_fastv(scores, ratio, seed)[0], select_random(n, ratio, seed), rank.first_unskipped(order, flagged, k)):
+    for kept in (select_fastv(scores, ratio, seed)[0], select_random(n, ratio, seed),
+                 rank.first_unskipped(order, flagged, k)):
         values = kept.tolist()
         assert len(values) == k and values == sorted(set(values)) and 0 <= values[0] and values[-1] < n
     refill = set(rank.first_unskipped(order, flagged, k).tolist())

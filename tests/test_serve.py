@@ -132,7 +132,8 @@ BAD = [
     ("unknown field", body(ratoi=0.5), 400, "invalid_value"),
     ("no video part", {"messages": [{"role": "user", "content": "what happens?"}]}, 400, "no_video"),
     ("two videos", {"messages": [{"role": "user", "content": [
-        {"type": "video_url", "video_url": {"url": "wide.mp4"}}, {"type": "video_url", "video_url": {"url": "tall.mp4"}},
+        {"type": "video_url", "video_url": {"url": "wide.mp4"}},
+        {"type": "video_url", "video_url": {"url": "tall.mp4"}},
         {"type": "text", "text": "which is longer?"}]}]}, 400, "too_many_videos"),
     ("image part", {"messages": [{"role": "user", "content": [
         {"type": "image_url", "image_url": {"url": "x.png"}}, {"type": "text", "text": "what?"}]}]},
@@ -274,7 +275,8 @@ def test_api_key_is_required_on_every_route_but_liveness(loaded, media):
         wrong = live.post(body(max_tokens=1), headers={"Authorization": "Bearer guess"})
         assert wrong.status_code == 401 and wrong.json()["error"]["message"] == "invalid API key"
         with pytest.raises(openai.AuthenticationError):
-            live.client(api_key="guess").chat.completions.create(model="tiny-served", messages=video_message("wide.mp4"))
+            live.client(api_key="guess").chat.completions.create(model="tiny-served",
+                                                                 messages=video_message("wide.mp4"))
         reply = live.client(api_key="s3cret").chat.completions.create(
             model="tiny-served", messages=video_message("wide.mp4"), max_tokens=1)
         assert reply.choices[0].message.content is not None

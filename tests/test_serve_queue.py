@@ -379,7 +379,8 @@ def test_concurrent_decord_decodes_leave_the_servers_stderr_and_exit_status(tiny
     proc, url, lines, seen = start_sharp_serve(tiny_dir, tmp_path, "--max-new-tokens", "1", "--decoder", "decord")
     try:
         with ThreadPool(6) as pool:
-            codes = pool.map(lambda i: httpx.post(url + "/v1/chat/completions", json=body(url=f"v{i}.mp4") | {"model": None},
+            codes = pool.map(lambda i: httpx.post(url + "/v1/chat/completions",
+                                                  json=body(url=f"v{i}.mp4") | {"model": None},
                                                   timeout=120).status_code, range(6))
         assert codes == [200] * 6
         assert httpx.get(url + "/health").status_code == 200

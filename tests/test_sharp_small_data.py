@@ -1,7 +1,6 @@
 """sharp-small's training data (scripts/small_data.py): batches equal to what the processor makes,
 labels that point at what the pixels show, a language stage that is the same every run."""
 
-import numpy as np
 import pytest
 import torch
 

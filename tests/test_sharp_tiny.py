@@ -15,8 +15,8 @@ import pytest
 from typer.testing import CliRunner
 
 from sharp_cli.cli import app
-from sharp_cli.loading import SHARP_TINY
 from sharp_cli.evaluate import synth
+from sharp_cli.loading import SHARP_TINY
 
 ROOT = Path(__file__).resolve().parent.parent
 SHIPPED = (SHARP_TINY / "model.safetensors").exists()
@@ -119,7 +119,8 @@ def test_a_grown_model_answers_as_its_source(tmp_path):
                           str(tmp_path / "grown")], capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert run.returncode == 0, run.stderr[-2000:]
     source = json.loads((SHARP_TINY / "config.json").read_text())["text_config"]["num_hidden_layers"]
-    assert json.loads((tmp_path / "grown" / "config.json").read_text())["text_config"]["num_hidden_layers"] == 2 * source
+    grown = json.loads((tmp_path / "grown" / "config.json").read_text())
+    assert grown["text_config"]["num_hidden_layers"] == 2 * source
     record = json.loads((tmp_path / "grown" / "training.json").read_text())
     assert record["items_to"] == json.loads((SHARP_TINY / "training.json").read_text())["items_to"]  # new items next
     frames, item = synth.make_item(0, 3)  # count

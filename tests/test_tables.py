@@ -36,7 +36,8 @@ def test_tables_of_one_k_in_one_markdown_file(model_dirs, tmp_path, monkeypatch)
     assert list(rows) == ["none", "fastv", "sharp no-dedup"]
     # the ablation's row is compared with the main run's fastv and none answers
     main = {(r["method"], r["item"]): r["correct"] for r in map(json.loads, (out / "k2-main.jsonl").open())}
-    abl = {r["item"]: r["correct"] for r in map(json.loads, (out / "k2-no-dedup.jsonl").open()) if r["method"] == "sharp"}
+    abl = {r["item"]: r["correct"] for r in map(json.loads, (out / "k2-no-dedup.jsonl").open())
+           if r["method"] == "sharp"}
     diff = 100 * sum(abl[i] - main[("fastv", i)] for i in abl) / len(abl)
     assert rows["sharp no-dedup"][4].startswith(f"{diff:+.1f} [")
     assert "left out (not in this build): warp" in page
@@ -63,7 +64,8 @@ def test_ablation_rows_compare_with_the_main_runs_fastv_and_none(tmp_path):
                 "summary": tmp_path / f"{name}.json"}
 
     runs = [write("main", [("none", 1.0, [1, 1, 1, 0]), ("fastv", 0.5, [1, 1, 1, 1])]),
-            write("no-dedup", [("none", 1.0, [0, 0, 0, 0]), ("fastv", 0.5, [0, 0, 0, 0]), ("sharp", 0.5, [1, 0, 1, 0])])]
+            write("no-dedup", [("none", 1.0, [0, 0, 0, 0]), ("fastv", 0.5, [0, 0, 0, 0]),
+                               ("sharp", 0.5, [1, 0, 1, 0])])]
     args = Namespace(model="m", ratios="0.5", items=4, tie_seeds=1)
     page = tables.markdown(args, data, 2, runs)
     row = next(line for line in page.splitlines() if line.startswith("| sharp no-dedup"))

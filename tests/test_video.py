@@ -453,7 +453,8 @@ def test_truncated_file_returns_the_readable_part(tmp_path, backend):
     # Not backend="decord": decord2 fails at random on the damaged tail (PyAV is used in auto).
     for path in [
         make_video(tmp_path / "a.mkv", n_frames=100, gop=10),
-        make_video(tmp_path / "b.mp4", n_frames=100, gop=10, size=(128, 96), container_options={"movflags": "faststart"}),
+        make_video(tmp_path / "b.mp4", n_frames=100, gop=10, size=(128, 96),
+                   container_options={"movflags": "faststart"}),
     ]:
         cut = truncate(path, tmp_path / f"cut-{os.path.basename(path)}")
         clip = load_video(cut, frames=8, backend=backend)
@@ -500,7 +501,8 @@ from sharp_cli.video import load_video
 
 decoder_cpu, main_cpu = sorted(os.sched_getaffinity(0))[:2]
 os.sched_setaffinity(0, {{main_cpu}})
-burn = "import os, time\nos.sched_setaffinity(0, {{%d}})\nt = time.time()\nwhile time.time() - t < 60: pass" % decoder_cpu
+burn = ("import os, time\nos.sched_setaffinity(0, {{%d}})\nt = time.time()\n"
+        "while time.time() - t < 60: pass") % decoder_cpu
 burners = [subprocess.Popen([sys.executable, "-c", burn]) for _ in range(2)]
 Real = decord.VideoReader
 

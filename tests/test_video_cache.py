@@ -7,14 +7,14 @@ import os
 
 import pytest
 import torch
-from conftest import FAMILIES, make_clip, prune_layer
-from videos import make_video
 
+from conftest import FAMILIES, make_clip, prune_layer
 from sharp_cli import video as video_mod
 from sharp_cli.answer import ask
 from sharp_cli.prune import PruneConfig
 from sharp_cli.prune.prior import PriorStore
 from sharp_cli.video_cache import VideoCache
+from videos import make_video
 
 PIXELS = 56 * 56 * 4
 SAMPLING = dict(frames=8, max_pixels=PIXELS)

@@ -57,7 +57,6 @@ def capture(text_config, layers):
     """Within the block, the text model's attention also records the last row at `layers`."""
     from transformers import AttentionInterface
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
-
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
     inner = text_config._attn_implementation
@@ -88,7 +87,8 @@ def row_stats(probs: torch.Tensor, visual: torch.Tensor, frames: int, sink: torc
     last = top >= (frames - max(1, frames // 8)) * (n // frames)  # token frames are contiguous in N
     per_frame = mean.view(frames, -1).sum(-1) if n % frames == 0 else mean.new_zeros(frames)
     return {
-        "entropy": float(entropy.mean()), "zeros": float((v == 0).float().mean()), "top1": float(share.max(-1).values.mean()),
+        "entropy": float(entropy.mean()), "zeros": float((v == 0).float().mean()),
+        "top1": float(share.max(-1).values.mean()),
         "recency": float(mean[top][last].sum() / mean[top].sum().clamp_min(1e-30)),
         "sink": float(probs[:, sink].sum(-1).mean()) if sink.numel() else 0.0,
         "visual": float(v.sum(-1).mean()), "frames": per_frame.tolist(),

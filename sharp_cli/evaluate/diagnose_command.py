@@ -17,11 +17,13 @@ def diagnose_command(
     model: Model = "sharp-small",
     device: Device = "auto", quant: Quant = "auto", dtype: Dtype = "auto",
     layer: Layer = None,
-    deep_layer: Annotated[Optional[int], typer.Option(help='The deep K the shallow one is compared with (default: half the depth).', show_default=False)] = None,
+    deep_layer: Annotated[Optional[int], typer.Option(
+        help='The deep K the shallow one is compared with (default: half the depth).', show_default=False)] = None,
     limit: Annotated[int, typer.Option('--n', help='Questions to use (the first N).')] = 200,
     accuracy: Annotated[bool, typer.Option(help='Run the pruning checks (5 answers per labelled question).')] = True,
     frames: Frames = 32, fps: Fps = None, max_frames: MaxFrames = 768, max_pixels: MaxPixels = None,
-    decoder: Decoder = "auto", strict: Annotated[bool, typer.Option('--strict', help='Exit 1 if any check fails.')] = False,
+    decoder: Decoder = "auto",
+    strict: Annotated[bool, typer.Option('--strict', help='Exit 1 if any check fails.')] = False,
     json_out: JsonOut = False,
 ):
     """Acceptance checks: does the model's shallow attention behave like a real video LLM's?"""
@@ -35,7 +37,8 @@ def diagnose_command(
     dataset = formats.load(data)
     items = dataset.items[:limit]
     quiet_transformers()
-    from sharp_cli import loading, report, video as video_mod
+    from sharp_cli import loading, report
+    from sharp_cli import video as video_mod
     from sharp_cli.evaluate import acceptance
     from sharp_cli.prune.config import PruneConfig
 
@@ -51,17 +54,18 @@ def diagnose_command(
         clips = [video_mod.load_video(i.video, frames=frames, fps=fps, max_frames=max_frames, max_pixels=max_pixels,
                                       backend=decoder) for i in items]
     with console.status("attention statistics"):
-        means, checks = acceptance.attention_checks(
-            loaded, [(c, build_prompt(i.question, i.options) if i.options else i.question) for i, c in zip(items, clips)],
-            cfg.layer, max_pixels)
+        prompts = [build_prompt(i.question, i.options) if i.options else i.question for i in items]
+        means, checks = acceptance.attention_checks(loaded, list(zip(clips, prompts)), cfg.layer, max_pixels)
     pruning = {}
     if accuracy:
         with console.status("pruning checks"):
-            pruning, more = acceptance.pruning_checks(loaded, list(zip(items, clips)), cfg.layer, deep, max_pixels=max_pixels)
+            pruning, more = acceptance.pruning_checks(loaded, list(zip(items, clips)), cfg.layer, deep,
+                                                      max_pixels=max_pixels)
         checks += more
     result = {"model": model, "data": data, "questions": len(items), "layer": cfg.layer, "deep_layer": deep,
               "frames": frames, "checks": checks, "passed": all(c["passed"] for c in checks),
-              "attention": {name: {str(k): v for k, v in per.items()} for name, per in means.items()}, "pruning": pruning}
+              "attention": {name: {str(k): v for k, v in per.items()} for name, per in means.items()},
+              "pruning": pruning}
     if json_out:
         report.print_json(result)
     console.print(acceptance.table(result))

@@ -23,8 +23,8 @@ from pathlib import Path
 
 from sharp_cli.errors import SharpError, UsageError
 from sharp_cli.evaluate import needles
-from sharp_cli.evaluate.items import Dataset, Item  # noqa: F401 - readers' results; Item re-exported
-from sharp_cli.evaluate.items import answer_letter, columns, field_of, make_item, read_records
+from sharp_cli.evaluate.items import Dataset, answer_letter, columns, field_of, make_item, read_records
+from sharp_cli.evaluate.items import Item as Item  # re-exported: callers build items as formats.Item
 from sharp_cli.evaluate.letters import strip_letter_prefixes
 from sharp_cli.evaluate.readers import lmms_cache, longvideobench, mlvu, mvbench, videomme
 

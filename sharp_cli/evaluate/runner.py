@@ -32,7 +32,8 @@ from pathlib import Path
 
 from sharp_cli.errors import SharpError, UsageError, VideoError, one_line
 from sharp_cli.evaluate.letters import build_prompt, parse_letter
-from sharp_cli.jsonl import append as _append, open_for_append as _open_for_append  # shared with batch
+from sharp_cli.jsonl import append as _append  # shared with batch
+from sharp_cli.jsonl import open_for_append as _open_for_append
 
 POLL_SECONDS = 1.0
 UNSEEDED = ("none",)  # methods whose answer no seed changes: one cell, seed 0

@@ -11,7 +11,7 @@ tokens. docs/eval.md describes every field.
 from __future__ import annotations
 
 from sharp_cli.evaluate import stats
-from sharp_cli.evaluate.runner import first_seeds, key, line_key, untied
+from sharp_cli.evaluate.runner import key, line_key, untied
 
 TIE_WARNING = 0.05  # mean tie share above which a cell's kept sets are partly chosen by the seed
 

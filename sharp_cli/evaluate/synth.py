@@ -17,8 +17,9 @@ fall in its middle half, away from the ends that shallow attention favours; ever
 `needle_frames` (the frames that differ from the first), `needle_boxes` (every drawn box that shows
 the answer, as [frame, x0, y0, x1, y1] in the clip's pixels, end-exclusive: what needle recall@k in
 `sharp eval` maps onto visual tokens) and, for colour, `needle_part` (start, middle or end third), so
-accuracy can be broken down by where the needle is (`sharp eval --category-field needle_part`). Options are 4 per question; the correct letter cycles
-through a random order of A-D every 4 questions of a task, so letters are balanced.
+accuracy can be broken down by where the needle is (`sharp eval --category-field needle_part`).
+Options are 4 per question; the correct letter cycles through a random order of A-D every 4
+questions of a task, so letters are balanced.
 Everything derives from (seed, item number): the same seed writes the same files.
 """
 
@@ -75,7 +76,8 @@ def write(out: str | Path, n: int, seed: int = 0, *, frames: int = 32, size: int
     for i in range(n):
         clip, item = make_item(seed, i, tasks, frames, size)
         _encode(clip, out / "videos" / f"{item['id']}.mp4", fps)
-        lines.append({"id": item["id"], "video": f"videos/{item['id']}.mp4", **{k: v for k, v in item.items() if k != "id"}})
+        rest = {k: v for k, v in item.items() if k != "id"}
+        lines.append({"id": item["id"], "video": f"videos/{item['id']}.mp4", **rest})
         if progress is not None:
             progress()
     items = out / "items.jsonl"

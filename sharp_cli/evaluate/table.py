@@ -128,7 +128,7 @@ def _captions(result: dict, headers: list[str]) -> list[str]:
         resamples = (result.get("bootstrap") or {}).get("resamples", 0)
         interval = (f"[95% paired bootstrap interval, {resamples:,} resamples of the questions]; ns: the interval "
                     "includes 0" if resamples else "(no intervals: --bootstrap 0)")
-        captions.append(f"vs fastv, vs none: accuracy minus fastv's at the same ratio, and minus unpruned, in points "
+        captions.append("vs fastv, vs none: accuracy minus fastv's at the same ratio, and minus unpruned, in points "
                         + interval)
     if "spread" in headers:
         captions.append("accuracy: mean over seeds; spread: lowest-highest over seeds; seeds: how many ran "

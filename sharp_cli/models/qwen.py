@@ -56,7 +56,8 @@ class QwenVLAdapter(Adapter):
         if getattr(clip, "sized", False):  # decoded at the size this processor makes of the full-size frames
             height, width = clip.frames.shape[1:3]  # multiples of its token size: bounds around them keep them
             size = {"shortest_edge": min(size["shortest_edge"], height * width),
-                    "longest_edge": max(size["longest_edge"], (len(clip.frames) + vp.temporal_patch_size) * height * width)}
+                    "longest_edge": max(size["longest_edge"],
+                                        (len(clip.frames) + vp.temporal_patch_size) * height * width)}
         video_kwargs = {"do_sample_frames": False, "video_metadata": [clip.metadata()], "size": size}
         if hasattr(type(vp), "cap_pixels_per_frame"):  # the budget is in the bounds already
             video_kwargs["cap_pixels_per_frame"] = False
@@ -208,7 +209,8 @@ class Qwen2VLAdapter(QwenVLAdapter):
         )
 
         vc = config.vision_config
-        common = dict(patch_size=vc.patch_size, temporal_patch_size=vc.temporal_patch_size, merge_size=vc.spatial_merge_size)
+        common = dict(patch_size=vc.patch_size, temporal_patch_size=vc.temporal_patch_size,
+                      merge_size=vc.spatial_merge_size)
         return Qwen2VLProcessor(
             image_processor=Qwen2VLImageProcessor(**common),
             video_processor=Qwen2VLVideoProcessor(**common),

@@ -24,7 +24,6 @@ import torch
 
 from sharp_cli.compat import cache_kwargs
 
-
 _POOL = None
 
 

@@ -90,7 +90,8 @@ class PruneSession:
             frames = self.cfg.segment_frames or self.layout.frames_per_step
             runs = self.layout.segment_runs(frames)
             blocks = attention.row_blocks(self.layout.seq_len, runs)
-            plan = attention.SegmentPlan(k, self.layout.seq_len, blocks, tuple(runs) if self.cfg.segment_attention == "merged" else ())
+            merged = tuple(runs) if self.cfg.segment_attention == "merged" else ()
+            plan = attention.SegmentPlan(k, self.layout.seq_len, blocks, merged)
             self._stack.enter_context(attention.segment_plan(plan))
         return self
 

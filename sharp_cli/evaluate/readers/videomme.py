@@ -41,6 +41,7 @@ def read(path: Path, video_dir: Path | None, category_field: str | None) -> Data
             items.append(make_item(
                 rec.get("question_id", f"{file.stem}-{i}"),
                 find_video(folders, str(field_of(rec, "videoID", where))),
-                field_of(rec, "question", where), options, answer_letter(field_of(rec, "answer", where), options, where),
+                field_of(rec, "question", where), options,
+                answer_letter(field_of(rec, "answer", where), options, where),
                 rec.get(category_field or "duration"), where))
     return Dataset(items, "videomme", "videomme", video_hint="pass --video-dir (the folder of <videoID>.mp4 files)")
