@@ -110,7 +110,7 @@ class _BatchStep:
         self.cache_kwargs = cache_kwargs(self.text, cache.view(batch))
         self.valid = cache.valid_rows(batch)
         self.token, self.seen = slots.token[:batch], slots.seen[:batch]
-        self.position, self.step = slots.position[..., :batch, :], cache.step[:batch]
+        self.position, self.step = slots.position[..., :batch, :], cache.step_view(batch)
         self.rules = slots.rules.rows(0, batch)
         self.replay, self.mode, self.note = None, "eager", None
         if loaded.compiled:

@@ -99,13 +99,21 @@ class SlotKV:
     def view(self, batch: int) -> SlotView:
         """The cache a decode step over slots [0, batch) writes to (made once per batch size)."""
         if batch not in self._views:
-            self._views[batch] = SlotView([SlotLayer(k[:batch], v[:batch], ok[:batch], base[:batch], self.step[:batch])
+            # One view object per buffer, shared by every user (the step reads `step` and `valid`
+            # too): torch.compile takes distinct views of one buffer for aliased inputs, and
+            # mutated aliased inputs failed to compile.
+            step = self.step[:batch]
+            self._views[batch] = SlotView([SlotLayer(k[:batch], v[:batch], ok[:batch], base[:batch], step)
                                            for k, v, ok, base in zip(self.keys, self.values, self.valid, self.base)])
         return self._views[batch]
 
     def valid_rows(self, batch: int) -> list[torch.Tensor]:
         """Each layer's (batch, C_l) written-rows flags: what decode attention masks with."""
-        return [ok[:batch] for ok in self.valid]
+        return [layer.valid for layer in self.view(batch).layers]
+
+    def step_view(self, batch: int) -> torch.Tensor:
+        """The (batch,) decode-step counters the layers of view(batch) write at."""
+        return self.view(batch).layers[0].step
 
     def slot_cache(self, slot: int) -> kv.StaticKV:
         """An empty kv.StaticKV over slot `slot`'s buffers, for a prefill to fill in place."""

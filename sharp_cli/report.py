@@ -51,6 +51,7 @@ def ask_record(loaded, clip, cfg, answer) -> dict:
         "decode_tokens_per_second": answer.decoded.tokens_per_second,
         "decode_mode": answer.decoded.mode,
         "decode_capture_seconds": answer.decoded.capture_seconds,
+        "decode_batch": answer.extra.get("decode_batch", 1),  # the most answers that shared one of its steps
         "stop": answer.decoded.stop,
         "answer_seconds": answer.seconds,
         "video_cache": answer.extra.get("cache"),  # {"vision", "prefix"}: reused for this question
@@ -126,6 +127,7 @@ def ask_rows(record: dict) -> list[tuple[str, str]]:
         ("decode", f"{record['new_tokens']} tokens"
          + (f", {record['decode_tokens_per_second']:.1f} tok/s" if record["decode_tokens_per_second"] else "")
          + f" ({record['decode_mode']}"
+         + (f", up to {record['decode_batch']} answers a step" if record.get("decode_batch", 1) > 1 else "")
          + (f", captured in {fmt_seconds(record['decode_capture_seconds'])}" if record["decode_capture_seconds"] else "")
          + f"; stopped at {'EOS' if record['stop'] == 'eos' else record['stop']})"),
         ("answer, end to end", fmt_seconds(record["answer_seconds"]) + "  (vision + prior + prefill + decode)"),

@@ -146,6 +146,7 @@ class Scheduler:
         """Whether a request submitted now could start at once: nobody waiting, a slot free."""
         return not self._queue and (self.slots is None or len(self._live) < self.slots.slots)
 
+    @torch.inference_mode()
     def advance(self) -> list[Done]:
         """Admit what fits, run one decode step, read what is ready; returns the requests that ended."""
         self._admit()
@@ -175,6 +176,7 @@ class Scheduler:
             if not more and self.idle:
                 return
 
+    @torch.inference_mode()
     def cancel_all(self) -> None:
         """End every request now (waiting ones as Cancelled, live ones with stop "cancelled")."""
         while self._queue:

@@ -47,7 +47,8 @@ def create_app(service: Service) -> FastAPI:
     async def health():
         worker = service.worker
         body = {"status": "ok" if worker.alive else "stopping", "model": service.model_id,
-                "busy": worker.busy, "waiting": worker.waiting, **dict(worker.stats)}
+                "busy": worker.busy, "running": getattr(worker, "running", int(worker.busy)),
+                "waiting": worker.waiting, **dict(worker.stats)}
         return JSONResponse(body, status_code=200 if worker.alive else 503)
 
     @app.get("/v1/models")
