@@ -110,7 +110,8 @@ def ask_rows(record: dict) -> list[tuple[str, str]]:
         ("vision encoder", fmt_seconds(record["vision_seconds"])),
         ("LLM prefill", fmt_seconds(record["prefill_seconds"])
          + ("  (first run in this process: includes CUDA warm-up; see --warmup)"
-            if record["device"].startswith("cuda") and not record.get("warmup") else "")),
+            if record["device"].startswith("cuda") and not record.get("warmup") and not record.get("server")
+            else "")),
     ]
     if record["method"] != "none":
         rows.append(("  selection step", fmt_seconds(record["selection_seconds"])))
@@ -132,6 +133,9 @@ def ask_rows(record: dict) -> list[tuple[str, str]]:
          + f"; stopped at {'EOS' if record['stop'] == 'eos' else record['stop']})"),
         ("answer, end to end", fmt_seconds(record["answer_seconds"]) + "  (vision + prior + prefill + decode)"),
     ]
+    if record.get("server"):
+        rows.append(("asked", f"{record['server']}, {fmt_seconds(record['request_seconds'])} from request to "
+                     "answer (queue and transfer included)"))
     return rows
 
 
