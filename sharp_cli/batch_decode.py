@@ -102,7 +102,7 @@ class Slots:
 class _BatchStep:
     def __init__(self, slots: Slots, batch: int, sample: bool):
         loaded = slots.loaded
-        self.slots, self.batch, self.sample = slots, batch, sample
+        self.batch, self.sample = batch, sample  # no reference to `slots`: its steps dict holds this step
         self.model, self.adapter = loaded.model, loaded.adapter
         self.text = loaded.adapter.text_model(loaded.model)
         self.head = loaded.adapter.lm_head(loaded.model)
@@ -112,6 +112,7 @@ class _BatchStep:
         self.token, self.seen = slots.token[:batch], slots.seen[:batch]
         self.position, self.step = slots.position[..., :batch, :], cache.step_view(batch)
         self.rules = slots.rules.rows(0, batch)
+        self.whole_state = [slots.token, slots.seen, cache.step, *cache.valid]  # what a step changes, all slots
         self.replay, self.mode, self.note = None, "eager", None
         if loaded.compiled:
             from sharp_cli.decode import compiled
@@ -134,7 +135,7 @@ class _BatchStep:
         self.step.add_(1)
 
     def state(self) -> list[torch.Tensor]:
-        return [self.token, self.seen, self.slots.cache.step, *self.slots.cache.valid]
+        return self.whole_state
 
     def capture(self) -> float:
         """Capture this step in a CUDA graph; returns the seconds it took (0 and a note on failure).
