@@ -91,10 +91,6 @@ Server = Annotated[Optional[str], typer.Option(
     envvar="SHARP_SERVER", show_default=False,
     help="Ask a running `sharp serve` at this URL (e.g. http://127.0.0.1:8000) instead of loading the model "
          "here: the options you give go with the question, the server's own settings cover the rest.")]
-# What a request to `sharp serve` can carry (overrides.OptionFields), by ask's parameter names.
-_SERVER_FIELDS = {"method": "method", "ratio": "ratio", "layer": "layer", "frames": "frames", "fps": "fps",
-                  "max_pixels": "max_pixels", "max_new_tokens": "max_tokens", "temperature": "temperature",
-                  "top_p": "top_p", "top_k": "top_k", "seed": "seed"}
 
 
 @app.command()
@@ -123,7 +119,9 @@ def ask(
     """Answer QUESTION about VIDEO; the answer goes to stdout (as it is written, on a terminal), what it
     cost to stderr."""
     if server is not None:
-        return _ask_server(ctx, server, video, question, json_out, quiet, dict(
+        from sharp_cli.serve import client
+
+        return client.run(ctx, server, video, question, json_out, quiet, dict(
             method=method, ratio=ratio, layer=layer, frames=frames, fps=fps, max_pixels=max_pixels,
             max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed))
     cfg = prune_config(method, ratio, layer, query, segment_mask, segment_frames, debias, dedup,
@@ -194,46 +192,6 @@ def ask(
         typer.echo("" if answer.text else "(empty answer)")
     else:
         typer.echo(answer.text)
-    if not quiet:
-        console.print(report.ask_table(record, width=console.width))
-
-
-def _ask_server(ctx, server: str, video: str, question: str, json_out: bool, quiet: bool, given: dict) -> None:
-    """`sharp ask --server`: the question to a running `sharp serve`; printed as a local answer is."""
-    from sharp_cli import report
-    from sharp_cli.serve import client
-
-    def from_command_line(name: str) -> bool:  # by name: Typer may vendor its own click
-        return getattr(ctx.get_parameter_source(name), "name", None) == "COMMANDLINE"
-
-    fixed = [f"--{name.replace('_', '-')}" for name in ctx.params
-             if name not in (*_SERVER_FIELDS, "model", "video", "question", "json_out", "quiet", "server")
-             and from_command_line(name)]
-    if fixed:
-        raise UsageError(f"{', '.join(fixed)}: set by the server for its model (sharp serve takes them), "
-                         "not per question with --server")
-    if not question.strip():
-        raise UsageError("the question is empty")
-    options = {field: given[name] for name, field in _SERVER_FIELDS.items() if from_command_line(name)}
-    model = ctx.params["model"] if from_command_line("model") else None
-    console = stderr_console(quiet)
-    live = not json_out and not quiet and sys.stdout.isatty()
-    with console.status("asking the server") as status:
-        def show(piece: str) -> None:
-            status.stop()
-            sys.stdout.write(piece)
-            sys.stdout.flush()
-
-        record = client.ask(server, video, question, options, model=model, on_text=show if live else None,
-                            api_key=os.environ.get("SHARP_API_KEY") or None)
-    record.setdefault("warmup", 0)
-    record.setdefault("load_seconds", None)
-    if json_out:
-        report.print_json(record)
-    elif live:
-        typer.echo("" if record["answer"] else "(empty answer)")
-    else:
-        typer.echo(record["answer"])
     if not quiet:
         console.print(report.ask_table(record, width=console.width))
 

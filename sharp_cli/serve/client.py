@@ -1,10 +1,11 @@
 """`sharp ask --server URL`: one question to a running `sharp serve`, so a shell loop pays for the
 model load and CUDA warm-up once, in the server, instead of once per question.
 
-The video goes by path when the server runs on this machine and reads it (under its --media-dir),
-else uploaded as a data: URL (within its --max-upload-mb). The answer comes back as `sharp ask
---json`'s record, streamed when a terminal watches it. Standard library only (urllib): nothing
-here imports torch, so the client starts in a fraction of a second.
+`run` is the command's side (what `sharp ask` prints), `ask` the request. The video goes by path
+when the server runs on this machine and reads it (under its --media-dir), else uploaded as a
+data: URL (within its --max-upload-mb). The answer comes back as `sharp ask --json`'s record,
+streamed when a terminal watches it. Standard library only (urllib): nothing here imports torch,
+so the client starts in a fraction of a second.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import base64
 import json
 import mimetypes
 import os
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -25,6 +27,56 @@ ANSWER_SECONDS = 24 * 3600.0  # a queued request may wait long for its turn; eac
 _LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1", "[::1]")
 _VIDEO_TYPES = {".mkv": "video/x-matroska", ".webm": "video/webm", ".mov": "video/quicktime",
                 ".avi": "video/x-msvideo", ".mp4": "video/mp4", ".m4v": "video/mp4", ".ts": "video/mp2t"}
+
+
+# What a request to `sharp serve` can carry (overrides.OptionFields), by ask's parameter names.
+_SERVER_FIELDS = {"method": "method", "ratio": "ratio", "layer": "layer", "frames": "frames", "fps": "fps",
+                  "max_pixels": "max_pixels", "max_new_tokens": "max_tokens", "temperature": "temperature",
+                  "top_p": "top_p", "top_k": "top_k", "seed": "seed"}
+
+
+def run(ctx, server: str, video: str, question: str, json_out: bool, quiet: bool, given: dict) -> None:
+    """`sharp ask --server`: the question to a running `sharp serve`, printed as a local answer is.
+    ctx: the ask command's click context (which options came from the command line); given: the
+    values of the options a request can carry."""
+    import typer
+
+    from sharp_cli import report
+    from sharp_cli.options import stderr_console
+
+    def from_command_line(name: str) -> bool:  # by name: Typer may vendor its own click
+        return getattr(ctx.get_parameter_source(name), "name", None) == "COMMANDLINE"
+
+    fixed = [f"--{name.replace('_', '-')}" for name in ctx.params
+             if name not in (*_SERVER_FIELDS, "model", "video", "question", "json_out", "quiet", "server")
+             and from_command_line(name)]
+    if fixed:
+        raise UsageError(f"{', '.join(fixed)}: set by the server for its model (sharp serve takes them), "
+                         "not per question with --server")
+    if not question.strip():
+        raise UsageError("the question is empty")
+    options = {field: given[name] for name, field in _SERVER_FIELDS.items() if from_command_line(name)}
+    model = ctx.params["model"] if from_command_line("model") else None
+    console = stderr_console(quiet)
+    live = not json_out and not quiet and sys.stdout.isatty()
+    with console.status("asking the server") as status:
+        def show(piece: str) -> None:
+            status.stop()
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+
+        record = ask(server, video, question, options, model=model, on_text=show if live else None,
+                     api_key=os.environ.get("SHARP_API_KEY") or None)
+    record.setdefault("warmup", 0)
+    record.setdefault("load_seconds", None)
+    if json_out:
+        report.print_json(record)
+    elif live:
+        typer.echo("" if record["answer"] else "(empty answer)")
+    else:
+        typer.echo(record["answer"])
+    if not quiet:
+        console.print(report.ask_table(record, width=console.width))
 
 
 def base_url(server: str) -> str:
