@@ -41,6 +41,12 @@ step profile-bf16 python3 scripts/profile_decode.py --quant none
 step bench-static "${bench[@]}" --quant none --methods transformers-static,none,sharp --output-json "$out/$gpu-e2e-static-6272.json"
 step bench-nf4 "${bench[@]}" --quant nf4 --methods transformers,none,fastv,random,sharp --output-json "$out/$gpu-e2e-nf4-6272.json"
 step profile-nf4 python3 scripts/profile_decode.py --quant nf4
+# sharp's 4-bit kernel (models/gemv_nf4.py, off by default until these pass): products against
+# bitsandbytes per shape and a whole step, then graph == eager == generate() with it, the bench, the profile
+step gemv-nf4 python3 scripts/gemv_nf4_bench.py --json "$out/$gpu-gemv-nf4.json"
+step check-nf4-kernel env SHARP_GEMV_NF4=1 python3 scripts/cuda_check.py --frames 8 --quant nf4
+step bench-nf4-kernel env SHARP_GEMV_NF4=1 "${bench[@]}" --quant nf4 --methods none,sharp --output-json "$out/$gpu-e2e-nf4-6272-kernel.json"
+step profile-nf4-kernel env SHARP_GEMV_NF4=1 python3 scripts/profile_decode.py --quant nf4
 step bench-128 "${bench[@]}" --quant none --frames 128 --max-pixels 307328 --methods none,sharp --iters 3 --warmup 1 --output-json "$out/$gpu-e2e-bf16-25088.json"
 step check-small python3 scripts/cuda_check.py -m llava-hf/llava-onevision-qwen2-0.5b-ov-hf --quant int8 --skip bounded
 step check-fp16 python3 scripts/cuda_check.py -m llava-hf/llava-onevision-qwen2-0.5b-ov-hf --dtype float16 --skip bounded

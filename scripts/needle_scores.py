@@ -35,9 +35,10 @@ def main():
     seen = {}
     select = pruning.select_sharp
 
-    def watch(scores, prior, hidden_visual, layout, cfg):  # what sharp ranks with, before it ranks
-        seen.update(scores=scores.detach().float().cpu(), prior=prior.detach().float().cpu())
-        return select(scores, prior, hidden_visual, layout, cfg)
+    def watch(log_attention, prior, hidden_visual, layout, cfg):  # what sharp ranks with, before it ranks
+        seen.update(scores=log_attention.exp().mean(dim=(0, 1)).detach().float().cpu(),
+                    prior=prior.mean(0).detach().float().cpu())  # heads and rows averaged
+        return select(log_attention, prior, hidden_visual, layout, cfg)
 
     pruning.select_sharp = watch
     loaded = loading.load(args.model, device="cpu", quant="none", dtype="float32")

@@ -29,9 +29,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from sharp_cli import engine, loading  # noqa: E402
 from sharp_cli.models import adapter_for  # noqa: E402
 from sharp_cli.models.random_init import build_random, tiny_config  # noqa: E402
-from sharp_cli.prior_pass import PRIOR_QUESTION, black_clip, _scores_only  # noqa: E402
-from sharp_cli.prune import PruneConfig, keep_count  # noqa: E402
-from sharp_cli.prune.sharp import debias  # noqa: E402
+from sharp_cli.prior_pass import PRIOR_QUESTION, black_clip  # noqa: E402
+from sharp_cli.prune import PruneConfig, keep_count, rank  # noqa: E402
+from sharp_cli.prune.session import PruneSession, StopPrefill  # noqa: E402
+from sharp_cli.prune.sharp import debias, prior_from  # noqa: E402
 from sharp_cli.video import VideoClip  # noqa: E402
 
 QUESTIONS = ["what colour is the ball?", "how many objects move left?",
@@ -55,9 +56,18 @@ def clip_of(frames: int, height: int, width: int, seed: int) -> VideoClip:
     return VideoClip(content, 4.0, frames, list(range(frames)), "memory", "<memory>")
 
 
+@torch.inference_mode()
 def scores(loaded, clip, question: str, cfg, max_pixels=MAX_PIXELS) -> tuple[torch.Tensor, object]:
+    """(layer K's log attention (H, R, N) from cfg's query rows, the encoded prompt)."""
     encoded, _ = engine.encode(loaded, engine.prepare(loaded, clip, question, max_pixels))
-    return _scores_only(loaded, encoded, cfg), encoded
+    session = PruneSession(loaded.adapter, loaded.model, encoded, cfg, score_only=True)
+    try:
+        with session:
+            loaded.adapter.text_model(loaded.model)(inputs_embeds=encoded.inputs_embeds,
+                                                    position_ids=encoded.position_ids, use_cache=False, **encoded.extra)
+    except StopPrefill:
+        pass
+    return session.log_attention, encoded
 
 
 def load(family: str, seed: int | None):
@@ -98,18 +108,18 @@ def main() -> None:
                 cfg = loaded.adapter.validate_prune(PruneConfig(query=query), loaded.num_layers)
                 for layout_no, clip in enumerate(clips(a, seed or 0)):
                     black = black_clip(clip)
-                    fixed, _ = scores(loaded, black, PRIOR_QUESTION, cfg, pixels)
+                    fixed = prior_from(scores(loaded, black, PRIOR_QUESTION, cfg, pixels)[0])  # (H, N)
                     for question in QUESTIONS:
-                        own, _ = scores(loaded, black, question, cfg, pixels)
+                        own = prior_from(scores(loaded, black, question, cfg, pixels)[0])
                         real, encoded = scores(loaded, clip, question, cfg, pixels)
-                        rhos.append(spearman(fixed, own))
-                        pf, po = fixed / fixed.sum(), own / own.sum()
+                        pf, po = fixed.mean(0), own.mean(0)  # the heads' priors averaged, for one number
+                        rhos.append(spearman(pf, po))
                         spread.append(float(pf.std() / pf.mean()))
                         # how far the question moves the prior, against how far the prior is from flat
                         change.append(float((pf - po).abs().sum() / (pf - 1 / len(pf)).abs().sum()))
                         k = keep_count(0.15, encoded.layout.num_visual)
-                        keep_fixed = set(debias(real, fixed, cfg.debias).topk(k).indices.tolist())
-                        keep_own = set(debias(real, own, cfg.debias).topk(k).indices.tolist())
+                        keep_fixed = set(rank.top(debias(real, fixed, cfg), k, cfg.seed)[0].tolist())
+                        keep_own = set(rank.top(debias(real, own, cfg), k, cfg.seed)[0].tolist())
                         shared.append(len(keep_fixed & keep_own) / k)
             mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
             print(f"| {family} | {query} | {len(rhos)} | {mean(rhos):.3f} | {min(rhos):.3f} | {mean(spread):.4f} | "

@@ -183,11 +183,10 @@ def run_local(args, clips, work, result, quant: str) -> None:
 def sharp_batch(loaded, paths, work: Path, width: int, args) -> dict:
     """`sharp batch` after its model load: batch.run over these clips, one question each."""
     from sharp_cli import batch, measure
-    from sharp_cli.options import prune_config
     from sharp_cli.overrides import Defaults
+    from sharp_cli.prune.config import PruneConfig
 
-    cfg = loaded.adapter.validate_prune(prune_config("sharp", 0.15, None, "last", True, None, "divide", True, 0.9,
-                                                     1, 8.0, 0), loaded.num_layers)
+    cfg = loaded.adapter.validate_prune(PruneConfig(method="sharp", ratio=0.15).validate(), loaded.num_layers)
     video = dict(frames=args.frames, fps=None, max_frames=768, max_pixels=None, backend="auto")
     defaults = Defaults(cfg, video, args.tokens)
     lines = [json.dumps({"id": p.stem, "video": str(p), "question": QUESTION}) for p in paths]

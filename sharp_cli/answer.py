@@ -146,7 +146,7 @@ def _warm_up(loaded, clip, question, cfg, rules, max_new_tokens, max_pixels, sto
 
 def _prefix(loaded, clip, cfg, max_pixels, prompt_ids, encoded, cache):
     """(cached prefix to reuse or None, ids of the prefix to keep for next time or None)."""
-    if cache is None:
+    if cache is None or (cfg.prunes and cfg.layer == 0):  # evs prunes before layer 0: no layers to reuse
         return None, None
     n = engine.prefix_length(loaded, prompt_ids)
     if not 0 < n < encoded.layout.seq_len:

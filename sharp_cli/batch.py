@@ -23,10 +23,10 @@ from typing import Annotated, Optional
 
 import typer
 
-from sharp_cli.options import (DEFAULT_DEBIAS, CacheGb, Compile, CudaGraphs, Debias, Decoder, Dedup, DedupThreshold, DedupWindow, Device, Dtype, Fps,
-                               Frames, KvGb, Layer, MaxBatch, MaxFrames, MaxPixels, Method, Model, NoPriorCache, Quant,
-                               Query, RandomWeights, Ratio, RegisterZ, Seed, SegmentFrames, SegmentMask,
-                               TrustRemoteCode)
+from sharp_cli.options import (DEFAULT_MODEL, CacheGb, Compile, CudaGraphs, Decoder, Device, Dtype, Fps, Frames,
+                               KvGb, MaxBatch, MaxFrames, MaxPixels, Model, NoPriorCache, Quant, RandomWeights,
+                               TrustRemoteCode, prune_options)
+from sharp_cli.prune.config import PruneConfig
 
 InputFile = Annotated[str, typer.Argument(help="JSON lines of {video, question, id?, options?}; '-' reads stdin.")]
 Output = Annotated[Optional[str], typer.Option(
@@ -37,28 +37,25 @@ MaxNewTokens = Annotated[int, typer.Option(help="Answer tokens when an item give
 Quiet = Annotated[bool, typer.Option("-q", "--quiet", help="No progress on stderr.")]
 
 
+@prune_options()
 def batch_command(
     file: InputFile,
-    model: Model = "Qwen/Qwen2.5-VL-7B-Instruct",
+    model: Model = DEFAULT_MODEL,
     device: Device = "auto", quant: Quant = "auto", dtype: Dtype = "auto",
     random_weights: RandomWeights = False, trust_remote_code: TrustRemoteCode = False,
     frames: Frames = 32, fps: Fps = None, max_frames: MaxFrames = 768, max_pixels: MaxPixels = None,
     decoder: Decoder = "auto",
-    method: Method = "sharp", ratio: Ratio = 0.15, layer: Layer = None, query: Query = "last",
-    segment_mask: SegmentMask = True, segment_frames: SegmentFrames = None, debias: Debias = DEFAULT_DEBIAS,
-    dedup: Dedup = True, dedup_threshold: DedupThreshold = 0.9, dedup_window: DedupWindow = 1,
-    register_z: RegisterZ = 8.0, seed: Seed = 0,
+    prune: PruneConfig = PruneConfig(),
     max_new_tokens: MaxNewTokens = 128, output: Output = None, video_dir: VideoDir = None,
     no_prior_cache: NoPriorCache = False, cuda_graphs: CudaGraphs = True, compile_model: Compile = False, cache_gb: CacheGb = 4.0,
     max_batch: MaxBatch = None, kv_gb: KvGb = None, quiet: Quiet = False,
 ):
     """Answer a JSON-lines file of questions, one JSON line per answer (resumable with --output)."""
     from sharp_cli.errors import UsageError
-    from sharp_cli.options import check_kv_gb, max_batch_for, prune_config, quiet_transformers
+    from sharp_cli.options import check_kv_gb, max_batch_for, quiet_transformers
     from sharp_cli.overrides import MAX_TOKENS_LIMIT, Defaults
 
-    cfg = prune_config(method, ratio, layer, query, segment_mask, segment_frames, debias, dedup,
-                       dedup_threshold, dedup_window, register_z, seed)
+    cfg = prune.validate()
     if not 1 <= max_new_tokens <= MAX_TOKENS_LIMIT:
         raise UsageError(f"--max-new-tokens must be in [1, {MAX_TOKENS_LIMIT}], got {max_new_tokens}")
     if frames < 1 or (fps is not None and not fps > 0) or max_frames < 1 or (max_pixels is not None and max_pixels < 1):
@@ -69,6 +66,10 @@ def batch_command(
         raise UsageError(f"--output is a folder: {output}")
     if output is not None and file != "-" and os.path.exists(output) and os.path.samefile(output, file):
         raise UsageError("--output is the input file; the answers would be appended to the questions")
+    if output is not None:  # only a results file of ours is appended to, before the model loads
+        from sharp_cli import jsonl
+
+        jsonl.check_ours(Path(output), jsonl.is_batch_record)
     if not cache_gb >= 0:
         raise UsageError(f"--cache-gb must be >= 0, got {cache_gb}")
     if video_dir is not None and not os.path.isdir(video_dir):
@@ -78,6 +79,9 @@ def batch_command(
         max_batch_for(max_batch, device)
     base = Path(video_dir or (os.path.dirname(os.path.abspath(file)) if file != "-" else os.getcwd()))
 
+    from sharp_cli import model_files
+
+    model_files.check_layer(model, cfg, random_weights)  # --layer against the model's depth, before torch loads
     quiet_transformers()
     from sharp_cli import loading
 
@@ -90,12 +94,13 @@ def batch_command(
     loaded.use_compile(compile_model)
     video = dict(frames=frames, fps=fps, max_frames=max_frames, max_pixels=max_pixels, backend=decoder)
     defaults = Defaults(loaded.adapter.validate_prune(cfg, loaded.num_layers), video, max_new_tokens)
-    source = sys.stdin if file == "-" else open(file, encoding="utf-8")
+    # Bytes, decoded line by line: one line of invalid UTF-8 is that item's error, not the run's end.
+    source = getattr(sys.stdin, "buffer", sys.stdin) if file == "-" else open(file, "rb")
     try:
         failed = run(loaded, source, defaults, base, output, progress, prior_cache=not no_prior_cache,
                      cache_gb=cache_gb, max_batch=max_batch_for(max_batch, loaded.device.type), kv_gb=kv_gb)
     finally:
-        if source is not sys.stdin:
+        if file != "-":
             source.close()
     raise typer.Exit(1 if failed else 0)
 
@@ -124,8 +129,8 @@ class Progress:
 
 def run(loaded, source, defaults, base: Path, output: str | None, progress: Progress, prior_cache: bool = True,
         cache_gb: float = 4.0, max_batch: int = 1, kv_gb: float | None = None) -> int:
-    """Answer every item of `source` (lines of text); returns how many failed. max_batch > 1:
-    answered together (batch_together.py), the lines still written in input order."""
+    """Answer every item of `source` (lines, as bytes or text); returns how many failed. max_batch
+    > 1: answered together (batch_together.py), the lines still written in input order."""
     from sharp_cli import jsonl
     from sharp_cli.prune.prior import PriorStore
     from sharp_cli.video_cache import VideoCache
@@ -134,7 +139,7 @@ def run(loaded, source, defaults, base: Path, output: str | None, progress: Prog
 
     done = answered_ids(Path(output)) if output else set()
     store = PriorStore(use_disk=prior_cache)
-    sink = jsonl.open_for_append(Path(output)) if output else sys.stdout
+    sink = jsonl.open_for_append(Path(output), jsonl.is_batch_record) if output else sys.stdout
     try:
         if max_batch > 1:
             from sharp_cli import batch_together
@@ -175,25 +180,34 @@ def entries(source, done: set, progress: Progress):
 
 def outcome(progress: Progress, item_id, record: dict | None, error: str | None, seconds: float) -> dict:
     """The output line of one item (its answer record or its error), counted and said on stderr."""
+    from sharp_cli.report import count
+
     if error is not None:
         progress.failed += 1
         progress.item(item_id, f"error: {error}")
         return {"id": item_id, "error": error}
     progress.answered += 1
-    progress.item(item_id, f"ok ({record['new_tokens']} tokens, {seconds:.1f} s)")
+    progress.item(item_id, f"ok ({count(record['new_tokens'], 'token')}, {seconds:.1f} s)")
     return {"id": item_id, **record}
 
 
 def parse_item(raw: str, number: int):
-    """(id, BatchItem or None, error or None) of one input line."""
+    """(id, BatchItem or None, error or None) of one input line (bytes or text)."""
     import json
 
     from pydantic import ValidationError
 
     from sharp_cli.overrides import BatchItem, validation_message
 
+    if isinstance(raw, bytes):
+        try:
+            raw = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            return number, None, f"line {number} is not UTF-8 text (byte 0x{raw[exc.start]:02x} at {exc.start + 1})"
     try:
         data = json.loads(raw)
+    except RecursionError:
+        return number, None, f"line {number} is not JSON this program reads (nested too deeply)"
     except ValueError as exc:
         return number, None, f"line {number} is not JSON ({exc.msg})"
     if not isinstance(data, dict):
@@ -224,13 +238,20 @@ def answer_item(loaded, item, defaults, base: Path, store, progress: Progress, c
 
 
 def prepare_item(loaded, item, defaults, base: Path, progress: Progress, cache=None):
-    """(plan, clip, seconds decoding took) of an item: its options over the defaults, its frames."""
+    """(plan, clip, seconds decoding took) of an item: its options over the defaults, its frames
+    (a clip over the model's context refused before it is decoded, and decoded no larger than the
+    model keeps)."""
+    from sharp_cli.clip_budget import ClipBudget
     from sharp_cli.overrides import resolve
-    from sharp_cli.video import load_video
+    from sharp_cli.video import load_video, probe
 
     plan = resolve(item, defaults, loaded)
     path, started = base / os.path.expanduser(item.video), time.perf_counter()
-    clip = cache.load_video(path, **plan.video) if cache is not None else load_video(path, **plan.video)
+    fit, limits = ClipBudget.of(loaded), dict(question=item.question, max_new_tokens=plan.max_new_tokens)
+    info = probe(path)
+    video = fit.plan(info, plan.video, **limits)
+    clip = cache.load_video(path, **video) if cache is not None else load_video(path, **video)
+    fit.check_clip(clip, plan.video.get("max_pixels"), info, **limits)
     video_s = time.perf_counter() - started
     for note in clip.notes:
         progress.say(f"note: {item.video}: {note}")

@@ -225,11 +225,11 @@ DROP_ORDER = (0, 1, 4, 2, 3, 7, 6, 9, 5, 1, 0, 1, 8, 8, 6)
 
 
 def table(result: dict, width: int | None = None):
-    from sharp_cli.report import fit_table, fmt_bytes
+    from sharp_cli.report import count, fit_table, fmt_bytes
 
     title = (f"sharp bench: {result['model']}{' (random weights)' if result['random_weights'] else ''} on "
              f"{result['gpu'] or result['device']}, {result['quant']}/{result['dtype']}, "
-             f"{result['frames']} frames, K={result['layer']}, {result['decode_tokens']} new tokens, "
+             f"{result['frames']} frames, K={result['layer']}, {count(result['decode_tokens'], 'new token')}, "
              f"median of {result['iters']}{', CUDA graphs' if result['cuda_graphs'] else ''}")
 
     def fmt(x, spec, suffix=""):

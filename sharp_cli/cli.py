@@ -17,12 +17,10 @@ from typer.core import TyperGroup
 
 from sharp_cli.errors import SharpError, UsageError, one_line
 from sharp_cli.errors import describe as _describe  # shared with serve and batch
-from sharp_cli.options import (DEFAULT_DEBIAS, Compile, Debias, Decoder, Dedup, DedupThreshold, DedupWindow, Device, Dtype, Fps, Frames,
-                               JsonOut, Layer, MaxFrames, MaxPixels, MaxVisualTokens, Method, Model, Quant, Query,
-                               RandomWeights, Ratio, RegisterZ, Seed, SegmentFrames, SegmentMask, Temperature, TopK,
-                               TopP, TrustRemoteCode, prune_config, quiet_transformers, sampling, split_list,
-                               stderr_console, write_atomic)
-
+from sharp_cli.options import (DEFAULT_MODEL, Compile, Decoder, Device, Dtype, Fps, Frames, JsonOut, MaxFrames, MaxPixels,
+                               MaxVisualTokens, Model, Quant, RandomWeights, Temperature, TopK, TopP, TrustRemoteCode,
+                               prune_options, quiet_transformers, sampling, split_list, stderr_console, write_atomic)
+from sharp_cli.prune.config import PruneConfig
 
 class SharpGroup(TyperGroup):
     """Turns every failure into one line and an exit code, for users and the CLI test runner alike."""
@@ -93,19 +91,17 @@ Server = Annotated[Optional[str], typer.Option(
          "here: the options you give go with the question, the server's own settings cover the rest.")]
 
 
-@app.command()
+@app.command(short_help="Answer a question about a video.")
+@prune_options()
 def ask(
     ctx: typer.Context,
     video: Annotated[str, typer.Argument(help="Video file (mp4, mkv, webm, ...).")],
     question: Annotated[str, typer.Argument(help="The question about the video.")],
-    model: Model = "Qwen/Qwen2.5-VL-7B-Instruct",
+    model: Model = DEFAULT_MODEL,
     device: Device = "auto", quant: Quant = "auto", dtype: Dtype = "auto",
     frames: Frames = 32, fps: Fps = None, max_frames: MaxFrames = 768, max_pixels: MaxPixels = None,
     max_visual_tokens: MaxVisualTokens = None, decoder: Decoder = "auto",
-    method: Method = "sharp", ratio: Ratio = 0.15, layer: Layer = None, query: Query = "last",
-    segment_mask: SegmentMask = True, segment_frames: SegmentFrames = None, debias: Debias = DEFAULT_DEBIAS,
-    dedup: Dedup = True, dedup_threshold: DedupThreshold = 0.9, dedup_window: DedupWindow = 1,
-    register_z: RegisterZ = 8.0, seed: Seed = 0,
+    prune: PruneConfig = PruneConfig(),
     max_new_tokens: Annotated[int, typer.Option(help="Upper bound on answer tokens (stops at EOS).")] = 128,
     temperature: Temperature = 0.0, top_p: TopP = 1.0, top_k: TopK = 0,
     json_out: JsonOut = False,
@@ -122,11 +118,10 @@ def ask(
         from sharp_cli.serve import client
 
         return client.run(ctx, server, video, question, json_out, quiet, dict(
-            method=method, ratio=ratio, layer=layer, frames=frames, fps=fps, max_pixels=max_pixels,
-            max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed))
-    cfg = prune_config(method, ratio, layer, query, segment_mask, segment_frames, debias, dedup,
-                       dedup_threshold, dedup_window, register_z, seed)
-    pick = sampling(temperature, top_p, top_k, seed)
+            method=prune.method, ratio=prune.ratio, layer=prune.layer, frames=frames, fps=fps, max_pixels=max_pixels,
+            max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=prune.seed))
+    cfg = prune.validate()
+    pick = sampling(temperature, top_p, top_k, cfg.seed)
     if max_new_tokens < 1:
         raise UsageError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
     if warmup < 0:
@@ -143,32 +138,30 @@ def ask(
         from sharp_cli import hub
 
         hub.check_reachable(model)
+    from sharp_cli import model_files
+
+    model_files.check_layer(model, cfg, random_weights)  # --layer against the model's depth, before torch loads
     console = stderr_console(quiet)
     quiet_transformers()
     from sharp_cli import answer as answer_mod
     from sharp_cli import loading, report
-    from sharp_cli.models import adapter_for, budget
+    from sharp_cli.clip_budget import ClipBudget
+    from sharp_cli.models import adapter_for
     from sharp_cli.prune.prior import PriorStore
 
     config = loading.model_config(model, random_weights=random_weights, trust_remote_code=trust_remote_code)
     cfg = loading.check_prune_config(model, cfg, config=config)
-    adapter = adapter_for(config)
-    limits = dict(max_pixels=max_pixels, question=question, max_new_tokens=max_new_tokens,
-                  max_visual_tokens=max_visual_tokens)
-    decode_pixels = max_pixels
-    if info is not None and info.sampled_frames(frames, fps, max_frames):  # refused before decoding
-        sampled = info.sampled_frames(frames, fps, max_frames)
-        decode_pixels = adapter.decode_pixels(config, sampled, max_pixels)
-        width, height = info.decoded_size(decode_pixels)
-        budget.check(adapter, config, sampled, height, width, **limits)
+    fit = ClipBudget(adapter_for(config), config, loading.saved_video_bound(model, random_weights=random_weights))
+    limits = dict(question=question, max_new_tokens=max_new_tokens, max_visual_tokens=max_visual_tokens)
+    video_args = dict(frames=frames, fps=fps, max_frames=max_frames, max_pixels=max_pixels, backend=decoder)
+    video_args = fit.plan(info, video_args, **limits)  # refused before decoding; decoded no larger than kept
     started = time.perf_counter()
     with console.status("decoding video"):
-        clip = video_mod.load_video(video, frames=frames, fps=fps, max_frames=max_frames,
-                                    max_pixels=decode_pixels, backend=decoder)
+        clip = video_mod.load_video(video, **video_args)
     video_s = time.perf_counter() - started
     for note in clip.notes:
         console.print(f"note: {note}")
-    budget.check(adapter, config, *clip.frames.shape[:3], **limits)  # exact: the frames as decoded
+    fit.check_clip(clip, max_pixels, info, **limits)  # exact: the frames as decoded
 
     loaded, load_s = _load(console, model, device, quant, dtype, random_weights, trust_remote_code, cuda_graphs,
                            compile_model)
@@ -196,25 +189,23 @@ def ask(
         console.print(report.ask_table(record, width=console.width))
 
 
-@app.command()
+@app.command(short_help="Time every method against stock transformers, side by side.")
+@prune_options(skip=("method", "ratio"))
 def bench(
     video: Annotated[Optional[str], typer.Option(help="A real video; default: a synthetic one of the layout below.")] = None,
     frames: Frames = 32,
     height: Annotated[int, typer.Option(help="Synthetic video frame height in pixels.")] = 392,
     width: Annotated[int, typer.Option(help="Synthetic video frame width in pixels.")] = 784,
     question: Annotated[str, typer.Option(help="The question asked in every run.")] = "What happens in this video?",
-    model: Model = "Qwen/Qwen2.5-VL-7B-Instruct",
+    model: Model = DEFAULT_MODEL,
     device: Device = "auto", quant: Quant = "auto", dtype: Dtype = "auto",
     random_weights: RandomWeights = False, trust_remote_code: TrustRemoteCode = False,
-    methods: Annotated[str, typer.Option(help="Comma list of methods to compare: sharp, fastv, random, none, and the stock "
-                                         "path: transformers (generate(), dynamic cache), transformers-static (static "
-                                         "cache, compiled on CUDA: the first call compiles for a minute or more).")
+    methods: Annotated[str, typer.Option(help="Comma list of methods to compare: sharp, fastv, evs, random, none, and the "
+                                         "stock path: transformers (generate(), dynamic cache), transformers-static "
+                                         "(static cache, compiled on CUDA: the first call compiles for a minute or more).")
                        ] = "transformers,none,fastv,random,sharp",
     ratio: Annotated[Optional[list[str]], typer.Option(help="Ratio(s) kept; repeat or give a comma list.")] = None,
-    layer: Layer = None, query: Query = "last",
-    segment_mask: SegmentMask = True, segment_frames: SegmentFrames = None, debias: Debias = DEFAULT_DEBIAS,
-    dedup: Dedup = True, dedup_threshold: DedupThreshold = 0.9, dedup_window: DedupWindow = 1,
-    register_z: RegisterZ = 8.0, seed: Seed = 0,
+    prune: PruneConfig = PruneConfig(),
     max_pixels: MaxPixels = None, max_visual_tokens: MaxVisualTokens = None, decoder: Decoder = "auto",
     warmup: Annotated[int, typer.Option(help="Untimed runs per row before timing.")] = 1,
     iters: Annotated[int, typer.Option(help="Timed runs per row (the median is reported).")] = 5,
@@ -222,10 +213,6 @@ def bench(
                                                "many); end to end = vision + prefill + these (0: prefill only).")] = 64,
     cuda_graphs: Annotated[bool, typer.Option(help="Replay the pruned layers from CUDA graphs (CUDA only).")] = True,
     compile_model: Compile = False,
-    segment_attention: Annotated[str, typer.Option(
-        help="sharp: segment mask as blocks (one SDPA call per segment) or merged (3 flash calls a layer, "
-             "merged by log-sum-exp; slower on an H200); same result."
-    )] = "blocks",
     json_out: JsonOut = False,
     output_json: Annotated[Optional[str], typer.Option(help="Also write the JSON result to this file.")] = None,
     plot: Annotated[Optional[str], typer.Option(help="Write a PNG of speed-up and memory vs ratio (needs matplotlib).")] = None,
@@ -241,11 +228,11 @@ def bench(
         if m not in (*METHODS, *PEERS):
             raise UsageError(f"--methods: unknown method '{m}'; choose from {', '.join((*METHODS, *PEERS))}")
     ratios = split_list(ratio or ["0.15"], float, "--ratio")
-    base = prune_config("sharp", ratios[0] if ratios else 0.15, layer, query, segment_mask, segment_frames, debias,
-                        dedup, dedup_threshold, dedup_window, register_z, seed, segment_attention)
+    from dataclasses import replace
+
+    base = replace(prune, ratio=ratios[0] if ratios else 0.15).validate()
     for r in ratios:
-        prune_config("sharp", r, layer, query, segment_mask, segment_frames, debias, dedup, dedup_threshold,
-                     dedup_window, register_z, seed)
+        replace(prune, ratio=r).validate()
     if iters < 1 or warmup < 0 or decode_tokens < 0:
         raise UsageError("--iters must be >= 1, --warmup and --decode-tokens >= 0")
     if frames < 1 or height < 28 or width < 28:
@@ -253,26 +240,35 @@ def bench(
     for path in (output_json, plot):
         if path and os.path.isdir(path):
             raise UsageError(f"'{path}' is a directory")
+    if any(m in METHODS and m != "none" for m in method_list):  # --layer against its depth, before torch loads
+        from sharp_cli import model_files
+
+        model_files.check_layer(model, base, random_weights)
     console = stderr_console(quiet)
     from sharp_cli import bench as bench_mod
     from sharp_cli import video as video_mod
 
-    started = time.perf_counter()
-    if video:
-        clip = video_mod.load_video(video, frames=frames, max_pixels=max_pixels, backend=decoder)
-    else:
-        clip = bench_mod.synthetic_clip(frames, height, width)
-    video_s = time.perf_counter() - started if video else None
     quiet_transformers()
     from sharp_cli import loading, report
-
-    from sharp_cli.models import adapter_for, budget
+    from sharp_cli.clip_budget import ClipBudget
+    from sharp_cli.models import adapter_for
 
     config = loading.model_config(model, random_weights=random_weights, trust_remote_code=trust_remote_code)
     if any(m in METHODS and m != "none" for m in method_list):  # --layer against the model, before loading weights
+        if "evs" in method_list:  # refused on some families (Qwen3-VL): now, not after the other rows
+            loading.check_prune_config(model, replace(base, method="evs"), config=config)
         base = loading.check_prune_config(model, base, config=config)
-    budget.check(adapter_for(config), config, *clip.frames.shape[:3], max_pixels=max_pixels, question=question,
-                 max_new_tokens=decode_tokens, max_visual_tokens=max_visual_tokens)
+    fit = ClipBudget(adapter_for(config), config, loading.saved_video_bound(model, random_weights=random_weights))
+    limits = dict(question=question, max_new_tokens=decode_tokens, max_visual_tokens=max_visual_tokens)
+    started = time.perf_counter()
+    info = video_mod.probe(video) if video else None
+    if video:
+        video_args = fit.plan(info, dict(frames=frames, max_pixels=max_pixels, backend=decoder), **limits)
+        clip = video_mod.load_video(video, **video_args)
+    else:
+        clip = bench_mod.synthetic_clip(frames, height, width)
+    video_s = time.perf_counter() - started if video else None
+    fit.check_clip(clip, max_pixels, info, **limits)
     loaded, load_s = _load(console, model, device, quant, dtype, random_weights, trust_remote_code, cuda_graphs,
                            compile_model)
     from rich.progress import Progress
@@ -306,7 +302,7 @@ def _load(console, model, device, quant, dtype, random_weights, trust_remote_cod
     return loaded.use_cuda_graphs(cuda_graphs), time.perf_counter() - started
 
 
-@app.command()
+@app.command(short_help="Versions of the libraries, video decoders, CUDA and the GPU.")
 def env():
     """Versions of Python, torch, transformers, bitsandbytes, the video decoders, CUDA and the GPU."""
     import importlib.metadata as md
@@ -349,13 +345,13 @@ def env():
 
 from sharp_cli.evaluate.commands import eval_command, synth_command  # noqa: E402
 from sharp_cli.evaluate.diagnose_command import diagnose_command  # noqa: E402
-app.command("eval")(eval_command)
-app.command("synth")(synth_command)
-app.command("diagnose")(diagnose_command)
+app.command("eval", short_help="Multiple-choice accuracy per method and ratio.")(eval_command)
+app.command("synth", short_help="Write a synthetic needle-in-the-video QA set.")(synth_command)
+app.command("diagnose", short_help="May this model judge a pruning method? Its shallow attention, checked.")(diagnose_command)
 from sharp_cli.batch import batch_command  # noqa: E402
 from sharp_cli.serve.command import serve_command  # noqa: E402
-app.command("batch")(batch_command)
-app.command("serve")(serve_command)
+app.command("batch", short_help="Answer a JSON-lines file of questions, one line each.")(batch_command)
+app.command("serve", short_help="Serve a model over an OpenAI-compatible HTTP API.")(serve_command)
 
 
 def main():

@@ -42,11 +42,25 @@ def import_decord():
     return decord
 
 
+# fd 2 belongs to the whole process: one watch at a time. Two threads that each swapped it for a
+# pipe of their own (serve decodes two videos at once) restored each other's pipe, not stderr: the
+# server's log was lost from then on, and its exit status after SIGINT with it.
+_one_at_a_time = threading.Lock()
+
+
 @contextmanager
 def watch_stderr(marker: bytes):
     """Route file descriptor 2 through a pipe while the block runs: everything is passed on to the
     real stderr as it comes, except whole lines holding `marker`, which are kept out and counted
-    in the yielded list. Native code writes to fd 2 directly, so sys.stderr cannot see it."""
+    in the yielded list. Native code writes to fd 2 directly, so sys.stderr cannot see it. Blocks
+    in other threads wait for this one: a marker line is then always the block's own decoder's."""
+    with _one_at_a_time:
+        with _watch(marker) as seen:
+            yield seen
+
+
+@contextmanager
+def _watch(marker: bytes):
     seen: list[bytes] = []
     try:
         sys.stderr.flush()

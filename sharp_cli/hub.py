@@ -18,9 +18,9 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from sharp_cli.errors import ModelError
+from sharp_cli.model_files import SHIPPED
 
 PROBE_SECONDS = 3.0
-SHIPPED_MODELS = ("sharp-tiny", "sharp-small")  # test models in the package: never asked of the hub (loading.SHIPPED)
 _probed: dict[str, str | None] = {}
 
 
@@ -104,15 +104,19 @@ def unreachable(timeout: float = PROBE_SECONDS) -> str | None:
     return reason
 
 
+# Offline, the one model always at hand: said wherever a hub model cannot be had.
+TRY_OFFLINE = "-m sharp-tiny runs offline (the small model shipped with sharp)"
+
+
 def not_cached(name: str) -> str:
     return (f"cannot load model id '{name}': it is not in the local Hugging Face cache ({cache_dir()}) and "
-            "HF_HUB_OFFLINE is set; unset it to download the model, or pass a local folder with -m")
+            f"HF_HUB_OFFLINE is set; unset it to download the model, or pass a local folder with -m; {TRY_OFFLINE}")
 
 
 def check_reachable(name: str) -> None:
     """Before transformers asks the hub for `name`: return if it can (or need not), go offline
     if the hub is unreachable but the model is cached, else raise one ModelError line."""
-    if name in SHIPPED_MODELS or not is_hub_id(name):
+    if name in SHIPPED or not is_hub_id(name):  # the test models in the package are never asked of the hub
         return
     if offline():
         go_offline()  # HF_HUB_OFFLINE set after huggingface_hub was imported counts too
@@ -125,4 +129,4 @@ def check_reachable(name: str) -> None:
         return
     raise ModelError(f"cannot reach the Hugging Face Hub ({reason}) and '{name}' is not in the local cache "
                      f"({cache_dir()}): pass a local folder with -m, or set HF_HUB_OFFLINE=1 to work from the "
-                     "cache only")
+                     f"cache only; {TRY_OFFLINE}")

@@ -10,17 +10,13 @@ from pathlib import Path
 
 import torch
 
-from sharp_cli import hub, measure
+from sharp_cli import DEFAULT_MODEL, hub, measure  # DEFAULT_MODEL lives in the package root: --help needs it
 from sharp_cli.errors import DeviceError, ModelError, UsageError
+from sharp_cli.model_files import SHARP_SMALL, SHARP_TINY, SHIPPED  # noqa: F401  (the test models in the package)
 from sharp_cli.models import adapter_for
 from sharp_cli.prune import attention
 from sharp_cli.prune.config import PruneConfig
 
-DEFAULT_MODEL = "Qwen/Qwen2.5-VL-7B-Instruct"
-SHARP_TINY = Path(__file__).resolve().parent / "models" / "sharp_tiny"  # scripts/train_sharp_tiny.py
-SHARP_SMALL = Path(__file__).resolve().parent / "models" / "sharp_small"  # scripts/train_sharp_small.py
-SHIPPED = {"sharp-tiny": (SHARP_TINY, "scripts/train_sharp_tiny.py"),  # keys: hub.SHIPPED_MODELS
-           "sharp-small": (SHARP_SMALL, "python -m scripts.train_sharp_small")}
 
 
 @dataclass
@@ -144,6 +140,17 @@ def read_config(name: str, trust_remote_code: bool):
         raise ModelError(f"cannot load {where} '{name}': {exc}") from None
 
 
+def saved_video_bound(name: str, *, random_weights: bool = False) -> int | None:
+    """The upper bound (pixels a frame) the model's video processor was saved with, read from its
+    files before loading (models/budget.py): sharp-tiny's keeps its frames at the size it was
+    trained at. None with random weights (the processor is built with the family's defaults)."""
+    from sharp_cli.models import budget
+
+    if random_weights:
+        return None
+    return budget.saved_bound_in(hub.local_folder(model_path(name)))
+
+
 def model_config(name: str, *, random_weights: bool = False, trust_remote_code: bool = False):
     """The model's config alone (a shipped one with random weights): cheap, before any weights."""
     if random_weights:
@@ -259,8 +266,9 @@ def ready(loaded: Loaded) -> Loaded:
     """Route the text model's attention through sharp_sdpa (stock SDPA unless a segment plan is on),
     and a packed vision tower's through one SDPA call per window length instead of one per window;
     its MLPs padded to aligned widths (models/vision_mlp.py); on CUDA the text model's one-token
-    products through sharp's matrix-vector kernel (models/gemv.py)."""
-    from sharp_cli.models import gemv, vision_attention, vision_mlp
+    products through sharp's matrix-vector kernels (models/gemv.py; bitsandbytes' 4-bit layers
+    through models/gemv_nf4.py when SHARP_GEMV_NF4=1)."""
+    from sharp_cli.models import gemv, gemv_nf4, vision_attention, vision_mlp
 
     name = attention.register()
     text = loaded.adapter.text_model(loaded.model)
@@ -272,6 +280,8 @@ def ready(loaded: Loaded) -> Loaded:
         vision_mlp.pad_gated_mlps(visual)
     if gemv.available(loaded.device):
         gemv.use_gemv([text, loaded.adapter.lm_head(loaded.model)])
+    if gemv_nf4.available(loaded.device):
+        gemv_nf4.use_gemv_4bit([text])
     from sharp_cli.kv import KVPool
 
     if loaded.device.type == "cuda":

@@ -1,7 +1,8 @@
 """Option types and helpers shared by every command (ask, bench, eval, batch, serve).
 
 Plain Typer annotations, so each command module declares its parameters with them and none of
-the command modules imports another. Nothing heavy is imported here: `sharp --help` stays instant.
+the command modules imports another; the pruning options come from PruneConfig's fields through
+@prune_options. Nothing heavy is imported here: `sharp --help` stays instant.
 """
 
 from __future__ import annotations
@@ -12,13 +13,13 @@ from typing import Annotated, Optional
 import typer
 
 from sharp_cli.errors import UsageError
-from sharp_cli.prune.config import DEFAULT_DEBIAS  # noqa: F401  (the commands' default; light: no torch)
+from sharp_cli import DEFAULT_MODEL  # noqa: F401  (the commands' default; light: no torch)
 
 Model = Annotated[str, typer.Option("-m", "--model", envvar="SHARP_MODEL",
                                     help="Hub id or local folder of a supported video LLM.")]
-Device = Annotated[str, typer.Option(help="auto, cuda or cpu.")]
-Quant = Annotated[str, typer.Option(help="auto (nf4 on CUDA, none on CPU and for sharp-tiny), nf4, int8 or none.")]
-Dtype = Annotated[str, typer.Option(help="auto (bfloat16 on GPUs that have it, else float16; float32 on CPU), "
+Device = Annotated[str, typer.Option(metavar="[auto|cuda|cpu]", help="auto, cuda or cpu.")]
+Quant = Annotated[str, typer.Option(metavar="[auto|nf4|int8|none]", help="auto (nf4 on CUDA, none on CPU and for sharp-tiny), nf4, int8 or none.")]
+Dtype = Annotated[str, typer.Option(metavar="[auto|bfloat16|float16|float32]", help="auto (bfloat16 on GPUs that have it, else float16; float32 on CPU), "
                                          "bfloat16, float16, float32.")]
 RandomWeights = Annotated[bool, typer.Option("--random-weights", help="Build the model's architecture from its "
                                              "shipped config with random weights (speed measurements, no download).")]
@@ -32,22 +33,7 @@ MaxPixels = Annotated[Optional[int], typer.Option(
 MaxVisualTokens = Annotated[Optional[int], typer.Option(
     help="Refuse a clip that would become more visual tokens than this (checked before decoding and "
          "before the vision encoder).", show_default=False)]
-Decoder = Annotated[str, typer.Option(help="Video decoder: auto (decord, then PyAV), decord or pyav.")]
-Method = Annotated[str, typer.Option(help="sharp, fastv, random or none.")]
-Ratio = Annotated[float, typer.Option(help="Fraction of visual tokens kept from layer K on, in (0, 1].")]
-Layer = Annotated[Optional[int], typer.Option(
-    help="K: the decoder layer where pruning happens (layers 0..K-1 see all tokens). "
-         "Default: 2, or the model family's smallest (3 on Qwen3-VL).", show_default=False)]
-Query = Annotated[str, typer.Option(help="Text rows that score the video: last (token) or text (all after the video).")]
-SegmentMask = Annotated[bool, typer.Option(help="sharp: segment-aware causal mask in layers 0..K-1.")]
-SegmentFrames = Annotated[Optional[int], typer.Option(help="sharp: video frames per segment (default: one model frame step).")]
-Debias = Annotated[str, typer.Option(help="sharp: positional debiasing: divide out the black-video prior, "
-                                           "subtract it, or none.")]
-Dedup = Annotated[bool, typer.Option(help="sharp: skip near-duplicate and register tokens, refilling the budget.")]
-DedupThreshold = Annotated[float, typer.Option(help="sharp: cosine similarity above which a token is a duplicate.")]
-DedupWindow = Annotated[int, typer.Option(help="sharp: token frames before/after searched for duplicates.")]
-RegisterZ = Annotated[float, typer.Option(help="sharp: norm z-score above which a token is a register outlier (0: off).")]
-Seed = Annotated[int, typer.Option(help="Seed of the random baseline, and of sampling when --temperature > 0.")]
+Decoder = Annotated[str, typer.Option(metavar="[auto|decord|pyav]", help="Video decoder: auto (PyAV, then decord if PyAV fails), decord or pyav.")]
 Temperature = Annotated[float, typer.Option(help="Sample with this temperature (0: greedy, the default, as "
                                             "generate(do_sample=False)).")]
 TopP = Annotated[float, typer.Option(help="Sampling: keep the smallest set of tokens whose probability reaches this.")]
@@ -87,14 +73,47 @@ def check_kv_gb(kv_gb: float | None) -> None:
         raise UsageError(f"--kv-gb must be > 0, got {kv_gb}")
 
 
-def prune_config(method, ratio, layer, query, segment_mask, segment_frames, debias, dedup, dedup_threshold,
-                 dedup_window, register_z, seed, segment_attention="blocks"):
+def prune_options(*, skip: tuple[str, ...] = ()):
+    """Decorator for a command with a `prune` parameter: in its place, one option per PruneConfig
+    field (name, type, default and help from the field; booleans as --x/--no-x), and the command
+    is called with prune=PruneConfig(...) of their values, not validated yet (a command validates
+    it as it needs: per ratio, against a model). `skip`: fields the command takes its own way
+    (eval and bench take lists of methods and ratios); those keep PruneConfig's defaults."""
+    import functools
+    import inspect
+    from dataclasses import fields
+    from typing import get_type_hints
+
     from sharp_cli.prune.config import PruneConfig
 
-    return PruneConfig(method=method, ratio=ratio, layer=layer, query=query, segment_mask=segment_mask,
-                       segment_frames=segment_frames, debias=debias, dedup=dedup, dedup_threshold=dedup_threshold,
-                       dedup_window=dedup_window, register_z=register_z, seed=seed,
-                       segment_attention=segment_attention).validate()
+    types = get_type_hints(PruneConfig)
+    keyword = inspect.Parameter.KEYWORD_ONLY
+    added = [inspect.Parameter(f.name, keyword, default=f.default, annotation=Annotated[
+        types[f.name], typer.Option(help=f.metadata["help"], show_default=f.default is not None)])
+        for f in fields(PruneConfig) if f.name not in skip]
+    names = [p.name for p in added]
+
+    def wrap(command):
+        own = inspect.signature(command, eval_str=True)
+        if "prune" not in own.parameters:
+            raise TypeError(f"{command.__name__} has no `prune` parameter")
+        params = []
+        for p in own.parameters.values():  # the options take the place of `prune`, so --help keeps an order
+            if p.name == "prune":
+                params.extend(added)
+            else:
+                params.append(p.replace(kind=keyword))
+
+        @functools.wraps(command)
+        def run(**kwargs):
+            values = {name: kwargs.pop(name) for name in names}
+            return command(**kwargs, prune=PruneConfig(**values))
+
+        run.__signature__ = own.replace(parameters=params)
+        run.__annotations__ = {p.name: p.annotation for p in params}
+        return run
+
+    return wrap
 
 
 def sampling(temperature: float, top_p: float, top_k: int, seed: int):

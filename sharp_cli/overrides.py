@@ -17,6 +17,10 @@ from sharp_cli.errors import UsageError, one_line
 from sharp_cli.sampling import Sampling
 
 MAX_TOKENS_LIMIT = 8192  # a random-weights model may never say EOS; this bounds what one request can cost
+# The largest max_pixels a request or item may ask for: a 4096x4096 frame (16,384 tokens of Qwen3-VL's
+# 32 pixels, more than any checkpoint's processor keeps of a frame). Beyond the model's context the
+# clip is refused anyway (clip_budget.py), but only after its header is read.
+MAX_PIXELS_LIMIT = 4096 * 4096
 
 
 class OptionFields(BaseModel):
@@ -84,6 +88,9 @@ def resolve(options: OptionFields, defaults: Defaults, loaded=None) -> Plan:
         raise UsageError(f"frames must be >= 1, got {video['frames']}")
     if video.get("fps") is not None and not video["fps"] > 0:
         raise UsageError(f"fps must be > 0, got {video['fps']}")
+    if options.max_pixels is not None and not 1 <= options.max_pixels <= MAX_PIXELS_LIMIT:
+        raise UsageError(f"max_pixels must be in [1, {MAX_PIXELS_LIMIT:,}] (a 4096x4096 frame), "
+                         f"got {options.max_pixels:,}")
     if video.get("max_pixels") is not None and video["max_pixels"] < 1:
         raise UsageError(f"max_pixels must be >= 1, got {video['max_pixels']}")
 

@@ -1,5 +1,6 @@
-"""The positional prior pass: layer-K scores of an all-black clip with the same layout and prompt
-shape, computed once per layout and kept in a PriorStore (prune/prior.py) for later questions.
+"""The positional prior pass: layer-K attention of an all-black clip with the same layout and prompt
+shape, per head (H, N), computed once per layout and kept in a PriorStore (prune/prior.py) for
+later questions.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from sharp_cli.loading import Loaded
 from sharp_cli.prune.config import PruneConfig
 from sharp_cli.prune.prior import PriorStore, digest, files_fingerprint, weights_fingerprint
 from sharp_cli.prune.session import PruneSession, StopPrefill
+from sharp_cli.prune.sharp import prior_from
 
 PRIOR_QUESTION = "What happens in this video?"  # fixed prompt of the positional-prior pass
 
@@ -31,7 +33,8 @@ class PriorInfo:
 
 def positional_prior(loaded: Loaded, clip, encoded, cfg: PruneConfig, store: PriorStore,
                      max_pixels: int | None = None) -> PriorInfo:
-    """Layer-K scores of an all-black clip with the same frames and size, cached per layout."""
+    """Layer-K attention (H, N) of an all-black clip with the same frames and size, per head
+    (prune/sharp.py prior_from), cached per layout."""
     if not cfg.uses_prior:
         return PriorInfo()
     cfg = loaded.adapter.validate_prune(cfg, loaded.num_layers)
@@ -92,6 +95,8 @@ def _model_identity(loaded: Loaded) -> dict:
 
 @torch.inference_mode()
 def _scores_only(loaded: Loaded, encoded, cfg: PruneConfig) -> torch.Tensor:
+    """The prior (H, N) of `encoded`: layer K's log attention from the query rows, rows averaged
+    in log space, one distribution over the visual tokens per head."""
     text = loaded.adapter.text_model(loaded.model)
     session = PruneSession(loaded.adapter, loaded.model, encoded, cfg, score_only=True)
     try:
@@ -100,7 +105,7 @@ def _scores_only(loaded: Loaded, encoded, cfg: PruneConfig) -> torch.Tensor:
                  **encoded.extra)
     except StopPrefill:
         pass
-    return session.scores
+    return prior_from(session.log_attention)
 
 
 def black_clip(clip):

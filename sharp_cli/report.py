@@ -22,6 +22,11 @@ def fmt_seconds(s: float | None) -> str:
     return f"{s * 1000:.1f} ms" if s < 10 else f"{s:.2f} s"
 
 
+def count(n: int, word: str) -> str:
+    """'1 token', '2 tokens'."""
+    return f"{n} {word}{'' if n == 1 else 's'}"
+
+
 def ask_record(loaded, clip, cfg, answer) -> dict:
     """The flat JSON object of `sharp ask --json` (keys are a public interface: add, never rename)."""
     layout = answer.encoded.layout
@@ -36,6 +41,7 @@ def ask_record(loaded, clip, cfg, answer) -> dict:
         "layer": cfg.layer if pruned else None,
         "frames": int(len(clip.indices)),
         "video": str(clip.path),
+        "notes": list(clip.notes),  # what decoding the video said (fewer frames than asked, a fallback, ...)
         "decoder": clip.backend,
         "token_grid": list(layout.grid),
         "sequence_tokens": int(layout.seq_len),
@@ -125,7 +131,7 @@ def ask_rows(record: dict) -> list[tuple[str, str]]:
         ("memory saved", f"{fmt_bytes(saved)} of KV cache ({share:.0%})"),
         ("peak GPU memory", fmt_bytes(record["peak_memory_bytes"]) if record["peak_memory_bytes"] is not None
          else "n/a (CPU)"),
-        ("decode", f"{record['new_tokens']} tokens"
+        ("decode", count(record["new_tokens"], "token")
          + (f", {record['decode_tokens_per_second']:.1f} tok/s" if record["decode_tokens_per_second"] else "")
          + f" ({record['decode_mode']}"
          + (f", up to {record['decode_batch']} answers a step" if record.get("decode_batch", 1) > 1 else "")

@@ -8,9 +8,12 @@ with fixed shapes and no host sync, so it can live inside a captured CUDA graph.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from sharp_cli.errors import UsageError
+
+MAX_SEED = 2**64 - 1
 
 
 @dataclass(frozen=True)
@@ -21,12 +24,14 @@ class Sampling:
     seed: int | None = None
 
     def validate(self) -> "Sampling":
-        if not (self.temperature >= 0.0):
-            raise UsageError(f"--temperature must be >= 0, got {self.temperature}")
+        if not (0.0 <= self.temperature < math.inf):  # `not`: NaN is refused too
+            raise UsageError(f"--temperature must be a finite number >= 0, got {self.temperature}")
         if not (0.0 < self.top_p <= 1.0):
             raise UsageError(f"--top-p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:
             raise UsageError(f"--top-k must be >= 0, got {self.top_k}")
+        if self.seed is not None and not 0 <= self.seed <= MAX_SEED:  # torch's generators take 64 bits
+            raise UsageError(f"--seed must be in [0, 2**64 - 1], got {self.seed}")
         return self
 
     @property

@@ -2,9 +2,9 @@
 
 PyAV opens every file first: that reads headers only, and turns non-videos into clear
 errors before decord can crash or print FFmpeg noise on them. Frames then come from
-decord (fast batched random access, optional, quirky) or PyAV, which seeks to the
-keyframe before each sampled frame so its cost follows the number of frames sampled,
-not the length of the video. User-caused failures become one line: VideoError for
+PyAV, which seeks to the keyframe before each sampled frame so its cost follows the
+number of frames sampled, not the length of the video, or from decord (batched random
+access, optional, quirky): `--decoder auto` tries them in AUTO_ORDER, by measurement. User-caused failures become one line: VideoError for
 the file, UsageError for the sampling arguments. `probe` reads the header alone, so a
 command can check a video and estimate what it costs before decoding any of it.
 """
@@ -25,6 +25,10 @@ from sharp_cli.errors import UsageError, VideoError, one_line
 from sharp_cli.seek import Unseekable, decode_at
 
 BACKENDS = ("auto", "decord", "pyav")
+# The decoder --decoder auto tries first, by measurement (scripts/decoder_bench.py, docs/video.md,
+# "Which decoder"): PyAV was faster on 4 of 5 clips on a 2-core CPU, and in a fresh process (one
+# `sharp ask`) 127 ms against decord's 515 ms. The other one takes over when the first fails.
+AUTO_ORDER = ("pyav", "decord")
 
 _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 # FFmpeg's still-image demuxers (png_pipe, jpeg_pipe, ..., image2) open a renamed photo
@@ -42,6 +46,9 @@ class VideoClip:
     path: str
     notes: list[str] = field(default_factory=list)
     key: tuple | None = None  # the file's identity and sampling, when it came through a VideoCache
+    # Decoded at the exact size the model's processor makes of the full-size frames (load_video's
+    # `size`): the processor keeps that size (models/qwen.py), as resizing again need not give it.
+    sized: bool = False
 
     @property
     def duration(self) -> float:
@@ -94,36 +101,66 @@ def sample_indices(total_frames: int, source_fps: float, *, frames: int | None =
 
 
 def load_video(path: str | os.PathLike, *, frames: int | None = 32, fps: float | None = None, max_frames: int = 768,
-               max_pixels: int | None = None, backend: str = "auto") -> VideoClip:
+               max_pixels: int | None = None, backend: str = "auto", size: tuple[int, int] | None = None) -> VideoClip:
     """Decode the frames sample_indices picks from a video file.
 
-    backend: "auto" (decord, or PyAV if decord is missing or fails), "decord" or "pyav".
+    backend: "auto" (AUTO_ORDER: PyAV, or decord if PyAV fails), "decord" or "pyav".
     max_pixels: frames are scaled down while decoding (aspect ratio kept) so that
     H*W <= max_pixels; full-size frames never pile up.
+    size: (width, height) as stored to scale every frame to instead (the size the model's
+    processor would resize it to, from the header: clip_budget.py); a 90/270-degree display
+    rotation then turns the frames upright, (height, width).
     """
     check_sampling(frames, fps, max_frames, max_pixels, backend)
+    if size is not None and not (len(size) == 2 and all(isinstance(v, int) and v >= 1 for v in size)):
+        raise UsageError(f"size must be (width, height) in whole pixels, got {size!r}")
+    size = tuple(size) if size is not None else None
     path = _check_path(path)
-    sampling = dict(frames=frames, fps=fps, max_frames=max_frames)
+    clip = _load(path, dict(frames=frames, fps=fps, max_frames=max_frames), max_pixels, backend, size)
+    clip.sized = size is not None
+    asked = min(frames, max_frames) if fps is None and frames is not None else None
+    if asked is not None and len(clip.indices) < asked:  # said, not done silently
+        clip.notes.append(f"the video has {len(clip.indices)} frames: all are used, fewer than the {asked} asked for")
+    return clip
+
+
+def _load(path: str, sampling: dict, max_pixels, backend: str, size) -> VideoClip:
     notes: list[str] = []
     if backend != "pyav" and importlib.util.find_spec("av") is None:
-        return _load_decord_alone(path, sampling, max_pixels, notes)
+        return _load_decord_alone(path, sampling, max_pixels, notes, size)
     with _open(path) as container:
         stream = _video_stream(path, container)
-        if backend != "pyav":
+        if backend == "pyav" or (backend == "auto" and AUTO_ORDER[0] == "pyav"):
             try:
-                decord = import_decord()
+                return _load_pyav(path, container, stream, sampling, max_pixels, notes, size)
+            except VideoError as exc:  # auto: decord may read what PyAV cannot; else PyAV's words stand
+                clip = None if backend == "pyav" else _try_decord(path, container, stream, sampling, max_pixels, size)
+                if clip is None:
+                    raise
+                clip.notes.insert(0, f"PyAV failed ({str(exc).split(': ', 1)[-1]}); used decord")
+                return clip
+        try:
+            decord = import_decord()
+        except Exception as exc:
+            if backend == "decord":
+                raise UsageError(f"decord is not available ({_short(exc)}); install decord2 or use pyav") from exc
+            notes.append("decord is not installed; used PyAV")
+        else:
+            try:
+                return _load_decord(decord, path, container, stream, sampling, max_pixels, notes, backend, size)
             except Exception as exc:
                 if backend == "decord":
-                    raise UsageError(f"decord is not available ({_short(exc)}); install decord2 or use pyav") from exc
-                notes.append("decord is not installed; used PyAV")
-            else:
-                try:
-                    return _load_decord(decord, path, container, stream, sampling, max_pixels, notes, backend)
-                except Exception as exc:
-                    if backend == "decord":
-                        raise _fail(path, f"decord cannot decode it ({_short(exc)})") from exc
-                    notes.append(f"decord failed ({_short(exc)}); used PyAV")
-        return _load_pyav(path, container, stream, sampling, max_pixels, notes)
+                    raise _fail(path, f"decord cannot decode it ({_short(exc)})") from exc
+                notes.append(f"decord failed ({_short(exc)}); used PyAV")
+        return _load_pyav(path, container, stream, sampling, max_pixels, notes, size)
+
+
+def _try_decord(path, container, stream, sampling, max_pixels, size) -> VideoClip | None:
+    """The clip as decord reads it, or None when it cannot (auto mode, after PyAV failed)."""
+    try:
+        return _load_decord(import_decord(), path, container, stream, sampling, max_pixels, [], "auto", size)
+    except Exception:  # noqa: BLE001 - PyAV's error is the one to report
+        return None
 
 
 @dataclass
@@ -225,8 +262,11 @@ def _video_stream(path: str, container):
     return container.streams.video[0]
 
 
-def _target_size(width: int, height: int, max_pixels: int | None) -> tuple[int, int] | None:
-    """(width, height) scaled to at most max_pixels; None when already small enough."""
+def _target_size(width: int, height: int, max_pixels: int | None, size=None) -> tuple[int, int] | None:
+    """(width, height) scaled to at most max_pixels (or to `size` when given); None when already
+    small enough."""
+    if size is not None:
+        return None if tuple(size) == (width, height) else tuple(size)
     if not max_pixels or width * height <= max_pixels:
         return None
     scale = math.sqrt(max_pixels / (width * height))
@@ -258,10 +298,10 @@ def _frame_count(container, stream, rate: Fraction, count_packets: bool = True) 
     return max(1, count), "frame count from counting packets (no duration in the file)"
 
 
-def _load_decord(decord, path, container, stream, sampling, max_pixels, notes, backend) -> VideoClip:
+def _load_decord(decord, path, container, stream, sampling, max_pixels, notes, backend, exact=None) -> VideoClip:
     # decord scales while decoding, to the size computed from PyAV's header. It applies
     # 180-degree display rotations itself; decord2 3.4 fails on 90/270 (PyAV takes over).
-    size = _target_size(stream.width, stream.height, max_pixels)
+    size = _target_size(stream.width, stream.height, max_pixels, exact)
     w, h = size or (stream.width, stream.height)
     decord.logging.set_level(decord.logging.QUIET)  # its FFmpeg prints to stderr; errors still raise
     # One decoder thread: with decord2's threaded decoder, a busy CPU makes its frame skipping give
@@ -292,7 +332,7 @@ def _load_decord(decord, path, container, stream, sampling, max_pixels, notes, b
     return VideoClip(frames, fps, total, indices, "decord", path, notes)
 
 
-def _load_decord_alone(path, sampling, max_pixels, notes) -> VideoClip:
+def _load_decord_alone(path, sampling, max_pixels, notes, exact=None) -> VideoClip:
     """Without PyAV (a minimal install): decord reads the header too, with its own errors."""
     try:
         decord = import_decord()
@@ -302,7 +342,7 @@ def _load_decord_alone(path, sampling, max_pixels, notes) -> VideoClip:
     try:
         probe = decord.VideoReader(path, ctx=decord.cpu(0), num_threads=1)
         height, width = probe[0].shape[:2]
-        size = _target_size(width, height, max_pixels)
+        size = _target_size(width, height, max_pixels, exact)
         w, h = size or (width, height)
         vr = probe if size is None else decord.VideoReader(path, ctx=decord.cpu(0), width=w, height=h, num_threads=1)
         total, fps = len(vr), float(vr.get_avg_fps())
@@ -321,7 +361,7 @@ def _load_decord_alone(path, sampling, max_pixels, notes) -> VideoClip:
     return VideoClip(frames, fps, total, indices, "decord", path, notes)
 
 
-def _load_pyav(path, container, stream, sampling, max_pixels, notes) -> VideoClip:
+def _load_pyav(path, container, stream, sampling, max_pixels, notes, exact=None) -> VideoClip:
     import av
 
     rate = _frame_rate(stream)
@@ -333,7 +373,7 @@ def _load_pyav(path, container, stream, sampling, max_pixels, notes) -> VideoCli
     def decode(indices):
         try:
             try:
-                size = _target_size(stream.width, stream.height, max_pixels)
+                size = _target_size(stream.width, stream.height, max_pixels, exact)
                 return decode_at(container, stream, indices, rate, size, seek=True)
             except Unseekable:
                 pass
@@ -342,7 +382,7 @@ def _load_pyav(path, container, stream, sampling, max_pixels, notes) -> VideoCli
             notes.extend([note] if note not in notes else [])
             with _open(path) as fresh:
                 again = fresh.streams.video[0]
-                size = _target_size(again.width, again.height, max_pixels)
+                size = _target_size(again.width, again.height, max_pixels, exact)
                 return decode_at(fresh, again, indices, rate, size, seek=False)
         except (av.error.FFmpegError, ValueError, OSError) as exc:  # damage beyond skipping
             raise _fail(path, f"decoding failed ({_short(exc)})") from exc

@@ -1,7 +1,7 @@
 """What one loaded model can keep between questions about the same video (serve, batch, eval).
 
 Three things, each costing a full recompute on a miss, none depending on the question:
-- the sampled frames, keyed by the file's identity (real path, size, mtime) and every sampling
+- the sampled frames, keyed by the file's identity (real path, inode, size, mtime) and every sampling
   setting;
 - the vision encoder's output for those frames (the processor's pixel budget included);
 - the prompt's start up to the video's last token after layers 0..K-1 (engine.Prefix): with the
@@ -69,10 +69,10 @@ class VideoCache:
         """video.load_video, from the cache when this file (unchanged) was sampled the same way."""
         real = os.path.realpath(os.fspath(path))
         try:
-            st = os.stat(real)
+            st = os.stat(path)  # the file `path` opens (an open file's /proc/self/fd path: that file)
         except OSError:  # missing or unreadable: load_video says so in its own words
             return video_mod.load_video(path, **sampling)
-        key = ("frames", real, st.st_size, st.st_mtime_ns, tuple(sorted(sampling.items())))
+        key = ("frames", real, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, tuple(sorted(sampling.items())))
         clip = self._get(key, "frames")
         if clip is None:
             clip = video_mod.load_video(path, **sampling)

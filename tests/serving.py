@@ -16,20 +16,19 @@ class LiveServer:
     """The app `sharp serve` runs, on uvicorn in a thread, over an already loaded model."""
 
     def __init__(self, loaded, media_dir, *, model_ids=("tiny-served",), api_key=None, max_queue=32,
-                 max_upload_mb=1.0, max_new_tokens=4, max_batch=1, kv_gb=None):
-        from sharp_cli.options import prune_config
+                 max_upload_mb=1.0, max_new_tokens=4, max_pixels=SMALL_PIXELS, **extra):
+        from sharp_cli.prune.config import PruneConfig
         from sharp_cli.overrides import Defaults
         from sharp_cli.serve.app import bind, create_app, make_server
         from sharp_cli.serve.media import MediaPolicy
         from sharp_cli.serve.service import Service, Settings
 
-        cfg = prune_config("sharp", 0.25, None, "last", True, None, "subtract", True, 0.9, 1, 8.0, 0)
-        video = dict(frames=8, fps=None, max_frames=768, max_pixels=SMALL_PIXELS, backend="auto")
-        settings = Settings(model_ids=tuple(model_ids), api_key=api_key, max_queue=max_queue, max_batch=max_batch,
-                            kv_gb=kv_gb,
+        cfg = PruneConfig(ratio=0.25, debias="subtract").validate()
+        video = dict(frames=8, fps=None, max_frames=768, max_pixels=max_pixels, backend="auto")
+        settings = Settings(model_ids=tuple(model_ids), api_key=api_key, max_queue=max_queue,
                             defaults=Defaults(loaded.adapter.validate_prune(cfg, loaded.num_layers), video,
                                               max_new_tokens),
-                            media=MediaPolicy.create(media_dir, max_upload_mb))
+                            media=MediaPolicy.create(media_dir, max_upload_mb), **extra)
         self.service = Service(loaded, settings)
         self.server = make_server(create_app(self.service), quiet=True)
         sock = bind("127.0.0.1", 0)

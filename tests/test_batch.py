@@ -176,3 +176,126 @@ def test_questions_about_one_video_reuse_its_frames_vision_output_and_prompt_sta
     assert all(f["video_cache"] is None for f in fresh)
     assert [c["answer"] for c in cached] == [f["answer"] for f in fresh]
     assert cached[2]["video_seconds"] < cached[0]["video_seconds"]  # no decoding the second time
+
+
+# -- hostile input and a full-size video (issue 27) ------------------------------------------------
+def _spy_decoded(monkeypatch):
+    """The frames of every clip load_video returns, as decoded (a spy: nothing is changed)."""
+    from sharp_cli import video as video_mod
+
+    shapes, real = [], video_mod.load_video
+    monkeypatch.setattr(video_mod, "load_video", lambda *a, **k: shapes.append(real(*a, **k).frames.shape)
+                        or real(*a, **k))
+    return shapes
+
+
+def test_a_large_video_is_decoded_at_the_models_pixel_budget(model_dirs, tmp_path, monkeypatch):
+    """1080p frames (2,073,600 pixels) become 560x1008 while decoding, the size Qwen2.5-VL's processor
+    makes of them (at most 768 tokens' worth), not full size; the grid is the reference's."""
+    make_video(tmp_path / "hd.mp4", n_frames=8, fps=8, size=(1920, 1080))
+    items = write_items(tmp_path / "items.jsonl", [{"id": "hd", "video": "hd.mp4", "question": "what?",
+                                                    "frames": 2, "max_tokens": 1, "method": "none"}])
+    shapes = _spy_decoded(monkeypatch)
+    result = sharp("batch", items, "-m", model_dirs["qwen2.5-vl"], "-q")
+    assert result.exit_code == 0, result.stdout
+    (record,) = lines(result.stdout)
+    assert record["token_grid"] == [1, 20, 36]
+    assert shapes and all(shape[1:3] == (560, 1008) for shape in shapes)
+    assert max(shape[0] * shape[1] * shape[2] * 3 for shape in shapes) <= 2 * 768 * 28 * 28 * 3  # bytes a clip
+
+
+def test_an_item_over_the_models_context_is_an_error_line_and_the_run_goes_on(model_dirs, folder, tmp_path,
+                                                                             monkeypatch):
+    import shutil
+
+    short = tmp_path / "short-context"
+    shutil.copytree(model_dirs["qwen2.5-vl"], short)
+    config = json.loads((short / "config.json").read_text())
+    config["text_config"]["max_position_embeddings"] = 200
+    (short / "config.json").write_text(json.dumps(config))
+    items = write_items(tmp_path / "items.jsonl", [
+        {"id": "long", "video": "a.mp4", "question": "what?", "frames": 24},
+        {"id": "short", "video": "a.mp4", "question": "what?", "frames": 2, "max_tokens": 1},
+    ])
+    shapes = _spy_decoded(monkeypatch)
+    result = sharp("batch", items, "-m", short, "--max-pixels", 56 * 56 * 4, "--video-dir", folder)
+    assert result.exit_code == 1
+    long, fine = lines(result.stdout)
+    assert set(long) == {"id", "error"} and "over the model's 200-token context (max_position_embeddings)" in \
+        long["error"] and "lower frames (or fps / max_frames) or max_pixels" in long["error"]
+    assert "answer" in fine and len(shapes) == 1  # the long clip was refused from its header, never decoded
+
+
+def test_item_max_pixels_has_an_upper_bound(model_dirs, folder, tmp_path):
+    items = write_items(tmp_path / "items.jsonl", [{"id": 1, "video": "a.mp4", "question": "what?",
+                                                    "max_pixels": 10**15}])
+    result = sharp("batch", items, "-m", model_dirs["qwen2.5-vl"], "--video-dir", folder)
+    assert result.exit_code == 1
+    assert lines(result.stdout)[0]["error"] == \
+        "max_pixels must be in [1, 16,777,216] (a 4096x4096 frame), got 1,000,000,000,000,000"
+
+
+def test_invalid_utf8_and_deeply_nested_lines_are_error_lines(model_dirs, folder, tmp_path):
+    good = json.dumps({"id": "ok", "video": "a.mp4", "question": "what?", "max_tokens": 1}).encode()
+    path = tmp_path / "items.jsonl"
+    path.write_bytes(b'{"id": "latin1", "video": "a.mp4", "question": "caf\xe9?"}\n'
+                     + b"[" * 100_000 + b"]" * 100_000 + b"\n" + good + b"\n")
+    result = sharp("batch", path, "-m", model_dirs["qwen2.5-vl"], *SMALL, "--video-dir", folder)
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    latin1, nested, ok = lines(result.stdout)
+    assert latin1 == {"id": 1, "error": "line 1 is not UTF-8 text (byte 0xe9 at 52)"}
+    assert nested == {"id": 2, "error": "line 2 is not JSON this program reads (nested too deeply)"}
+    assert ok["id"] == "ok" and "answer" in ok
+
+
+@pytest.mark.parametrize("content", [
+    b'{"video": "a.mp4", "question": "what?", "id": 1}\n{"video": "b.mp4", "question": "why?", "id": 2}\n',
+    b"notes from the meeting\nno newline at the end",
+    b"a single line without a newline",
+    b'{"id": 1, "error": "x"}\n{"video": "a.mp4", "question": "what?", "id": 2}\n',
+    b"a log line\nanother\n",
+    b'{"settings": {}}\n',
+])
+def test_output_refuses_a_file_that_is_not_ours_and_leaves_it_untouched(model_dirs, folder, tmp_path, content):
+    items = write_items(tmp_path / "items.jsonl", [{"id": 9, "video": "a.mp4", "question": "what?"}])
+    out = tmp_path / "precious.txt"
+    out.write_bytes(content)
+    result = sharp("batch", items, "-m", model_dirs["qwen2.5-vl"], *SMALL, "--video-dir", folder, "-o", out)
+    assert result.exit_code == 2, result.stderr
+    assert result.stderr.count("\n") == 1 and "is not a results file of sharp's" in result.stderr
+    assert out.read_bytes() == content
+
+
+def test_output_keeps_our_complete_records_and_cuts_only_our_unfinished_line(model_dirs, folder, tmp_path):
+    from sharp_cli import jsonl
+
+    items = write_items(tmp_path / "items.jsonl", [{"id": n, "video": "a.mp4", "question": "what?",
+                                                    "max_tokens": 1} for n in range(2)])
+    out = tmp_path / "out.jsonl"
+    assert sharp("batch", items, "-m", model_dirs["qwen2.5-vl"], *SMALL, "--video-dir", folder, "-o",
+                 out).exit_code == 0
+    kept = out.read_bytes()
+    assert jsonl.check_ours(out, jsonl.is_batch_record) == len(kept)
+    out.write_bytes(kept + b'{"id": 2, "answer": "cut off here')
+    assert jsonl.check_ours(out, jsonl.is_batch_record) == len(kept)
+    handle = jsonl.open_for_append(out, jsonl.is_batch_record)
+    handle.close()
+    assert out.read_bytes() == kept
+
+
+def test_an_items_frame_count_turns_off_the_default_fps(model_dirs, folder, tmp_path):
+    """--fps 2 for the run; an item asking for 4 frames gets 4, not the 6 of 3 s at 2 frames a second."""
+    from sharp_cli.overrides import BatchItem, Defaults, resolve
+    from sharp_cli.prune.config import PruneConfig
+
+    video = dict(frames=32, fps=2.0, max_frames=768, max_pixels=None, backend="auto")
+    plan = resolve(BatchItem(video="a.mp4", question="q", frames=4), Defaults(PruneConfig(layer=2), video))
+    assert plan.video["frames"] == 4 and plan.video["fps"] is None
+    items = write_items(tmp_path / "items.jsonl", [
+        {"id": "four", "video": "a.mp4", "question": "what?", "frames": 4, "max_tokens": 1},
+        {"id": "default", "video": "a.mp4", "question": "what?", "max_tokens": 1},
+    ])
+    result = sharp("batch", items, "-m", model_dirs["qwen2.5-vl"], "--fps", "2", "--max-pixels", 56 * 56 * 4,
+                   "--video-dir", folder, "-q")
+    assert result.exit_code == 0, result.stderr
+    assert [r["frames"] for r in lines(result.stdout)] == [4, 6]  # a.mp4: 24 frames at 8 fps, 3 s

@@ -81,6 +81,10 @@ def test_same_input_same_answer_and_kept_set(model_dirs, video):
 def test_pyav_fallback_when_decord_breaks(model_dirs, video, monkeypatch):
     import decord
 
+    import sharp_cli.video as video_mod
+
+    monkeypatch.setattr(video_mod, "AUTO_ORDER", ("decord", "pyav"))  # decord first, as another CPU may measure
+
     def broken(*args, **kwargs):
         raise RuntimeError("simulated decord failure")
 
@@ -103,6 +107,9 @@ def test_pyav_fallback_when_decord_breaks(model_dirs, video, monkeypatch):
     (["--device", "cuda"], 1, "no CUDA GPU"),
     (["--quant", "nf4"], 2, "--quant nf4 needs a CUDA GPU"),
     (["--bogus-flag"], 2, "No such option"),
+    (["--temperature", "inf"], 2, "--temperature must be a finite number >= 0, got inf"),
+    (["--temperature", "nan"], 2, "--temperature must be a finite number >= 0, got nan"),
+    (["--seed", str(2**70)], 2, "--seed must be in [0, 2**64 - 1]"),
 ])
 def test_bad_arguments_get_one_line_and_an_exit_code(model_dirs, video, args, code, message):
     result = sharp("ask", video, "what?", "-m", model_dirs["qwen2.5-vl"], *SMALL, *args)
@@ -130,6 +137,37 @@ def test_unknown_model_offline_is_one_line(video, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     result = sharp("ask", video, "what?", "-m", "nobody/no-such-model-xyz", *SMALL)
     assert result.exit_code == 1 and "cannot load" in result.stderr and len(result.stderr.splitlines()) == 1
+    assert "-m sharp-tiny runs offline" in result.stderr  # the one model a user without the hub has
+
+
+def test_help_names_the_choices_and_does_not_cut_summaries():
+    summary = sharp("--help").stdout.split("Commands:")[1]
+    assert "..." not in summary and all(name in summary for name in ("ask", "bench", "eval", "serve", "batch"))
+    assert max(len(line) for line in summary.splitlines()) <= 80
+    options = sharp("ask", "--help").stdout
+    for choices in ("[auto|cuda|cpu]", "[auto|nf4|int8|none]", "[auto|decord|pyav]"):
+        assert choices in options
+
+
+def test_fewer_frames_than_asked_is_said_and_one_token_is_singular(model_dirs, video):
+    """The 24-frame clip with --frames 64: all 24 are used, and the note says so (stderr and JSON)."""
+    result = sharp("ask", video, "what?", "-m", model_dirs["qwen2.5-vl"], "--frames", "64", "--max-pixels",
+                   str(56 * 56 * 4), "--max-new-tokens", "1")
+    assert result.exit_code == 0, result.stderr
+    assert "note: the video has 24 frames: all are used, fewer than the 64 asked for" in result.stderr
+    assert "1 token " in result.stderr and "1 tokens" not in result.stderr
+    record = json.loads(sharp("ask", video, "what?", "-m", model_dirs["qwen2.5-vl"], "--frames", "64",
+                              "--max-pixels", str(56 * 56 * 4), "--max-new-tokens", "1", "--json").stdout)
+    assert record["frames"] == 24 and record["notes"] == ["the video has 24 frames: all are used, fewer than the "
+                                                          "64 asked for"]
+
+
+def test_synth_says_how_to_evaluate_offline(tmp_path):
+    result = sharp("synth", str(tmp_path / "s"), "--n", "1", "--frames", "8", "--size", "64")
+    assert result.exit_code == 0, result.stderr
+    said = "".join(result.stderr.split())  # the console wraps long paths anywhere
+    assert f"1questionin{tmp_path / 's' / 'items.jsonl'};evaluatewith:sharpeval{tmp_path / 's' / 'items.jsonl'}" \
+        "-msharp-tiny" in said
 
 
 def test_a_folder_that_is_not_a_video_llm(tmp_path, video):
@@ -149,11 +187,39 @@ def test_help_lists_commands_without_importing_torch():
     assert result.exit_code == 0 and "ask" in result.stdout and "bench" in result.stdout
 
 
+_LAYER_CHECK = """
+import sys
+from sharp_cli.cli import app
+try:
+    app(sys.argv[1:])
+except SystemExit as exc:
+    print(exc.code, "torch" in sys.modules)
+"""
+
+
+@pytest.mark.parametrize("command", ["ask", "batch", "serve", "ask-random-weights"])
+def test_a_layer_beyond_the_models_depth_is_refused_before_torch_loads(video, tmp_path, command):
+    """--layer 99 on an 8-layer model: one line and exit 2 from the model's config.json alone, not
+    after seconds of imports and a model load."""
+    items = tmp_path / "items.jsonl"
+    items.write_text('{"video": "v.mp4", "question": "what?"}\n')
+    args = {"ask": ["ask", video, "what?", "-m", "sharp-tiny"], "batch": ["batch", str(items), "-m", "sharp-tiny"],
+            "serve": ["serve", "-m", "sharp-tiny", "--port", "0"],
+            "ask-random-weights": ["ask", video, "what?", "-m", "Qwen/Qwen2.5-VL-7B-Instruct", "--random-weights"]}
+    out = subprocess.run([sys.executable, "-c", _LAYER_CHECK, *args[command], "--layer", "99"], capture_output=True,
+                         text=True, timeout=120)
+    assert out.stdout.split() == ["2", "False"], (out.stdout, out.stderr[-1000:])
+    depth = 28 if command == "ask-random-weights" else 8
+    assert out.stderr.strip() == f"sharp: error: --layer must be < {depth} (the model's decoder layers), got 99"
+
+
 def test_fresh_process_end_to_end(model_dirs, video):
-    """A real `python -m sharp_cli` process: catches import-order crashes in-process tests hide."""
+    """A real `python -m sharp_cli` process: catches import-order crashes in-process tests hide (decord
+    loaded before torch crashed torch's CPU matrix multiplies, so decord is asked for)."""
     env = dict(os.environ, SHARP_DEBUG="0")
     out = subprocess.run([sys.executable, "-m", "sharp_cli", "ask", video, "what?", "-m", str(model_dirs["qwen2.5-vl"]),
-                          *SMALL, "--json", "-q"], capture_output=True, text=True, env=env, timeout=300)
+                          *SMALL, "--decoder", "decord", "--json", "-q"], capture_output=True, text=True, env=env,
+                         timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert json.loads(out.stdout)["decoder"] == "decord"
 

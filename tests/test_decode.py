@@ -255,3 +255,37 @@ def test_kv_pool_drops_idle_caches_when_the_next_one_does_not_fit(monkeypatch):
     monkeypatch.setattr(kv, "StaticKV", tight)
     fresh = pool.acquire([9 * BUCKET, 10], 2, 8, torch.float32, "cpu")
     assert calls == [3, 0] and len(pool) == 1 and fresh not in kept
+
+
+def test_tokens_still_in_flight_when_the_steps_end_are_read(tiny, clip, monkeypatch):
+    """On a GPU the host reads each token up to LAG steps behind the step that made it; when the last
+    step is launched, up to LAG tokens are still in flight and must be read before decode returns.
+    A reader whose tokens stay pending until the host blocks on them (a GPU that has not caught up)
+    stands in for CUDA events here: every token comes back, the same as read at once."""
+    from sharp_cli import decode as decode_mod
+
+    class Pending(decode_mod._TokenReader):
+        def take(self, block):
+            return super().take(block=True) if block else None
+
+    cfg = PruneConfig(method="fastv", ratio=0.25, layer=2)
+    ids = engine.prepare(tiny, clip, QUESTION, PIXELS)["input_ids"]
+
+    def tokens(n):
+        encoded = encode(tiny, clip)
+        state = engine.prefill(tiny, encoded, cfg, new_tokens=n)
+        return decode(tiny, encoded, state, n, prompt_ids=ids, ignore_eos=True).tokens
+
+    at_once = tokens(decode_mod.LAG + 4)
+    monkeypatch.setattr(decode_mod, "_TokenReader", Pending)
+    assert tokens(decode_mod.LAG + 4) == at_once and len(at_once) == decode_mod.LAG + 4
+
+
+def test_kv_pool_evicts_the_least_recently_used_cache_not_the_oldest():
+    pool = KVPool(max_caches=2)
+    first = pool.acquire([BUCKET, 10], 2, 8, torch.float32, "cpu")
+    second = pool.acquire([2 * BUCKET, 10], 2, 8, torch.float32, "cpu")
+    assert pool.acquire([BUCKET, 10], 2, 8, torch.float32, "cpu") is first  # used again: now the most recent
+    pool.acquire([3 * BUCKET, 10], 2, 8, torch.float32, "cpu")  # a third size: one must go
+    assert pool.acquire([BUCKET, 10], 2, 8, torch.float32, "cpu") is first
+    assert pool.acquire([2 * BUCKET, 10], 2, 8, torch.float32, "cpu") is not second

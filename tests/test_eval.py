@@ -229,6 +229,7 @@ def test_mvbench_reader(tmp_path):
         path.write_text(json.dumps(records))
     _touch(tmp_path / "video" / "ssv2_video" / "clip_1.webm")
     _touch(tmp_path / "video" / "data0613" / "star" / "Charades_v1_480" / "ABC12.mp4")
+    (tmp_path / "video" / "tvqa" / "frames_fps3_hq" / "frames" / "s01").mkdir(parents=True)  # frames, not a video
     data = formats.load(tmp_path)
     assert data.format == "mvbench"
     antonym, sequence = data.items
@@ -270,11 +271,12 @@ def test_longvideobench_reader(tmp_path):
     ]))
     _touch(tmp_path / "videos" / "abc.mp4")
     data = formats.load(tmp_path)
-    assert data.format == "longvideobench" and len(data.items) == 1
-    item = data.items[0]
-    assert (item.id, item.answer, item.category, len(item.options)) == ("abc_0", "D", "600", 5)
+    assert data.format == "longvideobench" and len(data.items) == 2
+    item, unlabelled = data.items
+    assert (item.id, item.answer, item.category, len(item.options)) == ("abc_0", "D", "180s-600s", 5)
     assert item.video == str(tmp_path / "videos" / "abc.mp4")
-    assert any("without correct_choice" in n for n in data.notes)
+    assert (unlabelled.answer, unlabelled.options, unlabelled.category) == (None, ["x", "y"], "8s-15s")
+    assert any("1 of 2 questions have no correct_choice" in n for n in data.notes)
     assert formats.load(tmp_path, category_field="question_category").items[0].category == "E2O"
 
 

@@ -56,14 +56,14 @@ def _spy(monkeypatch, ties=None):
 
 
 def test_every_cell_runs_under_its_seeds_and_resumes_by_seed(model_dirs, items3, tmp_path, monkeypatch):
-    calls = _spy(monkeypatch)
+    calls = _spy(monkeypatch, ties=lambda method, path: 0.5)  # tied everywhere: no later seed is skipped
     out = tmp_path / "r.jsonl"
     args = ("eval", items3, "-m", model_dirs["qwen2.5-vl"], *SMALL, "--limit", 2, "-o", out, "--tie-seeds", 2)
     result = sharp(*args, "--random-seeds", 3, "--json")
     assert result.exit_code == 0, result.stderr
     answered = [(m, s) for m, _, s, tokens, _, _ in calls if tokens > 1]
     per_item = [("none", 0), ("fastv", 0), ("random", 0), ("random", 1), ("random", 2), ("sharp", 0)]
-    # first every item's first seeds, then the later seeds (no tie audit yet: none is skipped), each
+    # first every item's first seeds, then the later seeds (every cell tied: none is skipped), each
     # item redoing one unpruned prefill (1 token) for the agreement of its later answers
     assert answered == per_item * 2 + [("fastv", 1), ("sharp", 1)] * 2
     assert [(m, tokens) for m, _, _, tokens, _, _ in calls[12:15]] == [("none", 1), ("fastv", 8), ("sharp", 8)]
@@ -74,7 +74,7 @@ def test_every_cell_runs_under_its_seeds_and_resumes_by_seed(model_dirs, items3,
     rows = {r["method"]: r for r in data["rows"]}
     assert rows["random"]["seeds"] == [0, 1, 2] and rows["fastv"]["seeds"] == [0, 1] and rows["none"]["seeds"] == [0]
     assert rows["sharp"]["accuracy"] == pytest.approx(np.mean(list(rows["sharp"]["accuracy_by_seed"].values())))
-    assert rows["sharp"]["tie_share"] is None and "seed" not in data["settings"]["options"]
+    assert rows["sharp"]["tie_share"] == pytest.approx(0.5) and "seed" not in data["settings"]["options"]
     assert data["seeds"] == {"first": 0, "tie": 2, "random": 3} and data["bootstrap"]["resamples"] == 2000
     assert rows["sharp"]["vs_fastv"]["questions"] == 2 and rows["fastv"]["vs_none"]["questions"] == 2
     del calls[:]

@@ -11,9 +11,8 @@ from hypothesis import strategies as st
 from typer.testing import CliRunner
 
 from sharp_cli.cli import app
-from sharp_cli.prune import keep_count
+from sharp_cli.prune import keep_count, rank
 from sharp_cli.prune.baselines import select_fastv, select_random
-from sharp_cli.prune.sharp import select_with_refill
 from videos import make_video
 
 runner = CliRunner()
@@ -125,10 +124,11 @@ def test_selection_invariants(n, ratio, seed):
     gen = torch.Generator().manual_seed(seed)
     scores = torch.rand(n, generator=gen)
     flagged = torch.rand(n, generator=gen) < 0.3
-    for kept in (select_fastv(scores, ratio), select_random(n, ratio, seed), select_with_refill(scores, flagged, k)):
+    order = rank.rank(scores, seed)
+    for kept in (select_fastv(scores, ratio, seed)[0], select_random(n, ratio, seed), rank.first_unskipped(order, flagged, k)):
         values = kept.tolist()
         assert len(values) == k and values == sorted(set(values)) and 0 <= values[0] and values[-1] < n
-    refill = set(select_with_refill(scores, flagged, k).tolist())
+    refill = set(rank.first_unskipped(order, flagged, k).tolist())
     unflagged = int((~flagged).sum())
     if k <= unflagged:  # flagged tokens are used only when the unflagged ones run out
         assert not any(flagged[i] for i in refill)
@@ -187,3 +187,49 @@ def test_three_hour_video_is_sampled_with_little_memory(tmp_path):
     path = make_long_video(tmp_path / "long.mp4")
     shape, seconds, peak, _ = _probe(path, 32, 0, "auto")
     assert shape.startswith("(32,") and peak < 2 * 2**30 and seconds < 20
+
+
+def test_eval_output_refuses_a_file_that_is_not_ours_before_loading(model_dirs, video, tmp_path, monkeypatch):
+    """`sharp eval -o` at a file that is not eval's results (here: its own questions) is one line,
+    exit 2, before the model loads, and the file keeps every byte."""
+    from sharp_cli import loading
+
+    def never(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(loading, "load", never)
+    items = tmp_path / "items.jsonl"
+    items.write_text(json.dumps({"id": "q1", "video": video, "question": "what?", "options": ["a", "b"],
+                                 "answer": "A"}) + "\n")
+    before = items.read_bytes()
+    copy = tmp_path / "copy.jsonl"
+    copy.write_bytes(before)
+    result = runner.invoke(app, ["eval", str(items), "-m", str(model_dirs["qwen2.5-vl"]), "-o", str(copy)])
+    assert result.exit_code == 2, result.output
+    assert result.stderr.count("\n") == 1 and "is not a results file of sharp's (line 1" in result.stderr
+    assert copy.read_bytes() == before
+
+
+def test_a_full_disk_under_the_prior_cache_keeps_the_prior_in_memory(video, tmp_path):
+    """A file-size limit makes every write fail as a full disk does (EFBIG, raised by safetensors as
+    its own SafetensorError, not OSError): `sharp ask` still answers, with one warning line."""
+    import os
+    import resource
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    def small_files():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (64, 64))  # Python ignores SIGXFSZ: writes fail instead
+
+    env = dict(os.environ, SHARP_CACHE_DIR=str(tmp_path / "cache"), PYTHONPATH=str(Path(__file__).parent.parent))
+    done = subprocess.run([sys.executable, "-m", "sharp_cli", "ask", video, "what colour is it?", "-m", "sharp-tiny",
+                           "--max-new-tokens", "2", "-q"], capture_output=True, text=True, timeout=300,
+                          preexec_fn=small_files, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip()
+    warnings = [line for line in done.stderr.splitlines() if "warning" in line]
+    assert len(warnings) == 1 and "cannot write the positional-prior cache" in warnings[0], done.stderr
+    assert "Traceback" not in done.stderr
+    priors = tmp_path / "cache" / "priors"
+    assert not priors.exists() or not any(p.stat().st_size for p in priors.iterdir())  # nothing half-written kept

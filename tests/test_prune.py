@@ -12,8 +12,7 @@ from sharp_cli.decode import decode
 from sharp_cli.prune import PruneConfig, keep_count
 from sharp_cli.prune import attention as seg
 from sharp_cli.prune.prior import PriorStore
-from sharp_cli.prune.sharp import (debias, find_duplicates, find_registers, question_attention, query_rows,
-                                   select_sharp, select_with_refill)
+from sharp_cli.prune.sharp import head_mean, question_attention, query_rows
 
 PLAIN = dict(segment_mask=False, debias="none", dedup=False)
 
@@ -61,10 +60,15 @@ def test_segment_mask_changes_the_early_layers(tiny, clip):
     assert not torch.allclose(masked.logits, base.logits)
 
 
+EVS_FAMILIES = [f for f in FAMILIES if f != "qwen3-vl"]  # Qwen3-VL refuses evs (DeepStack)
+
+
 @pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("method", ["sharp", "fastv", "random"])
+@pytest.mark.parametrize("method", ["sharp", "fastv", "evs", "random"])
 @pytest.mark.parametrize("ratio", [0.1, 0.15, 0.5])
 def test_kept_set_is_exact_sorted_unique_in_range(tiny_models, clip, method, ratio, family):
+    if method == "evs" and family not in EVS_FAMILIES:
+        pytest.skip("Qwen3-VL refuses evs")
     loaded = tiny_models(family)
     encoded = encode(loaded, clip)
     n = encoded.layout.num_visual
@@ -118,14 +122,17 @@ def test_graph_tail_fallback_writes_the_cache(tiny, clip, monkeypatch):
     assert torch.equal(tail.logits, eager.logits)
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-def test_pruned_run_equals_masked_reference_at_original_positions(tiny_models, clip, family):
+@pytest.mark.parametrize("family, method", [(f, "fastv") for f in FAMILIES] + [(f, "evs") for f in EVS_FAMILIES])
+def test_pruned_run_equals_masked_reference_at_original_positions(tiny_models, clip, family, method):
     """Pruning must equal the full model whose layers K.. simply cannot see the dropped tokens:
-    same hidden states, same (original) rotary positions."""
+    same hidden states, same (original) rotary positions. evs prunes before layer 0: every layer
+    of the reference is masked, so no decoder layer computes anything from a dropped token."""
     tiny = tiny_models(family)
     encoded = encode(tiny, clip)
-    k = prune_layer(tiny)
-    cfg = PruneConfig(method="fastv", ratio=0.3, layer=k).validate()
+    cfg = tiny.adapter.validate_prune(PruneConfig(method=method, ratio=0.3, layer=prune_layer(tiny)),
+                                      tiny.num_layers)
+    k = cfg.layer
+    assert k == (0 if method == "evs" else prune_layer(tiny))
     pruned = engine.prefill(tiny, encoded, cfg)
     keep_pos = pruned.session.keep_positions
     length = encoded.layout.seq_len
@@ -150,6 +157,38 @@ def test_pruned_run_equals_masked_reference_at_original_positions(tiny_models, c
     torch.testing.assert_close(pruned.logits, ref_logits, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("family", EVS_FAMILIES)
+def test_evs_keeps_the_most_changed_tokens_before_layer_0(tiny_models, family):
+    """evs keeps the round(r * N) tokens whose vision embedding changed most since the same position
+    one token frame earlier (1 - cosine, recomputed here in numpy), the whole first token frame
+    ranking first; every layer's KV cache holds only the kept tokens."""
+    import numpy as np
+
+    tiny = tiny_models(family)
+    encoded = encode(tiny, make_clip(frames=8, seed=4))
+    layout = encoded.layout
+    t, h, w = layout.grid
+    ratio = 0.4
+    cfg = tiny.adapter.validate_prune(PruneConfig(method="evs", ratio=ratio), tiny.num_layers)
+    out = engine.prefill(tiny, encoded, cfg)
+    x = encoded.inputs_embeds[0, layout.indices].double().numpy().reshape(t, h * w, -1)
+    x = x / np.linalg.norm(x, axis=-1, keepdims=True)
+    change = np.concatenate([np.full((1, h * w), np.inf), 1 - (x[1:] * x[:-1]).sum(-1)]).reshape(-1)
+    k = keep_count(ratio, layout.num_visual)
+    assert k > h * w  # the first token frame and the most changed of the rest
+    assert out.kept.tolist() == sorted(np.argsort(-change, kind="stable")[:k].tolist())
+    assert [layer.length for layer in out.cache.layers] == [out.kept_len] * tiny.num_layers
+    assert float(out.session.details["tie_share"]) == 0.0  # random embeddings: no ties
+
+
+def test_evs_is_refused_on_qwen3_vl_with_one_line(tiny_models):
+    from sharp_cli.errors import UsageError
+
+    tiny = tiny_models("qwen3-vl")
+    with pytest.raises(UsageError, match="evs is not supported on Qwen3-VL: DeepStack"):
+        tiny.adapter.validate_prune(PruneConfig(method="evs"), tiny.num_layers)
+
+
 def _grown_extra(extra: dict, step: int) -> dict:
     """Family kwargs for a sequence `step` tokens longer: per-position masks (DeepStack's
     visual_pos_masks) get False for the new text tokens; everything else is unchanged."""
@@ -157,8 +196,8 @@ def _grown_extra(extra: dict, step: int) -> dict:
             if torch.is_tensor(value) and value.dtype == torch.bool else value for key, value in extra.items()}
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("method", ["sharp", "fastv"])
+@pytest.mark.parametrize("family, method", [(f, m) for f in FAMILIES for m in ("sharp", "fastv")]
+                         + [(f, "evs") for f in EVS_FAMILIES])
 def test_cached_decoding_equals_recompute_on_the_pruned_sequence(tiny_models, clip, method, family):
     """Every decode step's logits (static per-layer cache, one step at a time) equal a full prefill,
     without any cache, of the prompt plus the tokens so far, with the same visual tokens kept. The
@@ -166,7 +205,8 @@ def test_cached_decoding_equals_recompute_on_the_pruned_sequence(tiny_models, cl
     every axis (M-RoPE or 1-D), one more per token."""
     tiny = tiny_models(family)
     encoded = encode(tiny, clip)
-    cfg = PruneConfig(method=method, ratio=0.25, layer=prune_layer(tiny)).validate()
+    cfg = tiny.adapter.validate_prune(PruneConfig(method=method, ratio=0.25, layer=prune_layer(tiny)),
+                                      tiny.num_layers)
     prompt_ids = engine.prepare(tiny, clip, "what colour is the ball?", 56 * 56 * 4)["input_ids"]
     state = engine.prefill(tiny, encoded, cfg, new_tokens=6)
     decoded = decode(tiny, encoded, state, 6, prompt_ids=prompt_ids, keep_logits=True, ignore_eos=True)
@@ -189,7 +229,7 @@ def test_cached_decoding_equals_recompute_on_the_pruned_sequence(tiny_models, cl
 @pytest.mark.parametrize("family", FAMILIES)
 def test_query_row_scores_equal_eager_attention(tiny_models, clip, family):
     """Scores from post-RoPE q/k of the query rows (q/k norms applied where the family has them)
-    equal layer K's full attention matrix rows."""
+    equal layer K's full attention matrix rows, per head and row (H, R, N) and averaged."""
     tiny = tiny_models(family)
     encoded = encode(tiny, clip)
     k = prune_layer(tiny)
@@ -200,8 +240,8 @@ def test_query_row_scores_equal_eager_attention(tiny_models, clip, family):
 
         def grab(layer, args, kwargs):
             rows = query_rows(encoded.layout, mode)
-            captured["scores"] = question_attention(layer, tiny.adapter.rope(layer), args[0],
-                                                    kwargs["position_embeddings"], encoded.layout, rows)
+            captured["log"] = question_attention(layer, tiny.adapter.rope(layer), args[0],
+                                                 kwargs["position_embeddings"], encoded.layout, rows)
             captured["rows"] = rows
 
         hook = layers[k].register_forward_pre_hook(grab, with_kwargs=True)
@@ -213,8 +253,10 @@ def test_query_row_scores_equal_eager_attention(tiny_models, clip, family):
             hook.remove()
             text.config._attn_implementation = seg.ATTN_NAME
         probs = out.attentions[k][0]  # (H, L, L), reference only: tiny model
-        ref = probs[:, captured["rows"]][..., encoded.layout.indices].mean(dim=(0, 1))
-        torch.testing.assert_close(captured["scores"], ref, rtol=1e-4, atol=1e-6)
+        ref = probs[:, captured["rows"]][..., encoded.layout.indices]  # (H, R, N)
+        assert captured["log"].shape == ref.shape
+        torch.testing.assert_close(captured["log"].exp(), ref, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(head_mean(captured["log"]), ref.mean(dim=(0, 1)), rtol=1e-4, atol=1e-6)
 
 
 @pytest.mark.parametrize("way", ["blocks", "merged"])
@@ -283,89 +325,6 @@ def test_segment_mask_in_the_model_equals_dense_reference(tiny_models, clip, fam
             hook.remove()
         text.config._attn_implementation = seg.ATTN_NAME
     torch.testing.assert_close(ours.logits, ref, rtol=1e-4, atol=1e-4)
-
-
-# -- each component changes the kept set where it should -------------------------------------------
-class _Layout:
-    def __init__(self, t, h, w):
-        self.grid = (t, h, w)
-        self.num_visual = t * h * w
-
-
-def test_dedup_skips_a_duplicated_frame_and_refills():
-    torch.manual_seed(0)
-    layout = _Layout(4, 2, 2)
-    hidden = torch.randn(16, 32)
-    hidden[4:8] = hidden[0:4]  # frame 1 repeats frame 0
-    scores = torch.linspace(0.1, 1.0, 16).flip(0)  # frames 0 and 1 score highest
-    cfg = PruneConfig(ratio=0.5, debias="none", dedup=True, register_z=0)
-    plain = select_with_refill(scores, torch.zeros(16, dtype=torch.bool), 8)
-    kept, stats = select_sharp(scores, None, hidden, layout, cfg)
-    assert plain.tolist() == list(range(8))
-    assert stats["duplicates"][4:8].all() and not stats["duplicates"][:4].any()
-    assert kept.numel() == 8 and not set(kept.tolist()) & {4, 5, 6, 7}
-
-
-def test_dedup_refills_from_duplicates_when_budget_demands():
-    layout = _Layout(2, 1, 2)
-    hidden = torch.ones(4, 8)  # everything identical
-    kept, stats = select_sharp(torch.tensor([4.0, 3.0, 2.0, 1.0]), None, hidden, layout,
-                               PruneConfig(ratio=1.0, debias="none", register_z=0))
-    assert kept.tolist() == [0, 1, 2, 3]
-
-
-def test_debias_removes_a_prior_that_favours_late_frames():
-    n = 32
-    prior = torch.linspace(0.0, 1.0, n) ** 4  # late frames attract attention whatever the content
-    content = torch.zeros(n)
-    content[[3, 7, 11]] = 0.02
-    scores = prior + content
-    k = 3
-    plain = torch.topk(scores, k).indices.sort().values.tolist()
-    fixed = torch.topk(debias(scores, prior, "subtract"), k).indices.sort().values.tolist()
-    assert plain == [29, 30, 31] and fixed == [3, 7, 11]
-    assert torch.topk(debias(scores, prior + 1e-3, "divide"), k).indices.sort().values.tolist() == [3, 7, 11]
-
-
-def test_dividing_removes_a_bias_added_to_the_attention_logits_and_subtracting_does_not():
-    """Positional bias as RoPE gives it: a content-free term added to every logit. The black video
-    sees only that term, so dividing it out must rank by content alone. Subtracting weights each
-    difference by the prior, and when one token takes most of the attention (as sharp-tiny's layer
-    2 does) it ranks the rest by the prior, reversed. Would catch a divide that reverted to
-    subtraction, or a normalisation that broke the ratio."""
-    gen = torch.Generator().manual_seed(0)
-    n, k = 64, 10
-    bias = torch.linspace(-3.0, 3.0, n)  # late tokens attract attention whatever they show
-    content = torch.randn(n, generator=gen) * 0.5
-    content[20] = 9.0  # the needle
-    scores, prior = torch.softmax(content + bias, 0) * 0.1, torch.softmax(bias, 0) * 0.4  # any mass
-    divided = debias(scores, prior, "divide")
-    torch.testing.assert_close(divided / divided.sum(), torch.softmax(content, 0), rtol=0.1, atol=0)
-    after_needle = lambda ranked: torch.argsort(ranked, descending=True)[1:k + 1].tolist()  # noqa: E731
-    assert after_needle(divided) == after_needle(content)
-    subtracted = debias(scores, prior, "subtract")
-    assert int(subtracted.argmax()) == 20
-    assert all(i < 16 for i in after_needle(subtracted))  # the earliest, least-attended positions
-    assert PruneConfig().debias == "divide"
-
-
-def test_register_outliers_are_skipped():
-    torch.manual_seed(0)
-    hidden = torch.randn(64, 16)
-    hidden[10] *= 100
-    flags = find_registers(hidden, 8.0)
-    assert flags.nonzero().flatten().tolist() == [10]
-    assert not find_registers(hidden, 0).any()
-
-
-def test_duplicates_respect_the_window():
-    layout = _Layout(4, 1, 1)
-    hidden = torch.ones(4, 8)
-    scores = torch.tensor([1.0, 0.0, 0.0, 0.0])
-    near = find_duplicates(hidden, scores, layout, 0.9, window=1)
-    assert near.tolist() == [False, True, True, True]  # each has a better similar neighbour
-    different = torch.eye(4, 8)
-    assert not find_duplicates(different, scores, layout, 0.9, window=3).any()
 
 
 def test_prior_pass_is_cached_on_disk_and_reused(tiny, clip, tmp_path):

@@ -152,6 +152,11 @@ BAD = [
     ("bad top_p", body(top_p=0), 400, "invalid_value"),
     ("n > 1", body(n=2), 400, "unsupported_parameter"),
     ("http url", body(url="https://example.com/clip.mp4"), 400, "unsupported_url"),
+    ("deeply nested JSON", b"[" * 100_000 + b"]" * 100_000, 400, "invalid_json"),
+    ("nested inside the request", body() | {"user": [[[[[[[[[[[[[[[[[[[[]]]]]]]]]]]]]]]]]]]]}, 200, None),
+    ("seed beyond 64 bits", body(seed=2**70), 400, "invalid_value"),
+    ("temperature infinity", body(temperature=float("inf")), 400, "invalid_value"),
+    ("max_pixels beyond any frame", body(max_pixels=10**15), 400, "invalid_value"),
     ("unknown model", body() | {"model": "gpt-4o"}, 404, "model_not_found"),
 ]
 
@@ -160,16 +165,58 @@ BAD = [
 def test_bad_requests_get_openai_errors_and_the_server_goes_on(server, payload, status, code):
     response = server.post(payload, headers={"content-type": "application/json"})
     assert response.status_code == status, response.text
+    if status == 200:
+        return
     error = response.json()["error"]
     assert error["code"] == code and error["type"] == "invalid_request_error"
     assert error["message"] and "\n" not in error["message"] and "Traceback" not in error["message"]
     assert server.post(body(max_tokens=1)).status_code == 200
 
 
+def test_seed_and_max_pixels_bounds_are_named(server):
+    assert server.post(body(seed=2**70)).json()["error"]["message"] == \
+        f"seed must be in [0, 2**64 - 1], got {2**70}"
+    assert server.post(body(max_pixels=10**15)).json()["error"]["message"] == \
+        "max_pixels must be in [1, 16,777,216] (a 4096x4096 frame), got 1,000,000,000,000,000"
+    assert server.post(b"[" * 100_000 + b"]" * 100_000).json()["error"]["message"] == \
+        "the request body is nested too deeply"
+
+
+def test_a_large_video_is_decoded_at_the_models_pixel_budget(loaded, tmp_path, monkeypatch):
+    """Without --max-pixels, 1080p frames become 560x1008 while decoding (what Qwen2.5-VL's processor
+    keeps of them), not 1920x1080; the answer's grid is the reference's."""
+    from sharp_cli import video as video_mod
+
+    make_video(tmp_path / "hd.mp4", n_frames=8, fps=8, size=(1920, 1080))
+    shapes, real = [], video_mod.load_video
+    monkeypatch.setattr(video_mod, "load_video", lambda *a, **k: shapes.append(real(*a, **k).frames.shape)
+                        or real(*a, **k))
+    with LiveServer(loaded, tmp_path, max_pixels=None) as live:
+        reply = live.post(body(url="hd.mp4", frames=2, max_tokens=1, method="none"))
+    assert reply.status_code == 200, reply.text
+    assert reply.json()["sharp"]["token_grid"] == [1, 20, 36]
+    assert shapes and all(shape[1:3] == (560, 1008) for shape in shapes)
+
+
+def test_a_request_over_the_models_context_is_a_400_before_decoding(server, loaded, monkeypatch):
+    from sharp_cli import video as video_mod
+
+    monkeypatch.setattr(loaded.model.config.text_config, "max_position_embeddings", 200)
+    decoded, real = [], video_mod.load_video
+    monkeypatch.setattr(video_mod, "load_video", lambda *a, **k: decoded.append(1) or real(*a, **k))
+    response = server.post(body(frames=24))
+    assert response.status_code == 400 and response.json()["error"]["code"] == "invalid_value"
+    message = response.json()["error"]["message"]
+    assert "over the model's 200-token context (max_position_embeddings)" in message
+    assert "lower frames (or fps / max_frames) or max_pixels" in message and not decoded
+    assert server.post(body(frames=2, max_tokens=1)).status_code == 200
+
+
 def test_option_errors_name_the_field_not_the_flag(server):
     assert server.post(body(ratio=0)).json()["error"]["message"] == "ratio must be in (0, 1], got 0.0"
     assert server.post(body(ratoi=1)).json()["error"]["message"] == "ratoi: unknown field"
-    assert server.post(body(max_pixels=0)).json()["error"]["message"] == "max_pixels must be >= 1, got 0"
+    assert server.post(body(max_pixels=0)).json()["error"]["message"] == \
+        "max_pixels must be in [1, 16,777,216] (a 4096x4096 frame), got 0"
     assert server.post(body(layer=7)).json()["error"]["message"].startswith("layer must be < 4")
 
 
@@ -213,11 +260,17 @@ def test_model_names_a_request_may_use():
 
 
 # -- security ----------------------------------------------------------------------------------------
-def test_api_key_is_required_on_every_route(loaded, media):
+def test_api_key_is_required_on_every_route_but_liveness(loaded, media):
     with LiveServer(loaded, media, api_key="s3cret") as live:
-        for response in (live.post(body(max_tokens=1)), httpx.get(live.url + "/health"),
-                         httpx.get(live.url + "/v1/models"), httpx.get(live.url + "/nothing")):
+        for response in (live.post(body(max_tokens=1)), httpx.get(live.url + "/v1/models"),
+                         httpx.get(live.url + "/nothing"), httpx.post(live.url + "/health"),
+                         httpx.get(live.url + "/health/", headers={"Authorization": "Bearer guess"})):
             assert response.status_code == 401 and response.json()["error"]["code"] == "invalid_api_key"
+        for key in (None, "guess"):  # a load balancer's probe: alive or not, nothing more
+            probe = httpx.get(live.url + "/health", headers={"Authorization": f"Bearer {key}"} if key else {})
+            assert probe.status_code == 200 and probe.json() == {"status": "ok"}
+        details = httpx.get(live.url + "/health", headers={"Authorization": "Bearer s3cret"}).json()
+        assert details["model"] == "tiny-served" and {"busy", "waiting", "answered", "failed"} <= set(details)
         wrong = live.post(body(max_tokens=1), headers={"Authorization": "Bearer guess"})
         assert wrong.status_code == 401 and wrong.json()["error"]["message"] == "invalid API key"
         with pytest.raises(openai.AuthenticationError):
@@ -247,6 +300,55 @@ def test_media_dir_confines_local_files(server, media, tmp_path):
     for url in allowed:
         assert server.post(body(url=url, max_tokens=1)).status_code == 200, url
     assert server.post(body(url="file://elsewhere/clip.mp4")).json()["error"]["code"] == "invalid_video_url"
+
+
+def test_a_sibling_folder_that_shares_the_media_folders_name_is_outside(loaded, tmp_path):
+    """<media>-x/ starts with <media> as a string but is not under it (a string-prefix check would let
+    it through): 403."""
+    media = tmp_path / "media"
+    sibling = tmp_path / "media-x"
+    for folder in (media, sibling):
+        folder.mkdir()
+        make_video(folder / "clip.mp4", n_frames=8, fps=8, size=(56, 56))
+    with LiveServer(loaded, media) as live:
+        for url in (str(sibling / "clip.mp4"), "../media-x/clip.mp4", f"file://{sibling}/clip.mp4"):
+            response = live.post(body(url=url, max_tokens=1))
+            assert response.status_code == 403 and response.json()["error"]["code"] == "outside_media_dir", url
+        assert live.post(body(url="clip.mp4", max_tokens=1)).status_code == 200
+
+
+def test_a_file_swapped_for_a_symlink_after_the_check_is_not_read(loaded, tmp_path, monkeypatch):
+    """The path passes the check when the request arrives; before its frames are decoded it becomes
+    a symlink to a video outside the media folder. The file opened for decoding is checked: 403,
+    and the outside video is never decoded."""
+    from sharp_cli import video as video_mod
+    from sharp_cli.serve.service import Service
+
+    media, outside = tmp_path / "media", tmp_path / "private"
+    media.mkdir()
+    outside.mkdir()
+    make_video(media / "swap.mp4", n_frames=8, fps=8, size=(56, 56))
+    secret = make_video(outside / "secret.mp4", n_frames=8, fps=8, size=(112, 84))
+    real_decode, decoded = Service.decode, []
+
+    def swap_then_decode(self, question):
+        os.replace(media / "swap.mp4", media / "was-swap.mp4")
+        os.symlink(secret, media / "swap.mp4")
+        return real_decode(self, question)
+
+    real_load = video_mod.load_video
+    monkeypatch.setattr(video_mod, "load_video", lambda path, **k: decoded.append(os.path.realpath(path))
+                        or real_load(path, **k))
+    monkeypatch.setattr(Service, "decode", swap_then_decode)
+    with LiveServer(loaded, media) as live:
+        response = live.post(body(url="swap.mp4", max_tokens=1))
+        assert response.status_code == 403 and response.json()["error"]["code"] == "outside_media_dir"
+        assert secret not in decoded
+        os.unlink(media / "swap.mp4")
+        os.replace(media / "was-swap.mp4", media / "swap.mp4")
+        monkeypatch.setattr(Service, "decode", real_decode)
+        assert live.post(body(url="swap.mp4", max_tokens=1)).status_code == 200  # read through the opened file
+        assert decoded[-1] == str(media / "swap.mp4")
 
 
 def test_uploads_are_bounded_and_their_files_removed(loaded, media):

@@ -12,6 +12,7 @@ import subprocess
 import sys
 import threading
 import time
+from multiprocessing.pool import ThreadPool
 
 import httpx
 import openai
@@ -201,6 +202,27 @@ def test_serve_says_when_the_port_is_taken(tiny_dir):
     assert len(result.stderr.strip().splitlines()) == 1
 
 
+def test_a_second_server_on_the_same_port_fails_before_loading(tiny_dir, monkeypatch):
+    """The first `sharp serve` holds its port from the start, while it loads its model: a second one
+    on that port says so in one line and never loads a model."""
+    from sharp_cli import loading
+    from sharp_cli.serve.app import bind
+
+    def never(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    first = bind("127.0.0.1", 0)  # what the first server holds while its model loads
+    try:
+        port = first.getsockname()[1]
+        monkeypatch.setattr(loading, "load", never)
+        result = runner.invoke(app, ["serve", "-m", str(tiny_dir), "--port", str(port)])
+    finally:
+        first.close()
+    assert result.exit_code == 1, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and f"cannot listen on 127.0.0.1:{port}" in lines[0] and "in use" in lines[0]
+
+
 def start_sharp_serve(tiny_dir, media_dir, *extra, env=None):
     """`python -m sharp_cli serve` on a free port; returns (process, base URL, stderr lines so far)."""
     command = [sys.executable, "-m", "sharp_cli", "serve", "-m", str(tiny_dir), "--port", "0",
@@ -229,7 +251,8 @@ def test_sharp_serve_answers_then_stops_cleanly_on_a_signal(tiny_dir, media, sto
     try:
         wait_for(lambda: httpx.get(url + "/health", headers={"Authorization": "Bearer k3y"}).status_code == 200,
                  what="/health")
-        assert httpx.get(url + "/health").status_code == 401  # the key came from SHARP_API_KEY
+        assert httpx.get(url + "/health").json() == {"status": "ok"}  # open, without the details
+        assert httpx.get(url + "/v1/models").status_code == 401  # the key came from SHARP_API_KEY
         client = openai.OpenAI(base_url=url + "/v1", api_key="k3y", max_retries=0, timeout=120)
         reply = client.chat.completions.create(model=os.path.basename(str(tiny_dir)),
                                                messages=video_message("clip one.mp4"))
@@ -279,3 +302,92 @@ print(len(hits))
 """
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0 and done.stdout.strip() == "1", (done.returncode, done.stderr[-500:])
+
+
+def test_a_prior_cache_that_cannot_be_written_still_answers_200(loaded, media, tmp_path, monkeypatch, capfd):
+    """safetensors raises its own error for a read-only or full folder, not OSError: the server
+    keeps the prior in memory, says so once, and answers."""
+    import safetensors.torch
+    from safetensors import SafetensorError
+
+    def full(*args, **kwargs):
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setenv("SHARP_CACHE_DIR", str(tmp_path))  # an empty cache: the prior must be written
+    monkeypatch.setattr(safetensors.torch, "save_file", full)
+    with LiveServer(loaded, media) as live:
+        assert live.post(body(max_tokens=1)).status_code == 200
+        assert live.post(body(url="wide.mp4", max_tokens=1)).status_code == 200
+    err = capfd.readouterr().err
+    assert err.count("cannot write the positional-prior cache") == 1 and "No space left on device" in err
+
+
+def _stall(url: str, headers_done: bool) -> socket.socket:
+    """A client that sends part of its request and stops: mid-headers, or mid-body."""
+    host, port = url.removeprefix("http://").split(":")
+    sock = socket.create_connection((host, int(port)), timeout=60)
+    sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n")
+    if headers_done:
+        sock.sendall(b'Content-Length: 1000\r\n\r\n{"model": "tiny-served", "messages": [')
+    return sock
+
+
+def _reply(sock: socket.socket) -> bytes:
+    chunks = []
+    while chunk := sock.recv(65536):
+        chunks.append(chunk)
+    sock.close()
+    return b"".join(chunks)
+
+
+def test_stalled_clients_hold_no_place_in_the_queue(loaded, media):
+    """With --max-queue 1, a dozen clients stalled mid-headers or mid-body while the others ask:
+    the others are answered (before, each stalled body held a place: everyone else got 503)."""
+    with LiveServer(loaded, media, max_queue=1, header_seconds=120, body_idle_seconds=120) as live:
+        stalled = [_stall(live.url, headers_done=i % 2 == 1) for i in range(12)]
+        wait_for(lambda: live.service.worker.waiting == 0, what="the server to see them")
+        for url in ("clip one.mp4", "wide.mp4", "tall.mp4"):
+            assert live.post(body(url=url, max_tokens=1)).status_code == 200
+        for sock in stalled:  # still stalled, still unanswered: they were there all along
+            sock.setblocking(False)
+            with pytest.raises(BlockingIOError):
+                sock.recv(1)
+            sock.close()
+
+
+def test_stalled_clients_get_a_408_and_their_connection_closed(loaded, media):
+    with LiveServer(loaded, media, header_seconds=0.5, body_idle_seconds=0.5) as live:
+        mid_headers, mid_body = _stall(live.url, headers_done=False), _stall(live.url, headers_done=True)
+        silent = socket.create_connection(tuple(live.url.removeprefix("http://").split(":")[:1]) +
+                                          (int(live.url.rsplit(":", 1)[1]),), timeout=60)
+        for sock, says in ((mid_headers, b"request headers"), (silent, b"request headers"),
+                           (mid_body, b"request body")):
+            reply = _reply(sock)
+            assert reply.startswith(b"HTTP/1.1 408 ") and b'"code": "request_timeout"' in reply.replace(
+                b'"code":"', b'"code": "') and says in reply, reply
+        assert live.post(body(max_tokens=1)).status_code == 200
+
+
+def test_concurrent_decord_decodes_leave_the_servers_stderr_and_exit_status(tiny_dir, tmp_path):
+    """Six different videos asked about at once, decoded by decord two at a time: the server still
+    logs afterwards, and SIGINT still stops it with status 0 (its stderr used to be lost here, and
+    the exit status with it)."""
+    from videos import make_video
+
+    for i, width in enumerate((64, 80, 112, 128, 160, 176)):
+        make_video(tmp_path / f"v{i}.mp4", n_frames=16, fps=8, size=(width, 56))
+    proc, url, lines, seen = start_sharp_serve(tiny_dir, tmp_path, "--max-new-tokens", "1", "--decoder", "decord")
+    try:
+        with ThreadPool(6) as pool:
+            codes = pool.map(lambda i: httpx.post(url + "/v1/chat/completions", json=body(url=f"v{i}.mp4") | {"model": None},
+                                                  timeout=120).status_code, range(6))
+        assert codes == [200] * 6
+        assert httpx.get(url + "/health").status_code == 200
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    time.sleep(0.2)
+    log = "".join(seen) + "".join(lines.get_nowait() for _ in range(lines.qsize()))
+    assert "sharp serve: stopped" in log and "Traceback" not in log

@@ -23,6 +23,15 @@ HAS_DECORD = available_backends()["decord"] is not None
 BACKENDS = ["pyav", pytest.param("decord", marks=pytest.mark.skipif(not HAS_DECORD, reason="decord not installed"))]
 
 
+@pytest.fixture
+def decord_first(monkeypatch):
+    """--decoder auto trying decord first, as AUTO_ORDER may say on another machine (the lead's
+    measurement decides): its fallbacks to PyAV stay tested."""
+    import sharp_cli.video as video
+
+    monkeypatch.setattr(video, "AUTO_ORDER", ("decord", "pyav"))
+
+
 @pytest.fixture(scope="module")
 def vids(tmp_path_factory):
     """The test videos, encoded once for the module (about a second in all)."""
@@ -91,6 +100,8 @@ def test_sample_indices_examples():
     assert sample_indices(0, 25) == []
     # fps mode over the cap: max_frames spread uniformly over the whole video instead
     assert sample_indices(10_000, 10, fps=5, max_frames=4) == sample_indices(10_000, 10, frames=4)
+    # exactly at the cap: still one frame every 1/fps seconds (spread uniformly would be 5, 15, 26, ...)
+    assert sample_indices(105, 10, fps=1, max_frames=10) == [5, 15, 25, 35, 45, 55, 65, 75, 85, 95]
     assert sample_indices(10_000, 10, frames=1000, max_frames=10) == sample_indices(10_000, 10, frames=10)
     assert sample_indices(7, 10, frames=None) == list(range(7))
 
@@ -249,7 +260,7 @@ def test_max_pixels_bounds_every_frame(tmp_path, backend):
 
 @pytest.mark.parametrize("backend", ["pyav", "auto"])
 @pytest.mark.parametrize("rotation", [90, -90])
-def test_quarter_turn_rotation_is_applied(tmp_path, rotation, backend):
+def test_quarter_turn_rotation_is_applied(tmp_path, rotation, backend, decord_first):
     # rotation is counter-clockwise (FFmpeg's display matrix convention, which
     # VideoFrame.rotation reports); upright frames are the stored ones turned that way.
     clip = load_video(make_video(tmp_path / "rot.mp4", rotation=rotation), frames=5, backend=backend)
@@ -295,8 +306,34 @@ def test_deterministic(vids, backend):
 # ---------------------------------------------------------------- decord fallback
 
 
+def test_auto_reads_with_pyav_first_as_measured(vids):
+    """scripts/decoder_bench.py found PyAV faster on this CPU (docs/video.md): auto uses it."""
+    from sharp_cli.video import AUTO_ORDER
+
+    assert AUTO_ORDER == ("pyav", "decord")
+    clip = load_video(vids["h264"], frames=8)
+    assert clip.backend == "pyav" and frame_indices(clip.frames) == clip.indices and clip.notes == []
+
+
 @pytest.mark.skipif(not HAS_DECORD, reason="decord not installed")
-def test_auto_falls_back_to_pyav_when_decord_raises(vids, monkeypatch):
+def test_auto_falls_back_to_decord_when_pyav_fails(vids, monkeypatch):
+    import av
+
+    import sharp_cli.video as video
+
+    def broken(*args, **kwargs):
+        raise av.error.InvalidDataError(1094995529, "Invalid data found when processing input")
+
+    monkeypatch.setattr(video, "decode_at", broken)
+    clip = load_video(vids["h264"], frames=8)
+    assert clip.backend == "decord" and frame_indices(clip.frames) == clip.indices
+    assert clip.notes[0].startswith("PyAV failed (decoding failed (") and clip.notes[0].endswith("); used decord")
+    with pytest.raises(VideoError, match="decoding failed"):  # forced: PyAV's own words
+        load_video(vids["h264"], frames=8, backend="pyav")
+
+
+@pytest.mark.skipif(not HAS_DECORD, reason="decord not installed")
+def test_auto_falls_back_to_pyav_when_decord_raises(vids, monkeypatch, decord_first):
     import decord
 
     def broken(*args, **kwargs):
@@ -312,7 +349,7 @@ def test_auto_falls_back_to_pyav_when_decord_raises(vids, monkeypatch):
 
 
 @pytest.mark.skipif(not HAS_DECORD, reason="decord not installed")
-def test_auto_falls_back_when_decord_returns_garbage(vids, monkeypatch):
+def test_auto_falls_back_when_decord_returns_garbage(vids, monkeypatch, decord_first):
     import decord
 
     class Garbage:
@@ -338,7 +375,11 @@ def test_auto_falls_back_when_decord_returns_garbage(vids, monkeypatch):
 
 
 def test_missing_decord(vids, monkeypatch):
+    import sharp_cli.video as video
+
     monkeypatch.setitem(sys.modules, "decord", None)  # makes `import decord` raise ImportError
+    assert load_video(vids["h264"], frames=4).backend == "pyav"
+    monkeypatch.setattr(video, "AUTO_ORDER", ("decord", "pyav"))
     clip = load_video(vids["h264"], frames=4)
     assert clip.backend == "pyav" and any("not installed" in n for n in clip.notes)
     with pytest.raises(UsageError, match="decord"):
@@ -560,6 +601,53 @@ def test_forced_decord_retries_a_lost_place(vids, monkeypatch):
     with pytest.raises(VideoError, match="lost its place"):
         load_video(vids["h264"], frames=8, backend="decord")
     assert len(calls) == ATTEMPTS
-    clip = load_video(vids["h264"], frames=8)  # auto: PyAV at once
+    import sharp_cli.video as video
+
+    monkeypatch.setattr(video, "AUTO_ORDER", ("decord", "pyav"))
+    clip = load_video(vids["h264"], frames=8)  # auto, decord first: PyAV at once
     assert clip.backend == "pyav" and frame_indices(clip.frames) == clip.indices
     assert any("lost its place" in n for n in clip.notes)
+
+
+_OVERLAP = """
+import os, threading
+from sharp_cli.decord_read import watch_stderr
+before, results = os.fstat(2), {}
+entered, second_in = threading.Event(), threading.Event()
+
+def first():
+    with watch_stderr(b"MARK") as seen:
+        entered.set()
+        second_in.wait(1.0)  # the second block starts meanwhile, unless it must wait for this one
+        os.write(2, b"MARK first\\n")
+    results["first"] = len(seen)
+
+def second():
+    entered.wait()
+    with watch_stderr(b"MARK") as seen:
+        second_in.set()
+        os.write(2, b"MARK second\\n")
+    results["second"] = len(seen)
+
+threads = [threading.Thread(target=first), threading.Thread(target=second)]
+[t.start() for t in threads]
+[t.join() for t in threads]
+after = os.fstat(2)
+os.write(2, b"still here\\n")
+print((before.st_dev, before.st_ino) == (after.st_dev, after.st_ino), results["first"], results["second"])
+"""
+
+
+def test_two_threads_watching_stderr_at_once_leave_it_working():
+    """serve decodes two videos at once: each watch swapped fd 2 for its own pipe, they restored each
+    other's, and the process lost its stderr for good. Each block sees its own marker line, and
+    fd 2 is the real stderr after both."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    done = subprocess.run([sys.executable, "-c", _OVERLAP], capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent)})
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["True", "1", "1"]
+    assert "still here" in done.stderr and "MARK" not in done.stderr

@@ -10,19 +10,25 @@ from typing import Annotated, Optional
 
 import typer
 
-from sharp_cli.options import (DEFAULT_DEBIAS, CacheGb, Compile, JsonOut, Debias, Decoder, Dedup, DedupThreshold, DedupWindow, Device, Dtype, Fps,
-                           Frames, KvGb, Layer, MaxBatch, MaxFrames, MaxPixels, Model, Quant, Query, RandomWeights,
-                           RegisterZ, SegmentFrames, SegmentMask, TrustRemoteCode)
+from sharp_cli.options import (DEFAULT_MODEL, CacheGb, Compile, Decoder, Device, Dtype, Fps, Frames, JsonOut, KvGb,
+                               MaxBatch, MaxFrames, MaxPixels, Model, Quant, RandomWeights, TrustRemoteCode,
+                               prune_options)
+from sharp_cli.prune.config import PruneConfig
 
 TASKS = ("colour", "direction", "order", "count", "flash", "sequence", "objects", "dominant", "motion", "scenes")
 TASK_GROUPS = ("basic", "hard", "all")  # synth.TASKS and synth.GROUPS, without importing numpy for --help
 Quiet = Annotated[bool, typer.Option("-q", "--quiet", help="No table or progress on stderr.")]
-Format = Annotated[str, typer.Option(help="auto, sharp, videomme, mvbench, mlvu or longvideobench.")]
-VideoDir = Annotated[Optional[str], typer.Option(help="Folder of the videos, if not where the format expects them.")]
+Format = Annotated[str, typer.Option(help="auto, sharp, videomme, mvbench, mlvu or longvideobench "
+                                      "(auto: from the folder layout or the annotation fields; docs/eval.md).")]
+VideoDir = Annotated[Optional[str], typer.Option(
+    help="Where the videos are, if not where the download puts them: the folder of the video files "
+         "(MVBench: the folder holding its task folders).")]
+Prompt = Annotated[str, typer.Option(
+    help="auto (the benchmark's reference prompt, lmms-eval's), sharp, videomme, mvbench, mlvu or longvideobench.")]
 CategoryField = Annotated[Optional[str], typer.Option(
     help="Annotation field to break accuracy down by (default: the format's, see docs/eval.md).")]
 SkipMissing = Annotated[bool, typer.Option("--skip-missing", help="Leave out questions whose video is missing.")]
-Methods = Annotated[str, typer.Option(help="Comma list of methods to compare.")]
+Methods = Annotated[str, typer.Option(help="Comma list of methods to compare: sharp, fastv, evs, random, none.")]
 Ratios = Annotated[Optional[list[str]], typer.Option(help="Ratio(s) kept; repeat or give a comma list.")]
 MaxNewTokens = Annotated[int, typer.Option(help="Upper bound on answer tokens (a letter needs few).")]
 Limit = Annotated[Optional[int], typer.Option(help="Only the first N questions.")]
@@ -37,18 +43,17 @@ Bootstrap = Annotated[int, typer.Option(help="Resamples of the paired bootstrap 
 FirstSeed = Annotated[int, typer.Option("--seed", help="First seed of every cell: seeds S, S+1, ... (none: one run).")]
 
 
+@prune_options(skip=("method", "ratio", "seed"))  # seeds: --seed and --tie-seeds below
 def eval_command(
     data: Annotated[str, typer.Argument(help="Questions: a file, or a benchmark's folder (see --format).")],
     format: Format = "auto", video_dir: VideoDir = None, category_field: CategoryField = None,
-    skip_missing: SkipMissing = False,
-    model: Model = "Qwen/Qwen2.5-VL-7B-Instruct",
+    skip_missing: SkipMissing = False, prompt: Prompt = "auto",
+    model: Model = DEFAULT_MODEL,
     device: Device = "auto", quant: Quant = "auto", dtype: Dtype = "auto",
     random_weights: RandomWeights = False, trust_remote_code: TrustRemoteCode = False,
     methods: Methods = "none,fastv,random,sharp", ratio: Ratios = None,
-    layer: Layer = None, query: Query = "last",
-    segment_mask: SegmentMask = True, segment_frames: SegmentFrames = None, debias: Debias = DEFAULT_DEBIAS,
-    dedup: Dedup = True, dedup_threshold: DedupThreshold = 0.9, dedup_window: DedupWindow = 1,
-    register_z: RegisterZ = 8.0, seed: FirstSeed = 0,
+    prune: PruneConfig = PruneConfig(),
+    seed: FirstSeed = 0,
     frames: Frames = 32, fps: Fps = None, max_frames: MaxFrames = 768, max_pixels: MaxPixels = None,
     decoder: Decoder = "auto", max_new_tokens: MaxNewTokens = 8, limit: Limit = None, output: Output = None,
     shard_timeout: ShardTimeout = 3600.0, cache_gb: CacheGb = 4.0, compile_model: Compile = False,
@@ -56,10 +61,11 @@ def eval_command(
     tie_seeds: TieSeeds = 3, random_seeds: RandomSeeds = None, bootstrap: Bootstrap = 2000,
 ):
     """Multiple-choice accuracy of every method and ratio on a video QA set (resumable, shardable)."""
-    from sharp_cli.options import check_kv_gb, max_batch_for, prune_config, quiet_transformers, split_list, stderr_console
+    from dataclasses import replace
+
+    from sharp_cli.options import check_kv_gb, max_batch_for, quiet_transformers, split_list, stderr_console
     from sharp_cli.errors import SharpError, UsageError
-    from sharp_cli.evaluate import formats
-    from sharp_cli.evaluate.letters import PROMPT_VERSION
+    from sharp_cli.evaluate import formats, headline, prompts
     from sharp_cli.prune.config import METHODS
 
     method_list = split_list([methods], str, "--methods")
@@ -69,10 +75,9 @@ def eval_command(
     if not method_list:
         raise UsageError("--methods is empty")
     ratios = split_list(ratio or ["0.15"], float, "--ratio")
-    base = None
-    for r in [*ratios, 1.0]:  # validates every ratio; the base config's method and ratio are set per cell
-        base = prune_config("sharp", r, layer, query, segment_mask, segment_frames, debias, dedup, dedup_threshold,
-                            dedup_window, register_z, seed)
+    for r in ratios:  # validates every ratio; the base config's method and ratio are set per cell
+        replace(prune, ratio=r).validate()
+    base = replace(prune, ratio=1.0).validate()
     if limit is not None and limit < 1:
         raise UsageError(f"--limit must be >= 1, got {limit}")
     if not cache_gb >= 0:
@@ -85,8 +90,10 @@ def eval_command(
     random_seeds = max(5, tie_seeds) if random_seeds is None else random_seeds
     if tie_seeds < 1 or random_seeds < 1 or bootstrap < 0 or seed < 0:
         raise UsageError("--tie-seeds and --random-seeds must be >= 1, --bootstrap and --seed >= 0")
+    prompts.check(prompt)
     console = stderr_console(quiet)
     dataset = formats.drop_missing(formats.load(data, format, video_dir, category_field), skip_missing)
+    dataset, prompt = prompts.apply(dataset, prompt)
     items = dataset.items[:limit] if limit else dataset.items
     for note in dataset.notes:
         console.print(f"note: {note}")
@@ -97,12 +104,16 @@ def eval_command(
 
     rank, world = runner.distributed()
     # K resolved for the model first: it is part of the settings a resumed run must match.
+    if "evs" in method_list:  # refused on some families (Qwen3-VL): before any answer, not in a cell
+        loading.check_prune_config(model, replace(base, method="evs"), random_weights=random_weights,
+                                   trust_remote_code=trust_remote_code)
     base = loading.check_prune_config(model, base, random_weights=random_weights, trust_remote_code=trust_remote_code)
     dev = loading.resolve_device(device)
     settings = {  # a results line is reused only under the same settings
         "model": model, "random_weights": random_weights, "quant": loading.resolve_quant(quant, dev, model),
         "dtype": str(loading.resolve_dtype(dtype, dev)).replace("torch.", ""), "frames": frames, "fps": fps,
-        "max_frames": max_frames, "max_pixels": max_pixels, "max_new_tokens": max_new_tokens, "prompt": PROMPT_VERSION,
+        "max_frames": max_frames, "max_pixels": max_pixels, "max_new_tokens": max_new_tokens,
+        "prompt": prompts.setting(prompt),
         "options": {k: v for k, v in base.as_dict().items() if k not in ("method", "ratio", "seed")},
     }
     video = dict(frames=frames, fps=fps, max_frames=max_frames, max_pixels=max_pixels, backend=decoder)
@@ -134,7 +145,9 @@ def eval_command(
                          f"merged what was there into {job.results}; run again to resume")
     from sharp_cli.evaluate import stats, summary
 
-    rows = summary.summarize(runner.read_results(job.results), items, job.cells, bootstrap)
+    records = runner.read_results(job.results)
+    rows = summary.summarize(records, items, job.cells, bootstrap)
+    headline.add(rows, records, items, dataset.format)  # MLVU's M-Avg etc. beside the accuracy
     warning = summary.tie_warning(rows)
     result = {"rows": rows, "questions": len(items), "data": str(data), "format": dataset.format,
               "results_file": str(job.results), "world_size": world, "settings": settings,
@@ -200,6 +213,9 @@ def default_output(output, data_name: str, model: str):
     if output:
         if os.path.isdir(output):
             raise UsageError(f"--output '{output}' is a directory")
+        from sharp_cli import jsonl
+
+        jsonl.check_ours(Path(output), jsonl.is_eval_record)  # before the model loads; nothing else is appended to
         return Path(output).absolute()
     slug = Path(model.rstrip("/")).name if os.path.isdir(model) else model.replace("/", "--")
     name = re.sub(r"[^A-Za-z0-9._-]+", "-", f"sharp-eval-{data_name}-{slug}")
@@ -230,4 +246,5 @@ def synth_command(
         items = synth.write(out, n, seed, frames=frames, size=size, tasks=tuple(split_list([tasks], str, "--tasks")),
                             progress=lambda: progress.advance(task))
     typer.echo(str(items))
-    console.print(f"{n} questions in {items}; evaluate with: sharp eval {items} --frames {frames}")
+    console.print(f"{n} question{'' if n == 1 else 's'} in {items}; evaluate with: sharp eval {items} -m sharp-tiny --frames {frames} "
+                  "(sharp-tiny: the small model shipped with sharp, offline on a CPU)")

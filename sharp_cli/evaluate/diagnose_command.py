@@ -6,7 +6,10 @@ from typing import Annotated, Optional
 
 import typer
 
-from sharp_cli.options import Decoder, Device, Dtype, Fps, Frames, JsonOut, Layer, MaxFrames, MaxPixels, Model, Quant
+from sharp_cli.options import Decoder, Device, Dtype, Fps, Frames, JsonOut, MaxFrames, MaxPixels, Model, Quant
+from sharp_cli.prune.config import field_help
+
+Layer = Annotated[Optional[int], typer.Option(help=field_help("layer"), show_default=False)]
 
 
 def diagnose_command(

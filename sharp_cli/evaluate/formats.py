@@ -1,16 +1,19 @@
-"""Multiple-choice video QA items from our own format and four released benchmark layouts.
+"""Multiple-choice video QA items from our own format and four released benchmarks, as their users
+download them (official releases, Hugging Face parquet/JSON, lmms-eval's caches).
 
-Every reader returns Items: an id unique in the set, the video's absolute path, the question,
-the option texts (without "A." prefixes), the answer letter and a category for per-category
-accuracy. docs/eval.md describes each layout and the assumptions made about it.
+Every reader returns Items: an id unique in the set, the video's absolute path, the question, the
+option texts (without "A." prefixes), the answer letter (None when the split withholds it), a
+category for per-category accuracy and the benchmark's own task (group) for its headline number.
+docs/eval.md shows each layout and the command that evaluates it.
 
     sharp           JSON list or JSONL of {video, question, options?, answer?, category?, id?, needle_boxes?};
                     video paths relative to the data file (or to --video-dir)
-    videomme        videomme/test-*.parquet (or the same records as JSON/JSONL); videos data/<videoID>.mp4
-    mvbench         json/<task>.json with {video, question, candidates, answer text}; videos video/<folder>/...
-    mlvu            json/<n>_<task>.json with {video, question, candidates, answer text, question_type};
-                    videos video/<n>_<task>/...
-    longvideobench  lvb_val.json with {id, video_path, question, candidates, correct_choice}; videos videos/...
+    videomme        readers/videomme.py: videomme/test-*.parquet or the same records as JSON; data/<videoID>.mp4
+    mvbench         readers/mvbench.py: json/<task>.json; video/<folder>/... or revision `video`'s <folder>/...
+    mlvu            readers/mlvu.py: MLVU/json/<n>_<task>.json, or lmms-eval's mlvu/test-*.parquet
+    longvideobench  readers/longvideobench.py: lvb_val.json, lvb_test_wo_gt.json, validation/test-*.parquet
+
+readers/lmms_cache.py joins lmms-eval's two halves (hub snapshot: questions; cache folder: videos).
 """
 
 from __future__ import annotations
@@ -21,35 +24,15 @@ from pathlib import Path
 from sharp_cli.errors import SharpError, UsageError
 from sharp_cli.evaluate import needles
 from sharp_cli.evaluate.items import Dataset, Item  # noqa: F401 - readers' results; Item re-exported
-from sharp_cli.evaluate.items import answer_letter, field_of, find_video, first_dir, make_item, read_records
+from sharp_cli.evaluate.items import answer_letter, columns, field_of, make_item, read_records
 from sharp_cli.evaluate.letters import strip_letter_prefixes
+from sharp_cli.evaluate.readers import lmms_cache, longvideobench, mlvu, mvbench, videomme
 
 FORMATS = ("auto", "sharp", "videomme", "mvbench", "mlvu", "longvideobench")
-
-# MVBench json stem -> (category, folder under video/, how clips are stored). "bound": the
-# question is about a start..end window of the video; "frames": a folder of frames, not a video.
-MVBENCH_TASKS = {
-    "action_sequence": ("Action Sequence", "star/Charades_v1_480", "bound"),
-    "action_prediction": ("Action Prediction", "star/Charades_v1_480", "bound"),
-    "action_antonym": ("Action Antonym", "ssv2_video", "video"),
-    "fine_grained_action": ("Fine-grained Action", "Moments_in_Time_Raw/videos", "video"),
-    "unexpected_action": ("Unexpected Action", "FunQA_test/test", "video"),
-    "object_existence": ("Object Existence", "clevrer/video_validation", "video"),
-    "object_interaction": ("Object Interaction", "star/Charades_v1_480", "bound"),
-    "object_shuffle": ("Object Shuffle", "perception/videos", "video"),
-    "moving_direction": ("Moving Direction", "clevrer/video_validation", "video"),
-    "action_localization": ("Action Localization", "sta/sta_video", "bound"),
-    "scene_transition": ("Scene Transition", "scene_qa/video", "video"),
-    "action_count": ("Action Count", "perception/videos", "video"),
-    "moving_count": ("Moving Count", "clevrer/video_validation", "video"),
-    "moving_attribute": ("Moving Attribute", "clevrer/video_validation", "video"),
-    "state_change": ("State Change", "perception/videos", "video"),
-    "fine_grained_pose": ("Fine-grained Pose", "nturgbd", "video"),
-    "character_order": ("Character Order", "perception/videos", "video"),
-    "egocentric_navigation": ("Egocentric Navigation", "vlnqa", "video"),
-    "episodic_reasoning": ("Episodic Reasoning", "tvqa/frames_fps3_hq", "frames"),
-    "counterfactual_inference": ("Counterfactual Inference", "clevrer/video_validation", "video"),
-}
+# Folder layouts, most specific first: MVBench's json/ names its tasks, MLVU's numbers them.
+_FOLDER_READERS = (("mvbench", mvbench), ("mlvu", mlvu), ("longvideobench", longvideobench),
+                   ("videomme", videomme))
+MVBENCH_TASKS = mvbench.TASKS
 
 
 def load(data: str | os.PathLike, fmt: str = "auto", video_dir: str | None = None,
@@ -61,13 +44,16 @@ def load(data: str | os.PathLike, fmt: str = "auto", video_dir: str | None = Non
         raise UsageError(f"data not found: {path}")
     if video_dir is not None and not Path(video_dir).expanduser().is_dir():
         raise UsageError(f"--video-dir is not a folder: {video_dir}")
-    fmt = detect(path) if fmt == "auto" else fmt
     vdir = Path(video_dir).expanduser().absolute() if video_dir else None
-    reader = {"sharp": _read_sharp, "videomme": _read_videomme, "mvbench": _read_mvbench, "mlvu": _read_mlvu,
-              "longvideobench": _read_longvideobench}[fmt]
+    path, vdir = lmms_cache.resolve(path, vdir)  # lmms-eval keeps questions and videos apart
+    path = _single_annotation_file(path) or path
+    fmt = detect(path) if fmt == "auto" else fmt
+    reader = {"sharp": _read_sharp, "videomme": videomme.read, "mvbench": mvbench.read, "mlvu": mlvu.read,
+              "longvideobench": longvideobench.read}[fmt]
     dataset = reader(path, vdir, category_field)
     if not dataset.items:
-        raise SharpError(f"no questions found in {path} (format {fmt})")
+        why = f": {'; '.join(dataset.notes)}" if dataset.notes else ""
+        raise SharpError(f"no questions found in {path} (format {fmt}){why}")
     seen = set()
     for item in dataset.items:
         if item.id in seen:
@@ -77,31 +63,37 @@ def load(data: str | os.PathLike, fmt: str = "auto", video_dir: str | None = Non
 
 
 def detect(path: Path) -> str:
-    """The format from the folder layout or the first record's fields."""
+    """The format from the folder layout, or from an annotation file's fields (a parquet file's columns)."""
     if path.is_dir():
-        stems = {p.stem for p in (path / "json" if (path / "json").is_dir() else path).glob("*.json")}
-        if stems & set(MVBENCH_TASKS):
-            return "mvbench"
-        if any(s.split("_")[0].isdigit() for s in stems):
-            return "mlvu"
-        if (path / "lvb_val.json").exists():
-            return "longvideobench"
-        if list((path / "videomme").glob("*.parquet")):
-            return "videomme"
+        for name, reader in _FOLDER_READERS:
+            if reader.is_root(path):
+                return name
         if _items_file(path, missing_ok=True):
             return "sharp"
         raise UsageError(f"cannot tell the format of folder {path}; pass --format")
-    if path.suffix == ".parquet":
+    return detect_fields(columns(path), path)
+
+
+def _single_annotation_file(folder: Path) -> Path | None:
+    """A folder no layout claims, holding one annotation file (e.g. videomme/test.json beside data/): that file."""
+    if not folder.is_dir() or any(reader.is_root(folder) for _, reader in _FOLDER_READERS):
+        return None
+    if _items_file(folder, missing_ok=True):
+        return None
+    files = [f for pattern in ("*.parquet", "*.json", "*.jsonl") for f in sorted(folder.glob(pattern)) if f.is_file()]
+    return files[0] if len(files) == 1 else None
+
+
+def detect_fields(keys: set[str], path: Path) -> str:
+    if "videoID" in keys:
         return "videomme"
-    records = read_records(path)
-    first = records[0] if records and isinstance(records[0], dict) else {}
-    if "videoID" in first:
-        return "videomme"
-    if "correct_choice" in first:
+    if "correct_choice" in keys or "option0" in keys or {"video_path", "candidates"} <= keys:
         return "longvideobench"
-    if "candidates" in first:
-        return "mlvu" if "question_type" in first or path.stem.split("_")[0].isdigit() else "mvbench"
-    if "options" in first or {"video", "question"} <= set(first):
+    if "video_name" in keys and ("task_type" in keys or "candidates" in keys):
+        return "mlvu"
+    if "candidates" in keys:
+        return "mlvu" if "question_type" in keys or path.stem.split("_")[0].isdigit() else "mvbench"
+    if "options" in keys or {"video", "question"} <= keys:
         return "sharp"
     raise UsageError(f"cannot tell the format of {path}; pass --format")
 
@@ -136,119 +128,17 @@ def _items_file(folder: Path, missing_ok: bool = False) -> Path | None:
     raise UsageError(f"no items.jsonl or items.json in {folder}")
 
 
-# -- Video-MME -------------------------------------------------------------------------------------
-def _read_videomme(path: Path, video_dir: Path | None, category_field: str | None) -> Dataset:
-    if path.is_dir():
-        files = sorted((path / "videomme").glob("*.parquet")) or sorted(path.glob("*.parquet"))
-        if not files:
-            raise UsageError(f"no videomme/*.parquet in {path}")
-        root = path
-    else:
-        files = [path]
-        root = path.parent.parent if path.parent.name == "videomme" else path.parent
-    vdir = video_dir or first_dir(root, ("data", "video", "videos"))
-    items = []
-    for file in files:
-        for i, rec in enumerate(read_records(file)):
-            where = f"{file.name} item {i}"
-            options = strip_letter_prefixes(field_of(rec, "options", where, (list, tuple)))
-            items.append(make_item(
-                rec.get("question_id", f"{file.stem}-{i}"), find_video(vdir, str(field_of(rec, "videoID", where))),
-                field_of(rec, "question", where), options, answer_letter(field_of(rec, "answer", where), options, where),
-                rec.get(category_field or "duration"), where))
-    return Dataset(items, "videomme", "videomme")
-
-
-# -- MVBench ---------------------------------------------------------------------------------------
-def _read_mvbench(path: Path, video_dir: Path | None, category_field: str | None) -> Dataset:
-    files, root = _task_files(path)
-    vroot = video_dir or root / "video"
-    items, notes, bound_tasks = [], [], []
-    for file in files:
-        category, folder, kind = MVBENCH_TASKS.get(file.stem, (file.stem, "", "video"))
-        if kind == "frames":
-            notes.append(f"skipped MVBench task '{category}': its clips are frame folders, not videos")
-            continue
-        if kind == "bound":
-            bound_tasks.append(category)
-        for i, rec in enumerate(read_records(file)):
-            where = f"{file.name} item {i}"
-            options = [str(c) for c in field_of(rec, "candidates", where, list)]
-            name = str(field_of(rec, "video", where))
-            video = vroot / folder / name
-            if not video.exists() and (vroot / "data0613" / folder / name).exists():
-                video = vroot / "data0613" / folder / name
-            items.append(make_item(f"{file.stem}-{i}", video, field_of(rec, "question", where), options,
-                               answer_letter(str(field_of(rec, "answer", where)), options, where),
-                               rec.get(category_field) if category_field else category, where))
-    if bound_tasks:
-        notes.append(f"MVBench start/end windows are not applied (whole videos are sampled): {', '.join(bound_tasks)}")
-    return Dataset(items, "mvbench", "mvbench", notes)
-
-
-# -- MLVU (dev) ------------------------------------------------------------------------------------
-def _read_mlvu(path: Path, video_dir: Path | None, category_field: str | None) -> Dataset:
-    files, root = _task_files(path)
-    vroot = video_dir or root / "video"
-    items, skipped = [], 0
-    for file in files:
-        for i, rec in enumerate(read_records(file)):
-            where = f"{file.name} item {i}"
-            if "candidates" not in rec:  # generation tasks (sub-scene captioning, summaries)
-                skipped += 1
-                continue
-            options = [str(c) for c in field_of(rec, "candidates", where, list)]
-            items.append(make_item(
-                rec.get("question_id", f"{file.stem}-{i}"), vroot / file.stem / str(field_of(rec, "video", where)),
-                field_of(rec, "question", where), options,
-                answer_letter(str(field_of(rec, "answer", where)), options, where),
-                rec.get(category_field or "question_type", file.stem), where))
-    notes = [f"skipped {skipped} MLVU questions without candidates (open-ended tasks)"] if skipped else []
-    return Dataset(items, "mlvu", "mlvu", notes)
-
-
-def _task_files(path: Path) -> tuple[list[Path], Path]:
-    """(task json files, benchmark root) from the root, its json/ folder or one task file."""
-    if path.is_file():
-        return [path], path.parent.parent if path.parent.name == "json" else path.parent
-    json_dir = path / "json" if (path / "json").is_dir() else path
-    files = sorted(json_dir.glob("*.json"))
-    if not files:
-        raise UsageError(f"no task .json files in {json_dir}")
-    return files, json_dir.parent if json_dir.name == "json" else json_dir
-
-
-# -- LongVideoBench --------------------------------------------------------------------------------
-def _read_longvideobench(path: Path, video_dir: Path | None, category_field: str | None) -> Dataset:
-    file = path / "lvb_val.json" if path.is_dir() else path
-    if not file.is_file():
-        raise UsageError(f"no lvb_val.json in {path}")
-    vroot = video_dir or file.parent / "videos"
-    items, unanswered = [], 0
-    for i, rec in enumerate(read_records(file)):
-        where = f"{file.name} item {i}"
-        if rec.get("correct_choice") is None:
-            unanswered += 1
-            continue
-        options = [str(c) for c in field_of(rec, "candidates", where, list)]
-        items.append(make_item(
-            rec.get("id", i), vroot / str(field_of(rec, "video_path", where)), field_of(rec, "question", where),
-            options, answer_letter(field_of(rec, "correct_choice", where, int), options, where),
-            rec.get(category_field or "duration_group"), where))
-    notes = [f"skipped {unanswered} questions without correct_choice (test split?)"] if unanswered else []
-    return Dataset(items, "longvideobench", file.stem, notes)
-
-
 def drop_missing(dataset: Dataset, skip: bool) -> Dataset:
-    """Fail on missing videos (one line, with the first path), or drop them with a note."""
+    """Fail on missing videos (one line, with the first path and where to point), or drop them with a note."""
     missing = [item for item in dataset.items if not os.path.isfile(item.video)]
     if not missing:
         return dataset
     if not skip:
         raise SharpError(f"{len(missing)} of {len(dataset.items)} videos not found (first: {missing[0].video}); "
-                         "pass --video-dir, or --skip-missing to evaluate the rest")
+                         f"{dataset.video_hint}, or --skip-missing to evaluate the rest")
     kept = [item for item in dataset.items if os.path.isfile(item.video)]
     if not kept:
-        raise SharpError(f"none of the {len(dataset.items)} videos was found (first: {missing[0].video})")
+        raise SharpError(f"none of the {len(dataset.items)} videos was found (first: {missing[0].video}); "
+                         f"{dataset.video_hint}")
     note = f"skipped {len(missing)} questions whose video is missing (first: {missing[0].video})"
-    return Dataset(kept, dataset.format, dataset.name, dataset.notes + [note])
+    return Dataset(kept, dataset.format, dataset.name, dataset.notes + [note], dataset.video_hint)

@@ -9,7 +9,7 @@ from pathlib import Path
 from sharp_cli.errors import SharpError
 from sharp_cli.evaluate.letters import LETTERS
 
-VIDEO_SUFFIXES = (".mp4", ".mkv", ".webm", ".avi", ".mov")
+VIDEO_SUFFIXES = (".mp4", ".MP4", ".mkv", ".webm", ".avi", ".mov")
 
 
 @dataclass
@@ -19,8 +19,10 @@ class Item:
     question: str
     options: list[str]  # empty: an open question, asked as it is (agreement only)
     answer: str | None  # letter; None: no gold answer (counts for agreement, not accuracy)
-    category: str | None = None
+    category: str | None = None  # what accuracy is broken down by (--category-field)
     needle_boxes: list | None = None  # [frame, x0, y0, x1, y1] boxes showing the answer (needles.py)
+    group: str | None = None  # the benchmark's own task, whatever --category-field: its headline averages over them
+    prompt: str | None = None  # the full prompt, set by prompts.apply; None: the default layout (runner.prompt_for)
 
 
 @dataclass
@@ -29,6 +31,7 @@ class Dataset:
     format: str
     name: str  # short name of the data, for the default results file
     notes: list[str] = field(default_factory=list)
+    video_hint: str = "pass --video-dir"  # how to point at the videos, said when some are missing
 
 
 def answer_letter(answer, options: list[str], where: str) -> str:
@@ -50,13 +53,14 @@ def answer_letter(answer, options: list[str], where: str) -> str:
 
 
 def make_item(item_id, video: Path, question, options: list[str], answer: str | None, category, where: str,
-              needle_boxes=None) -> Item:
+              needle_boxes=None, group=None) -> Item:
     if options and not 2 <= len(options) <= len(LETTERS):
         raise SharpError(f"{where}: needs 2 to {len(LETTERS)} options, got {len(options)}")
     if not str(question).strip():
         raise SharpError(f"{where}: the question is empty")
     return Item(str(item_id), str(Path(video).absolute()), str(question).strip(), [str(o) for o in options],
-                answer, None if category is None else str(category), needle_boxes)
+                answer, None if category is None else str(category), needle_boxes,
+                None if group is None else str(group))
 
 
 def field_of(rec, key: str, where: str, kind=None):
@@ -72,14 +76,22 @@ def field_of(rec, key: str, where: str, kind=None):
     return value
 
 
+def _parquet(path: Path):
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise SharpError(f"reading {path.name} needs pyarrow (pip install pyarrow, or sharp-cli[benchmarks]), "
+                         "or save the same records as JSON lines") from None
+    return pq
+
+
 def read_records(path: Path) -> list:
     if path.suffix == ".parquet":
+        pq = _parquet(path)
         try:
-            import pyarrow.parquet as pq
-        except ImportError:
-            raise SharpError(f"reading {path.name} needs pyarrow (pip install pyarrow), "
-                             "or save the same records as JSON lines") from None
-        return pq.read_table(path).to_pylist()
+            return pq.read_table(path).to_pylist()
+        except (OSError, ValueError) as exc:  # pyarrow's ArrowInvalid is a ValueError
+            raise SharpError(f"cannot read {path}: {exc}") from None
     try:
         text = path.read_text(encoding="utf-8")
         if path.suffix == ".jsonl":
@@ -92,12 +104,26 @@ def read_records(path: Path) -> list:
     return data
 
 
-def first_dir(root: Path, names) -> Path:
-    return next((root / n for n in names if (root / n).is_dir()), root / names[0])
+def columns(path: Path) -> set[str]:
+    """The field names of an annotation file: a parquet file's columns, or the first JSON record's keys."""
+    if path.suffix == ".parquet":
+        try:
+            return set(_parquet(path).read_schema(path).names)
+        except (OSError, ValueError) as exc:
+            raise SharpError(f"cannot read {path}: {exc}") from None
+    records = read_records(path)
+    return set(records[0]) if records and isinstance(records[0], dict) else set()
 
 
-def find_video(folder: Path, stem: str) -> Path:
-    for suffix in VIDEO_SUFFIXES:
-        if (folder / f"{stem}{suffix}").exists():
-            return folder / f"{stem}{suffix}"
-    return folder / f"{stem}.mp4"
+def find_video(folders, name: str) -> Path:
+    """The first of folder/name (or name with another video suffix) that is a file, over the folders in order;
+    when none is, the path in the first folder that exists (what the missing-videos message shows)."""
+    folders = [Path(f) for f in ([folders] if isinstance(folders, (str, Path)) else folders)]
+    stem = name[: -len(Path(name).suffix)] if Path(name).suffix.lower() in {s.lower() for s in VIDEO_SUFFIXES} else name
+    names = list(dict.fromkeys([name, *(stem + s for s in VIDEO_SUFFIXES)]))
+    for folder in folders:
+        for candidate in names:
+            if (folder / candidate).is_file():
+                return folder / candidate
+    where = next((f for f in folders if f.is_dir()), folders[0])
+    return where / (name if Path(name).suffix else f"{name}.mp4")

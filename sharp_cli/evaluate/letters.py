@@ -1,8 +1,8 @@
 """The multiple-choice prompt, and the option letter read back from a free-form answer.
 
-The prompt follows the common lmms-eval layout: the question, one "A. option" line per option,
-then an instruction to answer with the letter alone. Models do not always obey, so
-`parse_letter` tries, in order of how little it has to guess:
+Our own format's prompt: the question, one "A. option" line per option, then an instruction to
+answer with the letter alone (each benchmark's own prompt is in prompts.py). Models do not always
+obey, so `parse_letter` tries, in order of how little it has to guess:
 
 1. the whole answer is a letter, maybe bracketed or punctuated: "B", "(b)", "C.", "**D**";
 2. it starts with a letter and a delimiter: "B. red", "(B) red", "b) red", "C: blue";

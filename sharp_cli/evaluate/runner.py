@@ -203,7 +203,10 @@ def pending(job: Job, later: bool = False) -> list[tuple[object, list[tuple[str,
 
 # -- answering -------------------------------------------------------------------------------------
 def prompt_for(item) -> str:
-    """The multiple-choice prompt, or the bare question for an item without options."""
+    """The item's prompt (the benchmark's, set by prompts.apply), else the multiple-choice prompt, or
+    the bare question for an item without options."""
+    if getattr(item, "prompt", None):
+        return item.prompt
     return build_prompt(item.question, item.options) if item.options else item.question
 
 

@@ -63,6 +63,7 @@ def fold(widths: list[list[int]], width: int | None, priority: list[int], togeth
 
 
 def _cells(result: dict):
+    from sharp_cli.evaluate import headline
     from sharp_cli.report import fmt_seconds
 
     rows = result["rows"]
@@ -75,10 +76,13 @@ def _cells(result: dict):
     agreement = any(row.get("agreement_questions") for row in rows)
     unparsed = any(row["unparsed"] for row in rows)
     errors = any(row["errors"] for row in rows)
+    head = headline.column(result)
     # (header, priority: lower stays in the first part, the cell of a row)
     columns = [
         ("method", 0, lambda r: r["method"]), ("ratio", 0, lambda r: f"{r['ratio']:.2f}"),
         ("accuracy", 0, lambda r: _pct(r["accuracy"])),
+        # MLVU's M-Avg, MVBench's task mean: the benchmark's headline beside the per-question accuracy
+        *[(head, 0, lambda r: _pct((r.get("headline") or {}).get("value")))] * bool(head),
         *[("vs fastv", 1, lambda r: _diff(r.get("vs_fastv")))] * fastv,
         *[("vs none", 1, lambda r: _diff(r.get("vs_none")))] * none,
         *[("spread", 2, _spread), ("seeds", 3, _seeds)] * seeded,
@@ -113,8 +117,10 @@ def _title(result: dict) -> str:
 
 
 def _captions(result: dict, headers: list[str]) -> list[str]:
+    from sharp_cli.evaluate import headline
+
     rows = result["rows"]
-    captions = []
+    captions = [line] if (line := headline.caption(result)) else []
     categories = {c for row in rows for c in row["categories"]}
     if len(categories) > MAX_CATEGORY_COLUMNS:
         captions.append(f"{len(categories)} categories: per-category accuracy is in --json")

@@ -172,17 +172,26 @@ class Adapter:
     text_per_token_frame: int = 0  # text tokens the processor adds per token frame (Qwen3-VL's timestamps)
     text_per_video: int = 0  # text tokens around the video block (markers, LLaVA's newline)
 
-    def token_grid(self, config, frames: int, height: int, width: int, max_pixels: int | None = None):
-        """(token frames, rows, columns) the processor makes of `frames` frames of height x width."""
+    def token_grid(self, config, frames: int, height: int, width: int, max_pixels: int | None = None,
+                   saved: int | None = None):
+        """(token frames, rows, columns) the processor makes of `frames` frames of height x width;
+        `saved`: the upper bound its video processor was saved with (budget.saved_bound)."""
         raise NotImplementedError
 
-    def visual_tokens(self, config, frames: int, height: int, width: int, max_pixels: int | None = None) -> int:
-        t, h, w = self.token_grid(config, frames, height, width, max_pixels)
+    def visual_tokens(self, config, frames: int, height: int, width: int, max_pixels: int | None = None,
+                      saved: int | None = None) -> int:
+        t, h, w = self.token_grid(config, frames, height, width, max_pixels, saved=saved)
         return t * h * w
 
-    def decode_pixels(self, config, frames: int, max_pixels: int | None = None) -> int | None:
+    def decode_pixels(self, config, frames: int, max_pixels: int | None = None, saved: int | None = None) -> int | None:
         """Pixels a frame is decoded to at most: no more than the processor keeps (None: as stored)."""
         return max_pixels
+
+    def decode_size(self, config, frames: int, height: int, width: int, max_pixels: int | None = None,
+                    saved: int | None = None) -> tuple[int, int] | None:
+        """(height, width) the processor resizes such frames to, when it depends on their size
+        (the Qwen families); None where every frame becomes the same grid (LLaVA)."""
+        return None
 
     def what_to_lower(self) -> str:
         return "--frames (or --fps / --max-frames) or --max-pixels"
@@ -198,15 +207,22 @@ class Adapter:
         raise NotImplementedError
 
     def validate_prune(self, cfg, num_layers: int | None = None):
-        """cfg with K resolved (no --layer: 2, or this family's smallest K), validated against the
-        family's smallest K (with the reason for it) and the model's depth."""
+        """cfg with K resolved (no --layer: 2, or this family's smallest K; evs: 0, whatever --layer
+        says), validated against the family's smallest K (with the reason for it) and the model's
+        depth."""
         from dataclasses import replace
 
         from sharp_cli.prune.config import DEFAULT_LAYER
 
-        if cfg.layer is None:
+        if cfg.method == "evs":  # pre-LLM: the kept set is chosen before decoder layer 0
+            self.check_evs()
+            cfg = replace(cfg, layer=0)
+        elif cfg.layer is None:
             cfg = replace(cfg, layer=max(DEFAULT_LAYER, self.min_layer))
         return cfg.validate(num_layers, self.min_layer, self.min_layer_reason)
+
+    def check_evs(self) -> None:
+        """Raise UsageError where pruning before decoder layer 0 (--method evs) is not supported."""
 
     def decode_position(self, encoded: Encoded, step: int):
         """Position ids of the step-th decoded token (0 = the token sampled after prefill)."""

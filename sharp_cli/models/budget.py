@@ -18,12 +18,17 @@ processor explicit bounds, so that these functions say exactly what the processo
   the decoded frames.
 
 `--max-pixels` replaces the per-frame bound on the Qwen families (and bounds decoding everywhere).
+A Qwen2/2.5-VL processor saved with a tighter upper bound than the budget keeps it (sharp-tiny's
+12,544 pixels a frame): the estimate takes that bound as `saved`, read from the processor at hand
+or, before the model loads, from the files in its folder (`saved_bound_in`).
 """
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 from sharp_cli.errors import UsageError, VideoError
 
@@ -111,24 +116,60 @@ class Estimate:
         return self.visual + self.text + self.new_tokens
 
 
+def saved_bound(video_processor) -> int | None:
+    """The upper bound (pixels) a loaded video processor was saved with, or None."""
+    value = dict(getattr(video_processor, "size", None) or {}).get("longest_edge")
+    return int(value) if value else None
+
+
+# Where a checkpoint keeps its video processor's settings, first found wins (transformers' order:
+# the processor file's nested entry, the video processor's own file, the image processor's file).
+_PROCESSOR_FILES = (("processor_config.json", "video_processor"), ("video_preprocessor_config.json", None),
+                    ("preprocessor_config.json", None))
+
+
+def saved_bound_in(folder: str | Path | None) -> int | None:
+    """saved_bound, read from a model folder's files (cheap: before the model loads); None when the
+    folder has none of them (random weights: the processor is built with the family's defaults)."""
+    if not folder or not Path(folder).is_dir():
+        return None
+    for name, entry in _PROCESSOR_FILES:
+        path = Path(folder) / name
+        if not path.is_file():
+            continue
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+        data = data.get(entry) if entry else data
+        if not isinstance(data, dict):
+            continue
+        size = data.get("size") if isinstance(data.get("size"), dict) else {}
+        value = size.get("longest_edge") or data.get("max_pixels")
+        return int(value) if isinstance(value, (int, float)) and value > 0 else None
+    return None
+
+
 def context_length(config) -> int | None:
     text = getattr(config, "text_config", None) or config
     return getattr(text, "max_position_embeddings", None) or getattr(config, "max_position_embeddings", None)
 
 
 def estimate(adapter, config, frames: int, height: int, width: int, max_pixels: int | None = None,
-             question: str = "", max_new_tokens: int = 0) -> Estimate:
-    grid = adapter.token_grid(config, frames, height, width, max_pixels)
+             question: str = "", max_new_tokens: int = 0, saved: int | None = None) -> Estimate:
+    grid = adapter.token_grid(config, frames, height, width, max_pixels, saved=saved)
     visual = grid[0] * grid[1] * grid[2]
     text = TEMPLATE_TOKENS + len(question.encode("utf-8")) // 2 + 1 + adapter.text_per_token_frame * grid[0]
     return Estimate(grid, visual, text + adapter.text_per_video, max_new_tokens)
 
 
 def check(adapter, config, frames: int, height: int, width: int, *, max_pixels: int | None = None,
-          question: str = "", max_new_tokens: int = 0, max_visual_tokens: int | None = None) -> Estimate:
+          question: str = "", max_new_tokens: int = 0, max_visual_tokens: int | None = None,
+          saved: int | None = None) -> Estimate:
     """The estimate, or a one-line UsageError naming what to lower when the clip would exceed
-    --max-visual-tokens or the model's context (max_position_embeddings)."""
-    est = estimate(adapter, config, frames, height, width, max_pixels, question, max_new_tokens)
+    --max-visual-tokens or the model's context (max_position_embeddings). `saved`: the upper bound
+    the model's video processor was saved with (saved_bound)."""
+    est = estimate(adapter, config, frames, height, width, max_pixels, question, max_new_tokens, saved)
     lower = adapter.what_to_lower()
     layout = f"{frames} frames of {width}x{height} -> token grid {'x'.join(map(str, est.grid))}"
     if max_visual_tokens is not None and est.visual > max_visual_tokens:

@@ -115,6 +115,8 @@ HALF = (torch.bfloat16, torch.float16)
 class GemvLinear(nn.Linear):
     """nn.Linear whose one-token products go through the kernel (see the module's docstring)."""
 
+    stock_class = nn.Linear  # what stock_linears swaps back to
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.numel() == x.shape[-1] and x.dtype == self.weight.dtype and self.weight.is_contiguous() \
                 and ((x.is_cuda and x.dtype in HALF) or INTERPRETED):
@@ -137,12 +139,13 @@ def use_gemv(modules) -> int:
 
 @contextmanager
 def stock_linears(model):
-    """Every GemvLinear of the model back to nn.Linear for the duration."""
-    swapped = [m for m in model.modules() if type(m) is GemvLinear]
-    for module in swapped:
-        module.__class__ = nn.Linear
+    """Every kernel layer of the model back to its stock class for the duration: GemvLinear to
+    nn.Linear, and gemv_nf4's 4-bit layers to bitsandbytes' Linear4bit (their `stock_class`)."""
+    swapped = [(m, type(m)) for m in model.modules() if getattr(type(m), "stock_class", None) is not None]
+    for module, kind in swapped:
+        module.__class__ = kind.stock_class
     try:
         yield
     finally:
-        for module in swapped:
-            module.__class__ = GemvLinear
+        for module, kind in swapped:
+            module.__class__ = kind

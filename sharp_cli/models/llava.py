@@ -49,11 +49,11 @@ class LlavaOnevisionAdapter(Adapter):
     text_per_video = 2  # the newline embedding after the frames, and the template's "\n"
     decode_sides = 2  # frames are decoded at most twice the tower's input side (then resized to it)
 
-    def token_grid(self, config, frames, height, width, max_pixels=None):
+    def token_grid(self, config, frames, height, width, max_pixels=None, saved=None):
         side = pooled_side(config.vision_config)
         return frames, side, side
 
-    def decode_pixels(self, config, frames, max_pixels=None):
+    def decode_pixels(self, config, frames, max_pixels=None, saved=None):
         return max_pixels or (self.decode_sides * config.vision_config.image_size) ** 2
 
     def what_to_lower(self) -> str:

@@ -52,8 +52,12 @@ class QwenVLAdapter(Adapter):
 
     def processor_inputs(self, processor, prompt, clip, max_pixels):
         vp = processor.video_processor
-        video_kwargs = {"do_sample_frames": False, "video_metadata": [clip.metadata()],
-                        "size": self.video_size(vp, len(clip.frames), max_pixels)}
+        size = self.video_size(vp, len(clip.frames), max_pixels)
+        if getattr(clip, "sized", False):  # decoded at the size this processor makes of the full-size frames
+            height, width = clip.frames.shape[1:3]  # multiples of its token size: bounds around them keep them
+            size = {"shortest_edge": min(size["shortest_edge"], height * width),
+                    "longest_edge": max(size["longest_edge"], (len(clip.frames) + vp.temporal_patch_size) * height * width)}
+        video_kwargs = {"do_sample_frames": False, "video_metadata": [clip.metadata()], "size": size}
         if hasattr(type(vp), "cap_pixels_per_frame"):  # the budget is in the bounds already
             video_kwargs["cap_pixels_per_frame"] = False
         out = processor(text=[prompt], videos=[clip.frames], return_tensors="pt", **video_kwargs)
@@ -83,30 +87,40 @@ class QwenVLAdapter(Adapter):
         """The size bounds handed to video processor `vp`: the family's budget, or --max-pixels; a
         processor saved with a tighter upper bound than the budget keeps it (sharp-tiny's frames
         stay at the size it was trained at; the checkpoints' own files are all looser)."""
-        low, high = self.pixel_bounds(frames, vp.patch_size * vp.merge_size, vp.temporal_patch_size, max_pixels)
-        saved = (dict(vp.size or {}).get("longest_edge") or 0) if not max_pixels else 0
-        if saved and saved < high:
-            low, high = min(low, saved), saved
+        low, high = self.bounds(frames, vp.patch_size * vp.merge_size, vp.temporal_patch_size, max_pixels,
+                                budget.saved_bound(vp))
         return {"shortest_edge": low, "longest_edge": high}
 
     def pixel_bounds(self, frames: int, factor: int, temporal: int, max_pixels: int | None) -> tuple[int, int]:
         """(shortest_edge, longest_edge) of the video processor: pixels of one frame on Qwen2/2.5-VL."""
         return budget.qwen2_bounds(frames, factor, temporal, max_pixels)
 
-    def resized(self, frames, height, width, factor, temporal, max_pixels) -> tuple[int, int]:
+    def bounds(self, frames, factor, temporal, max_pixels, saved=None) -> tuple[int, int]:
+        """pixel_bounds, tightened to the bound the processor was saved with (without --max-pixels)."""
         low, high = self.pixel_bounds(frames, factor, temporal, max_pixels)
+        if saved and not max_pixels and saved < high:
+            low, high = min(low, saved), saved
+        return low, high
+
+    def resized(self, frames, height, width, factor, temporal, max_pixels, saved=None) -> tuple[int, int]:
+        low, high = self.bounds(frames, factor, temporal, max_pixels, saved)
         return budget.resize_frame(height, width, factor, low, high)
 
-    def token_grid(self, config, frames, height, width, max_pixels=None):
+    def token_grid(self, config, frames, height, width, max_pixels=None, saved=None):
         vc = config.vision_config
         factor, temporal = vc.patch_size * vc.spatial_merge_size, vc.temporal_patch_size
-        h, w = self.resized(frames, height, width, factor, temporal, max_pixels)
+        h, w = self.resized(frames, height, width, factor, temporal, max_pixels, saved)
         return -(-frames // temporal), h // factor, w // factor
 
-    def decode_pixels(self, config, frames, max_pixels=None):
+    def decode_pixels(self, config, frames, max_pixels=None, saved=None):
         vc = config.vision_config
-        return max_pixels or self.pixel_bounds(frames, vc.patch_size * vc.spatial_merge_size,
-                                               vc.temporal_patch_size, None)[1]
+        return max_pixels or self.bounds(frames, vc.patch_size * vc.spatial_merge_size,
+                                         vc.temporal_patch_size, None, saved)[1]
+
+    def decode_size(self, config, frames, height, width, max_pixels=None, saved=None):
+        vc = config.vision_config
+        return self.resized(frames, height, width, vc.patch_size * vc.spatial_merge_size, vc.temporal_patch_size,
+                            max_pixels, saved)
 
     def encode(self, model, inputs, features=None) -> Encoded:
         inner = model.model

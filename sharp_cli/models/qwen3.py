@@ -7,13 +7,14 @@ pads, with its timestamp text and frame markers between runs. VisualLayout.segme
 DeepStack adds features from three vision-encoder layers to the hidden states at the visual
 positions after decoder layers 0, 1 and 2. Pruning before layer 3 would drop tokens those
 additions still target, so this family needs K >= 3 (min_layer); we enforce that rather than
-prune the DeepStack masks too. Decoding calls the text model without the DeepStack kwargs, which
+prune the DeepStack masks too. For the same reason --method evs (pruning before layer 0) is refused
+here with a usage error. Decoding calls the text model without the DeepStack kwargs, which
 then does nothing.
 """
 
 from __future__ import annotations
 
-from sharp_cli.errors import ModelError
+from sharp_cli.errors import ModelError, UsageError
 from sharp_cli.models import budget
 from sharp_cli.models.qwen import QwenVLAdapter, _pooled
 
@@ -35,6 +36,11 @@ class Qwen3VLAdapter(QwenVLAdapter):
     min_layer_reason = ("Qwen3-VL's DeepStack adds visual features to the visual tokens after decoder "
                         "layers 0-2, so pruning must start at layer 3 or later")
 
+    def check_evs(self) -> None:
+        raise UsageError("--method evs is not supported on Qwen3-VL: DeepStack adds vision features to every "
+                         "visual token after decoder layers 0-2, so tokens cannot be dropped before layer 0; "
+                         "use sharp, fastv or random (K >= 3)")
+
     text_per_token_frame = 8  # "<t seconds>" (~6 tokens), <|vision_start|>, <|vision_end|>
     text_per_video = 0
 
@@ -53,7 +59,7 @@ class Qwen3VLAdapter(QwenVLAdapter):
             clip.indices = list(short.indices) + [short.indices[-1]] * len(repeat)
         return super().processor_inputs(processor, prompt, clip, max_pixels)
 
-    def resized(self, frames, height, width, factor, temporal, max_pixels):
+    def resized(self, frames, height, width, factor, temporal, max_pixels, saved=None):
         frames = max(frames, temporal)  # one frame is repeated to fill a token frame (above)
         low, high = self.pixel_bounds(frames, factor, temporal, max_pixels)
         return budget.resize_clip(frames, height, width, temporal, factor, low, high)
@@ -68,7 +74,10 @@ class Qwen3VLAdapter(QwenVLAdapter):
         # Qwen3-VL's video processor bounds the pixels of the whole clip (t x h x w), not of a frame.
         return budget.qwen3_bounds(frames, factor, temporal, max_pixels)
 
-    def decode_pixels(self, config, frames, max_pixels=None):
+    def bounds(self, frames, factor, temporal, max_pixels, saved=None):
+        return self.pixel_bounds(frames, factor, temporal, max_pixels)  # its saved bound is per clip: video_size
+
+    def decode_pixels(self, config, frames, max_pixels=None, saved=None):
         vc = config.vision_config
         factor = vc.patch_size * vc.spatial_merge_size
         return max_pixels or self.pixel_bounds(frames, factor, vc.temporal_patch_size, None)[1] // max(1, frames)

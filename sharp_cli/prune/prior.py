@@ -1,4 +1,4 @@
-"""The positional prior: layer-K scores of a black video with the same layout.
+"""The positional prior: layer-K attention of a black video with the same layout, per head (H, N).
 
 It depends on the layout (frames, token grid, prompt shape), the model and the pruning layer, not
 on the content, so it is computed once and cached: in memory for the process, and on disk under
@@ -15,7 +15,7 @@ import os
 import struct
 from pathlib import Path
 
-PRIOR_VERSION = 2  # 2: keys name the model's files and weights, the prompt's tokens and positions
+PRIOR_VERSION = 3  # 2: keys name the model's files and weights, the prompt's tokens and positions; 3: per head (H, N)
 
 
 def cache_dir() -> Path:
@@ -58,14 +58,30 @@ class PriorStore:
             return
         from safetensors.torch import save_file
 
+        tmp = self.directory / f".{key}.{os.getpid()}.tmp"
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
-            tmp = self.directory / f".{key}.{os.getpid()}.tmp"
             save_file({"prior": prior.detach().float().cpu().contiguous()}, str(tmp),
                       metadata={k: str(v) for k, v in meta.items()})
             os.replace(tmp, self.directory / f"{key}.safetensors")
-        except OSError as exc:  # read-only home, full disk: keep the in-memory copy
-            self.last_error = str(exc)
+        except Exception as exc:  # noqa: BLE001 - read-only folder, full disk (safetensors raises its own
+            self._not_written(tmp, exc)  # error, not OSError): the in-memory copy serves this process
+
+    def _not_written(self, tmp: Path, exc: Exception) -> None:
+        """Say once, in one line, that the cache is not being written; leave no partial file."""
+        import sys
+
+        from sharp_cli.errors import one_line
+
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass
+        first, self.last_error = self.last_error is None, one_line(getattr(exc, "strerror", None) or str(exc), 200)
+        if first:
+            sys.stderr.write(f"sharp: warning: cannot write the positional-prior cache in {self.directory} "
+                             f"({self.last_error}); priors are kept in memory for this run only\n")
+            sys.stderr.flush()
 
 
 def digest(data) -> str:

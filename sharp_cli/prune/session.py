@@ -17,9 +17,9 @@ from torch import nn
 
 from sharp_cli.compat import cache_kwargs, incoming_cache
 from sharp_cli.prune import attention
-from sharp_cli.prune.baselines import select_fastv, select_random
+from sharp_cli.prune.baselines import select_evs, select_fastv, select_random
 from sharp_cli.prune.config import PruneConfig
-from sharp_cli.prune.sharp import query_rows, question_attention, select_sharp
+from sharp_cli.prune.sharp import head_mean, query_rows, question_attention, select_sharp
 
 
 class StopPrefill(Exception):
@@ -72,10 +72,12 @@ class PruneSession:
         self.forced_keep = forced_keep
         self.timer = timer  # measure.Stopwatch for the selection step, or None
         self.graphs = graphs  # prune.graphs.TailGraphs, or None for eager layers
-        self.scores = None  # raw layer-K scores of the visual tokens
+        self.log_attention = None  # (H, R, N) layer K's log attention from the query rows, kept by score-only passes
+        self.scores = None  # (N,) the same averaged over heads and rows (fastv's scores)
+        self.visual_hidden = None  # (N, D) layer K's input at the visual tokens, kept by score-only passes
         self.kept = None  # kept visual token numbers (0..N-1), sorted
         self.keep_positions = None  # kept sequence positions (text and visual), sorted
-        self.details = {}
+        self.details = {}  # score-based methods: tie_share (0-dim tensor); sharp: registers, duplicates (N,) bool
         self._stack = ExitStack()
 
     def __enter__(self):
@@ -117,22 +119,30 @@ class PruneSession:
         return self.keep_positions
 
     def choose(self, layer, hidden, position_embeddings) -> torch.Tensor:
-        """Kept visual token numbers, sorted. `layer` is decoder layer K."""
+        """Kept visual token numbers, sorted. `layer` is decoder layer K (layer 0 for evs, whose
+        `hidden` at the visual positions is then the vision encoder's output). Reads nothing back to
+        the host, so the CPU keeps queueing while the GPU computes."""
         cfg, layout = self.cfg, self.layout
         if self.forced_keep is not None:
             kept = self.forced_keep.to(hidden.device)
         elif cfg.method == "random":
             kept = select_random(layout.num_visual, cfg.ratio, cfg.seed, hidden.device)
+        elif cfg.method == "evs":
+            embeds = hidden[0].index_select(0, layout.indices)
+            kept, self.details = select_evs(embeds, layout.grid, cfg.ratio, cfg.seed)
         else:
             rows = query_rows(layout, "last" if cfg.method == "fastv" else cfg.query)
-            self.scores = question_attention(layer, self.adapter.rope(layer), hidden, position_embeddings,
-                                             layout, rows)
+            log_attention = question_attention(layer, self.adapter.rope(layer), hidden, position_embeddings,
+                                               layout, rows)
+            self.scores = head_mean(log_attention)
             if self.score_only:
+                self.log_attention = log_attention
+                self.visual_hidden = hidden[0].index_select(0, layout.indices)
                 raise StopPrefill
             if cfg.method == "fastv":
-                kept = select_fastv(self.scores, cfg.ratio)
+                kept, self.details = select_fastv(self.scores, cfg.ratio, cfg.seed)
             else:
                 visual_hidden = hidden[0].index_select(0, layout.indices)
-                kept, self.details = select_sharp(self.scores, self.prior, visual_hidden, layout, cfg)
+                kept, self.details = select_sharp(log_attention, self.prior, visual_hidden, layout, cfg)
         self.kept = kept
         return kept

@@ -19,10 +19,13 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from sharp_cli.serve import schema
 from sharp_cli.serve.schema import ApiError
 from sharp_cli.serve.service import Question, Service, api_error
+from sharp_cli.serve.slow_clients import BodyBytes, read_body, timed_h11
 from sharp_cli.serve.worker import Busy, Job
 
+BACKLOG = 2048  # uvicorn's default
 GRACEFUL_SHUTDOWN_SECONDS = 5.0  # then requests still running are cancelled (between tokens)
 _HTTP_CODES = {404: "not_found", 405: "method_not_allowed"}
+PUBLIC_ONLY = "sharp.public_only"  # scope key: the request came without the API key (GET /health only)
 
 
 def create_app(service: Service) -> FastAPI:
@@ -44,11 +47,13 @@ def create_app(service: Service) -> FastAPI:
         return error_response(ApiError(exc.status_code, f"{exc.detail}: {request.method} {request.url.path}", code))
 
     @app.get("/health")
-    async def health():
+    async def health(request: Request):
+        """Liveness, open to all (load balancers send no key); the details need the key when one is set."""
         worker = service.worker
-        body = {"status": "ok" if worker.alive else "stopping", "model": service.model_id,
-                "busy": worker.busy, "running": getattr(worker, "running", int(worker.busy)),
-                "waiting": worker.waiting, **dict(worker.stats)}
+        body = {"status": "ok" if worker.alive else "stopping"}
+        if not request.scope.get(PUBLIC_ONLY):
+            body.update(model=service.model_id, busy=worker.busy, running=getattr(worker, "running", int(worker.busy)),
+                        waiting=worker.waiting, **dict(worker.stats))
         return JSONResponse(body, status_code=200 if worker.alive else 503)
 
     @app.get("/v1/models")
@@ -61,40 +66,46 @@ def create_app(service: Service) -> FastAPI:
             return error_response(ApiError(404, f"The model '{model_id}' does not exist", "model_not_found"))
         return schema.model_card(service.model_id, service.created)
 
+    settings = service.settings
+    # Bodies are read before their request takes a place in the queue (a client that stalls holds
+    # none), so the bytes of bodies being read are bounded instead: as much as a full queue of
+    # requests carrying the largest upload held before.
+    bodies = BodyBytes(service.worker.capacity * settings.media.max_body_bytes)
+
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         worker = service.worker
+        ticket = question = slot = None
         try:
-            ticket = worker.admit()
-        except Busy as exc:
-            return error_response(ApiError(503, str(exc), exc.code))
-        question, slot = None, None
-        try:
-            question = await checked_question(request, service)
+            with bodies.hold() as hold:  # until the body is parsed and an upload saved to its file
+                body = await read_body(request, settings, hold)
+                ticket = worker.admit()
+                question = await checked_question(body, service)
+                del body
             slot = await worker.decode_slot()
             clip = await anyio.to_thread.run_sync(service.decode, question)
             job = Job(service.work(clip, question), ticket, slot)
             worker.submit(job)
         except BaseException as exc:  # the job never reached the queue: give its places back
-            ticket.release()
-            if slot is not None:
-                slot.release()
+            for place in (ticket, slot):
+                if place is not None:
+                    place.release()
             if question is not None:
                 question.source.discard()
             if not isinstance(exc, Exception):  # cancelled (the server is stopping)
                 raise
+            if isinstance(exc, Busy):
+                return error_response(ApiError(503, str(exc), exc.code))
             return error_response(api_error(exc))
         return await respond(request, job, question, service.model_id)
 
     return app
 
 
-async def checked_question(request: Request, service: Service) -> Question:
-    """The request read, parsed and checked, with an upload already saved to its temporary file,
-    so that neither the body nor the base64 text stays in memory while the request waits."""
-    body = await read_body(request, service.settings.media.max_body_bytes)
+async def checked_question(body: bytes, service: Service) -> Question:
+    """The body parsed and checked, with an upload already saved to its temporary file, so that
+    neither the body nor the base64 text stays in memory while the request waits."""
     question = service.check(schema.parse_request(body))
-    del body
     if question.source.payload is not None:
         question = await anyio.to_thread.run_sync(service.save_upload, question)
     return question
@@ -102,27 +113,9 @@ async def checked_question(request: Request, service: Service) -> Question:
 
 def error_response(error: ApiError) -> JSONResponse:
     headers = {"WWW-Authenticate": "Bearer"} if error.status == 401 else None
+    if error.status == 408:  # the client is too slow to go on talking to: the connection ends here
+        headers = {"Connection": "close"}
     return JSONResponse(error.body(), status_code=error.status, headers=headers)
-
-
-async def read_body(request: Request, limit: int) -> bytes:
-    """The body, refused with 413 beyond `limit`. What is over the limit is read and dropped (up to
-    a hard cap), so that clients still sending it can read the 413 instead of a reset connection."""
-    declared = request.headers.get("content-length", "")
-    too_large = declared.isdigit() and int(declared) > limit
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            too_large = True
-            if size > 4 * limit:
-                break
-        if not too_large:
-            chunks.append(chunk)
-    if too_large:
-        raise ApiError(413, f"the request body is larger than this server takes ({limit / 1e6:.0f} MB; "
-                       "see --max-upload-mb)", "request_too_large")
-    return b"".join(chunks)
 
 
 # -- answering ---------------------------------------------------------------------------------------
@@ -223,13 +216,18 @@ class BearerAuth:
         scheme, _, token = header.partition(b" ")
         if scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), self.key):
             return await self.app(scope, receive, send)
+        if scope.get("path") == "/health" and scope.get("method") in ("GET", "HEAD"):  # liveness stays open
+            return await self.app({**scope, PUBLIC_ONLY: True}, receive, send)
         message = "missing API key: send 'Authorization: Bearer <key>'" if not header else "invalid API key"
         await error_response(ApiError(401, message, "invalid_api_key"))(scope, receive, send)
 
 
 # -- running -----------------------------------------------------------------------------------------
 def bind(host: str, port: int) -> socket.socket:
-    """A bound socket (IPv4 or IPv6, as the host says), so a port in use fails before the model loads."""
+    """A listening socket (IPv4 or IPv6, as the host says), so a port in use fails before the model
+    loads. Listening at once matters: two sockets with SO_REUSEADDR may both bind one port while
+    neither listens, so a second `sharp serve` started while the first loads its model would load
+    its own and only then fail. Connections that arrive before the server runs wait in the backlog."""
     from sharp_cli.errors import SharpError
 
     sock = None
@@ -239,6 +237,7 @@ def bind(host: str, port: int) -> socket.socket:
         sock = socket.socket(family, kind, proto)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind(address)
+        sock.listen(BACKLOG)
     except OSError as exc:
         if sock is not None:
             sock.close()
@@ -265,7 +264,8 @@ def make_server(app: FastAPI, quiet: bool = False):
             return await super().on_tick(counter)
 
     config = uvicorn.Config(app, log_level="warning" if quiet else "info", access_log=not quiet,
-                            timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS + 10, lifespan="on")
+                            timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS + 10, lifespan="on",
+                            http=timed_h11(app.state.service.settings.header_seconds))
     return Server(config)
 
 

@@ -12,10 +12,10 @@ from typing import Annotated, Optional
 
 import typer
 
-from sharp_cli.options import (DEFAULT_DEBIAS, CacheGb, Compile, CudaGraphs, Debias, Decoder, Dedup, DedupThreshold, DedupWindow, Device, Dtype, Fps,
-                               Frames, KvGb, Layer, MaxBatch, MaxFrames, MaxPixels, Method, Model, NoPriorCache, Quant,
-                               Query, RandomWeights, Ratio, RegisterZ, Seed, SegmentFrames, SegmentMask,
-                               TrustRemoteCode)
+from sharp_cli.options import (DEFAULT_MODEL, CacheGb, Compile, CudaGraphs, Decoder, Device, Dtype, Fps, Frames,
+                               KvGb, MaxBatch, MaxFrames, MaxPixels, Model, NoPriorCache, Quant, RandomWeights,
+                               TrustRemoteCode, prune_options)
+from sharp_cli.prune.config import PruneConfig
 
 Host = Annotated[str, typer.Option(help="Address to listen on: 127.0.0.1 is this machine only, 0.0.0.0 every interface.")]
 Port = Annotated[int, typer.Option(help="TCP port (0: any free one; the address is printed).")]
@@ -33,18 +33,16 @@ class _Stopped(Exception):
     """SIGTERM, re-raised by uvicorn once it has shut down gracefully."""
 
 
+@prune_options()
 def serve_command(
-    model: Model = "Qwen/Qwen2.5-VL-7B-Instruct",
+    model: Model = DEFAULT_MODEL,
     device: Device = "auto", quant: Quant = "auto", dtype: Dtype = "auto",
     random_weights: RandomWeights = False, trust_remote_code: TrustRemoteCode = False,
     host: Host = "127.0.0.1", port: Port = 8000, api_key: ApiKey = None, media_dir: MediaDir = ".",
     max_upload_mb: MaxUploadMb = 100.0, max_queue: MaxQueue = 32, served_model_name: ServedName = None,
     frames: Frames = 32, fps: Fps = None, max_frames: MaxFrames = 768, max_pixels: MaxPixels = None,
     decoder: Decoder = "auto",
-    method: Method = "sharp", ratio: Ratio = 0.15, layer: Layer = None, query: Query = "last",
-    segment_mask: SegmentMask = True, segment_frames: SegmentFrames = None, debias: Debias = DEFAULT_DEBIAS,
-    dedup: Dedup = True, dedup_threshold: DedupThreshold = 0.9, dedup_window: DedupWindow = 1,
-    register_z: RegisterZ = 8.0, seed: Seed = 0,
+    prune: PruneConfig = PruneConfig(),
     max_new_tokens: MaxNewTokens = 128, no_prior_cache: NoPriorCache = False, cuda_graphs: CudaGraphs = True, compile_model: Compile = False,
     cache_gb: CacheGb = 4.0, max_batch: MaxBatch = None, kv_gb: KvGb = None, quiet: Quiet = False,
 ):
@@ -55,11 +53,10 @@ def serve_command(
     client). See docs/serve.md.
     """
     from sharp_cli.errors import UsageError
-    from sharp_cli.options import check_kv_gb, max_batch_for, prune_config
+    from sharp_cli.options import check_kv_gb, max_batch_for
     from sharp_cli.overrides import MAX_TOKENS_LIMIT, Defaults
 
-    cfg = prune_config(method, ratio, layer, query, segment_mask, segment_frames, debias, dedup,
-                       dedup_threshold, dedup_window, register_z, seed)
+    cfg = prune.validate()
     if not 0 <= port <= 65535:
         raise UsageError(f"--port must be in [0, 65535], got {port}")
     if max_queue < 0:
@@ -80,6 +77,9 @@ def serve_command(
     if max_batch is not None:
         max_batch_for(max_batch, device)
 
+    from sharp_cli import model_files
+
+    model_files.check_layer(model, cfg, random_weights)  # --layer against the model's depth, before torch loads
     from sharp_cli.serve.app import bind
 
     sock = bind(host, port)  # a port in use fails now, not after the model has loaded

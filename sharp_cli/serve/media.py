@@ -5,6 +5,11 @@ symlinks are resolved, so neither can step outside it), or a data:video/...;base
 upload, bounded by --max-upload-mb, written to a temporary file as soon as the request is checked,
 and removed once its frames are decoded). The server fetches nothing from the network: http(s)
 URLs are refused.
+
+A path is checked when the request arrives (a quick 403), and checked again where it counts: the
+file is opened once when its frames are decoded, the opened file's own location is checked, and
+the decoders read that opened file through /proc/self/fd (`VideoSource.opened`). A file swapped
+for a symlink to elsewhere in between is refused, not read.
 """
 
 from __future__ import annotations
@@ -13,11 +18,14 @@ import base64
 import binascii
 import os
 import re
+import stat
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
+from sharp_cli.errors import VideoError
 from sharp_cli.serve.schema import ApiError
 
 MB = 1_000_000
@@ -33,6 +41,36 @@ class VideoSource:
     payload: str | None = None  # base64 of an upload not saved yet
     suffix: str = ".mp4"
     temporary: bool = False  # path is an upload's temporary file
+    root: Path | None = None  # a local file's media folder: checked again once the file is open
+
+    @contextmanager
+    def opened(self):
+        """A path that names the very file the request may read: a local file is opened once, the
+        opened file must be a regular file under the media folder (else VideoError or a 403), and
+        the path yielded reads that open file (/proc/self/fd/N), whatever `path` names by now."""
+        if self.root is None or self.path is None:
+            yield self.path
+            return
+        try:
+            fd = os.open(self.path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
+                         | getattr(os, "O_NOCTTY", 0))
+        except OSError as exc:  # NONBLOCK: a FIFO planted here cannot hang the decoding thread
+            reason = "file not found" if isinstance(exc, FileNotFoundError) else exc.strerror or str(exc)
+            raise VideoError(f"cannot read video '{self.label}': {reason}") from None
+        try:
+            opened = _opened_path(fd)
+            where = opened or os.path.realpath(self.path)
+            if os.path.commonpath([where, str(self.root)]) != str(self.root):
+                raise ApiError(403, f"'{self.label}' is outside the folder this server reads videos from "
+                               "(--media-dir)", "outside_media_dir", type="permission_error", param="video_url")
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise VideoError(f"cannot read video '{self.label}': not a regular file")
+            if opened is None and os.stat(where).st_ino != os.fstat(fd).st_ino:  # no /proc: the best check left
+                raise ApiError(403, f"'{self.label}' changed while it was being opened", "outside_media_dir",
+                               type="permission_error", param="video_url")
+            yield _FD_PATH.format(fd) if opened is not None else where
+        finally:
+            os.close(fd)
 
     def save(self, upload_dir: Path) -> "VideoSource":
         """An upload written to a temporary file (blocking): from here on the request holds a
@@ -104,7 +142,7 @@ class MediaPolicy:
         if os.path.commonpath([real, str(self.root)]) != str(self.root):
             raise ApiError(403, f"'{given}' is outside the folder this server reads videos from (--media-dir)",
                            "outside_media_dir", type="permission_error", param="video_url")
-        return VideoSource(label=real, path=real)
+        return VideoSource(label=real, path=real, root=self.root)
 
     def _upload(self, url: str) -> VideoSource:
         header, comma, payload = url[5:].partition(",")
@@ -122,6 +160,18 @@ class MediaPolicy:
         subtype = mime.split("/", 1)[1]
         return VideoSource(label=f"upload ({mime}, {size} bytes)", payload=payload,
                            suffix=_SUFFIX.get(subtype, ".video"))
+
+
+_FD_PATH = "/proc/self/fd/{}"
+
+
+def _opened_path(fd: int) -> str | None:
+    """Where the open file `fd` is (the kernel's own name for it, no symlink in it); None where
+    there is no /proc (then the path is checked by name and inode)."""
+    try:
+        return os.readlink(_FD_PATH.format(fd))
+    except OSError:
+        return None
 
 
 def _decode_base64(payload: str) -> bytes:

@@ -77,6 +77,8 @@ def parse_request(raw: bytes) -> ChatRequest:
     """Bytes of a POST body -> a validated ChatRequest, or ApiError 400 saying what is wrong."""
     try:
         data = json.loads(raw)
+    except RecursionError:  # json's own limit on nesting: a client's doing, not a server failure
+        raise ApiError(400, "the request body is nested too deeply", "invalid_json") from None
     except (ValueError, UnicodeDecodeError):
         raise ApiError(400, "the request body is not JSON", "invalid_json") from None
     if not isinstance(data, dict):

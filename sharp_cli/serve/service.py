@@ -33,6 +33,12 @@ class Settings:
     cache_gb: float = 4.0  # the per-video cache (frames, vision output, prompt start); 0: off
     max_batch: int = 1  # answers decoded together (scheduler.py); 1: one at a time
     kv_gb: float | None = None  # KV cache budget of the batch (None: a share of the free GPU memory)
+    # A client that sends slowly or stalls gets a 408 and its connection closed (app.py): the
+    # request's headers must be in within header_seconds, its body must not pause longer than
+    # body_idle_seconds and must be in within body_seconds (300 s: 100 MB at 333 KB/s).
+    header_seconds: float = 10.0
+    body_idle_seconds: float = 10.0
+    body_seconds: float = 300.0
 
 
 @dataclass
@@ -114,16 +120,23 @@ class Service:
         as soon as its frames are in memory."""
         import time
 
-        from sharp_cli.video import load_video
+        from sharp_cli.clip_budget import ClipBudget
+        from sharp_cli.video import load_video, probe
 
-        source, started = question.source, time.perf_counter()
+        source, plan, started = question.source, question.plan, time.perf_counter()
+        fit, limits = ClipBudget.of(self.loaded), dict(question=question.text, max_new_tokens=plan.max_new_tokens)
+        path = source.path
         try:
-            if self.cache is not None and not source.temporary:  # an upload is one-off: not kept
-                clip = self.cache.load_video(source.path, **question.plan.video)
-            else:
-                clip = load_video(source.path, **question.plan.video)
-        except VideoError as exc:  # the client named its upload, not our temporary file
-            raise VideoError(str(exc).replace(source.path, source.label)) from None
+            with source.opened() as path:  # a local file: opened once, checked, read as opened
+                info = probe(path)  # a clip over the model's context is refused before it is decoded
+                video = fit.plan(info, plan.video, **limits)  # decoded no larger than the model keeps
+                if self.cache is not None and not source.temporary:  # an upload is one-off: not kept
+                    clip = self.cache.load_video(path, **video)
+                else:
+                    clip = load_video(path, **video)
+            fit.check_clip(clip, plan.video.get("max_pixels"), info, **limits)
+        except VideoError as exc:  # the client named its file or upload, not our file descriptor or temporary file
+            raise VideoError(str(exc).replace(path, source.label).replace(source.path, source.label)) from None
         finally:
             source.discard()
         question.video_seconds = time.perf_counter() - started

@@ -1,8 +1,9 @@
 """One thread owns the model: requests queue for it and run one at a time, never mixed.
 
-A request holds a ticket from the moment it is admitted (before its body is read) until its job
-ends, so --max-queue bounds everything waiting for the model, uploads and video decoding included;
-beyond it `admit` raises `Busy` (a 503). Only a few requests at a time (`ahead`) decode their video
+A request holds a ticket from the moment it is admitted (once its body is in: a client that
+stalls while sending holds none, serve/slow_clients.py) until its job ends, so --max-queue bounds
+everything waiting for the model, saving uploads and video decoding included; beyond it `admit`
+raises `Busy` (a 503). Only a few requests at a time (`ahead`) decode their video
 before the model is free for them: each holds a decode slot from then until its job starts, so the
 frames waiting in memory stay bounded however long the queue is, while the next videos are still
 decoded as the model answers. A job's events (text pieces, then "done" or "error") reach the event
