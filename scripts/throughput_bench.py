@@ -219,6 +219,8 @@ def stock_generate(loaded, clips, args) -> dict:
         prompt = adapter.prompt(processor, QUESTION)
         vp = processor.video_processor
         sized = {"size": adapter.video_size(vp, args.frames, None)} if hasattr(adapter, "video_size") else {}
+        if hasattr(type(vp), "cap_pixels_per_frame"):  # as sharp's adapter calls it: the budget is in the bounds
+            sized["cap_pixels_per_frame"] = False
         inputs = processor(text=[str(prompt)] * len(clips_), videos=[c.frames for c in clips_], return_tensors="pt",
                            padding=True, do_sample_frames=False, video_metadata=[c.metadata() for c in clips_],
                            **sized).to(loaded.device)

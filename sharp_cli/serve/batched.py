@@ -42,7 +42,7 @@ class BatchWorker(Worker):
         with self._lock:
             self._closing = True
         self._drop_queued()
-        jobs = [job for _, job in self._in_flight.values()]
+        jobs = [job for _, job in list(self._in_flight.values())]  # a snapshot: the model thread changes it
         if jobs:
             timer = threading.Timer(grace, lambda: [job.cancel() for job in jobs])
             timer.daemon = True
