@@ -22,12 +22,12 @@ def test_cells_answered_together_are_the_one_at_a_time_lines(model_dirs, synth_i
     runs = {}
     for batch in ("1", "4"):
         out = tmp_path / f"r{batch}.jsonl"
-        result = sharp("eval", data, "-m", model_dirs["qwen2.5-vl"], *SMALL, "--tie-seeds", "2",
-                       "--max-new-tokens", "4", "-o", out, "-q", "--max-batch", batch)
+        result = sharp("eval", data, "-m", model_dirs["qwen2.5-vl"], *SMALL, "--tie-seeds", "2", "--methods",
+                       "none,fastv,sharp", "--max-new-tokens", "4", "-o", out, "-q", "--max-batch", batch)
         assert result.exit_code == 0, result.stderr
         runs[batch] = [{k: r.get(k) for k in SAME} for r in _lines(out)]
-    assert runs["4"] == runs["1"] and len(runs["1"]) >= 16
+    assert runs["4"] == runs["1"] and len(runs["1"]) >= 12
     assert all(r["first_token_kl"] is not None for r in runs["4"] if r["method"] != "none" and not r["error"])
     # Later seeds ran (ties on this tiny model), so references were redone as 1-token answers too.
     assert any(r["seed"] == 1 for r in runs["4"])
-    assert [r["error"] is not None for r in runs["4"]].count(True) >= 4  # the broken video's cells
+    assert [r["error"] is not None for r in runs["4"]].count(True) >= 3  # the broken video's cells
