@@ -85,7 +85,7 @@ def test_shipped_sharp_tiny_answers_held_out_clips_of_every_task(tmp_path):
     K=6 (counting 67%, the other tasks 90-100%)."""
     items = synth.write(tmp_path / "held-out", 80, seed=0)
     result = CliRunner().invoke(app, ["eval", str(items), "-m", "sharp-tiny", "--device", "cpu", "--methods",
-                                      "none,sharp", "--ratio", "0.15", *README_PRUNING,
+                                      "none,sharp", "--ratio", "0.15", "--tie-seeds", "1", *README_PRUNING,
                                       "-o", str(tmp_path / "r.jsonl"), "--json", "-q"])
     assert result.exit_code == 0, result.stderr
     rows = {row["method"]: row for row in json.loads(result.stdout)["rows"]}
