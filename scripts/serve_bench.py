@@ -202,11 +202,12 @@ def concurrent_test(port, questions, answers, args) -> dict:
             "ttft_seconds": [r.get("ttft_seconds") for r in results]}
 
 
-def stream_request(port, q, max_tokens, timeout) -> dict:
-    """One streamed chat completion: time to first content chunk, total time, the answer."""
+def stream_request(port, q, max_tokens, timeout, extra: dict | None = None) -> dict:
+    """One streamed chat completion: time to first content chunk, total time, the answer. extra:
+    more request fields (method, ratio, ...)."""
     payload = {"messages": [{"role": "user", "content": [
         {"type": "video_url", "video_url": {"url": q["video"]}}, {"type": "text", "text": q["question"]}]}],
-        "max_tokens": max_tokens, "stream": True}
+        "max_tokens": max_tokens, "stream": True, **(extra or {})}
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=max(timeout, 5))
     sent = time.monotonic()
     first, pieces, record, error = None, [], {}, None
@@ -238,7 +239,7 @@ def stream_request(port, q, max_tokens, timeout) -> dict:
             "ttft_seconds": round(first - sent, 4) if first else None, "total_seconds": round(done - sent, 4),
             "sequence_tokens": record.get("sequence_tokens"), "new_tokens": record.get("new_tokens"),
             "prefill_seconds": record.get("prefill_seconds"), "vision_seconds": record.get("vision_seconds"),
-            "error": error}
+            "decode_batch": record.get("decode_batch"), "error": error}
 
 
 def wait_for_health(port, proc, deadline) -> bool:

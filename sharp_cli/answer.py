@@ -12,7 +12,7 @@ from sharp_cli.loading import Loaded
 from sharp_cli.prior_pass import PriorInfo, positional_prior
 from sharp_cli.prune.config import PruneConfig
 from sharp_cli.prune.prior import PriorStore
-from sharp_cli.sampling import Sampling, rules_for
+from sharp_cli.sampling import Rules, Sampling, rules_for
 from sharp_cli.text_stream import TextStream
 
 
@@ -46,44 +46,102 @@ def ask(loaded: Loaded, clip, question: str, cfg: PruneConfig, *, max_new_tokens
     rules = rules_for(loaded.model, loaded.processor.tokenizer, sampling)
     if rules.sampling.seed is not None:
         _seed(rules.sampling.seed, loaded.device)
+    if warmup:
+        _warm_up(loaded, clip, question, cfg, rules, max_new_tokens, max_pixels, store or PriorStore(), cache,
+                 warmup)
+    begun = begin(loaded, clip, question, cfg, max_new_tokens=max_new_tokens, max_pixels=max_pixels, store=store,
+                  rules=rules, cache=cache)
+    prefill(begun)
+    stream = TextStream(loaded.processor.tokenizer, on_text)
+    decoded = decode(loaded, begun.encoded, begun.state, max_new_tokens, prompt_ids=begun.prompt_ids, rules=rules,
+                     on_token=lambda t: t in rules.eos or stream.push(t), should_stop=cancel)  # EOS is not text
+    return finish(begun, decoded, stream)
+
+
+@dataclass
+class Begun:
+    """A question up to its prefill: what the decode phase (one at a time, or batched by
+    scheduler.py) starts from. `state` is set by prefill()."""
+
+    loaded: Loaded
+    clip: object
+    cfg: PruneConfig
+    rules: Rules
+    max_new_tokens: int
+    max_pixels: int | None
+    cache: object  # the VideoCache, or None
+    prompt_ids: object  # (1, L)
+    encoded: object
+    vision_seconds: float
+    prior: PriorInfo
+    features_cached: bool
+    started: float  # perf_counter when the vision encoder started
+    state: Prefill | None = None
+    prefix_used: bool = False
+
+
+def begin(loaded: Loaded, clip, question: str, cfg: PruneConfig, *, max_new_tokens: int = 128,
+          max_pixels: int | None = None, store: PriorStore | None = None, rules: Rules | None = None,
+          cache=None, reset_peak: bool = True) -> Begun:
+    """Prompt, vision encoder (or its cached output) and positional prior: everything before prefill.
+    cfg must be resolved (validate_prune). Peak memory counts from here (reset_peak: when many
+    questions share the device at once, the caller keeps one count for all)."""
+    rules = rules or rules_for(loaded.model, loaded.processor.tokenizer)
     store = store or PriorStore()
     # A cached video: its vision output, and its layout, so the frames are not processed again.
     features, layout = (cache.vision(loaded, clip, max_pixels) if cache is not None else None) or (None, None)
     inputs = engine.prepare(loaded, clip, question, max_pixels, layout=layout)
-    prompt_ids = inputs["input_ids"]
-    if warmup and loaded.graphs is not None:
-        loaded.graphs.capture_after = 0  # warming up says the length will be reused: capture now
-    for _ in range(warmup):
-        encoded, _ = engine.encode(loaded, inputs, features)
-        prior = positional_prior(loaded, clip, encoded, cfg, store, max_pixels)
-        state = engine.prefill(loaded, encoded, cfg, prior=prior.prior, new_tokens=max_new_tokens)
-        decode(loaded, encoded, state, min(max_new_tokens, MIN_STEPS_TO_CAPTURE + 1), prompt_ids=prompt_ids,
-               rules=rules, ignore_eos=True)  # enough steps to capture the decode graph
-    measure.reset_peak_memory(loaded.device)
+    if reset_peak:
+        measure.reset_peak_memory(loaded.device)
     measure.synchronize(loaded.device)
     started = time.perf_counter()
     encoded, vision_s = engine.encode(loaded, inputs, features)
     prior = positional_prior(loaded, clip, encoded, cfg, store, max_pixels)
-    prefix, keep = _prefix(loaded, clip, cfg, max_pixels, prompt_ids, encoded, cache)
-    state = engine.prefill(loaded, encoded, cfg, prior=prior.prior, new_tokens=max_new_tokens, prefix=prefix,
-                           keep_prefix=keep)
-    if cache is not None:
-        if features is None:
-            cache.put_vision(loaded, clip, max_pixels, encoded.features, engine.video_layout(loaded, inputs))
-        if state.prefix is not None:
-            cache.put_prefix(loaded, clip, cfg, max_pixels, state.prefix)
-    stream = TextStream(loaded.processor.tokenizer, on_text)
-    decoded = decode(loaded, encoded, state, max_new_tokens, prompt_ids=prompt_ids, rules=rules,
-                     on_token=lambda t: t in rules.eos or stream.push(t), should_stop=cancel)  # EOS is not text
+    if cache is not None and features is None:
+        cache.put_vision(loaded, clip, max_pixels, encoded.features, engine.video_layout(loaded, inputs))
+    return Begun(loaded, clip, cfg, rules, max_new_tokens, max_pixels, cache, inputs["input_ids"], encoded, vision_s,
+                 prior, features is not None, started)
+
+
+def prefill(begun: Begun, kv=None) -> Prefill:
+    """The prefill of a begun question (reusing the video's cached prompt start where there is one),
+    into `kv` (an empty kv.StaticKV with room for engine.cache_lengths) or a cache from the pool."""
+    loaded, cfg = begun.loaded, begun.cfg
+    prefix, keep = _prefix(loaded, begun.clip, cfg, begun.max_pixels, begun.prompt_ids, begun.encoded, begun.cache)
+    state = engine.prefill(loaded, begun.encoded, cfg, prior=begun.prior.prior, new_tokens=begun.max_new_tokens,
+                           prefix=prefix, keep_prefix=keep, cache=kv)
+    if begun.cache is not None and state.prefix is not None:
+        begun.cache.put_prefix(loaded, begun.clip, cfg, begun.max_pixels, state.prefix)
+    begun.state, begun.prefix_used = state, prefix is not None
+    return state
+
+
+def finish(begun: Begun, decoded: Decoded, stream: TextStream, extra: dict | None = None) -> Answer:
+    """The Answer of a question whose decoding is over (stream.finish() not yet called)."""
     stream.finish()
-    seconds = time.perf_counter() - started  # decode read its last token: nothing left in flight that counts
+    seconds = time.perf_counter() - begun.started  # decode read its last token: nothing left in flight that counts
+    rules, loaded = begun.rules, begun.loaded
     return Answer(
-        text=stream.text().strip(), tokens=decoded.tokens, encoded=encoded, prefill=state, vision_seconds=vision_s,
-        decoded=decoded, prior=prior, peak_memory_bytes=measure.peak_memory_bytes(loaded.device), seconds=seconds,
+        text=stream.text().strip(), tokens=decoded.tokens, encoded=begun.encoded, prefill=begun.state,
+        vision_seconds=begun.vision_seconds, decoded=decoded, prior=begun.prior,
+        peak_memory_bytes=measure.peak_memory_bytes(loaded.device), seconds=seconds,
         extra={**({"ignored_generation_settings": list(rules.ignored)} if rules.ignored else {}),
-               **({"cache": {"vision": features is not None, "prefix": prefix is not None}}
-                  if cache is not None else {})},
+               **({"cache": {"vision": begun.features_cached, "prefix": begun.prefix_used}}
+                  if begun.cache is not None else {}), **(extra or {})},
     )
+
+
+def _warm_up(loaded, clip, question, cfg, rules, max_new_tokens, max_pixels, store, cache, passes: int) -> None:
+    features, layout = (cache.vision(loaded, clip, max_pixels) if cache is not None else None) or (None, None)
+    inputs = engine.prepare(loaded, clip, question, max_pixels, layout=layout)
+    if loaded.graphs is not None:
+        loaded.graphs.capture_after = 0  # warming up says the length will be reused: capture now
+    for _ in range(passes):
+        encoded, _ = engine.encode(loaded, inputs, features)
+        prior = positional_prior(loaded, clip, encoded, cfg, store, max_pixels)
+        state = engine.prefill(loaded, encoded, cfg, prior=prior.prior, new_tokens=max_new_tokens)
+        decode(loaded, encoded, state, min(max_new_tokens, MIN_STEPS_TO_CAPTURE + 1),
+               prompt_ids=inputs["input_ids"], rules=rules, ignore_eos=True)  # enough steps to capture the graph
 
 
 def _prefix(loaded, clip, cfg, max_pixels, prompt_ids, encoded, cache):

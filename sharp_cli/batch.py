@@ -8,6 +8,9 @@ a bad option) is an {"id", "error"} line and the run goes on; the exit code is 1
 
 With --output the lines are appended to that file, and a rerun skips the ids it already answered
 (failed ones are tried again); an unfinished last line from an interrupted run is cut off and redone.
+
+With --max-batch N > 1 up to N items are decoded together (batch_together.py); lines keep the input
+order.
 """
 
 from __future__ import annotations
@@ -21,8 +24,8 @@ from typing import Annotated, Optional
 import typer
 
 from sharp_cli.options import (DEFAULT_MODEL, CacheGb, Compile, CudaGraphs, Decoder, Device, Dtype, Fps, Frames,
-                               MaxFrames, MaxPixels, Model, NoPriorCache, Quant, RandomWeights, TrustRemoteCode,
-                               prune_options)
+                               KvGb, MaxBatch, MaxFrames, MaxPixels, Model, NoPriorCache, Quant, RandomWeights,
+                               TrustRemoteCode, prune_options)
 from sharp_cli.prune.config import PruneConfig
 
 InputFile = Annotated[str, typer.Argument(help="JSON lines of {video, question, id?, options?}; '-' reads stdin.")]
@@ -45,11 +48,11 @@ def batch_command(
     prune: PruneConfig = PruneConfig(),
     max_new_tokens: MaxNewTokens = 128, output: Output = None, video_dir: VideoDir = None,
     no_prior_cache: NoPriorCache = False, cuda_graphs: CudaGraphs = True, compile_model: Compile = False, cache_gb: CacheGb = 4.0,
-    quiet: Quiet = False,
+    max_batch: MaxBatch = None, kv_gb: KvGb = None, quiet: Quiet = False,
 ):
     """Answer a JSON-lines file of questions, one JSON line per answer (resumable with --output)."""
     from sharp_cli.errors import UsageError
-    from sharp_cli.options import quiet_transformers
+    from sharp_cli.options import check_kv_gb, max_batch_for, quiet_transformers
     from sharp_cli.overrides import MAX_TOKENS_LIMIT, Defaults
 
     cfg = prune.validate()
@@ -71,6 +74,9 @@ def batch_command(
         raise UsageError(f"--cache-gb must be >= 0, got {cache_gb}")
     if video_dir is not None and not os.path.isdir(video_dir):
         raise UsageError(f"--video-dir is not a folder: {video_dir}")
+    check_kv_gb(kv_gb)
+    if max_batch is not None:
+        max_batch_for(max_batch, device)
     base = Path(video_dir or (os.path.dirname(os.path.abspath(file)) if file != "-" else os.getcwd()))
 
     from sharp_cli import model_files
@@ -92,7 +98,7 @@ def batch_command(
     source = getattr(sys.stdin, "buffer", sys.stdin) if file == "-" else open(file, "rb")
     try:
         failed = run(loaded, source, defaults, base, output, progress, prior_cache=not no_prior_cache,
-                     cache_gb=cache_gb)
+                     cache_gb=cache_gb, max_batch=max_batch_for(max_batch, loaded.device.type), kv_gb=kv_gb)
     finally:
         if file != "-":
             source.close()
@@ -122,11 +128,11 @@ class Progress:
 
 
 def run(loaded, source, defaults, base: Path, output: str | None, progress: Progress, prior_cache: bool = True,
-        cache_gb: float = 4.0) -> int:
-    """Answer every item of `source` (lines, as bytes or text); returns how many failed."""
+        cache_gb: float = 4.0, max_batch: int = 1, kv_gb: float | None = None) -> int:
+    """Answer every item of `source` (lines, as bytes or text); returns how many failed. max_batch
+    > 1: answered together (batch_together.py), the lines still written in input order."""
     from sharp_cli import jsonl
     from sharp_cli.prune.prior import PriorStore
-    from sharp_cli.report import count
     from sharp_cli.video_cache import VideoCache
 
     cache = VideoCache(int(cache_gb * 2**30)) if cache_gb > 0 else None
@@ -134,38 +140,55 @@ def run(loaded, source, defaults, base: Path, output: str | None, progress: Prog
     done = answered_ids(Path(output)) if output else set()
     store = PriorStore(use_disk=prior_cache)
     sink = jsonl.open_for_append(Path(output), jsonl.is_batch_record) if output else sys.stdout
-    seen: dict[str, int] = {}
     try:
-        for number, raw in enumerate(source, 1):
-            if not raw.strip():
-                continue
-            item_id, item, error = parse_item(raw, number)
-            key = str(item_id)
-            if error is None and key in seen:
-                error = f"duplicate id {item_id!r} (line {seen[key]} has it too)"
-            seen.setdefault(key, number)
-            if error is None and key in done:
-                progress.skipped += 1
-                progress.item(item_id, "answered before, skipped")
-                continue
-            started = time.perf_counter()
-            if error is None:
-                record, error = answer_item(loaded, item, defaults, base, store, progress, cache)
-            if error is not None:
-                record = {"id": item_id, "error": error}
-                progress.failed += 1
-                progress.item(item_id, f"error: {error}")
-            else:
-                record = {"id": item_id, **record}
-                progress.answered += 1
-                progress.item(item_id, f"ok ({count(record['new_tokens'], 'token')}, "
-                                       f"{time.perf_counter() - started:.1f} s)")
-            jsonl.append(sink, record)
+        if max_batch > 1:
+            from sharp_cli import batch_together
+
+            batch_together.run(loaded, entries(source, done, progress), defaults, base, sink, progress, store, cache,
+                               max_batch, kv_gb)
+        else:
+            for item_id, item, error in entries(source, done, progress):
+                started, record = time.perf_counter(), None
+                if error is None:
+                    record, error = answer_item(loaded, item, defaults, base, store, progress, cache)
+                jsonl.append(sink, outcome(progress, item_id, record, error, time.perf_counter() - started))
     finally:
         if sink is not sys.stdout:
             sink.close()
     progress.summary(output)
     return progress.failed
+
+
+def entries(source, done: set, progress: Progress):
+    """(id, BatchItem or None, error or None) of each non-blank line, in order; a line whose id
+    was answered before (in `done`) is counted as skipped instead."""
+    seen: dict[str, int] = {}
+    for number, raw in enumerate(source, 1):
+        if not raw.strip():
+            continue
+        item_id, item, error = parse_item(raw, number)
+        key = str(item_id)
+        if error is None and key in seen:
+            error = f"duplicate id {item_id!r} (line {seen[key]} has it too)"
+        seen.setdefault(key, number)
+        if error is None and key in done:
+            progress.skipped += 1
+            progress.item(item_id, "answered before, skipped")
+            continue
+        yield item_id, item, error
+
+
+def outcome(progress: Progress, item_id, record: dict | None, error: str | None, seconds: float) -> dict:
+    """The output line of one item (its answer record or its error), counted and said on stderr."""
+    from sharp_cli.report import count
+
+    if error is not None:
+        progress.failed += 1
+        progress.item(item_id, f"error: {error}")
+        return {"id": item_id, "error": error}
+    progress.answered += 1
+    progress.item(item_id, f"ok ({count(record['new_tokens'], 'token')}, {seconds:.1f} s)")
+    return {"id": item_id, **record}
 
 
 def parse_item(raw: str, number: int):
@@ -201,37 +224,57 @@ def answer_item(loaded, item, defaults, base: Path, store, progress: Progress, c
     """(the ask --json record, None) or (None, the one-line error)."""
     from sharp_cli import answer as answer_mod
     from sharp_cli import report
-    from sharp_cli.clip_budget import ClipBudget
-    from sharp_cli.errors import SharpError, UsageError, describe, is_out_of_memory, one_line, release_gpu_memory
-    from sharp_cli.overrides import as_field_names, resolve
-    from sharp_cli.video import load_video, probe
 
+    failure = None
     try:
-        plan = resolve(item, defaults, loaded)
-        path, started = base / os.path.expanduser(item.video), time.perf_counter()
-        fit, limits = ClipBudget.of(loaded), dict(question=item.question, max_new_tokens=plan.max_new_tokens)
-        info = probe(path)  # a clip over the model's context is refused before it is decoded
-        video = fit.plan(info, plan.video, **limits)  # decoded no larger than the model keeps
-        clip = cache.load_video(path, **video) if cache is not None else load_video(path, **video)
-        fit.check_clip(clip, plan.video.get("max_pixels"), info, **limits)
-        video_s = time.perf_counter() - started
-        for note in clip.notes:
-            progress.say(f"note: {item.video}: {note}")
+        plan, clip, video_s = prepare_item(loaded, item, defaults, base, progress, cache)
         answer = answer_mod.ask(loaded, clip, item.question, plan.cfg, max_new_tokens=plan.max_new_tokens,
                                 max_pixels=plan.video.get("max_pixels"), store=store, sampling=plan.sampling,
                                 cache=cache)
         return {**report.ask_record(loaded, clip, plan.cfg, answer), "video_seconds": video_s}, None
-    except UsageError as exc:  # a bad option of this item: named as the item's field
-        return None, as_field_names(one_line(str(exc)))
-    except SharpError as exc:
-        return None, one_line(str(exc))
     except Exception as exc:  # noqa: BLE001 - one item's failure must not end the run
-        if os.environ.get("SHARP_DEBUG") not in (None, "", "0"):
-            raise
-        message, oom = one_line(describe(exc)), is_out_of_memory(exc)
-    if oom:  # here, not in the except block: by now the traceback (and the tensors it holds) is gone
+        failure = exc
+    return None, error_line(failure)
+
+
+def prepare_item(loaded, item, defaults, base: Path, progress: Progress, cache=None):
+    """(plan, clip, seconds decoding took) of an item: its options over the defaults, its frames
+    (a clip over the model's context refused before it is decoded, and decoded no larger than the
+    model keeps)."""
+    from sharp_cli.clip_budget import ClipBudget
+    from sharp_cli.overrides import resolve
+    from sharp_cli.video import load_video, probe
+
+    plan = resolve(item, defaults, loaded)
+    path, started = base / os.path.expanduser(item.video), time.perf_counter()
+    fit, limits = ClipBudget.of(loaded), dict(question=item.question, max_new_tokens=plan.max_new_tokens)
+    info = probe(path)
+    video = fit.plan(info, plan.video, **limits)
+    clip = cache.load_video(path, **video) if cache is not None else load_video(path, **video)
+    fit.check_clip(clip, plan.video.get("max_pixels"), info, **limits)
+    video_s = time.perf_counter() - started
+    for note in clip.notes:
+        progress.say(f"note: {item.video}: {note}")
+    return plan, clip, video_s
+
+
+def error_line(exc: BaseException) -> str:
+    """The one-line error of an item that failed (called once the except block is left: the
+    traceback, and the tensors it holds, must be gone before GPU memory is given back)."""
+    from sharp_cli.errors import SharpError, UsageError, describe, is_out_of_memory, one_line, release_gpu_memory
+    from sharp_cli.overrides import as_field_names
+
+    if isinstance(exc, UsageError):  # a bad option of this item: named as the item's field
+        return as_field_names(one_line(str(exc)))
+    if isinstance(exc, SharpError):
+        return one_line(str(exc))
+    if os.environ.get("SHARP_DEBUG") not in (None, "", "0"):
+        raise exc
+    message = one_line(describe(exc))
+    if is_out_of_memory(exc):
+        exc.__traceback__ = None
         release_gpu_memory()
-    return None, message
+    return message
 
 
 def answered_ids(path: Path) -> set[str]:

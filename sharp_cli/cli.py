@@ -85,9 +85,16 @@ def _main(version: Annotated[bool, typer.Option("--version", callback=_print_ver
     """Ask questions about videos with a video LLM, made fast by ShaRP token pruning."""
 
 
+Server = Annotated[Optional[str], typer.Option(
+    envvar="SHARP_SERVER", show_default=False,
+    help="Ask a running `sharp serve` at this URL (e.g. http://127.0.0.1:8000) instead of loading the model "
+         "here: the options you give go with the question, the server's own settings cover the rest.")]
+
+
 @app.command(short_help="Answer a question about a video.")
 @prune_options()
 def ask(
+    ctx: typer.Context,
     video: Annotated[str, typer.Argument(help="Video file (mp4, mkv, webm, ...).")],
     question: Annotated[str, typer.Argument(help="The question about the video.")],
     model: Model = DEFAULT_MODEL,
@@ -103,10 +110,16 @@ def ask(
     no_prior_cache: Annotated[bool, typer.Option("--no-prior-cache", help="Do not read or write the on-disk positional-prior cache.")] = False,
     warmup: Annotated[int, typer.Option(help="Untimed passes before the timed one (first CUDA runs load kernels).")] = 0,
     cuda_graphs: Annotated[bool, typer.Option(help="Replay decode steps and the pruned prefill layers from CUDA graphs.")] = True,
-    compile_model: Compile = False,
+    compile_model: Compile = False, server: Server = None,
 ):
     """Answer QUESTION about VIDEO; the answer goes to stdout (as it is written, on a terminal), what it
     cost to stderr."""
+    if server is not None:
+        from sharp_cli.serve import client
+
+        return client.run(ctx, server, video, question, json_out, quiet, dict(
+            method=prune.method, ratio=prune.ratio, layer=prune.layer, frames=frames, fps=fps, max_pixels=max_pixels,
+            max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=prune.seed))
     cfg = prune.validate()
     pick = sampling(temperature, top_p, top_k, cfg.seed)
     if max_new_tokens < 1:

@@ -123,18 +123,21 @@ def cache_lengths(loaded: Loaded, encoded, cfg: PruneConfig, new_tokens: int, fo
 
 @torch.inference_mode()
 def prefill(loaded: Loaded, encoded, cfg: PruneConfig, prior=None, forced_keep=None, new_tokens: int = 1, *,
-            prefix: Prefix | None = None, keep_prefix=None) -> Prefill:
+            prefix: Prefix | None = None, keep_prefix=None, cache=None) -> Prefill:
     """The text model over the whole prompt (pruning at layer K), into a preallocated KV cache with
     room for `new_tokens` more; returns the last position's logits.
 
     prefix: the cached start of this prompt (same video, another question): its rows are copied in
     and layers 0..n-1 run on the question's rows only. keep_prefix: the prompt's ids up to the
-    video's end, to return that start as Prefill.prefix for the next question."""
+    video's end, to return that start as Prefill.prefix for the next question. cache: an empty
+    kv.StaticKV with room for cache_lengths (one slot of the batched cache, kv_slots.py) to fill
+    instead of one from the model's pool."""
     cfg = loaded.adapter.validate_prune(cfg, loaded.num_layers)  # K resolved when not given
     text = loaded.adapter.text_model(loaded.model)
     dims = loaded.dims
-    cache = loaded.kv_pool.acquire(cache_lengths(loaded, encoded, cfg, max(1, new_tokens), forced_keep),
-                                   dims["kv_heads"], dims["head_dim"], encoded.inputs_embeds.dtype, loaded.device)
+    if cache is None:
+        cache = loaded.kv_pool.acquire(cache_lengths(loaded, encoded, cfg, max(1, new_tokens), forced_keep),
+                                       dims["kv_heads"], dims["head_dim"], encoded.inputs_embeds.dtype, loaded.device)
     start = 0 if prefix is None else prefix.length
     for layer, (keys, values) in zip(cache.layers, prefix.kv if prefix is not None else []):
         layer.update(keys, values)

@@ -25,12 +25,16 @@ class KVLayer(CacheLayerMixin):
     is_compileable = True
     is_sliding = False
 
-    def __init__(self, capacity: int, kv_heads: int, head_dim: int, dtype, device, step: torch.Tensor):
+    def __init__(self, capacity: int, kv_heads: int, head_dim: int, dtype, device, step: torch.Tensor,
+                 buffers=None):
+        """buffers: (keys (1, Hkv, capacity, d), values, valid (capacity,)) to write into instead of
+        allocating: one slot of a batched cache (kv_slots.py), which a prefill fills in place."""
         super().__init__()
         self.capacity = capacity
-        self.keys = torch.zeros(1, kv_heads, capacity, head_dim, dtype=dtype, device=device)
-        self.values = torch.zeros_like(self.keys)
-        self.valid = torch.zeros(capacity, dtype=torch.bool, device=device)  # rows written so far
+        if buffers is None:
+            self.keys = torch.zeros(1, kv_heads, capacity, head_dim, dtype=dtype, device=device)
+            buffers = (self.keys, torch.zeros_like(self.keys), torch.zeros(capacity, dtype=torch.bool, device=device))
+        self.keys, self.values, self.valid = buffers  # valid: rows written so far
         self.length = 0  # rows written by prefill (host int: prefill shapes are host-known anyway)
         self.base = torch.zeros(1, dtype=torch.long, device=device)  # = length, on the device
         self.step = step  # the cache's decode-step counter, shared by all layers
@@ -74,9 +78,10 @@ class KVLayer(CacheLayerMixin):
 
 
 class StaticKV(Cache):
-    def __init__(self, capacities: list[int], kv_heads: int, head_dim: int, dtype, device):
+    def __init__(self, capacities: list[int], kv_heads: int, head_dim: int, dtype, device, buffers=None):
         self.step = torch.zeros(1, dtype=torch.long, device=device)
-        layers = [KVLayer(c, kv_heads, head_dim, dtype, device, self.step) for c in capacities]
+        layers = [KVLayer(c, kv_heads, head_dim, dtype, device, self.step, b)
+                  for c, b in zip(capacities, buffers or [None] * len(capacities))]
         super().__init__(layers=layers)
         self.capacities = tuple(capacities)
         self.graphs: dict = {}  # decode-step graphs captured on these buffers (decode.py)

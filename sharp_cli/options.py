@@ -48,6 +48,30 @@ Compile = Annotated[bool, typer.Option(
                       "first answer of a process compiles, minutes on a 7B model: for many answers per "
                       "process (serve, batch, eval).")]
 
+MaxBatch = Annotated[Optional[int], typer.Option(
+    help="Answers decoded together, each joining and leaving the batch on its own (continuous batching); "
+         "1: one at a time. Default: 16 on CUDA, 1 on CPU.", show_default=False)]
+KvGb = Annotated[Optional[float], typer.Option(
+    help="KV cache memory (GiB) for the answers decoded together: with --max-batch, it bounds how many are in "
+         "flight (pruned ones take less). Default: 60% of the GPU memory free after loading.", show_default=False)]
+
+
+def max_batch_for(max_batch: int | None, device: str) -> int:
+    """--max-batch as given, or its default for the device the model will load on (16 on CUDA:
+    a decode step reads the weights once for every sequence it carries; 1 on CPU)."""
+    if max_batch is None:
+        import torch
+
+        return 16 if device in ("auto", "cuda") and torch.cuda.is_available() else 1
+    if max_batch < 1:
+        raise UsageError(f"--max-batch must be >= 1, got {max_batch}")
+    return max_batch
+
+
+def check_kv_gb(kv_gb: float | None) -> None:
+    if kv_gb is not None and not kv_gb > 0:
+        raise UsageError(f"--kv-gb must be > 0, got {kv_gb}")
+
 
 def prune_options(*, skip: tuple[str, ...] = ()):
     """Decorator for a command with a `prune` parameter: in its place, one option per PruneConfig

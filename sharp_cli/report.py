@@ -59,6 +59,7 @@ def ask_record(loaded, clip, cfg, answer) -> dict:
         "decode_tokens_per_second": answer.decoded.tokens_per_second,
         "decode_mode": answer.decoded.mode,
         "decode_capture_seconds": answer.decoded.capture_seconds,
+        "decode_batch": answer.extra.get("decode_batch", 1),  # the most answers that shared one of its steps
         "stop": answer.decoded.stop,
         "answer_seconds": answer.seconds,
         "video_cache": answer.extra.get("cache"),  # {"vision", "prefix"}: reused for this question
@@ -117,7 +118,8 @@ def ask_rows(record: dict) -> list[tuple[str, str]]:
         ("vision encoder", fmt_seconds(record["vision_seconds"])),
         ("LLM prefill", fmt_seconds(record["prefill_seconds"])
          + ("  (first run in this process: includes CUDA warm-up; see --warmup)"
-            if record["device"].startswith("cuda") and not record.get("warmup") else "")),
+            if record["device"].startswith("cuda") and not record.get("warmup") and not record.get("server")
+            else "")),
     ]
     if record["method"] != "none":
         rows.append(("  selection step", fmt_seconds(record["selection_seconds"])))
@@ -134,10 +136,14 @@ def ask_rows(record: dict) -> list[tuple[str, str]]:
         ("decode", count(record["new_tokens"], "token")
          + (f", {record['decode_tokens_per_second']:.1f} tok/s" if record["decode_tokens_per_second"] else "")
          + f" ({record['decode_mode']}"
+         + (f", up to {record['decode_batch']} answers a step" if record.get("decode_batch", 1) > 1 else "")
          + (f", captured in {fmt_seconds(record['decode_capture_seconds'])}" if record["decode_capture_seconds"] else "")
          + f"; stopped at {'EOS' if record['stop'] == 'eos' else record['stop']})"),
         ("answer, end to end", fmt_seconds(record["answer_seconds"]) + "  (vision + prior + prefill + decode)"),
     ]
+    if record.get("server"):
+        rows.append(("asked", f"{record['server']}, {fmt_seconds(record['request_seconds'])} from request to "
+                     "answer (queue and transfer included)"))
     return rows
 
 

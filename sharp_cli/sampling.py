@@ -101,3 +101,91 @@ def pick(logits, rules: Rules, seen=None):
         scores = scores.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
     probs = scores.softmax(-1)
     return (probs / torch.empty_like(probs).exponential_(1)).argmax(-1, keepdim=True)
+
+
+@dataclass
+class RowRules:
+    """Rules as tensors, one row per sequence of a batched decode step (batch_decode.py): each
+    (B, 1), so that sequences with other temperatures, penalties or seeds share one step."""
+
+    penalty: object  # float, 1.0: none
+    greedy: object  # bool
+    temperature: object  # float (1.0 on greedy rows: never divided by 0)
+    top_k: object  # long, 0: no cut
+    top_p: object  # float
+    seed: object  # long, in [0, 2**31)
+
+    def rows(self, start: int, end: int) -> "RowRules":
+        return RowRules(*(getattr(self, name)[start:end] for name in _ROW_FIELDS))
+
+    def set(self, row: int, rules: Rules, seed: int) -> None:
+        s = rules.sampling
+        self.penalty[row] = rules.repetition_penalty
+        self.greedy[row] = s.greedy
+        self.temperature[row] = 1.0 if s.greedy else s.temperature
+        self.top_k[row] = s.top_k
+        self.top_p[row] = s.top_p
+        self.seed[row] = seed % 2**31
+
+
+_ROW_FIELDS = ("penalty", "greedy", "temperature", "top_k", "top_p", "seed")
+
+
+def row_rules(slots: int, device) -> RowRules:
+    import torch
+
+    def make(value, dtype):
+        return torch.full((slots, 1), value, dtype=dtype, device=device)
+
+    return RowRules(make(1.0, torch.float32), make(True, torch.bool), make(1.0, torch.float32),
+                    make(0, torch.long), make(1.0, torch.float32), make(0, torch.long))
+
+
+def pick_rows(logits, rules: RowRules, seen, counter, sample: bool):
+    """The next token of each row, (B, 1) long, from logits (B, vocab): pick()'s steps with each
+    row's own rules. A greedy row gets exactly pick()'s token. A sampled row draws by the same
+    exponential race, with noise that is a hash of (its seed, counter, token id) instead of a
+    generator's state: counter (B,) is how many tokens the row has drawn before this one, so a
+    row draws the same tokens whichever rows share its steps, and no generator is captured in a
+    CUDA graph. `sample`: whether any row samples (else the sampling half is not computed)."""
+    import torch
+
+    scores = logits.float()
+    p = rules.penalty
+    scores = torch.where(seen, torch.where(scores < 0, scores * p, scores / p), scores)
+    best = scores.argmax(-1, keepdim=True)
+    if not sample:
+        return best
+    scores = scores / rules.temperature
+    vocab = scores.shape[-1]
+    ordered = torch.sort(scores, dim=-1, descending=True).values
+    k = torch.where(rules.top_k > 0, rules.top_k.clamp(max=vocab), vocab)
+    scores = scores.masked_fill(scores < ordered.gather(-1, k - 1), float("-inf"))
+    ascending, order = torch.sort(scores, dim=-1)
+    drop = ascending.softmax(-1).cumsum(-1) <= (1 - rules.top_p)
+    drop[..., -1] = False  # the most likely token always stays
+    scores = scores.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    probs = scores.softmax(-1)
+    drawn = (probs / exponential_noise(rules.seed.view(-1), counter, vocab)).argmax(-1, keepdim=True)
+    return torch.where(rules.greedy, best, drawn)
+
+
+_MASK = 0xFFFFFFFF
+
+
+def _mix(x):
+    """A 32-bit integer hash (values kept below 2**32 in int64, so products never overflow)."""
+    x = ((x ^ (x >> 16)) * 0x45D9F3B) & _MASK
+    x = ((x ^ (x >> 16)) * 0x45D9F3B) & _MASK
+    return x ^ (x >> 16)
+
+
+def exponential_noise(seed, counter, vocab: int):
+    """(B, vocab) Exp(1) draws, a pure function of (seed, counter, token id) per row."""
+    import torch
+
+    key = _mix(_mix(seed & _MASK) ^ ((counter * 0x2545F491) & _MASK))  # (B,)
+    ids = torch.arange(vocab, device=seed.device)
+    bits = _mix(_mix(key.view(-1, 1) ^ ((ids * 0x27D4EB2F) & _MASK)) ^ key.view(-1, 1))
+    uniform = ((bits >> 8).float() + 0.5) / float(1 << 24)  # in (0, 1), never 0 or 1
+    return -torch.log(uniform)

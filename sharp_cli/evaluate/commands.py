@@ -10,8 +10,9 @@ from typing import Annotated, Optional
 
 import typer
 
-from sharp_cli.options import (DEFAULT_MODEL, CacheGb, Compile, Decoder, Device, Dtype, Fps, Frames, JsonOut, MaxFrames,
-                               MaxPixels, Model, Quant, RandomWeights, TrustRemoteCode, prune_options)
+from sharp_cli.options import (DEFAULT_MODEL, CacheGb, Compile, Decoder, Device, Dtype, Fps, Frames, JsonOut, KvGb,
+                               MaxBatch, MaxFrames, MaxPixels, Model, Quant, RandomWeights, TrustRemoteCode,
+                               prune_options)
 from sharp_cli.prune.config import PruneConfig
 
 TASKS = ("colour", "direction", "order", "count", "flash", "sequence", "objects", "dominant", "motion", "scenes")
@@ -56,13 +57,13 @@ def eval_command(
     frames: Frames = 32, fps: Fps = None, max_frames: MaxFrames = 768, max_pixels: MaxPixels = None,
     decoder: Decoder = "auto", max_new_tokens: MaxNewTokens = 8, limit: Limit = None, output: Output = None,
     shard_timeout: ShardTimeout = 3600.0, cache_gb: CacheGb = 4.0, compile_model: Compile = False,
-    json_out: JsonOut = False, quiet: Quiet = False,
+    max_batch: MaxBatch = None, kv_gb: KvGb = None, json_out: JsonOut = False, quiet: Quiet = False,
     tie_seeds: TieSeeds = 3, random_seeds: RandomSeeds = None, bootstrap: Bootstrap = 2000,
 ):
     """Multiple-choice accuracy of every method and ratio on a video QA set (resumable, shardable)."""
     from dataclasses import replace
 
-    from sharp_cli.options import quiet_transformers, split_list, stderr_console
+    from sharp_cli.options import check_kv_gb, max_batch_for, quiet_transformers, split_list, stderr_console
     from sharp_cli.errors import SharpError, UsageError
     from sharp_cli.evaluate import formats, headline, prompts
     from sharp_cli.prune.config import METHODS
@@ -81,6 +82,9 @@ def eval_command(
         raise UsageError(f"--limit must be >= 1, got {limit}")
     if not cache_gb >= 0:
         raise UsageError(f"--cache-gb must be >= 0, got {cache_gb}")
+    check_kv_gb(kv_gb)
+    if max_batch is not None:
+        max_batch_for(max_batch, device)
     if max_new_tokens < 1 or shard_timeout <= 0:
         raise UsageError("--max-new-tokens must be >= 1 and --shard-timeout > 0")
     random_seeds = max(5, tie_seeds) if random_seeds is None else random_seeds
@@ -115,7 +119,7 @@ def eval_command(
     video = dict(frames=frames, fps=fps, max_frames=max_frames, max_pixels=max_pixels, backend=decoder)
     cells = runner.plan_cells(method_list, ratios, tie_seeds, random_seeds, seed)
     job = runner.Job(items, cells, base, default_output(output, dataset.name, model), settings, video,
-                     max_new_tokens, rank, world, cache_gb)
+                     max_new_tokens, rank, world, cache_gb, max_batch=max_batch, kv_gb=kv_gb)
     first, later = runner.pending(job), runner.pending(job, later=True)
     left = _count(first) + _count(later)  # later seeds: at most this many (skipped where nothing tied)
     done = runner.done_records(job)
@@ -185,6 +189,9 @@ def _answer(job, first, left: int, console, load_args: dict, compile_model: bool
     with console.status(f"loading {load_args['name']}"):
         loaded = loading.load(**load_args)
     loaded.use_compile(compile_model)  # not in the settings: compiled answers are the same answers
+    from sharp_cli.options import max_batch_for
+
+    job.max_batch = max_batch_for(job.max_batch, loaded.device.type)  # None: the device's default
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
     shared = dict(cache=VideoCache(int(job.cache_gb * 2**30)), store=PriorStore())
     with Progress(*columns, console=console, transient=True) as progress:

@@ -53,6 +53,8 @@ class Job:
     world: int = 1
     cache_gb: float = 4.0  # the per-video cache: nothing is recomputed per cell that a cell before computed
     skip_untied: bool = True  # skip later seeds of a cell that tied nothing (single-process runs only)
+    max_batch: int = 1  # > 1: cells decoded together (together.py); the same answers, so not a setting
+    kv_gb: float | None = None  # their KV cache budget (None: the scheduler's default)
 
     @property
     def my_items(self) -> list:
@@ -228,6 +230,10 @@ def run(loaded, job: Job, todo, progress=None, cache=None, store=None) -> int:
     # Every cell of an item asks about the same video: its frames, vision output and the prompt's
     # start (for each K and segment setting) are computed once per item, not once per cell.
     cache = cache if cache is not None else VideoCache(int(job.cache_gb * 2**30))
+    if (job.max_batch or 1) > 1:
+        from sharp_cli.evaluate import together
+
+        return together.run(loaded, job, todo, progress, cache, store)
     written = 0
     unpruned = ("none", 1.0, 0)
     compare = unpruned in job.cells

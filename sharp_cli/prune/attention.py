@@ -129,7 +129,8 @@ def merged_segment_attention(query, key, value, runs, scaling=None):
 
 
 def decode_attention(query, key, value, valid, scaling=None):
-    """One query row over a preallocated KV buffer whose unwritten rows are masked by `valid`.
+    """One query row over a preallocated KV buffer whose unwritten rows are masked by `valid`
+    ((rows,), or (B, rows) when the sequences of a batch hold different rows).
 
     Two batched matrix products and a softmax, not SDPA: with a mask SDPA picks the memory-efficient
     kernel, which gives one thread block to each (head, query block) and walks the whole buffer in
@@ -145,6 +146,8 @@ def decode_attention(query, key, value, valid, scaling=None):
     scale = dim ** -0.5 if scaling is None else scaling
     q = query.reshape(batch, kv_heads, heads // kv_heads, dim) * scale
     scores = torch.matmul(q, key.transpose(-1, -2))  # (B, Hkv, G, rows): one score per key, no L x L
+    if valid.dim() == 2:  # (B, rows): each sequence of a batched step its own rows (kv_slots.py)
+        valid = valid[:, None, None, :]
     scores = torch.where(valid, scores.float(), float("-inf"))
     probs = torch.softmax(scores, dim=-1).to(value.dtype)
     out = torch.matmul(probs, value)

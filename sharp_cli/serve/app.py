@@ -52,7 +52,8 @@ def create_app(service: Service) -> FastAPI:
         worker = service.worker
         body = {"status": "ok" if worker.alive else "stopping"}
         if not request.scope.get(PUBLIC_ONLY):
-            body.update(model=service.model_id, busy=worker.busy, waiting=worker.waiting, **dict(worker.stats))
+            body.update(model=service.model_id, busy=worker.busy, running=getattr(worker, "running", int(worker.busy)),
+                        waiting=worker.waiting, **dict(worker.stats))
         return JSONResponse(body, status_code=200 if worker.alive else 503)
 
     @app.get("/v1/models")

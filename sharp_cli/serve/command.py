@@ -13,8 +13,8 @@ from typing import Annotated, Optional
 import typer
 
 from sharp_cli.options import (DEFAULT_MODEL, CacheGb, Compile, CudaGraphs, Decoder, Device, Dtype, Fps, Frames,
-                               MaxFrames, MaxPixels, Model, NoPriorCache, Quant, RandomWeights, TrustRemoteCode,
-                               prune_options)
+                               KvGb, MaxBatch, MaxFrames, MaxPixels, Model, NoPriorCache, Quant, RandomWeights,
+                               TrustRemoteCode, prune_options)
 from sharp_cli.prune.config import PruneConfig
 
 Host = Annotated[str, typer.Option(help="Address to listen on: 127.0.0.1 is this machine only, 0.0.0.0 every interface.")]
@@ -44,7 +44,7 @@ def serve_command(
     decoder: Decoder = "auto",
     prune: PruneConfig = PruneConfig(),
     max_new_tokens: MaxNewTokens = 128, no_prior_cache: NoPriorCache = False, cuda_graphs: CudaGraphs = True, compile_model: Compile = False,
-    cache_gb: CacheGb = 4.0, quiet: Quiet = False,
+    cache_gb: CacheGb = 4.0, max_batch: MaxBatch = None, kv_gb: KvGb = None, quiet: Quiet = False,
 ):
     """Serve one model over HTTP in OpenAI's chat-completions format (video_url parts, streaming).
 
@@ -53,6 +53,7 @@ def serve_command(
     client). See docs/serve.md.
     """
     from sharp_cli.errors import UsageError
+    from sharp_cli.options import check_kv_gb, max_batch_for
     from sharp_cli.overrides import MAX_TOKENS_LIMIT, Defaults
 
     cfg = prune.validate()
@@ -72,6 +73,9 @@ def serve_command(
         raise UsageError(f"--cache-gb must be >= 0, got {cache_gb}")
     if api_key is not None and not api_key.strip():
         raise UsageError("--api-key (or SHARP_API_KEY) is empty; give a key or leave it out")
+    check_kv_gb(kv_gb)
+    if max_batch is not None:
+        max_batch_for(max_batch, device)
 
     from sharp_cli import model_files
 
@@ -85,11 +89,14 @@ def serve_command(
         from sharp_cli.serve.media import MediaPolicy
         from sharp_cli.serve.service import Settings
 
+        batch = max_batch_for(max_batch, loaded.device.type)
+
         video = dict(frames=frames, fps=fps, max_frames=max_frames, max_pixels=max_pixels, backend=decoder)
         settings = Settings(
             model_ids=model_ids(model, served_model_name), defaults=Defaults(cfg, video, max_new_tokens),
             media=MediaPolicy.create(media_dir, max_upload_mb), api_key=api_key.strip() if api_key else None,
             max_queue=max_queue, prior_cache=not no_prior_cache, cache_gb=cache_gb,
+            max_batch=batch, kv_gb=kv_gb, decode_ahead=2 if batch == 1 else min(batch, 8),
         )
         run(loaded, settings, sock, quiet, host)
     finally:

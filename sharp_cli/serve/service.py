@@ -31,6 +31,8 @@ class Settings:
     decode_ahead: int = 2  # videos decoded before their turn, while the model answers another request
     prior_cache: bool = True  # the on-disk positional-prior cache
     cache_gb: float = 4.0  # the per-video cache (frames, vision output, prompt start); 0: off
+    max_batch: int = 1  # answers decoded together (scheduler.py); 1: one at a time
+    kv_gb: float | None = None  # KV cache budget of the batch (None: a share of the free GPU memory)
     # A client that sends slowly or stalls gets a 408 and its connection closed (app.py): the
     # request's headers must be in within header_seconds, its body must not pause longer than
     # body_idle_seconds and must be in within body_seconds (300 s: 100 MB at 333 KB/s).
@@ -46,6 +48,7 @@ class Question:
     plan: Plan
     stream: bool
     include_usage: bool
+    video_seconds: float | None = None  # decoding its frames took this long
 
 
 @dataclass
@@ -61,9 +64,23 @@ class Service:
     def __post_init__(self):
         from sharp_cli.prune.prior import PriorStore
 
-        self.worker = Worker(self.settings.max_queue, ahead=self.settings.decode_ahead)
+        settings = self.settings
+        if settings.max_batch > 1:
+            from sharp_cli.serve.batched import BatchWorker
+
+            self.worker = BatchWorker(settings.max_queue, settings.decode_ahead, self.scheduler, settings.max_batch)
+        else:
+            self.worker = Worker(settings.max_queue, ahead=settings.decode_ahead)
         self.store = PriorStore(use_disk=self.settings.prior_cache)  # one per server: priors are per layout
         self.cache = VideoCache(int(self.settings.cache_gb * 2**30)) if self.settings.cache_gb > 0 else None
+
+    def scheduler(self):
+        """The scheduler that decodes answers together (made in the model's thread)."""
+        from sharp_cli.scheduler import Scheduler
+
+        kv_gb = self.settings.kv_gb
+        return Scheduler(self.loaded, max_batch=self.settings.max_batch, store=self.store, cache=self.cache,
+                         kv_bytes=int(kv_gb * 2**30) if kv_gb else None)
 
     @property
     def model_id(self) -> str:
@@ -101,10 +118,12 @@ class Service:
     def decode(self, question: Question):
         """The sampled frames (blocking: runs in a thread); an upload's temporary file is removed
         as soon as its frames are in memory."""
+        import time
+
         from sharp_cli.clip_budget import ClipBudget
         from sharp_cli.video import load_video, probe
 
-        source, plan = question.source, question.plan
+        source, plan, started = question.source, question.plan, time.perf_counter()
         fit, limits = ClipBudget.of(self.loaded), dict(question=question.text, max_new_tokens=plan.max_new_tokens)
         path = source.path
         try:
@@ -116,38 +135,69 @@ class Service:
                 else:
                     clip = load_video(path, **video)
             fit.check_clip(clip, plan.video.get("max_pixels"), info, **limits)
-            return clip
         except VideoError as exc:  # the client named its file or upload, not our file descriptor or temporary file
             raise VideoError(str(exc).replace(path, source.label).replace(source.path, source.label)) from None
         finally:
             source.discard()
+        question.video_seconds = time.perf_counter() - started
+        return clip
 
-    def work(self, clip, question: Question):
-        """The model call, as the worker thread runs it: returns (sharp record, finish reason)."""
+    def work(self, clip, question: Question) -> "Work":
+        """The model's part of a request, as the worker thread runs it (alone, or batched)."""
+        return Work(self, clip, question)
 
-        def run(on_text, cancelled):
-            from sharp_cli import answer as answer_mod
-            from sharp_cli import report
 
-            plan, failure = question.plan, None
-            try:
-                answer = answer_mod.ask(self.loaded, clip, question.text, plan.cfg,
-                                        max_new_tokens=plan.max_new_tokens, max_pixels=plan.video.get("max_pixels"),
-                                        store=self.store, on_text=on_text, cancel=cancelled, sampling=plan.sampling,
-                                        cache=self.cache)
-            except Exception as exc:
-                if not is_out_of_memory(exc):
-                    raise
-                failure = ApiError(500, describe(exc), "out_of_memory")
-            if failure is not None:
-                release_gpu_memory()
-                raise failure
-            record = report.ask_record(self.loaded, clip, plan.cfg, answer)
-            record["video"] = question.source.label
-            finish = "length" if answer.decoded.stop == "length" else "stop"  # EOS (or a client gone)
-            return record, finish
+class Work:
+    """Called (on_text, cancelled) -> (sharp record, finish reason), it answers alone (answer.ask);
+    a BatchWorker instead hands request() to its scheduler and result() or failure() the outcome."""
 
-        return run
+    def __init__(self, service: Service, clip, question: Question):
+        self.service, self.clip, self.question = service, clip, question
+
+    def __call__(self, on_text, cancelled):
+        from sharp_cli import answer as answer_mod
+
+        plan, service, failure = self.question.plan, self.service, None
+        try:
+            answer = answer_mod.ask(service.loaded, self.clip, self.question.text, plan.cfg,
+                                    max_new_tokens=plan.max_new_tokens, max_pixels=plan.video.get("max_pixels"),
+                                    store=service.store, on_text=on_text, cancel=cancelled, sampling=plan.sampling,
+                                    cache=service.cache)
+        except Exception as exc:
+            if not is_out_of_memory(exc):
+                raise
+            failure = exc
+        if failure is not None:  # here, not in the except block: the traceback's tensors are gone
+            raise self.failure(failure)
+        return self.result(answer)
+
+    def request(self, on_text, cancelled):
+        from sharp_cli.scheduler import Request
+
+        plan = self.question.plan
+        return Request(self.clip, self.question.text, plan.cfg, max_new_tokens=plan.max_new_tokens,
+                       max_pixels=plan.video.get("max_pixels"), sampling=plan.sampling, on_text=on_text,
+                       cancel=cancelled)
+
+    def failure(self, exc: BaseException) -> BaseException:
+        """The exception a failed answer is reported as: out of GPU memory is a 500 with advice
+        (the allocator's cache given back first, so the next request starts clean)."""
+        if not is_out_of_memory(exc):
+            return exc
+        exc.__traceback__ = None  # its frames hold the failed call's tensors
+        release_gpu_memory()
+        return ApiError(500, describe(exc), "out_of_memory")
+
+    def result(self, answer):
+        from sharp_cli import report
+
+        question = self.question
+        record = report.ask_record(self.service.loaded, self.clip, question.plan.cfg, answer)
+        record["video"] = question.source.label
+        if question.video_seconds is not None:
+            record["video_seconds"] = question.video_seconds
+        finish = "length" if answer.decoded.stop == "length" else "stop"  # EOS (or a client gone)
+        return record, finish
 
 
 def api_error(exc: BaseException) -> ApiError:

@@ -1,0 +1,79 @@
+"""`sharp batch --max-batch N` (N > 1): the items answered together by the scheduler, their lines
+still written in input order.
+
+The next items' videos are decoded ahead in threads (prefetch.py, at most PREFETCH_DEPTH at a
+time), so that a request is ready when a slot of the batch frees; the scheduler takes one only when
+it could start. Answers end out of order; each waits until every line before it is written (at
+most the answers in flight wait), so the output reads like a one-at-a-time run's and a rerun with
+--output resumes the same way.
+"""
+
+from __future__ import annotations
+
+from sharp_cli import jsonl
+
+PREFETCH_DEPTH = 8  # videos decoded ahead of the scheduler (bounded: their frames are in memory)
+PREFETCH_WORKERS = 2
+
+
+def run(loaded, entries, defaults, base, sink, progress, store, cache, max_batch: int, kv_gb: float | None) -> None:
+    """Answer every (id, item, error) of `entries`, writing each line to `sink` in order."""
+    from sharp_cli import batch, prefetch, report
+    from sharp_cli.scheduler import Request, Scheduler
+
+    scheduler = Scheduler(loaded, max_batch=max_batch, kv_bytes=int(kv_gb * 2**30) if kv_gb else None,
+                          store=store, cache=cache)
+    lines = _InOrder(sink, progress)
+
+    def prepare(entry):
+        _, item, error = entry
+        return None if error is not None else batch.prepare_item(loaded, item, defaults, base, progress, cache)
+
+    def requests():
+        decoded = prefetch.ahead(entries, prepare, workers=PREFETCH_WORKERS, depth=min(max_batch, PREFETCH_DEPTH))
+        for (item_id, item, error), prepared, failure in decoded:
+            index = lines.expect(item_id)
+            if error is None and failure is not None:
+                error = batch.error_line(failure)
+            if error is not None:
+                lines.done(index, None, error, 0.0)
+                continue
+            plan, clip, video_s = prepared
+            yield Request(clip, item.question, plan.cfg, max_new_tokens=plan.max_new_tokens,
+                          max_pixels=plan.video.get("max_pixels"), sampling=plan.sampling,
+                          tag=(index, clip, plan, video_s))
+
+    for done in scheduler.run(requests()):
+        index, clip, plan, video_s = done.request.tag
+        if done.error is not None:
+            lines.done(index, None, batch.error_line(done.error), 0.0)
+        else:
+            record = {**report.ask_record(loaded, clip, plan.cfg, done.answer), "video_seconds": video_s}
+            lines.done(index, record, None, video_s + done.answer.seconds)
+        lines.flush()
+    lines.flush()
+
+
+class _InOrder:
+    """Output lines written in input order as their items end (in any order)."""
+
+    def __init__(self, sink, progress):
+        self.sink, self.progress = sink, progress
+        self.ids: list = []
+        self.ended: dict[int, tuple] = {}
+        self.written = 0
+
+    def expect(self, item_id) -> int:
+        self.ids.append(item_id)
+        return len(self.ids) - 1
+
+    def done(self, index: int, record, error, seconds: float) -> None:
+        self.ended[index] = (record, error, seconds)
+
+    def flush(self) -> None:
+        from sharp_cli.batch import outcome
+
+        while self.written in self.ended:
+            record, error, seconds = self.ended.pop(self.written)
+            jsonl.append(self.sink, outcome(self.progress, self.ids[self.written], record, error, seconds))
+            self.written += 1

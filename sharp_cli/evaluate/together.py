@@ -1,0 +1,93 @@
+"""`sharp eval --max-batch N` (N > 1): the cells of the items answered together by the scheduler.
+
+The same answers and lines as runner.run, in the same order: per item its unpruned reference
+first (a 1-token answer when the `none` cell was answered in an earlier run), then its cells.
+The next items' videos are decoded ahead in threads (prefetch.py); answers end out of order and
+each line waits until every line before it is written, so a pruned line always finds its item's
+reference logits, and an interrupted run resumes as a one-at-a-time run does.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from sharp_cli.errors import VideoError, one_line
+
+PREFETCH_DEPTH = 4  # items whose frames are decoded ahead (bounded: they are in memory)
+
+
+class _Item:
+    def __init__(self, item, clip):
+        self.item, self.clip = item, clip
+        self.reference = None  # unpruned prefill logits
+        self.needle, self.mapped = None, not item.needle_boxes
+
+
+def run(loaded, job, todo, progress=None, cache=None, store=None) -> int:
+    """runner.run's contract: answer every pending cell, append its line; returns lines written."""
+    from sharp_cli import prefetch
+    from sharp_cli.evaluate import runner
+    from sharp_cli.scheduler import Request, Scheduler
+
+    scheduler = Scheduler(loaded, max_batch=job.max_batch, store=store, cache=cache,
+                          kv_bytes=int(job.kv_gb * 2**30) if job.kv_gb else None)
+    unpruned = ("none", 1.0, 0)
+    compare = unpruned in job.cells
+    units: list = []  # (kind, _Item, cell, record or None), in the order lines are written
+    ended: dict[int, object] = {}  # unit -> answer
+    written = 0
+
+    def ask(state: _Item, kind: str, cell, tokens: int, cfg):
+        units.append((kind, state, cell, None))
+        return Request(state.clip, runner.prompt_for(state.item), cfg, max_new_tokens=tokens,
+                       max_pixels=job.video.get("max_pixels"), tag=len(units) - 1)
+
+    def requests():
+        load = lambda entry: cache.load_video(entry[0].video, **job.video)  # noqa: E731
+        for (item, cells), clip, failure in prefetch.ahead(todo, load, depth=PREFETCH_DEPTH):
+            if failure is not None:
+                if not isinstance(failure, VideoError):
+                    raise failure
+                for cell in cells:  # a broken file stays broken: record it, count it wrong, go on
+                    units.append(("line", None, cell, runner._record(job, item, cell, error=one_line(str(failure), 300))))
+                    ended[len(units) - 1] = None
+                continue
+            state = _Item(item, clip)
+            if compare and unpruned not in cells:
+                yield ask(state, "reference", unpruned, 1, replace(job.base, method="none", ratio=1.0, seed=0))
+            for cell in sorted(cells, key=lambda c: c[0] != "none"):  # the reference first
+                method, ratio, seed = cell
+                yield ask(state, "cell", cell, job.max_new_tokens, replace(job.base, method=method, ratio=ratio,
+                                                                           seed=seed))
+
+    next_unit = 0
+    with runner._open_for_append(job.output) as handle:
+        def flush():
+            nonlocal written, next_unit
+            while next_unit in ended:
+                answer = ended.pop(next_unit)
+                kind, state, cell, record = units[next_unit]
+                next_unit += 1
+                if kind == "reference":
+                    state.reference = answer.prefill.logits
+                    continue
+                if kind == "cell":
+                    if cell[0] == "none":
+                        state.reference = answer.prefill.logits
+                    if not state.mapped:  # the same video, so the same tokens, in every cell
+                        state.needle = runner._needle_tokens(loaded, state.item, state.clip, answer.encoded.layout)
+                        state.mapped = True
+                    record = runner._record(job, state.item, cell, answer=answer, reference=state.reference,
+                                            needle=state.needle)
+                runner._append(handle, record)
+                written += 1
+                if progress is not None:
+                    progress()
+
+        for done in scheduler.run(requests()):
+            if done.error is not None:
+                raise done.error
+            ended[done.request.tag] = done.answer
+            flush()
+        flush()
+    return written
