@@ -309,7 +309,8 @@ def summarize(result) -> None:
                      f"{c['every_request_got_its_own_answer']}")
     if procs:
         lines.append(f"processes: {procs['ran']} of {procs['of']} in {procs['total_seconds']} s "
-                     f"(mean {procs['mean_seconds']} s, all {procs['of']}: ~{procs['estimated_total_seconds_for_all']} s)")
+                     f"(mean {procs['mean_seconds']} s, "
+                     f"all {procs['of']}: ~{procs['estimated_total_seconds_for_all']} s)")
     lines += [f"skipped: {s}" for s in result.get("skipped", [])]
     sys.stderr.write("\n".join(lines) + "\n")
 

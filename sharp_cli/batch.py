@@ -23,9 +23,27 @@ from typing import Annotated, Optional
 
 import typer
 
-from sharp_cli.options import (DEFAULT_MODEL, CacheGb, Compile, CudaGraphs, Decoder, Device, Dtype, Fps, Frames,
-                               KvGb, MaxBatch, MaxFrames, MaxPixels, Model, NoPriorCache, Quant, RandomWeights,
-                               TrustRemoteCode, prune_options)
+from sharp_cli.options import (
+    DEFAULT_MODEL,
+    CacheGb,
+    Compile,
+    CudaGraphs,
+    Decoder,
+    Device,
+    Dtype,
+    Fps,
+    Frames,
+    KvGb,
+    MaxBatch,
+    MaxFrames,
+    MaxPixels,
+    Model,
+    NoPriorCache,
+    Quant,
+    RandomWeights,
+    TrustRemoteCode,
+    prune_options,
+)
 from sharp_cli.prune.config import PruneConfig
 
 InputFile = Annotated[str, typer.Argument(help="JSON lines of {video, question, id?, options?}; '-' reads stdin.")]
@@ -47,7 +65,8 @@ def batch_command(
     decoder: Decoder = "auto",
     prune: PruneConfig = PruneConfig(),
     max_new_tokens: MaxNewTokens = 128, output: Output = None, video_dir: VideoDir = None,
-    no_prior_cache: NoPriorCache = False, cuda_graphs: CudaGraphs = True, compile_model: Compile = False, cache_gb: CacheGb = 4.0,
+    no_prior_cache: NoPriorCache = False, cuda_graphs: CudaGraphs = True, compile_model: Compile = False,
+    cache_gb: CacheGb = 4.0,
     max_batch: MaxBatch = None, kv_gb: KvGb = None, quiet: Quiet = False,
 ):
     """Answer a JSON-lines file of questions, one JSON line per answer (resumable with --output)."""
@@ -261,17 +280,13 @@ def prepare_item(loaded, item, defaults, base: Path, progress: Progress, cache=N
 def error_line(exc: BaseException) -> str:
     """The one-line error of an item that failed (called once the except block is left: the
     traceback, and the tensors it holds, must be gone before GPU memory is given back)."""
-    from sharp_cli.errors import SharpError, UsageError, describe, is_out_of_memory, one_line, release_gpu_memory
+    from sharp_cli.errors import UsageError, item_failure, release_gpu_memory
     from sharp_cli.overrides import as_field_names
 
+    message, out_of_memory = item_failure(exc)  # SHARP_DEBUG=1: raised here
     if isinstance(exc, UsageError):  # a bad option of this item: named as the item's field
-        return as_field_names(one_line(str(exc)))
-    if isinstance(exc, SharpError):
-        return one_line(str(exc))
-    if os.environ.get("SHARP_DEBUG") not in (None, "", "0"):
-        raise exc
-    message = one_line(describe(exc))
-    if is_out_of_memory(exc):
+        return as_field_names(message)
+    if out_of_memory:
         exc.__traceback__ = None
         release_gpu_memory()
     return message

@@ -17,10 +17,36 @@ from typer.core import TyperGroup
 
 from sharp_cli.errors import SharpError, UsageError, debug_enabled, one_line
 from sharp_cli.errors import describe as _describe  # shared with serve and batch
-from sharp_cli.options import (DEFAULT_MODEL, Compile, Decoder, Device, Dtype, Fps, Frames, JsonOut, MaxFrames, MaxPixels,
-                               MaxVisualTokens, Model, Quant, RandomWeights, Temperature, TopK, TopP, TrustRemoteCode,
-                               prune_options, quiet_transformers, sampling, split_list, stderr_console, write_atomic)
+from sharp_cli.options import (
+    DEFAULT_MODEL,
+    Compile,
+    CudaGraphs,
+    Decoder,
+    Device,
+    Dtype,
+    Fps,
+    Frames,
+    JsonOut,
+    MaxFrames,
+    MaxPixels,
+    MaxVisualTokens,
+    Model,
+    NoPriorCache,
+    Quant,
+    RandomWeights,
+    Temperature,
+    TopK,
+    TopP,
+    TrustRemoteCode,
+    prune_options,
+    quiet_transformers,
+    sampling,
+    split_list,
+    stderr_console,
+    write_atomic,
+)
 from sharp_cli.prune.config import PruneConfig
+
 
 class SharpGroup(TyperGroup):
     """Turns every failure into one line and an exit code, for users and the CLI test runner alike."""
@@ -107,9 +133,10 @@ def ask(
     json_out: JsonOut = False,
     quiet: Annotated[bool, typer.Option("-q", "--quiet", help="Print the answer only.")] = False,
     random_weights: RandomWeights = False, trust_remote_code: TrustRemoteCode = False,
-    no_prior_cache: Annotated[bool, typer.Option("--no-prior-cache", help="Do not read or write the on-disk positional-prior cache.")] = False,
-    warmup: Annotated[int, typer.Option(help="Untimed passes before the timed one (first CUDA runs load kernels).")] = 0,
-    cuda_graphs: Annotated[bool, typer.Option(help="Replay decode steps and the pruned prefill layers from CUDA graphs.")] = True,
+    no_prior_cache: NoPriorCache = False,
+    warmup: Annotated[int, typer.Option(
+        help="Untimed passes before the timed one (first CUDA runs load kernels).")] = 0,
+    cuda_graphs: CudaGraphs = True,
     compile_model: Compile = False, server: Server = None,
 ):
     """Answer QUESTION about VIDEO; the answer goes to stdout (as it is written, on a terminal), what it
@@ -192,7 +219,8 @@ def ask(
 @app.command(short_help="Time every method against stock transformers, side by side.")
 @prune_options(skip=("method", "ratio"))
 def bench(
-    video: Annotated[Optional[str], typer.Option(help="A real video; default: a synthetic one of the layout below.")] = None,
+    video: Annotated[Optional[str], typer.Option(
+        help="A real video; default: a synthetic one of the layout below.")] = None,
     frames: Frames = 32,
     height: Annotated[int, typer.Option(help="Synthetic video frame height in pixels.")] = 392,
     width: Annotated[int, typer.Option(help="Synthetic video frame width in pixels.")] = 784,
@@ -200,10 +228,10 @@ def bench(
     model: Model = DEFAULT_MODEL,
     device: Device = "auto", quant: Quant = "auto", dtype: Dtype = "auto",
     random_weights: RandomWeights = False, trust_remote_code: TrustRemoteCode = False,
-    methods: Annotated[str, typer.Option(help="Comma list of methods to compare: sharp, fastv, evs, random, none, and the "
-                                         "stock path: transformers (generate(), dynamic cache), transformers-static "
-                                         "(static cache, compiled on CUDA: the first call compiles for a minute or more).")
-                       ] = "transformers,none,fastv,random,sharp",
+    methods: Annotated[str, typer.Option(
+        help="Comma list of methods to compare: sharp, fastv, evs, random, none, and the stock path: transformers "
+             "(generate(), dynamic cache), transformers-static (static cache, compiled on CUDA: the first call "
+             "compiles for a minute or more).")] = "transformers,none,fastv,random,sharp",
     ratio: Annotated[Optional[list[str]], typer.Option(help="Ratio(s) kept; repeat or give a comma list.")] = None,
     prune: PruneConfig = PruneConfig(),
     max_pixels: MaxPixels = None, max_visual_tokens: MaxVisualTokens = None, decoder: Decoder = "auto",
@@ -215,7 +243,8 @@ def bench(
     compile_model: Compile = False,
     json_out: JsonOut = False,
     output_json: Annotated[Optional[str], typer.Option(help="Also write the JSON result to this file.")] = None,
-    plot: Annotated[Optional[str], typer.Option(help="Write a PNG of speed-up and memory vs ratio (needs matplotlib).")] = None,
+    plot: Annotated[Optional[str], typer.Option(
+        help="Write a PNG of speed-up and memory vs ratio (needs matplotlib).")] = None,
     quiet: Annotated[bool, typer.Option("-q", "--quiet", help="No table or progress on stderr.")] = False,
 ):
     """Every method and the stock transformers path side by side, on the same inputs: end-to-end time,
@@ -347,11 +376,14 @@ def env():
 
 from sharp_cli.evaluate.commands import eval_command, synth_command  # noqa: E402
 from sharp_cli.evaluate.diagnose_command import diagnose_command  # noqa: E402
+
 app.command("eval", short_help="Multiple-choice accuracy per method and ratio.")(eval_command)
 app.command("synth", short_help="Write a synthetic needle-in-the-video QA set.")(synth_command)
-app.command("diagnose", short_help="May this model judge a pruning method? Its shallow attention, checked.")(diagnose_command)
+app.command("diagnose",
+            short_help="May this model judge a pruning method? Its shallow attention, checked.")(diagnose_command)
 from sharp_cli.batch import batch_command  # noqa: E402
 from sharp_cli.serve.command import serve_command  # noqa: E402
+
 app.command("batch", short_help="Answer a JSON-lines file of questions, one line each.")(batch_command)
 app.command("serve", short_help="Serve a model over an OpenAI-compatible HTTP API.")(serve_command)
 

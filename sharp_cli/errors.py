@@ -61,10 +61,11 @@ def debug_enabled() -> bool:
 
 
 def item_failure(exc: Exception) -> tuple[str, bool]:
-    """(the one line recorded for an item that failed, whether it ran out of GPU memory). Call it in
-    the except block: a SharpError is its own message; anything else is described (out of memory
-    with advice), or re-raised under SHARP_DEBUG so its traceback shows. When it ran out of memory,
-    call release_gpu_memory() after the except block, once the traceback's frames are gone."""
+    """(the one line recorded for an item that failed, whether it ran out of GPU memory): a
+    SharpError is its own message; anything else is described (out of memory with advice), or
+    re-raised under SHARP_DEBUG so its traceback shows. When it ran out of memory, call
+    release_gpu_memory() after the except block, once the traceback's frames are gone. Used by
+    `sharp eval` (a cell), `sharp batch` (an item) and `sharp serve` (a request's log line)."""
     if isinstance(exc, SharpError):
         return one_line(str(exc)), False
     if debug_enabled():

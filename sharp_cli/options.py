@@ -12,20 +12,24 @@ from typing import Annotated, Optional
 
 import typer
 
-from sharp_cli.errors import UsageError
 from sharp_cli import DEFAULT_MODEL  # noqa: F401  (the commands' default; light: no torch)
+from sharp_cli.errors import UsageError
 
 Model = Annotated[str, typer.Option("-m", "--model", envvar="SHARP_MODEL",
                                     help="Hub id or local folder of a supported video LLM.")]
 Device = Annotated[str, typer.Option(metavar="[auto|cuda|cpu]", help="auto, cuda or cpu.")]
-Quant = Annotated[str, typer.Option(metavar="[auto|nf4|int8|none]", help="auto (nf4 on CUDA, none on CPU and for sharp-tiny), nf4, int8 or none.")]
-Dtype = Annotated[str, typer.Option(metavar="[auto|bfloat16|float16|float32]", help="auto (bfloat16 on GPUs that have it, else float16; float32 on CPU), "
+Quant = Annotated[str, typer.Option(metavar="[auto|nf4|int8|none]",
+                                    help="auto (nf4 on CUDA, none on CPU and for sharp-tiny), nf4, int8 or none.")]
+Dtype = Annotated[str, typer.Option(metavar="[auto|bfloat16|float16|float32]",
+                                    help="auto (bfloat16 on GPUs that have it, else float16; float32 on CPU), "
                                          "bfloat16, float16, float32.")]
 RandomWeights = Annotated[bool, typer.Option("--random-weights", help="Build the model's architecture from its "
                                              "shipped config with random weights (speed measurements, no download).")]
-TrustRemoteCode = Annotated[bool, typer.Option("--trust-remote-code", help="Allow model code from the hub (off by default).")]
+TrustRemoteCode = Annotated[bool, typer.Option("--trust-remote-code",
+                                               help="Allow model code from the hub (off by default).")]
 Frames = Annotated[int, typer.Option(help="Frames sampled uniformly over the video.")]
-Fps = Annotated[Optional[float], typer.Option(help="Sample this many frames per second instead (capped by --max-frames).")]
+Fps = Annotated[Optional[float], typer.Option(
+    help="Sample this many frames per second instead (capped by --max-frames).")]
 MaxFrames = Annotated[int, typer.Option(help="Upper bound on frames sampled with --fps.")]
 MaxPixels = Annotated[Optional[int], typer.Option(
     help="Upper bound on pixels per frame (so on visual tokens per frame), replacing the model family's "
@@ -33,7 +37,8 @@ MaxPixels = Annotated[Optional[int], typer.Option(
 MaxVisualTokens = Annotated[Optional[int], typer.Option(
     help="Refuse a clip that would become more visual tokens than this (checked before decoding and "
          "before the vision encoder).", show_default=False)]
-Decoder = Annotated[str, typer.Option(metavar="[auto|decord|pyav]", help="Video decoder: auto (PyAV, then decord if PyAV fails), decord or pyav.")]
+Decoder = Annotated[str, typer.Option(metavar="[auto|decord|pyav]",
+                                      help="Video decoder: auto (PyAV, then decord if PyAV fails), decord or pyav.")]
 Temperature = Annotated[float, typer.Option(help="Sample with this temperature (0: greedy, the default, as "
                                             "generate(do_sample=False)).")]
 TopP = Annotated[float, typer.Option(help="Sampling: keep the smallest set of tokens whose probability reaches this.")]
@@ -41,7 +46,8 @@ TopK = Annotated[int, typer.Option(help="Sampling: keep only the k most likely t
 JsonOut = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")]
 CacheGb = Annotated[float, typer.Option(help="Memory (GiB) for what a second question about the same video reuses: "
                                         "its frames, the vision encoder's output and the prompt's start (0: off).")]
-NoPriorCache = Annotated[bool, typer.Option("--no-prior-cache", help="Do not read or write the on-disk positional-prior cache.")]
+NoPriorCache = Annotated[bool, typer.Option("--no-prior-cache",
+                                            help="Do not read or write the on-disk positional-prior cache.")]
 CudaGraphs = Annotated[bool, typer.Option(help="Replay decode steps and the pruned prefill layers from CUDA graphs.")]
 Compile = Annotated[bool, typer.Option(
     "--compile", help="torch.compile the decode step and the vision blocks (fuses their small kernels); the "

@@ -111,10 +111,12 @@ def ask_rows(record: dict) -> list[tuple[str, str]]:
         ("model", record["model"] + ("  (random weights)" if record["random_weights"] else "")),
         ("device / quant", f"{record['gpu'] or record['device']} / {quant} / {record['dtype']}"),
         ("method", method),
-        ("frames sampled", f"{record['frames']} ({record['decoder']}), token grid {'x'.join(map(str, record['token_grid']))}"),
+        ("frames sampled",
+         f"{record['frames']} ({record['decoder']}), token grid {'x'.join(map(str, record['token_grid']))}"),
         ("visual tokens", f"{record['visual_tokens_kept']:,} kept of {record['visual_tokens_total']:,}"),
         *([("model load", fmt_seconds(record["load_seconds"]))] if record.get("load_seconds") is not None else []),
-        *([("video decoding", fmt_seconds(record["video_seconds"]))] if record.get("video_seconds") is not None else []),
+        *([("video decoding", fmt_seconds(record["video_seconds"]))]
+          if record.get("video_seconds") is not None else []),
         ("vision encoder", fmt_seconds(record["vision_seconds"])),
         ("LLM prefill", fmt_seconds(record["prefill_seconds"])
          + ("  (first run in this process: includes CUDA warm-up; see --warmup)"
@@ -129,7 +131,8 @@ def ask_rows(record: dict) -> list[tuple[str, str]]:
     saved = record["kv_cache_bytes_saved"]
     share = saved / record["kv_cache_bytes_unpruned"] if record["kv_cache_bytes_unpruned"] else 0
     rows += [
-        ("KV cache", f"{fmt_bytes(record['kv_cache_bytes'])} (unpruned {fmt_bytes(record['kv_cache_bytes_unpruned'])})"),
+        ("KV cache",
+         f"{fmt_bytes(record['kv_cache_bytes'])} (unpruned {fmt_bytes(record['kv_cache_bytes_unpruned'])})"),
         ("memory saved", f"{fmt_bytes(saved)} of KV cache ({share:.0%})"),
         ("peak GPU memory", fmt_bytes(record["peak_memory_bytes"]) if record["peak_memory_bytes"] is not None
          else "n/a (CPU)"),
@@ -137,7 +140,8 @@ def ask_rows(record: dict) -> list[tuple[str, str]]:
          + (f", {record['decode_tokens_per_second']:.1f} tok/s" if record["decode_tokens_per_second"] else "")
          + f" ({record['decode_mode']}"
          + (f", up to {record['decode_batch']} answers a step" if record.get("decode_batch", 1) > 1 else "")
-         + (f", captured in {fmt_seconds(record['decode_capture_seconds'])}" if record["decode_capture_seconds"] else "")
+         + (f", captured in {fmt_seconds(record['decode_capture_seconds'])}"
+            if record["decode_capture_seconds"] else "")
          + f"; stopped at {'EOS' if record['stop'] == 'eos' else record['stop']})"),
         ("answer, end to end", fmt_seconds(record["answer_seconds"]) + "  (vision + prior + prefill + decode)"),
     ]

@@ -17,8 +17,8 @@ class LiveServer:
 
     def __init__(self, loaded, media_dir, *, model_ids=("tiny-served",), api_key=None, max_queue=32,
                  max_upload_mb=1.0, max_new_tokens=4, max_pixels=SMALL_PIXELS, **extra):
-        from sharp_cli.prune.config import PruneConfig
         from sharp_cli.overrides import Defaults
+        from sharp_cli.prune.config import PruneConfig
         from sharp_cli.serve.app import bind, create_app, make_server
         from sharp_cli.serve.media import MediaPolicy
         from sharp_cli.serve.service import Service, Settings

@@ -67,6 +67,7 @@ def test_an_interrupted_batched_run_resumes(model_dirs, folder, tmp_path, monkey
 
 def test_bad_batch_options_are_usage_errors(model_dirs, tmp_path):
     items = write_items(tmp_path / "items.jsonl", [{"video": "a.mp4", "question": "what?"}])
-    for args, message in ((["--max-batch", "0"], "--max-batch must be >= 1"), (["--kv-gb", "-1"], "--kv-gb must be > 0")):
+    for args, message in ((["--max-batch", "0"], "--max-batch must be >= 1"),
+                          (["--kv-gb", "-1"], "--kv-gb must be > 0")):
         result = sharp("batch", items, "-m", model_dirs["qwen2.5-vl"], *args)
         assert result.exit_code == 2 and message in result.stderr

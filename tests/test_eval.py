@@ -456,25 +456,26 @@ def test_broken_video_is_recorded_as_an_error_in_the_default_results_file(model_
     assert "broken.mp4" in _lines(default)[0]["error"]
 
 
+@pytest.mark.parametrize("batch", ["1", "2"])  # one at a time (runner.run), and together (together.run)
 def test_a_failed_cell_is_recorded_and_answered_again_by_the_next_run(model_dirs, synth_items, tmp_path,
-                                                                      monkeypatch):
+                                                                      monkeypatch, batch):
     """One cell running out of memory is an error line (counted wrong), not the end of the run; the
     next run answers that cell alone, and its answer replaces the error in the summary."""
     import torch
 
     from sharp_cli import answer as answer_mod
 
-    real = answer_mod.ask
+    real = answer_mod.prefill
 
-    def fastv_out_of_memory(loaded, clip, prompt, cfg, **kwargs):
-        if cfg.method == "fastv" and cfg.ratio == 0.5:
+    def fastv_out_of_memory(begun, *args, **kwargs):
+        if begun.cfg.method == "fastv" and begun.cfg.ratio == 0.5:
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
-        return real(loaded, clip, prompt, cfg, **kwargs)
+        return real(begun, *args, **kwargs)
 
     out = tmp_path / "r.jsonl"
     args = ("eval", synth_items, "-m", model_dirs["qwen2.5-vl"], *SMALL, "--methods", "none,fastv", "--limit", "2",
-            "-o", out, "--json")
-    monkeypatch.setattr(answer_mod, "ask", fastv_out_of_memory)
+            "--max-batch", batch, "-o", out, "--json")
+    monkeypatch.setattr(answer_mod, "prefill", fastv_out_of_memory)
     first = sharp(*args)
     assert first.exit_code == 0, first.stderr
     rows = {r["method"]: r for r in json.loads(first.stdout)["rows"]}
@@ -482,7 +483,7 @@ def test_a_failed_cell_is_recorded_and_answered_again_by_the_next_run(model_dirs
     failed = [r for r in _lines(out) if r.get("error")]
     assert len(failed) == 2 and all(r["retry"] and "out of GPU memory" in r["error"] for r in failed)
     assert {r["method"] for r in failed} == {"fastv"} and len(_lines(out)) == 4
-    monkeypatch.setattr(answer_mod, "ask", real)
+    monkeypatch.setattr(answer_mod, "prefill", real)
     second = sharp(*args)
     assert second.exit_code == 0, second.stderr
     lines = _lines(out)

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import load_tiny, make_clip
 
+from conftest import load_tiny, make_clip
 from sharp_cli import kv
 from sharp_cli.answer import ask
 from sharp_cli.prune import PruneConfig

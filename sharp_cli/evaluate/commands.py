@@ -10,9 +10,26 @@ from typing import Annotated, Optional
 
 import typer
 
-from sharp_cli.options import (DEFAULT_MODEL, CacheGb, Compile, Decoder, Device, Dtype, Fps, Frames, JsonOut, KvGb,
-                               MaxBatch, MaxFrames, MaxPixels, Model, Quant, RandomWeights, TrustRemoteCode,
-                               prune_options)
+from sharp_cli.options import (
+    DEFAULT_MODEL,
+    CacheGb,
+    Compile,
+    Decoder,
+    Device,
+    Dtype,
+    Fps,
+    Frames,
+    JsonOut,
+    KvGb,
+    MaxBatch,
+    MaxFrames,
+    MaxPixels,
+    Model,
+    Quant,
+    RandomWeights,
+    TrustRemoteCode,
+    prune_options,
+)
 from sharp_cli.prune.config import PruneConfig
 
 TASKS = ("colour", "direction", "order", "count", "flash", "sequence", "objects", "dominant", "motion", "scenes")
@@ -63,9 +80,9 @@ def eval_command(
     """Multiple-choice accuracy of every method and ratio on a video QA set (resumable, shardable)."""
     from dataclasses import replace
 
-    from sharp_cli.options import check_kv_gb, max_batch_for, quiet_transformers, split_list, stderr_console
     from sharp_cli.errors import SharpError, UsageError
     from sharp_cli.evaluate import formats, headline, prompts
+    from sharp_cli.options import check_kv_gb, max_batch_for, quiet_transformers, split_list, stderr_console
     from sharp_cli.prune.config import METHODS
 
     method_list = split_list([methods], str, "--methods")
@@ -235,10 +252,10 @@ def synth_command(
     quiet: Quiet = False,
 ):
     """Write a synthetic multiple-choice set whose answers hang on a few visual tokens."""
-    from sharp_cli.options import split_list, stderr_console
-    from sharp_cli.evaluate import synth
-
     from rich.progress import Progress
+
+    from sharp_cli.evaluate import synth
+    from sharp_cli.options import split_list, stderr_console
 
     console = stderr_console(quiet)
     with Progress(console=console, transient=True) as progress:
@@ -246,5 +263,6 @@ def synth_command(
         items = synth.write(out, n, seed, frames=frames, size=size, tasks=tuple(split_list([tasks], str, "--tasks")),
                             progress=lambda: progress.advance(task))
     typer.echo(str(items))
-    console.print(f"{n} question{'' if n == 1 else 's'} in {items}; evaluate with: sharp eval {items} -m sharp-tiny --frames {frames} "
+    console.print(f"{n} question{'' if n == 1 else 's'} in {items}; evaluate with: "
+                  f"sharp eval {items} -m sharp-tiny --frames {frames} "
                   "(sharp-tiny: the small model shipped with sharp, offline on a CPU)")

@@ -4,14 +4,16 @@ The same answers and lines as runner.run, in the same order: per item its unprun
 first (a 1-token answer when the `none` cell was answered in an earlier run), then its cells.
 The next items' videos are decoded ahead in threads (prefetch.py); answers end out of order and
 each line waits until every line before it is written, so a pruned line always finds its item's
-reference logits, and an interrupted run resumes as a one-at-a-time run does.
+reference logits, and an interrupted run resumes as a one-at-a-time run does. Failures follow
+runner.run's policy: a broken video's cells get error lines; a cell that fails otherwise gets an
+error line marked `retry` (errors.item_failure), and the run goes on.
 """
 
 from __future__ import annotations
 
 from dataclasses import replace
 
-from sharp_cli.errors import VideoError, one_line
+from sharp_cli.errors import VideoError, item_failure, one_line
 
 PREFETCH_DEPTH = 4  # items whose frames are decoded ahead (bounded: they are in memory)
 
@@ -49,7 +51,8 @@ def run(loaded, job, todo, progress=None, cache=None, store=None) -> int:
                 if not isinstance(failure, VideoError):
                     raise failure
                 for cell in cells:  # a broken file stays broken: record it, count it wrong, go on
-                    units.append(("line", None, cell, runner._record(job, item, cell, error=one_line(str(failure), 300))))
+                    record = runner._record(job, item, cell, error=one_line(str(failure), 300))
+                    units.append(("line", None, cell, record))
                     ended[len(units) - 1] = None
                 continue
             state = _Item(item, clip)
@@ -69,7 +72,7 @@ def run(loaded, job, todo, progress=None, cache=None, store=None) -> int:
                 kind, state, cell, record = units[next_unit]
                 next_unit += 1
                 if kind == "reference":
-                    state.reference = answer.prefill.logits
+                    state.reference = answer.prefill.logits if answer is not None else None
                     continue
                 if kind == "cell":
                     if cell[0] == "none":
@@ -85,9 +88,13 @@ def run(loaded, job, todo, progress=None, cache=None, store=None) -> int:
                     progress()
 
         for done in scheduler.run(requests()):
-            if done.error is not None:
-                raise done.error
-            ended[done.request.tag] = done.answer
+            tag = done.request.tag
+            if done.error is not None:  # one cell's failure must not end the run (memory: freed by the scheduler)
+                message, _ = item_failure(done.error)  # SHARP_DEBUG=1: raised here
+                kind, state, cell, _ = units[tag]
+                if kind == "cell":
+                    units[tag] = ("line", state, cell, runner._record(job, state.item, cell, error=message, retry=True))
+            ended[tag] = done.answer if done.error is None else None
             flush()
         flush()
     return written

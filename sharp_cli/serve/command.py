@@ -12,19 +12,42 @@ from typing import Annotated, Optional
 
 import typer
 
-from sharp_cli.options import (DEFAULT_MODEL, CacheGb, Compile, CudaGraphs, Decoder, Device, Dtype, Fps, Frames,
-                               KvGb, MaxBatch, MaxFrames, MaxPixels, Model, NoPriorCache, Quant, RandomWeights,
-                               TrustRemoteCode, prune_options)
+from sharp_cli.options import (
+    DEFAULT_MODEL,
+    CacheGb,
+    Compile,
+    CudaGraphs,
+    Decoder,
+    Device,
+    Dtype,
+    Fps,
+    Frames,
+    KvGb,
+    MaxBatch,
+    MaxFrames,
+    MaxPixels,
+    Model,
+    NoPriorCache,
+    Quant,
+    RandomWeights,
+    TrustRemoteCode,
+    prune_options,
+)
 from sharp_cli.prune.config import PruneConfig
 
-Host = Annotated[str, typer.Option(help="Address to listen on: 127.0.0.1 is this machine only, 0.0.0.0 every interface.")]
+Host = Annotated[str, typer.Option(
+    help="Address to listen on: 127.0.0.1 is this machine only, 0.0.0.0 every interface.")]
 Port = Annotated[int, typer.Option(help="TCP port (0: any free one; the address is printed).")]
-ApiKey = Annotated[Optional[str], typer.Option(envvar="SHARP_API_KEY", show_default=False,
-                                               help="Refuse (401) every request without 'Authorization: Bearer <key>'.")]
+ApiKey = Annotated[Optional[str], typer.Option(
+    envvar="SHARP_API_KEY", show_default=False,
+    help="Refuse (401) every request without 'Authorization: Bearer <key>'.")]
 MediaDir = Annotated[str, typer.Option(help="file:// URLs and paths are read only under this folder (403 outside it).")]
-MaxUploadMb = Annotated[float, typer.Option(help="Largest data: URL video a request may carry, in MB (413 beyond; 0: no uploads).")]
-MaxQueue = Annotated[int, typer.Option(help="Requests waiting for the model besides the one it is answering (503 beyond).")]
-ServedName = Annotated[Optional[str], typer.Option(help="The model id /v1/models lists and requests name (default: -m as given).")]
+MaxUploadMb = Annotated[float, typer.Option(
+    help="Largest data: URL video a request may carry, in MB (413 beyond; 0: no uploads).")]
+MaxQueue = Annotated[int, typer.Option(
+    help="Requests waiting for the model besides the one it is answering (503 beyond).")]
+ServedName = Annotated[Optional[str], typer.Option(
+    help="The model id /v1/models lists and requests name (default: -m as given).")]
 MaxNewTokens = Annotated[int, typer.Option(help="Answer tokens when a request gives no max_tokens.")]
 Quiet = Annotated[bool, typer.Option("-q", "--quiet", help="No access log; warnings and errors only.")]
 
@@ -43,7 +66,8 @@ def serve_command(
     frames: Frames = 32, fps: Fps = None, max_frames: MaxFrames = 768, max_pixels: MaxPixels = None,
     decoder: Decoder = "auto",
     prune: PruneConfig = PruneConfig(),
-    max_new_tokens: MaxNewTokens = 128, no_prior_cache: NoPriorCache = False, cuda_graphs: CudaGraphs = True, compile_model: Compile = False,
+    max_new_tokens: MaxNewTokens = 128, no_prior_cache: NoPriorCache = False, cuda_graphs: CudaGraphs = True,
+    compile_model: Compile = False,
     cache_gb: CacheGb = 4.0, max_batch: MaxBatch = None, kv_gb: KvGb = None, quiet: Quiet = False,
 ):
     """Serve one model over HTTP in OpenAI's chat-completions format (video_url parts, streaming).

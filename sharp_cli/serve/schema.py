@@ -15,6 +15,7 @@ from typing import Any, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from sharp_cli import jsonl
 from sharp_cli.overrides import OptionFields, validation_message
 
 
@@ -172,17 +173,13 @@ def usage_chunk(request_id: str, model: str, created: int, record: dict) -> dict
 
 def sse(payload: dict | str) -> str:
     """One server-sent event: `data: <json>` and a blank line."""
-    text = payload if isinstance(payload, str) else json.dumps(payload, default=_plain, separators=(",", ":"))
+    text = payload if isinstance(payload, str) else json.dumps(payload, default=jsonl.plain, separators=(",", ":"))
     return f"data: {text}\n\n"
 
 
 def plain(record: dict) -> dict:
     """The record as plain JSON values (numpy or torch scalars become numbers), for JSONResponse."""
-    return json.loads(json.dumps(record, default=_plain))
-
-
-def _plain(value):
-    return value.tolist() if hasattr(value, "tolist") else str(value)
+    return json.loads(json.dumps(record, default=jsonl.plain))
 
 
 def model_card(model_id: str, created: int) -> dict:

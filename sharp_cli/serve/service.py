@@ -4,14 +4,21 @@ store, the media policy, and the steps of one request (check, decode the video, 
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sharp_cli.errors import (SharpError, UsageError, VideoError, describe, is_out_of_memory, one_line,
-                              release_gpu_memory)
+from sharp_cli.errors import (
+    SharpError,
+    UsageError,
+    VideoError,
+    debug_enabled,
+    describe,
+    is_out_of_memory,
+    one_line,
+    release_gpu_memory,
+)
 from sharp_cli.overrides import Defaults, Plan, as_field_names, resolve
 from sharp_cli.serve.media import MediaPolicy, VideoSource
 from sharp_cli.serve.schema import ApiError, ChatRequest, now, question_and_video
@@ -210,7 +217,7 @@ def api_error(exc: BaseException) -> ApiError:
         return ApiError(400, one_line(str(exc)), "invalid_video", param="video_url")
     if isinstance(exc, SharpError):
         return ApiError(500, one_line(str(exc)), "model_error")
-    if os.environ.get("SHARP_DEBUG") not in (None, "", "0"):
+    if debug_enabled():
         log.error("request failed", exc_info=exc)
     else:
         log.error("request failed: %s", one_line(describe(exc)))
