@@ -61,7 +61,7 @@ def kept_sets(needles: np.ndarray, fastv_kept: np.ndarray, n: int, k: int, rng) 
 def main():
     args, loaded, work, items = held_out("sharp-oracle-")
     store, rng = PriorStore(use_disk=False), np.random.default_rng(0)
-    forced_cfg = PruneConfig(method="fastv", ratio=args.ratio, layer=args.layer)  # causal mask, no prior
+    forced_cfg = loaded.resolve_prune(PruneConfig(method="fastv", ratio=args.ratio, layer=args.layer))  # causal mask, no prior
     rows = []
     for item in items:
         clip = video.load_video(work / item["video"], frames=32)
@@ -69,7 +69,8 @@ def main():
         right = lambda text: parse_letter(text, item["options"]) == item["answer"]  # noqa: E731
         row = {"id": item["id"], "task": item["category"]}
         for method in ("none", "fastv", "sharp"):
-            cfg = PruneConfig(method=method, ratio=args.ratio if method != "none" else 1.0, layer=args.layer)
+            cfg = loaded.resolve_prune(PruneConfig(method=method, ratio=args.ratio if method != "none" else 1.0,
+                                                   layer=args.layer))
             got = answer.ask(loaded, clip, prompt, cfg, max_new_tokens=8, store=store)
             row[method] = right(got.text)
             if method == "fastv":

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from dataclasses import replace
 from types import SimpleNamespace
 
 import torch
@@ -123,7 +122,7 @@ def run_all(loaded, clip, sharp, tokens: int, skip: set) -> dict:
     """Every run the checks compare, in the model's dtype: eager and graph-replayed decode (pruned
     and unpruned), transformers' generate(), the pruned prefill tail eager and from its graph."""
     runs = {}
-    for cfg in ((sharp, PruneConfig(method="none")) if "graphs" not in skip else ()):
+    for cfg in ((sharp, loaded.resolve_prune(PruneConfig(method="none"))) if "graphs" not in skip else ()):
         loaded.use_cuda_graphs(False)
         runs[(cfg.method, "eager")] = decoded(loaded, clip, cfg, tokens)
         loaded.use_cuda_graphs(True)
@@ -131,7 +130,7 @@ def run_all(loaded, clip, sharp, tokens: int, skip: set) -> dict:
         runs[(cfg.method, "graph")] = decoded(loaded, clip, cfg, tokens)  # replays
     if "generate" not in skip:
         loaded.use_cuda_graphs(True)
-        runs[("none", "ours")] = decoded(loaded, clip, PruneConfig(method="none"), tokens)
+        runs[("none", "ours")] = decoded(loaded, clip, loaded.resolve_prune(PruneConfig(method="none")), tokens)
         runs[("none", "generate")] = generate_run(loaded, clip, tokens)
     if "kv" not in skip:
         runs["tail eager"], _, runs["tail kept"] = tail_rows(loaded, clip, sharp, graphs=False)
@@ -155,7 +154,7 @@ def reference(loaded, clip, sharp, tokens: int, skip: set, runs: dict) -> dict |
     if "graphs" not in skip:
         ref["sharp"] = decoded(loaded, clip, sharp, tokens, forced_keep=runs[("sharp", "eager")].kept)
     if not {"graphs", "generate"} <= skip:
-        ref["none"] = decoded(loaded, clip, PruneConfig(method="none"), tokens)
+        ref["none"] = decoded(loaded, clip, loaded.resolve_prune(PruneConfig(method="none")), tokens)
     if "kv" not in skip:
         ref["tail"], _, _ = tail_rows(loaded, clip, sharp, graphs=False, forced_keep=runs["tail kept"])
     return ref
@@ -214,7 +213,7 @@ def bounded(loaded, cfg) -> None:
     sizes, pools = [], []
     for frames in (4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 4, 8, 16):
         clip = synthetic_clip(frames, 392, 784, seed=frames)
-        ask(loaded, clip, QUESTION, replace(cfg), max_new_tokens=16, store=PriorStore(use_disk=False))
+        ask(loaded, clip, QUESTION, loaded.resolve_prune(cfg), max_new_tokens=16, store=PriorStore(use_disk=False))
         cuda = loaded.device.type == "cuda"
         sizes.append(torch.cuda.memory_allocated() if cuda else 0)
         pools.append((len(loaded.kv_pool), loaded.kv_pool.graph_count(), len(loaded.graphs) if loaded.graphs else 0))
@@ -252,7 +251,7 @@ def main():
     print(f"{args.model} {args.quant}/{loaded.dtype} on {gpu}", flush=True)
     clip = synthetic_clip(args.frames, 392, 784)
     layer = max(2, loaded.adapter.min_layer)
-    sharp = loaded.adapter.validate_prune(PruneConfig(method="sharp", ratio=0.15, layer=layer), loaded.num_layers)
+    sharp = loaded.resolve_prune(PruneConfig(method="sharp", ratio=0.15, layer=layer))
     if args.quant != "none":
         quantized_parts(loaded)
     if "bounded" not in skip:

@@ -154,7 +154,7 @@ def profile_decode(args) -> None:
     print(f"{args.model} {args.quant} on {torch.cuda.get_device_name()}: text weights + lm_head read per step "
           f"{weights / 1e9:.2f} GB; lm_head alone {head_ms:.2f} ms")
     for method, compiled in itertools.product(args.methods.split(","), (False, True) if args.compile else (False,)):
-        cfg = loaded.adapter.validate_prune(PruneConfig(method=method, ratio=0.15), loaded.num_layers)
+        cfg = loaded.resolve_prune(PruneConfig(method=method, ratio=0.15))
         loaded.use_compile(compiled)
         with torch.inference_mode():
             state = engine.prefill(loaded, encoded, cfg, new_tokens=256)
@@ -227,7 +227,7 @@ def profile_questions(args) -> None:
     work = Path(tempfile.mkdtemp(prefix="sharp-profile-"))
     questions = make_questions(work, args)
     cache = VideoCache(8 * 2**30)
-    cfg = PruneConfig(method=args.method)
+    cfg = loaded.resolve_prune(PruneConfig(method=args.method))
     total = 0.0
     for q in questions:
         profile = cProfile.Profile()

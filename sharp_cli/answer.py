@@ -10,7 +10,7 @@ from sharp_cli.decode import MIN_STEPS_TO_CAPTURE, Decoded, decode
 from sharp_cli.engine import Prefill
 from sharp_cli.loading import Loaded
 from sharp_cli.prior_pass import PriorInfo, positional_prior
-from sharp_cli.prune.config import PruneConfig
+from sharp_cli.prune.config import PruneConfig, require_resolved
 from sharp_cli.prune.prior import PriorStore
 from sharp_cli.sampling import Rules, Sampling, rules_for
 from sharp_cli.text_stream import TextStream
@@ -40,9 +40,10 @@ def ask(loaded: Loaded, clip, question: str, cfg: PruneConfig, *, max_new_tokens
     """One question end to end. `warmup` untimed passes first: a fresh CUDA process spends most of
     its first prefill loading kernels, which says nothing about the method. on_text(piece) gets the
     answer as it is decoded (the pieces join to Answer.text); cancel() is asked between tokens and
-    ends the answer early when it says True (a client that went away). cache: a VideoCache (for a
+    ends the answer early when it says True (a client that went away). cfg: resolved for this model
+    (loaded.resolve_prune), by the command that made it. cache: a VideoCache (for a
     clip it loaded) that keeps the vision output and the prompt's question-independent start."""
-    cfg = loaded.adapter.validate_prune(cfg, loaded.num_layers)
+    require_resolved(cfg, "answer.ask")
     rules = rules_for(loaded.model, loaded.processor.tokenizer, sampling)
     if rules.sampling.seed is not None:
         _seed(rules.sampling.seed, loaded.device)
@@ -84,8 +85,9 @@ def begin(loaded: Loaded, clip, question: str, cfg: PruneConfig, *, max_new_toke
           max_pixels: int | None = None, store: PriorStore | None = None, rules: Rules | None = None,
           cache=None, reset_peak: bool = True) -> Begun:
     """Prompt, vision encoder (or its cached output) and positional prior: everything before prefill.
-    cfg must be resolved (validate_prune). Peak memory counts from here (reset_peak: when many
+    cfg must be resolved (loaded.resolve_prune). Peak memory counts from here (reset_peak: when many
     questions share the device at once, the caller keeps one count for all)."""
+    require_resolved(cfg, "answer.begin")
     rules = rules or rules_for(loaded.model, loaded.processor.tokenizer)
     store = store or PriorStore()
     # A cached video: its vision output, and its layout, so the frames are not processed again.

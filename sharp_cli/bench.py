@@ -65,7 +65,7 @@ def run(loaded, clip, question: str, base: PruneConfig, methods: list[str], rati
         if method in peers.PEERS:
             row = _peer_row(loaded, inputs, method, warmup, iters, decode_tokens)
         else:
-            cfg = loaded.adapter.validate_prune(replace(base, method=method, ratio=ratio), loaded.num_layers)
+            cfg = loaded.resolve_prune(replace(base, method=method, ratio=ratio))  # each row's config, once
             row = _sharp_row(loaded, clip, inputs, cfg, store, warmup, iters, decode_tokens, max_pixels)
         results.append(row)
         if progress is not None:

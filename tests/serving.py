@@ -26,8 +26,7 @@ class LiveServer:
         cfg = PruneConfig(ratio=0.25, debias="subtract").validate()
         video = dict(frames=8, fps=None, max_frames=768, max_pixels=max_pixels, backend="auto")
         settings = Settings(model_ids=tuple(model_ids), api_key=api_key, max_queue=max_queue,
-                            defaults=Defaults(loaded.adapter.validate_prune(cfg, loaded.num_layers), video,
-                                              max_new_tokens),
+                            defaults=Defaults(loaded.resolve_prune(cfg), video, max_new_tokens),
                             media=MediaPolicy.create(media_dir, max_upload_mb), **extra)
         self.service = Service(loaded, settings)
         self.server = make_server(create_app(self.service), quiet=True)

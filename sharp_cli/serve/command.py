@@ -103,7 +103,7 @@ def serve_command(
 
     from sharp_cli import model_files
 
-    model_files.check_layer(model, cfg, random_weights)  # --layer against the model's depth, before torch loads
+    cfg = model_files.check_layer(model, cfg, random_weights)  # K resolved and checked, before torch loads
     from sharp_cli.serve.app import bind
 
     sock = bind(host, port)  # a port in use fails now, not after the model has loaded
@@ -129,7 +129,7 @@ def serve_command(
 
 def load_model(model, cfg, device, quant, dtype, random_weights, trust_remote_code, cuda_graphs, quiet,
                compile_model=False):
-    """The model, and the default pruning config with K resolved for it (checked before loading)."""
+    """The model, and the default pruning config with K resolved for it (before loading)."""
     from sharp_cli import loading
     from sharp_cli.options import quiet_transformers, stderr_console
 
@@ -140,7 +140,7 @@ def load_model(model, cfg, device, quant, dtype, random_weights, trust_remote_co
                               trust_remote_code=trust_remote_code)
     loaded.use_cuda_graphs(cuda_graphs)
     loaded.use_compile(compile_model)
-    return loaded, loaded.adapter.validate_prune(cfg, loaded.num_layers)
+    return loaded, cfg
 
 
 def model_ids(model: str, served_name: str | None) -> tuple[str, ...]:
