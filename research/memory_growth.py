@@ -43,7 +43,8 @@ def main() -> None:
     print("question frames allocated after-gc caches decode-graphs tail-graphs")
     for i, frames in enumerate((4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 4, 8, 16)):
         clip = synthetic_clip(frames, 392, 784, seed=frames)
-        ask(loaded, clip, "What happens in this video?", loaded.resolve_prune(cfg), max_new_tokens=16, store=PriorStore(use_disk=False))
+        ask(loaded, clip, "What happens in this video?", loaded.resolve_prune(cfg), max_new_tokens=16,
+            store=PriorStore(use_disk=False))
         before = torch.cuda.memory_allocated()
         gc.collect()
         print(i, frames, gib(before), gib(torch.cuda.memory_allocated()), len(loaded.kv_pool),

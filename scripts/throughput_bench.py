@@ -131,9 +131,9 @@ def write_clips(work: Path, args) -> dict:
 
 def encode(frames, path: Path, fps: float) -> None:
     try:
-        from sharp_cli.evaluate.synth import _encode
+        from sharp_cli.evaluate.synth import write_mp4
 
-        _encode(frames, path, fps)
+        write_mp4(frames, path, fps)
     except ImportError:  # no PyAV (the GPU image): OpenCV
         import cv2
 

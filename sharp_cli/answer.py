@@ -1,4 +1,8 @@
-"""One question end to end: prepare -> encode -> positional prior -> prefill -> decode."""
+"""One question end to end: prepare -> encode -> positional prior -> prefill -> decode.
+
+ask() answers a question (streaming, cancelling, a per-video cache); run() is the same pipeline as
+one timed pass, which bench, the GPU checks and the profilers call; begin()/prefill()/finish() are
+its parts for the scheduler, which decodes many questions together."""
 
 from __future__ import annotations
 
@@ -133,17 +137,72 @@ def finish(begun: Begun, decoded: Decoded, stream: TextStream, extra: dict | Non
     )
 
 
+@dataclass
+class Run:
+    """One pass of the question pipeline (run()), phase by phase; seconds on device clocks."""
+
+    prompt_ids: object  # (1, L)
+    encoded: object
+    prior: PriorInfo
+    prefill: Prefill
+    decoded: Decoded | None  # None for a prefill-only pass (new_tokens=0)
+    vision_seconds: float
+    seconds: float  # wall clock, device synchronised, from the vision encoder to the last token
+    prepare_seconds: float = 0.0  # the processor (0 when the caller gave the inputs)
+
+    @property
+    def tokens(self) -> list[int]:
+        return self.decoded.tokens if self.decoded is not None else []
+
+    @property
+    def decode_seconds(self) -> float:
+        return self.decoded.seconds if self.decoded is not None else 0.0
+
+
+def run(loaded: Loaded, clip, question: str, cfg: PruneConfig, new_tokens: int, *, inputs=None, features=None,
+        room: int | None = None, max_pixels: int | None = None, store: PriorStore | None = None,
+        rules: Rules | None = None, forced_keep=None, ignore_eos: bool = False, keep_logits: bool = False,
+        reset_peak: bool = True) -> Run:
+    """The question pipeline as one call: (prepare ->) encode -> positional prior -> prefill ->
+    decode of up to `new_tokens` (0: prefill only; ignore_eos: exactly new_tokens, EOS or not),
+    each phase timed. What bench times, the GPU checks compare and the profilers break down; ask()
+    is the same phases with streaming, a per-video cache and cancelling on top.
+
+    inputs: engine.prepare's output, when one preparation serves many passes (features: the vision
+    output for them). room: tokens the KV cache keeps room for (default new_tokens). forced_keep:
+    keep exactly these visual tokens (sorted token numbers) instead of choosing."""
+    require_resolved(cfg, "answer.run")
+    rules = rules or rules_for(loaded.model, loaded.processor.tokenizer)
+    prepare_s = 0.0
+    if inputs is None:
+        started = time.perf_counter()
+        inputs = engine.prepare(loaded, clip, question, max_pixels)
+        prepare_s = time.perf_counter() - started
+    if reset_peak:
+        measure.reset_peak_memory(loaded.device)
+    measure.synchronize(loaded.device)
+    started = time.perf_counter()
+    encoded, vision_s = engine.encode(loaded, inputs, features)
+    prior = positional_prior(loaded, clip, encoded, cfg, store or PriorStore(use_disk=False), max_pixels)
+    state = engine.prefill(loaded, encoded, cfg, prior=prior.prior, forced_keep=forced_keep,
+                           new_tokens=room if room is not None else new_tokens)
+    decoded = None
+    if new_tokens > 0:
+        decoded = decode(loaded, encoded, state, new_tokens, prompt_ids=inputs["input_ids"], rules=rules,
+                         ignore_eos=ignore_eos, keep_logits=keep_logits)
+    measure.synchronize(loaded.device)
+    return Run(inputs["input_ids"], encoded, prior, state, decoded, vision_s, time.perf_counter() - started, prepare_s)
+
+
 def _warm_up(loaded, clip, question, cfg, rules, max_new_tokens, max_pixels, store, cache, passes: int) -> None:
     features, layout = (cache.vision(loaded, clip, max_pixels) if cache is not None else None) or (None, None)
     inputs = engine.prepare(loaded, clip, question, max_pixels, layout=layout)
     if loaded.graphs is not None:
         loaded.graphs.capture_after = 0  # warming up says the length will be reused: capture now
-    for _ in range(passes):
-        encoded, _ = engine.encode(loaded, inputs, features)
-        prior = positional_prior(loaded, clip, encoded, cfg, store, max_pixels)
-        state = engine.prefill(loaded, encoded, cfg, prior=prior.prior, new_tokens=max_new_tokens)
-        decode(loaded, encoded, state, min(max_new_tokens, MIN_STEPS_TO_CAPTURE + 1),
-               prompt_ids=inputs["input_ids"], rules=rules, ignore_eos=True)  # enough steps to capture the graph
+    for _ in range(passes):  # a cache as long as the answer's, enough steps to capture its decode graph
+        run(loaded, clip, question, cfg, min(max_new_tokens, MIN_STEPS_TO_CAPTURE + 1), inputs=inputs,
+            features=features, room=max_new_tokens, max_pixels=max_pixels, store=store, rules=rules,
+            ignore_eos=True, reset_peak=False)
 
 
 def _prefix(loaded, clip, cfg, max_pixels, prompt_ids, encoded, cache):
