@@ -66,8 +66,8 @@ def main():
         prompt = build_prompt(item["question"], item["options"])
 
         def ask(method, **options):
-            cfg = PruneConfig(method=method, ratio=args.ratio if method != "none" else 1.0, layer=args.layer,
-                              **options)
+            cfg = loaded.resolve_prune(PruneConfig(method=method, ratio=args.ratio if method != "none" else 1.0,
+                                                   layer=args.layer, **options))
             got = answer.ask(loaded, clip, prompt, cfg, max_new_tokens=1, store=store)
             return got, parse_letter(got.text, item["options"]) == item["answer"]
 

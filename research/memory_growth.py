@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import collections
 import gc
-from dataclasses import replace
 
 import torch
 
@@ -40,11 +39,12 @@ def live_cuda_tensors(top: int = 8) -> list[str]:
 
 def main() -> None:
     loaded = loading.load("Qwen/Qwen2.5-VL-7B-Instruct", quant="none", random_weights=True)
-    cfg = loaded.adapter.validate_prune(PruneConfig(method="sharp", ratio=0.15), loaded.num_layers)
+    cfg = loaded.resolve_prune(PruneConfig(method="sharp", ratio=0.15))
     print("question frames allocated after-gc caches decode-graphs tail-graphs")
     for i, frames in enumerate((4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 4, 8, 16)):
         clip = synthetic_clip(frames, 392, 784, seed=frames)
-        ask(loaded, clip, "What happens in this video?", replace(cfg), max_new_tokens=16, store=PriorStore(use_disk=False))
+        ask(loaded, clip, "What happens in this video?", loaded.resolve_prune(cfg), max_new_tokens=16,
+            store=PriorStore(use_disk=False))
         before = torch.cuda.memory_allocated()
         gc.collect()
         print(i, frames, gib(before), gib(torch.cuda.memory_allocated()), len(loaded.kv_pool),

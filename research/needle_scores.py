@@ -48,8 +48,9 @@ def main():
     on_needles, prior_on_needles, needle_share, top, below, needles_total = [], [], [], [], 0, 0
     for item in items:
         clip = video.load_video(work / item["video"], frames=32)
-        got = answer.ask(loaded, clip, build_prompt(item["question"], item["options"]),
-                         PruneConfig(method="sharp", ratio=0.15, layer=args.layer), max_new_tokens=1, store=store)
+        cfg = loaded.resolve_prune(PruneConfig(method="sharp", ratio=0.15, layer=args.layer))
+        got = answer.ask(loaded, clip, build_prompt(item["question"], item["options"]), cfg, max_new_tokens=1,
+                         store=store)
         grid = got.encoded.layout.grid
         needles = needle_tokens(clip.frames, grid)
         scores = seen["scores"] / seen["scores"].sum()

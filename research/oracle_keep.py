@@ -23,8 +23,7 @@ import numpy as np
 import torch
 
 from research.dropped_tokens import held_out, needle_tokens
-from sharp_cli import answer, engine, video
-from sharp_cli.decode import decode
+from sharp_cli import answer, video
 from sharp_cli.evaluate import synth
 from sharp_cli.evaluate.letters import build_prompt, parse_letter
 from sharp_cli.prune import PruneConfig, keep_count
@@ -35,11 +34,8 @@ SETS = ["needles + fastv", "needles + random", "needles only", "no needles"]
 
 def forced_answer(loaded, clip, prompt, cfg, keep: np.ndarray) -> str:
     """The answer with exactly these visual tokens kept from layer K on (causal mask, no prior)."""
-    inputs = engine.prepare(loaded, clip, prompt)
-    encoded, _ = engine.encode(loaded, inputs)
     forced = torch.as_tensor(np.sort(keep), dtype=torch.long)
-    state = engine.prefill(loaded, encoded, cfg, forced_keep=forced, new_tokens=8)
-    out = decode(loaded, encoded, state, 8, prompt_ids=inputs["input_ids"])
+    out = answer.run(loaded, clip, prompt, cfg, 8, forced_keep=forced)
     return loaded.processor.tokenizer.decode(out.tokens, skip_special_tokens=True).strip()
 
 
@@ -61,7 +57,8 @@ def kept_sets(needles: np.ndarray, fastv_kept: np.ndarray, n: int, k: int, rng) 
 def main():
     args, loaded, work, items = held_out("sharp-oracle-")
     store, rng = PriorStore(use_disk=False), np.random.default_rng(0)
-    forced_cfg = PruneConfig(method="fastv", ratio=args.ratio, layer=args.layer)  # causal mask, no prior
+    # causal mask, no prior
+    forced_cfg = loaded.resolve_prune(PruneConfig(method="fastv", ratio=args.ratio, layer=args.layer))
     rows = []
     for item in items:
         clip = video.load_video(work / item["video"], frames=32)
@@ -69,7 +66,8 @@ def main():
         right = lambda text: parse_letter(text, item["options"]) == item["answer"]  # noqa: E731
         row = {"id": item["id"], "task": item["category"]}
         for method in ("none", "fastv", "sharp"):
-            cfg = PruneConfig(method=method, ratio=args.ratio if method != "none" else 1.0, layer=args.layer)
+            cfg = loaded.resolve_prune(PruneConfig(method=method, ratio=args.ratio if method != "none" else 1.0,
+                                                   layer=args.layer))
             got = answer.ask(loaded, clip, prompt, cfg, max_new_tokens=8, store=store)
             row[method] = right(got.text)
             if method == "fastv":

@@ -101,7 +101,7 @@ def main() -> None:
             rhos, shared, spread, change = [], [], [], []
             for seed in (s for m, s in models if m == family):
                 loaded = load(family, seed)
-                cfg = loaded.adapter.validate_prune(PruneConfig(query=query), loaded.num_layers)
+                cfg = loaded.resolve_prune(PruneConfig(query=query))
                 for layout_no, clip in enumerate(clips(a, seed or 0)):
                     black = black_clip(clip)
                     fixed = prior_from(scores(loaded, black, PRIOR_QUESTION, cfg, pixels)[0])  # (H, N)

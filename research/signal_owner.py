@@ -60,8 +60,8 @@ def main() -> None:
     print("after loading:", owners())
     signal.signal(signal.SIGINT, lambda *_: None)  # what uvicorn does before serving
     print("after signal.signal(SIGINT):", owners())
-    answer = ask(loaded, synthetic_clip(8, 224, 224), "what happens?", PruneConfig(method="sharp", ratio=0.25),
-                 max_new_tokens=8)
+    cfg = loaded.resolve_prune(PruneConfig(method="sharp", ratio=0.25))
+    answer = ask(loaded, synthetic_clip(8, 224, 224), "what happens?", cfg, max_new_tokens=8)
     print(f"after one answer ({len(answer.tokens)} tokens):", owners())
 
 

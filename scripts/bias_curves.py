@@ -165,7 +165,7 @@ def norm_ratios(hidden_visual: torch.Tensor) -> np.ndarray:
 def real_curves(loaded, work, items, args, gains):
     """Part 1 (and sharp-tiny's norms for part 3)."""
     store = PriorStore(use_disk=False)
-    base = loaded.adapter.validate_prune(PruneConfig(layer=args.layer, ratio=args.ratio), loaded.num_layers)
+    base = loaded.resolve_prune(PruneConfig(layer=args.layer, ratio=args.ratio))
     results = {rule: {g: {"spearman": [], "recall": []} for g in gains} for rule in RULES}
     ratios, setting = [], {}
     for item in items:
@@ -236,7 +236,7 @@ def random_qwen_ratios(work, items, layer: int) -> np.ndarray:
     model, processor = build_random(config, dtype="float32")
     loaded = loading.ready(loading.Loaded(model, processor, adapter_for(config), "random Qwen2.5-VL-3B",
                                           torch.device("cpu"), torch.float32, "none", True))
-    cfg = loaded.adapter.validate_prune(PruneConfig(layer=layer), loaded.num_layers)
+    cfg = loaded.resolve_prune(PruneConfig(layer=layer))
     ratios = []
     for item in items:
         clip = video.load_video(work / item["video"], frames=8)
@@ -249,7 +249,7 @@ def random_qwen_ratios(work, items, layer: int) -> np.ndarray:
 def checkpoint_ratios(name: str, work, items, layer: int) -> np.ndarray:
     """Part 3 on a real checkpoint (--norms-model; a GPU for a 7B model): norms at layer K."""
     loaded = loading.load(name)
-    cfg = loaded.adapter.validate_prune(PruneConfig(layer=layer), loaded.num_layers)
+    cfg = loaded.resolve_prune(PruneConfig(layer=layer))
     ratios = []
     for item in items:
         clip = video.load_video(work / item["video"], frames=32)

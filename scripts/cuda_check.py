@@ -21,17 +21,13 @@ from __future__ import annotations
 
 import argparse
 import sys
-from dataclasses import replace
 from types import SimpleNamespace
 
 import torch
 
-from sharp_cli import engine, loading
-from sharp_cli.answer import ask
+from sharp_cli import answer, engine, loading
 from sharp_cli.bench import synthetic_clip
-from sharp_cli.decode import decode
 from sharp_cli.peers import stock_attention
-from sharp_cli.prior_pass import positional_prior
 from sharp_cli.prune import PruneConfig
 from sharp_cli.prune.prior import PriorStore
 
@@ -47,12 +43,10 @@ def report(ok: bool, text: str) -> None:
 def decoded(loaded, clip, cfg, tokens: int, forced_keep=None):
     """Decoded (with the logits of every token, no EOS stop) for one question; .kept is the
     visual tokens kept (None unpruned). forced_keep: keep exactly these instead of choosing."""
-    inputs = engine.prepare(loaded, clip, QUESTION)
-    encoded, _ = engine.encode(loaded, inputs)
-    prior = positional_prior(loaded, clip, encoded, cfg, PriorStore(use_disk=False), None)
-    state = engine.prefill(loaded, encoded, cfg, prior=prior.prior, forced_keep=forced_keep, new_tokens=tokens)
-    out = decode(loaded, encoded, state, tokens, prompt_ids=inputs["input_ids"], keep_logits=True, ignore_eos=True)
-    out.kept = None if state.kept is None else state.kept.clone()
+    done = answer.run(loaded, clip, QUESTION, cfg, tokens, forced_keep=forced_keep, ignore_eos=True,
+                      keep_logits=True)
+    out = done.decoded
+    out.kept = None if done.prefill.kept is None else done.prefill.kept.clone()
     return out
 
 
@@ -101,14 +95,13 @@ def generate_run(loaded, clip, tokens: int):
 def tail_rows(loaded, clip, cfg, graphs: bool, forced_keep=None):
     """Each layer's (length, keys) after the pruned prefill, eager or from the tail's CUDA graph,
     and whether the graph replayed."""
-    inputs = engine.prepare(loaded, clip, QUESTION)
-    encoded, _ = engine.encode(loaded, inputs)
     loaded.use_cuda_graphs(graphs)
+    store = PriorStore(use_disk=False)
     runs = 3 if graphs else 1  # seen once: eager; twice: captured; the third replays
     for _ in range(runs - 1):
-        engine.prefill(loaded, encoded, cfg, forced_keep=forced_keep)
+        answer.run(loaded, clip, QUESTION, cfg, 0, forced_keep=forced_keep, store=store)
     replays = loaded.graphs.replays if loaded.graphs else 0
-    state = engine.prefill(loaded, encoded, cfg, forced_keep=forced_keep)
+    state = answer.run(loaded, clip, QUESTION, cfg, 0, forced_keep=forced_keep, store=store).prefill
     rows = [(layer.length, layer.keys[:, :, :layer.length].float().clone(), int(layer.valid.sum()))
             for layer in state.cache.layers]
     replayed = loaded.graphs is not None and loaded.graphs.replays > replays
@@ -123,7 +116,7 @@ def run_all(loaded, clip, sharp, tokens: int, skip: set) -> dict:
     """Every run the checks compare, in the model's dtype: eager and graph-replayed decode (pruned
     and unpruned), transformers' generate(), the pruned prefill tail eager and from its graph."""
     runs = {}
-    for cfg in ((sharp, PruneConfig(method="none")) if "graphs" not in skip else ()):
+    for cfg in ((sharp, loaded.resolve_prune(PruneConfig(method="none"))) if "graphs" not in skip else ()):
         loaded.use_cuda_graphs(False)
         runs[(cfg.method, "eager")] = decoded(loaded, clip, cfg, tokens)
         loaded.use_cuda_graphs(True)
@@ -131,7 +124,7 @@ def run_all(loaded, clip, sharp, tokens: int, skip: set) -> dict:
         runs[(cfg.method, "graph")] = decoded(loaded, clip, cfg, tokens)  # replays
     if "generate" not in skip:
         loaded.use_cuda_graphs(True)
-        runs[("none", "ours")] = decoded(loaded, clip, PruneConfig(method="none"), tokens)
+        runs[("none", "ours")] = decoded(loaded, clip, loaded.resolve_prune(PruneConfig(method="none")), tokens)
         runs[("none", "generate")] = generate_run(loaded, clip, tokens)
     if "kv" not in skip:
         runs["tail eager"], _, runs["tail kept"] = tail_rows(loaded, clip, sharp, graphs=False)
@@ -155,7 +148,7 @@ def reference(loaded, clip, sharp, tokens: int, skip: set, runs: dict) -> dict |
     if "graphs" not in skip:
         ref["sharp"] = decoded(loaded, clip, sharp, tokens, forced_keep=runs[("sharp", "eager")].kept)
     if not {"graphs", "generate"} <= skip:
-        ref["none"] = decoded(loaded, clip, PruneConfig(method="none"), tokens)
+        ref["none"] = decoded(loaded, clip, loaded.resolve_prune(PruneConfig(method="none")), tokens)
     if "kv" not in skip:
         ref["tail"], _, _ = tail_rows(loaded, clip, sharp, graphs=False, forced_keep=runs["tail kept"])
     return ref
@@ -214,7 +207,8 @@ def bounded(loaded, cfg) -> None:
     sizes, pools = [], []
     for frames in (4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 4, 8, 16):
         clip = synthetic_clip(frames, 392, 784, seed=frames)
-        ask(loaded, clip, QUESTION, replace(cfg), max_new_tokens=16, store=PriorStore(use_disk=False))
+        answer.ask(loaded, clip, QUESTION, loaded.resolve_prune(cfg), max_new_tokens=16,
+                   store=PriorStore(use_disk=False))
         cuda = loaded.device.type == "cuda"
         sizes.append(torch.cuda.memory_allocated() if cuda else 0)
         pools.append((len(loaded.kv_pool), loaded.kv_pool.graph_count(), len(loaded.graphs) if loaded.graphs else 0))
@@ -252,7 +246,7 @@ def main():
     print(f"{args.model} {args.quant}/{loaded.dtype} on {gpu}", flush=True)
     clip = synthetic_clip(args.frames, 392, 784)
     layer = max(2, loaded.adapter.min_layer)
-    sharp = loaded.adapter.validate_prune(PruneConfig(method="sharp", ratio=0.15, layer=layer), loaded.num_layers)
+    sharp = loaded.resolve_prune(PruneConfig(method="sharp", ratio=0.15, layer=layer))
     if args.quant != "none":
         quantized_parts(loaded)
     if "bounded" not in skip:

@@ -143,8 +143,6 @@ def profile_decode(args) -> None:
     """Per method: the graph-replayed step, the bytes it reads, the eager step's kernels by kind."""
     loaded = loading.load(args.model, device="cuda", quant=args.quant, random_weights=True)
     clip = synthetic_clip(args.frames, 392, 784)
-    inputs = engine.prepare(loaded, clip, "What happens in this video?")
-    encoded, _ = engine.encode(loaded, inputs)
     weights = weight_bytes(loaded)
     rules = rules_for(loaded.model, loaded.processor.tokenizer)
     head = loaded.adapter.lm_head(loaded.model)
@@ -154,12 +152,13 @@ def profile_decode(args) -> None:
     print(f"{args.model} {args.quant} on {torch.cuda.get_device_name()}: text weights + lm_head read per step "
           f"{weights / 1e9:.2f} GB; lm_head alone {head_ms:.2f} ms")
     for method, compiled in itertools.product(args.methods.split(","), (False, True) if args.compile else (False,)):
-        cfg = loaded.adapter.validate_prune(PruneConfig(method=method, ratio=0.15), loaded.num_layers)
+        cfg = loaded.resolve_prune(PruneConfig(method=method, ratio=0.15))
         loaded.use_compile(compiled)
         with torch.inference_mode():
-            state = engine.prefill(loaded, encoded, cfg, new_tokens=256)
+            done = answer.run(loaded, clip, "What happens in this video?", cfg, 0, room=256)  # prefill only
+            state, encoded = done.prefill, done.encoded
             step = Step(loaded, state.cache, rules, encoded.next_position)
-            step.start(state.logits, inputs["input_ids"], encoded.next_position)
+            step.start(state.logits, done.prompt_ids, encoded.next_position)
             started = time.perf_counter()
             step()  # compiles, when compiled
             torch.cuda.synchronize()
@@ -227,7 +226,7 @@ def profile_questions(args) -> None:
     work = Path(tempfile.mkdtemp(prefix="sharp-profile-"))
     questions = make_questions(work, args)
     cache = VideoCache(8 * 2**30)
-    cfg = PruneConfig(method=args.method)
+    cfg = loaded.resolve_prune(PruneConfig(method=args.method))
     total = 0.0
     for q in questions:
         profile = cProfile.Profile()

@@ -131,9 +131,9 @@ def write_clips(work: Path, args) -> dict:
 
 def encode(frames, path: Path, fps: float) -> None:
     try:
-        from sharp_cli.evaluate.synth import _encode
+        from sharp_cli.evaluate.synth import write_mp4
 
-        _encode(frames, path, fps)
+        write_mp4(frames, path, fps)
     except ImportError:  # no PyAV (the GPU image): OpenCV
         import cv2
 
@@ -185,7 +185,7 @@ def sharp_batch(loaded, paths, work: Path, width: int, args) -> dict:
     from sharp_cli.overrides import Defaults
     from sharp_cli.prune.config import PruneConfig
 
-    cfg = loaded.adapter.validate_prune(PruneConfig(method="sharp", ratio=0.15).validate(), loaded.num_layers)
+    cfg = loaded.resolve_prune(PruneConfig(method="sharp", ratio=0.15).validate())
     video = dict(frames=args.frames, fps=None, max_frames=768, max_pixels=None, backend="auto")
     defaults = Defaults(cfg, video, args.tokens)
     lines = [json.dumps({"id": p.stem, "video": str(p), "question": QUESTION}) for p in paths]
@@ -252,7 +252,8 @@ def in_flight(loaded, path, args) -> dict:
 
     clip = VideoCache(8 * 2**30).load_video(path, frames=args.long_frames)
     out = {"frames": args.long_frames, "kv_gb": args.kv_gb}
-    for name, cfg in (("sharp", PruneConfig(method="sharp", ratio=0.15)), ("none", PruneConfig(method="none"))):
+    for name, method in (("sharp", "sharp"), ("none", "none")):
+        cfg = loaded.resolve_prune(PruneConfig(method=method, ratio=0.15))
         cache = VideoCache(8 * 2**30)  # the vision output and prompt start are reused: admission is quick
         scheduler = Scheduler(loaded, max_batch=args.inflight_max, kv_bytes=int(args.kv_gb * 2**30),
                               store=PriorStore(), cache=cache)

@@ -1,4 +1,8 @@
-"""One question end to end: prepare -> encode -> positional prior -> prefill -> decode."""
+"""One question end to end: prepare -> encode -> positional prior -> prefill -> decode.
+
+ask() answers a question (streaming, cancelling, a per-video cache); run() is the same pipeline as
+one timed pass, which bench, the GPU checks and the profilers call; begin()/prefill()/finish() are
+its parts for the scheduler, which decodes many questions together."""
 
 from __future__ import annotations
 
@@ -10,7 +14,7 @@ from sharp_cli.decode import MIN_STEPS_TO_CAPTURE, Decoded, decode
 from sharp_cli.engine import Prefill
 from sharp_cli.loading import Loaded
 from sharp_cli.prior_pass import PriorInfo, positional_prior
-from sharp_cli.prune.config import PruneConfig
+from sharp_cli.prune.config import PruneConfig, require_resolved
 from sharp_cli.prune.prior import PriorStore
 from sharp_cli.sampling import Rules, Sampling, rules_for
 from sharp_cli.text_stream import TextStream
@@ -40,9 +44,10 @@ def ask(loaded: Loaded, clip, question: str, cfg: PruneConfig, *, max_new_tokens
     """One question end to end. `warmup` untimed passes first: a fresh CUDA process spends most of
     its first prefill loading kernels, which says nothing about the method. on_text(piece) gets the
     answer as it is decoded (the pieces join to Answer.text); cancel() is asked between tokens and
-    ends the answer early when it says True (a client that went away). cache: a VideoCache (for a
+    ends the answer early when it says True (a client that went away). cfg: resolved for this model
+    (loaded.resolve_prune), by the command that made it. cache: a VideoCache (for a
     clip it loaded) that keeps the vision output and the prompt's question-independent start."""
-    cfg = loaded.adapter.validate_prune(cfg, loaded.num_layers)
+    require_resolved(cfg, "answer.ask")
     rules = rules_for(loaded.model, loaded.processor.tokenizer, sampling)
     if rules.sampling.seed is not None:
         _seed(rules.sampling.seed, loaded.device)
@@ -84,8 +89,9 @@ def begin(loaded: Loaded, clip, question: str, cfg: PruneConfig, *, max_new_toke
           max_pixels: int | None = None, store: PriorStore | None = None, rules: Rules | None = None,
           cache=None, reset_peak: bool = True) -> Begun:
     """Prompt, vision encoder (or its cached output) and positional prior: everything before prefill.
-    cfg must be resolved (validate_prune). Peak memory counts from here (reset_peak: when many
+    cfg must be resolved (loaded.resolve_prune). Peak memory counts from here (reset_peak: when many
     questions share the device at once, the caller keeps one count for all)."""
+    require_resolved(cfg, "answer.begin")
     rules = rules or rules_for(loaded.model, loaded.processor.tokenizer)
     store = store or PriorStore()
     # A cached video: its vision output, and its layout, so the frames are not processed again.
@@ -131,17 +137,72 @@ def finish(begun: Begun, decoded: Decoded, stream: TextStream, extra: dict | Non
     )
 
 
+@dataclass
+class Run:
+    """One pass of the question pipeline (run()), phase by phase; seconds on device clocks."""
+
+    prompt_ids: object  # (1, L)
+    encoded: object
+    prior: PriorInfo
+    prefill: Prefill
+    decoded: Decoded | None  # None for a prefill-only pass (new_tokens=0)
+    vision_seconds: float
+    seconds: float  # wall clock, device synchronised, from the vision encoder to the last token
+    prepare_seconds: float = 0.0  # the processor (0 when the caller gave the inputs)
+
+    @property
+    def tokens(self) -> list[int]:
+        return self.decoded.tokens if self.decoded is not None else []
+
+    @property
+    def decode_seconds(self) -> float:
+        return self.decoded.seconds if self.decoded is not None else 0.0
+
+
+def run(loaded: Loaded, clip, question: str, cfg: PruneConfig, new_tokens: int, *, inputs=None, features=None,
+        room: int | None = None, max_pixels: int | None = None, store: PriorStore | None = None,
+        rules: Rules | None = None, forced_keep=None, ignore_eos: bool = False, keep_logits: bool = False,
+        reset_peak: bool = True) -> Run:
+    """The question pipeline as one call: (prepare ->) encode -> positional prior -> prefill ->
+    decode of up to `new_tokens` (0: prefill only; ignore_eos: exactly new_tokens, EOS or not),
+    each phase timed. What bench times, the GPU checks compare and the profilers break down; ask()
+    is the same phases with streaming, a per-video cache and cancelling on top.
+
+    inputs: engine.prepare's output, when one preparation serves many passes (features: the vision
+    output for them). room: tokens the KV cache keeps room for (default new_tokens). forced_keep:
+    keep exactly these visual tokens (sorted token numbers) instead of choosing."""
+    require_resolved(cfg, "answer.run")
+    rules = rules or rules_for(loaded.model, loaded.processor.tokenizer)
+    prepare_s = 0.0
+    if inputs is None:
+        started = time.perf_counter()
+        inputs = engine.prepare(loaded, clip, question, max_pixels)
+        prepare_s = time.perf_counter() - started
+    if reset_peak:
+        measure.reset_peak_memory(loaded.device)
+    measure.synchronize(loaded.device)
+    started = time.perf_counter()
+    encoded, vision_s = engine.encode(loaded, inputs, features)
+    prior = positional_prior(loaded, clip, encoded, cfg, store or PriorStore(use_disk=False), max_pixels)
+    state = engine.prefill(loaded, encoded, cfg, prior=prior.prior, forced_keep=forced_keep,
+                           new_tokens=room if room is not None else new_tokens)
+    decoded = None
+    if new_tokens > 0:
+        decoded = decode(loaded, encoded, state, new_tokens, prompt_ids=inputs["input_ids"], rules=rules,
+                         ignore_eos=ignore_eos, keep_logits=keep_logits)
+    measure.synchronize(loaded.device)
+    return Run(inputs["input_ids"], encoded, prior, state, decoded, vision_s, time.perf_counter() - started, prepare_s)
+
+
 def _warm_up(loaded, clip, question, cfg, rules, max_new_tokens, max_pixels, store, cache, passes: int) -> None:
     features, layout = (cache.vision(loaded, clip, max_pixels) if cache is not None else None) or (None, None)
     inputs = engine.prepare(loaded, clip, question, max_pixels, layout=layout)
     if loaded.graphs is not None:
         loaded.graphs.capture_after = 0  # warming up says the length will be reused: capture now
-    for _ in range(passes):
-        encoded, _ = engine.encode(loaded, inputs, features)
-        prior = positional_prior(loaded, clip, encoded, cfg, store, max_pixels)
-        state = engine.prefill(loaded, encoded, cfg, prior=prior.prior, new_tokens=max_new_tokens)
-        decode(loaded, encoded, state, min(max_new_tokens, MIN_STEPS_TO_CAPTURE + 1),
-               prompt_ids=inputs["input_ids"], rules=rules, ignore_eos=True)  # enough steps to capture the graph
+    for _ in range(passes):  # a cache as long as the answer's, enough steps to capture its decode graph
+        run(loaded, clip, question, cfg, min(max_new_tokens, MIN_STEPS_TO_CAPTURE + 1), inputs=inputs,
+            features=features, room=max_new_tokens, max_pixels=max_pixels, store=store, rules=rules,
+            ignore_eos=True, reset_peak=False)
 
 
 def _prefix(loaded, clip, cfg, max_pixels, prompt_ids, encoded, cache):

@@ -100,7 +100,7 @@ def batch_command(
 
     from sharp_cli import model_files
 
-    model_files.check_layer(model, cfg, random_weights)  # --layer against the model's depth, before torch loads
+    cfg = model_files.check_layer(model, cfg, random_weights)  # K resolved and checked, before torch loads
     quiet_transformers()
     from sharp_cli import loading
 
@@ -112,7 +112,7 @@ def batch_command(
     loaded.use_cuda_graphs(cuda_graphs)
     loaded.use_compile(compile_model)
     video = dict(frames=frames, fps=fps, max_frames=max_frames, max_pixels=max_pixels, backend=decoder)
-    defaults = Defaults(loaded.adapter.validate_prune(cfg, loaded.num_layers), video, max_new_tokens)
+    defaults = Defaults(cfg, video, max_new_tokens)  # K resolved above, once
     # Bytes, decoded line by line: one line of invalid UTF-8 is that item's error, not the run's end.
     source = getattr(sys.stdin, "buffer", sys.stdin) if file == "-" else open(file, "rb")
     try:

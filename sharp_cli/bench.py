@@ -21,8 +21,7 @@ from dataclasses import replace
 
 import numpy as np
 
-from sharp_cli import engine, measure, peers
-from sharp_cli.decode import decode
+from sharp_cli import answer, engine, measure, peers
 from sharp_cli.evaluate.agreement import first_token
 from sharp_cli.prior_pass import positional_prior
 from sharp_cli.prune.config import PruneConfig
@@ -65,7 +64,7 @@ def run(loaded, clip, question: str, base: PruneConfig, methods: list[str], rati
         if method in peers.PEERS:
             row = _peer_row(loaded, inputs, method, warmup, iters, decode_tokens)
         else:
-            cfg = loaded.adapter.validate_prune(replace(base, method=method, ratio=ratio), loaded.num_layers)
+            cfg = loaded.resolve_prune(replace(base, method=method, ratio=ratio))  # each row's config, once
             row = _sharp_row(loaded, clip, inputs, cfg, store, warmup, iters, decode_tokens, max_pixels)
         results.append(row)
         if progress is not None:
@@ -81,36 +80,30 @@ def run(loaded, clip, question: str, base: PruneConfig, methods: list[str], rati
 
 
 def _sharp_row(loaded, clip, inputs, cfg, store, warmup, iters, decode_tokens, max_pixels) -> dict:
-    prompt_ids = inputs["input_ids"]
+    """warmup + iters passes of answer.run (EOS ignored: every row decodes as many tokens); the
+    medians of its phase timings."""
     rules = rules_for(loaded.model, loaded.processor.tokenizer)
     row_start = time.perf_counter()
     encoded, _ = engine.encode(loaded, inputs)
     first_prior = positional_prior(loaded, clip, encoded, cfg, PriorStore(use_disk=False), max_pixels)
     samples = {k: [] for k in ("e2e", "prefill", "vision", "select", "decode", "rate")}
-    state = decoded = None
     capture_s = 0.0
     for i in range(warmup + iters):
-        measure.reset_peak_memory(loaded.device)
-        measure.synchronize(loaded.device)
-        start = time.perf_counter()
-        encoded, vision_s = engine.encode(loaded, inputs)
-        prior = positional_prior(loaded, clip, encoded, cfg, store, max_pixels)
-        state = engine.prefill(loaded, encoded, cfg, prior=prior.prior, new_tokens=decode_tokens)
-        if decode_tokens > 0:
-            decoded = decode(loaded, encoded, state, decode_tokens, prompt_ids=prompt_ids, rules=rules,
-                             ignore_eos=True)
-            capture_s = max(capture_s, decoded.capture_seconds)
-        measure.synchronize(loaded.device)
+        done = answer.run(loaded, clip, None, cfg, decode_tokens, inputs=inputs, max_pixels=max_pixels, store=store,
+                          rules=rules, ignore_eos=True)
+        state, decoded = done.prefill, done.decoded
+        capture_s = max(capture_s, decoded.capture_seconds if decoded is not None else 0.0)
         if i == 0:
             first_s = time.perf_counter() - row_start  # with the prior pass, any compile and captures
         if i >= warmup:
-            samples["e2e"].append(time.perf_counter() - start)
+            samples["e2e"].append(done.seconds)
             samples["prefill"].append(state.seconds)
-            samples["vision"].append(vision_s)
+            samples["vision"].append(done.vision_seconds)
             samples["select"].append(state.selection_seconds)
             if decoded is not None and decoded.tokens_per_second:
                 samples["decode"].append(decoded.seconds)
                 samples["rate"].append(decoded.tokens_per_second)
+    encoded = done.encoded
     layout = encoded.layout
     dims = loaded.dims
     kept = int(state.kept.numel()) if state.kept is not None else layout.num_visual

@@ -167,7 +167,7 @@ def ask(
         hub.check_reachable(model)
     from sharp_cli import model_files
 
-    model_files.check_layer(model, cfg, random_weights)  # --layer against the model's depth, before torch loads
+    cfg = model_files.check_layer(model, cfg, random_weights)  # K resolved and checked, before torch loads
     console = stderr_console(quiet)
     quiet_transformers()
     from sharp_cli import answer as answer_mod
@@ -272,7 +272,7 @@ def bench(
     if any(m in METHODS and m != "none" for m in method_list):  # --layer against its depth, before torch loads
         from sharp_cli import model_files
 
-        model_files.check_layer(model, base, random_weights)
+        base = model_files.check_layer(model, base, random_weights)
     console = stderr_console(quiet)
     from sharp_cli import bench as bench_mod
     from sharp_cli import video as video_mod

@@ -17,7 +17,7 @@ from sharp_cli import measure
 from sharp_cli.compat import cache_kwargs
 from sharp_cli.errors import UsageError
 from sharp_cli.loading import Loaded
-from sharp_cli.prune.config import PruneConfig, keep_count
+from sharp_cli.prune.config import PruneConfig, keep_count, require_resolved
 from sharp_cli.prune.session import PruneSession
 
 
@@ -131,8 +131,8 @@ def prefill(loaded: Loaded, encoded, cfg: PruneConfig, prior=None, forced_keep=N
     and layers 0..n-1 run on the question's rows only. keep_prefix: the prompt's ids up to the
     video's end, to return that start as Prefill.prefix for the next question. cache: an empty
     kv.StaticKV with room for cache_lengths (one slot of the batched cache, kv_slots.py) to fill
-    instead of one from the model's pool."""
-    cfg = loaded.adapter.validate_prune(cfg, loaded.num_layers)  # K resolved when not given
+    instead of one from the model's pool. cfg: resolved for this model (loaded.resolve_prune)."""
+    require_resolved(cfg, "engine.prefill")
     text = loaded.adapter.text_model(loaded.model)
     dims = loaded.dims
     if cache is None:

@@ -51,6 +51,11 @@ class Loaded:
             self.compiled_vision = CompiledStack(blocks, dynamic=None)
         return self
 
+    def resolve_prune(self, cfg: PruneConfig) -> PruneConfig:
+        """cfg with K resolved for this model (PruneConfig.resolved_for through the family's
+        adapter): what a command does once per question's options, and the phases assert on."""
+        return self.adapter.validate_prune(cfg, self.num_layers)
+
     @property
     def num_layers(self) -> int:
         return len(self.adapter.decoder_layers(self.model))
@@ -220,7 +225,10 @@ def _refuse_pickles(name: str) -> None:
 def check_prune_config(name: str, cfg: PruneConfig, *, random_weights: bool = False,
                        trust_remote_code: bool = False, config=None) -> PruneConfig:
     """cfg with K resolved for the model and validated against its depth, from its config alone
-    (`config`, when already read), before any heavy work."""
+    (`config`, when already read), before any heavy work; cfg itself when it is resolved already
+    (model_files.check_layer did it from config.json): K is resolved once."""
+    if cfg.resolved:
+        return cfg
     if config is None:
         config = model_config(name, random_weights=random_weights, trust_remote_code=trust_remote_code)
     return adapter_for(config).validate_prune(cfg, measure.text_dims(config)["layers"])

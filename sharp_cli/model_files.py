@@ -1,9 +1,9 @@
 """What a model's own files say, read as plain JSON before torch and transformers are imported.
 
-Enough to refuse a `--layer` beyond the model's depth in about a second, where the full check
-(loading.check_prune_config, through transformers' config classes) comes after several seconds of
-imports. Where the files are not on this machine yet (a hub id not downloaded), nothing is said
-here and the full check decides.
+Enough to resolve K and refuse a `--layer` beyond the model's depth in about a second, where the
+full check (loading.check_prune_config, through transformers' config classes) comes after several
+seconds of imports. Where the files are not on this machine yet (a hub id not downloaded), nothing
+is said here and the full check resolves K.
 """
 
 from __future__ import annotations
@@ -48,19 +48,21 @@ def depth(config: dict) -> int | None:
     return value if isinstance(value, int) and value > 0 else None
 
 
-def check_layer(name: str, cfg, random_weights: bool = False) -> None:
-    """UsageError (one line) when cfg's --layer does not fit the model, from its config.json alone;
-    silent when that file is not at hand or is not a family sharp knows."""
+def check_layer(name: str, cfg, random_weights: bool = False):
+    """cfg resolved for the model (PruneConfig.resolved_for through its family's adapter) from its
+    config.json alone: a UsageError (one line) when --layer does not fit. cfg unchanged where that
+    file is not at hand or is not a family sharp knows (loading.check_prune_config resolves it)."""
     from sharp_cli.models import ADAPTERS
 
     where = folder(name, random_weights)
     try:
         config = json.loads((where / "config.json").read_text(encoding="utf-8")) if where else None
     except (OSError, ValueError):
-        return
+        return cfg
     if not isinstance(config, dict):
-        return
+        return cfg
     adapter = next((a for a in ADAPTERS if config.get("model_type") in a.model_types), None)
     layers = depth(config)
-    if adapter is not None and layers is not None:
-        adapter.validate_prune(cfg, layers)
+    if adapter is None or layers is None:
+        return cfg
+    return adapter.validate_prune(cfg, layers)

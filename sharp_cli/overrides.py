@@ -61,7 +61,7 @@ class Defaults:
 class Plan:
     """Everything one question needs besides the model, the video and the question itself."""
 
-    cfg: object  # PruneConfig, K resolved for the model when one was given
+    cfg: object  # PruneConfig, resolved for the model when one was given (loaded.resolve_prune)
     video: dict
     max_new_tokens: int
     sampling: Sampling
@@ -69,12 +69,14 @@ class Plan:
 
 def resolve(options: OptionFields, defaults: Defaults, loaded=None) -> Plan:
     """The defaults with the given fields applied; UsageError (one line) for a bad value. With the
-    loaded model, --layer is checked against its depth too."""
+    loaded model, the question's config is resolved for it here (K chosen, --layer checked against
+    its depth), once: the defaults' own config when no field changes it, already resolved by the
+    command."""
     changes = {name: getattr(options, name) for name in ("method", "ratio", "layer")
                if getattr(options, name) is not None}
-    cfg = replace(defaults.cfg, **changes).validate()
-    if loaded is not None:
-        cfg = loaded.adapter.validate_prune(cfg, loaded.num_layers)
+    cfg = replace(defaults.cfg, **changes).validate() if changes else defaults.cfg.validate()
+    if loaded is not None and not cfg.resolved:
+        cfg = loaded.resolve_prune(cfg)
 
     video = dict(defaults.video)
     if options.frames is not None:

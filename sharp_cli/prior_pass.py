@@ -16,7 +16,7 @@ from sharp_cli import measure
 from sharp_cli.engine import encode, prepare
 from sharp_cli.errors import ModelError
 from sharp_cli.loading import Loaded
-from sharp_cli.prune.config import PruneConfig
+from sharp_cli.prune.config import PruneConfig, require_resolved
 from sharp_cli.prune.prior import PriorStore, digest, files_fingerprint, weights_fingerprint
 from sharp_cli.prune.session import PruneSession, StopPrefill
 from sharp_cli.prune.sharp import prior_from
@@ -34,10 +34,10 @@ class PriorInfo:
 def positional_prior(loaded: Loaded, clip, encoded, cfg: PruneConfig, store: PriorStore,
                      max_pixels: int | None = None) -> PriorInfo:
     """Layer-K attention (H, N) of an all-black clip with the same frames and size, per head
-    (prune/sharp.py prior_from), cached per layout."""
+    (prune/sharp.py prior_from), cached per layout. cfg: resolved (loaded.resolve_prune)."""
+    require_resolved(cfg, "prior_pass.positional_prior")
     if not cfg.uses_prior:
         return PriorInfo()
-    cfg = loaded.adapter.validate_prune(cfg, loaded.num_layers)
     layout = encoded.layout
     key = store.key(prior_key(loaded, encoded, cfg))
     prior = store.get(key)

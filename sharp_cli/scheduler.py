@@ -35,6 +35,7 @@ from sharp_cli.decode import LAG, Decoded
 from sharp_cli.errors import is_out_of_memory, release_gpu_memory
 from sharp_cli.kv_slots import SlotKV, bucketed
 from sharp_cli.loading import Loaded
+from sharp_cli.prune.config import require_resolved
 from sharp_cli.prune.prior import PriorStore
 from sharp_cli.sampling import rules_for
 from sharp_cli.text_stream import TextStream
@@ -47,7 +48,7 @@ CUDA_FREE_SHARE = 0.6  # of the GPU memory free once the model is loaded, when n
 class Request:
     clip: object
     question: str
-    cfg: object  # PruneConfig
+    cfg: object  # PruneConfig resolved for the model (loaded.resolve_prune)
     max_new_tokens: int = 128
     max_pixels: int | None = None
     sampling: object = None  # sampling.Sampling, or None: greedy
@@ -132,6 +133,7 @@ class Scheduler:
 
     # -- the caller's side -------------------------------------------------------------------------
     def submit(self, request: Request) -> None:
+        require_resolved(request.cfg, "Scheduler.submit")  # the caller's mistake: loud, not a failed answer
         self._queue.append(_Pending(request))
 
     @property
@@ -211,11 +213,10 @@ class Scheduler:
 
     def _begin(self, request: Request):
         loaded = self.loaded
-        cfg = loaded.adapter.validate_prune(request.cfg, loaded.num_layers)
         rules = rules_for(loaded.model, loaded.processor.tokenizer, request.sampling)
-        return answer_mod.begin(loaded, request.clip, request.question, cfg, max_new_tokens=request.max_new_tokens,
-                                max_pixels=request.max_pixels, store=self.store, rules=rules, cache=self.cache,
-                                reset_peak=False)
+        return answer_mod.begin(loaded, request.clip, request.question, request.cfg,
+                                max_new_tokens=request.max_new_tokens, max_pixels=request.max_pixels, store=self.store,
+                                rules=rules, cache=self.cache, reset_peak=False)
 
     def _join(self, request: Request, begun, slot: int) -> None:
         """Prefill into the slot, pick the first token, and join the batch (or end at once)."""

@@ -19,18 +19,17 @@ class LiveServer:
                  max_upload_mb=1.0, max_new_tokens=4, max_pixels=SMALL_PIXELS, **extra):
         from sharp_cli.overrides import Defaults
         from sharp_cli.prune.config import PruneConfig
-        from sharp_cli.serve.app import bind, create_app, make_server
+        from sharp_cli.serve.command import bind, build_app, make_server
         from sharp_cli.serve.media import MediaPolicy
         from sharp_cli.serve.service import Service, Settings
 
         cfg = PruneConfig(ratio=0.25, debias="subtract").validate()
         video = dict(frames=8, fps=None, max_frames=768, max_pixels=max_pixels, backend="auto")
         settings = Settings(model_ids=tuple(model_ids), api_key=api_key, max_queue=max_queue,
-                            defaults=Defaults(loaded.adapter.validate_prune(cfg, loaded.num_layers), video,
-                                              max_new_tokens),
+                            defaults=Defaults(loaded.resolve_prune(cfg), video, max_new_tokens),
                             media=MediaPolicy.create(media_dir, max_upload_mb), **extra)
         self.service = Service(loaded, settings)
-        self.server = make_server(create_app(self.service), quiet=True)
+        self.server = make_server(build_app(self.service), quiet=True)
         sock = bind("127.0.0.1", 0)
         self.url = f"http://127.0.0.1:{sock.getsockname()[1]}"
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]}, daemon=True)

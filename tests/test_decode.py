@@ -45,7 +45,8 @@ def _generate(loaded, clip, new_tokens, **kwargs):
 def test_unpruned_tokens_equal_generate_with_the_checkpoints_repetition_penalty(penalised, family):
     loaded = penalised(family)
     clip = make_clip(seed=1)
-    ours = ask(loaded, clip, QUESTION, PruneConfig(method="none"), max_new_tokens=12, max_pixels=PIXELS)
+    ours = ask(loaded, clip, QUESTION, loaded.resolve_prune(PruneConfig(method="none")), max_new_tokens=12,
+               max_pixels=PIXELS)
     reference = _generate(loaded, clip, 12)
     assert ours.tokens == reference
     # The penalty is what makes them equal: without it generate() says something else.
@@ -68,13 +69,14 @@ def test_a_compiled_decode_step_gives_generates_tokens_for_every_length(penalise
     try:
         for seed, frames in ((3, 8), (4, 4)):
             clip = make_clip(frames=frames, seed=seed)
-            ours = ask(loaded, clip, QUESTION, PruneConfig(method="none"), max_new_tokens=8, max_pixels=PIXELS)
+            ours = ask(loaded, clip, QUESTION, loaded.resolve_prune(PruneConfig(method="none")), max_new_tokens=8,
+                       max_pixels=PIXELS)
             assert ours.tokens == _generate(loaded, clip, 8)
         # Pruned: layers of two lengths; the symbolic lengths serve it without compiling again (had the
         # unpruned caches been one length in every layer, dynamo's duck sizing would have tied each
         # layer's length to layer 0's: a recompile, about a minute on an H200).
         compiled_graphs = counters["stats"]["unique_graphs"]
-        pruned_cfg = PruneConfig(method="sharp", ratio=0.25, layer=2)
+        pruned_cfg = loaded.resolve_prune(PruneConfig(method="sharp", ratio=0.25, layer=2))
         clip = make_clip(frames=8, seed=5)
         pruned = ask(loaded, clip, QUESTION, pruned_cfg, max_new_tokens=8, max_pixels=PIXELS)
         capacities = set(pruned.prefill.cache.capacities)
@@ -89,14 +91,16 @@ def test_a_compiled_decode_step_gives_generates_tokens_for_every_length(penalise
 def test_eos_stops_where_generate_stops(penalised):
     loaded = penalised("qwen2.5-vl")
     clip = make_clip(seed=2)
-    free = ask(loaded, clip, QUESTION, PruneConfig(method="none"), max_new_tokens=10, max_pixels=PIXELS).tokens
+    free = ask(loaded, clip, QUESTION, loaded.resolve_prune(PruneConfig(method="none")), max_new_tokens=10,
+               max_pixels=PIXELS).tokens
     eos = free[3]
     assert eos not in free[:3]
     gen = loaded.model.generation_config
     saved = gen.eos_token_id
     gen.eos_token_id = [eos]
     try:
-        stopped = ask(loaded, clip, QUESTION, PruneConfig(method="none"), max_new_tokens=10, max_pixels=PIXELS)
+        stopped = ask(loaded, clip, QUESTION, loaded.resolve_prune(PruneConfig(method="none")), max_new_tokens=10,
+                      max_pixels=PIXELS)
         reference = _generate(loaded, clip, 10)
     finally:
         gen.eos_token_id = saved
@@ -106,7 +110,7 @@ def test_eos_stops_where_generate_stops(penalised):
 
 def test_pruned_decode_reuses_the_pool_and_matches_a_fresh_model(tiny):
     """The second question on the same buffers (reset, not reallocated) answers like a fresh model."""
-    cfg = PruneConfig(method="sharp", ratio=0.25, layer=2)
+    cfg = tiny.resolve_prune(PruneConfig(method="sharp", ratio=0.25, layer=2))
     clip_a, clip_b = make_clip(seed=3), make_clip(seed=4)
     ask(tiny, clip_a, QUESTION, cfg, max_new_tokens=6, max_pixels=PIXELS)
     reused = ask(tiny, clip_b, "where is the dog?", cfg, max_new_tokens=6, max_pixels=PIXELS)
@@ -116,7 +120,7 @@ def test_pruned_decode_reuses_the_pool_and_matches_a_fresh_model(tiny):
 
 
 def test_sampling_is_seeded_and_top_k_1_is_greedy(tiny, clip):
-    cfg = PruneConfig(method="none")
+    cfg = tiny.resolve_prune(PruneConfig(method="none"))
 
     def run(**s):
         return ask(tiny, clip, QUESTION, cfg, max_new_tokens=8, max_pixels=PIXELS, sampling=Sampling(**s)).tokens
@@ -140,7 +144,8 @@ def test_top_p_keeps_only_the_nucleus():
 
 def test_streamed_pieces_join_to_the_answer(tiny, clip):
     pieces = []
-    answer = ask(tiny, clip, QUESTION, PruneConfig(), max_new_tokens=10, max_pixels=PIXELS, on_text=pieces.append)
+    answer = ask(tiny, clip, QUESTION, tiny.resolve_prune(PruneConfig()), max_new_tokens=10, max_pixels=PIXELS,
+                 on_text=pieces.append)
     assert len(pieces) > 1 and "".join(pieces) == answer.text
 
 
@@ -159,14 +164,16 @@ def test_text_stream_holds_back_split_characters_and_trailing_space():
 
 
 def test_cancel_ends_the_answer_between_tokens(tiny, clip):
-    answer = ask(tiny, clip, QUESTION, PruneConfig(), max_new_tokens=20, max_pixels=PIXELS, cancel=lambda: True)
+    answer = ask(tiny, clip, QUESTION, tiny.resolve_prune(PruneConfig()), max_new_tokens=20, max_pixels=PIXELS,
+                 cancel=lambda: True)
     assert len(answer.tokens) == 1 and answer.decoded.stop == "cancelled"
 
 
 def test_generation_settings_sharp_does_not_apply_are_reported(tiny, clip, monkeypatch):
     monkeypatch.setattr(tiny.model.generation_config, "no_repeat_ngram_size", 3)
     assert "no_repeat_ngram_size" in rules_for(tiny.model).ignored
-    answer = ask(tiny, clip, QUESTION, PruneConfig(method="none"), max_new_tokens=2, max_pixels=PIXELS)
+    answer = ask(tiny, clip, QUESTION, tiny.resolve_prune(PruneConfig(method="none")), max_new_tokens=2,
+                 max_pixels=PIXELS)
     assert answer.extra["ignored_generation_settings"] == ["no_repeat_ngram_size"]
 
 
@@ -205,7 +212,7 @@ def test_an_evicted_cache_is_freed_at_once_though_its_graphs_hold_it():
 @pytest.mark.parametrize("family", FAMILIES)
 def test_many_questions_of_different_lengths_keep_memory_bounded(tiny_models, family):
     loaded = tiny_models(family)
-    cfg = PruneConfig(method="sharp", ratio=0.25, layer=prune_layer(loaded))
+    cfg = loaded.resolve_prune(PruneConfig(method="sharp", ratio=0.25, layer=prune_layer(loaded)))
     for frames in (2, 4, 6, 8, 10, 12):
         ask(loaded, make_clip(frames=frames, seed=frames), QUESTION, cfg, max_new_tokens=3, max_pixels=PIXELS)
     assert len(loaded.kv_pool) <= loaded.kv_pool.max_caches
@@ -214,7 +221,7 @@ def test_many_questions_of_different_lengths_keep_memory_bounded(tiny_models, fa
 def test_cache_rows_written_by_decoding(tiny, clip):
     """Each layer ends with its prefill rows plus one per step: the full prompt before K, the kept
     tokens after, every written row flagged valid and nothing beyond."""
-    cfg = PruneConfig(method="fastv", ratio=0.25, layer=2)
+    cfg = tiny.resolve_prune(PruneConfig(method="fastv", ratio=0.25, layer=2))
     encoded = encode(tiny, clip)
     ids = engine.prepare(tiny, clip, QUESTION, PIXELS)["input_ids"]
     state = engine.prefill(tiny, encoded, cfg, new_tokens=5)
@@ -268,7 +275,7 @@ def test_tokens_still_in_flight_when_the_steps_end_are_read(tiny, clip, monkeypa
         def take(self, block):
             return super().take(block=True) if block else None
 
-    cfg = PruneConfig(method="fastv", ratio=0.25, layer=2)
+    cfg = tiny.resolve_prune(PruneConfig(method="fastv", ratio=0.25, layer=2))
     ids = engine.prepare(tiny, clip, QUESTION, PIXELS)["input_ids"]
 
     def tokens(n):

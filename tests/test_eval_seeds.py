@@ -145,7 +145,7 @@ def flash(tmp_path_factory):
     box = [40, 40, 51, 51]
     clip[5:7, 40:51, 40:51] = (220, 30, 30)
     (root / "videos").mkdir()
-    synth._encode(clip, root / "videos" / "flash.mp4", 8.0)
+    synth.write_mp4(clip, root / "videos" / "flash.mp4", 8.0)
     item = {"id": "flash", "video": "videos/flash.mp4", "question": "What colour is the flash?",
             "options": ["red", "blue", "green", "pink"], "answer": "A", "needle_boxes": [[5, *box], [6, *box]]}
     (root / "items.jsonl").write_text(json.dumps(item) + "\n")

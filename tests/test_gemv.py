@@ -74,7 +74,8 @@ def test_answers_through_the_kernel_equal_generate_with_stock_linears():
         gemv.gemv = lambda *a, **k: calls.append(1) or plain(*a, **k)
         clip = make_clip(seed=1)
         pixels = 56 * 56 * 4
-        ours = ask(loaded, clip, "what colour?", PruneConfig(method="none"), max_new_tokens=10, max_pixels=pixels)
+        ours = ask(loaded, clip, "what colour?", loaded.resolve_prune(PruneConfig(method="none")), max_new_tokens=10,
+                   max_pixels=pixels)
         assert len(calls) >= 9 * 29, len(calls)  # nine decode steps went through it
         inputs = engine.prepare(loaded, clip, "what colour?", pixels)
         with stock_attention(loaded), torch.inference_mode():
@@ -82,7 +83,7 @@ def test_answers_through_the_kernel_equal_generate_with_stock_linears():
             out = loaded.model.generate(**inputs, do_sample=False, max_new_tokens=10)
         assert ours.tokens == out[0, inputs["input_ids"].shape[1]:].tolist(), (ours.tokens, out)
         assert sum(type(m) is gemv.GemvLinear for m in loaded.model.modules()) == len(swapped)
-        config = PruneConfig(method="sharp", layer=2, ratio=0.3)
+        config = loaded.resolve_prune(PruneConfig(method="sharp", layer=2, ratio=0.3))
         pruned = ask(loaded, clip, "what colour?", config, max_new_tokens=10, max_pixels=pixels)
         with gemv.stock_linears(loaded.model):
             stock = ask(loaded, clip, "what colour?", config, max_new_tokens=10, max_pixels=pixels)

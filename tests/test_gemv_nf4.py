@@ -123,16 +123,18 @@ def test_answers_through_4bit_layers_equal_bitsandbytes_layers():
         gemv_nf4._launch = lambda x, *a, **k: shapes.append(tuple(x.shape)) or plain(x, *a, **k)
         clip = make_clip(seed=1)
         pixels = 56 * 56 * 4
-        ours = ask(loaded, clip, "what colour?", PruneConfig(method="none"), max_new_tokens=8, max_pixels=pixels)
+        ours = ask(loaded, clip, "what colour?", loaded.resolve_prune(PruneConfig(method="none")), max_new_tokens=8,
+                   max_pixels=pixels)
         assert len(shapes) >= 7 * 28, len(shapes)  # seven decode steps went through it
         assert all(s[:-1] == (1, 1) for s in shapes), set(shapes)  # one token each, never the prefill
         with gemv.stock_linears(model):
             assert not any(isinstance(m, gemv_nf4.Gemv4bit) for m in model.modules())
-            stock = ask(loaded, clip, "what colour?", PruneConfig(method="none"), max_new_tokens=8,
+            stock = ask(loaded, clip, "what colour?", loaded.resolve_prune(PruneConfig(method="none")),
+                        max_new_tokens=8,
                         max_pixels=pixels)
         assert ours.tokens == stock.tokens, (ours.tokens, stock.tokens)
         assert sum(isinstance(m, gemv_nf4.Gemv4bit) for m in model.modules()) == len(kernel_layers)
-        config = PruneConfig(method="sharp", layer=2, ratio=0.3)
+        config = loaded.resolve_prune(PruneConfig(method="sharp", layer=2, ratio=0.3))
         pruned = ask(loaded, clip, "what colour?", config, max_new_tokens=8, max_pixels=pixels)
         with gemv.stock_linears(model):
             stock = ask(loaded, clip, "what colour?", config, max_new_tokens=8, max_pixels=pixels)

@@ -138,7 +138,7 @@ def test_llava_newline_is_always_kept(tiny_models, clip, method):
     loaded = tiny_models("llava-onevision")
     encoded = encode(loaded, clip)
     newline = encoded.layout.visual_end
-    cfg = PruneConfig(method=method, ratio=0.05, layer=2)
+    cfg = loaded.resolve_prune(PruneConfig(method=method, ratio=0.05, layer=2))
     state = engine.prefill(loaded, encoded, cfg)
     assert state.kept.numel() == keep_count(0.05, encoded.layout.num_visual)
     assert newline in state.session.keep_positions.tolist()
@@ -175,15 +175,15 @@ def test_qwen3_max_pixels_bounds_each_frame(tiny_models, max_pixels):
 def test_qwen3_refuses_k_below_3_and_says_why(tiny_models, clip):
     loaded = tiny_models("qwen3-vl")
     with pytest.raises(UsageError, match=r"--layer must be >= 3 .*DeepStack"):
-        ask(loaded, clip, "what?", PruneConfig(method="fastv", layer=2), max_new_tokens=2)
-    answer = ask(loaded, clip, "what?", PruneConfig(method="none", layer=2), max_new_tokens=3,
+        ask(loaded, clip, "what?", loaded.resolve_prune(PruneConfig(method="fastv", layer=2)), max_new_tokens=2)
+    answer = ask(loaded, clip, "what?", loaded.resolve_prune(PruneConfig(method="none", layer=2)), max_new_tokens=3,
                         max_pixels=56 * 56 * 4)  # nothing pruned: K does not matter
     assert answer.prefill.kept is None and answer.tokens
 
 
 def test_qwen3_decoding_continues_after_a_pruned_prefill(tiny_models, clip):
     loaded = tiny_models("qwen3-vl")
-    cfg = PruneConfig(method="sharp", ratio=0.25, layer=prune_layer(loaded))
+    cfg = loaded.resolve_prune(PruneConfig(method="sharp", ratio=0.25, layer=prune_layer(loaded)))
     answer = ask(loaded, clip, "what colour is the ball?", cfg, max_new_tokens=5, max_pixels=56 * 56 * 4)
     assert len(answer.tokens) >= 2 and answer.text
 

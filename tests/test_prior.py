@@ -32,7 +32,7 @@ def _prior(loaded, clip, cfg, store, max_pixels=56 * 56 * 4):
 def _cfg(loaded, **kw):
     from sharp_cli.prune import PruneConfig
 
-    return loaded.adapter.validate_prune(PruneConfig(**kw), loaded.num_layers)
+    return loaded.resolve_prune(PruneConfig(**kw))
 
 
 def test_the_prior_comes_from_a_black_video(tiny):

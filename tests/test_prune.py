@@ -18,7 +18,7 @@ PLAIN = dict(segment_mask=False, debias="none", dedup=False)
 
 
 def _prefill(loaded, encoded, **kw):
-    cfg = loaded.adapter.validate_prune(PruneConfig(**kw), loaded.num_layers)
+    cfg = loaded.resolve_prune(PruneConfig(**kw))
     return engine.prefill(loaded, encoded, cfg)
 
 
@@ -129,8 +129,7 @@ def test_pruned_run_equals_masked_reference_at_original_positions(tiny_models, c
     of the reference is masked, so no decoder layer computes anything from a dropped token."""
     tiny = tiny_models(family)
     encoded = encode(tiny, clip)
-    cfg = tiny.adapter.validate_prune(PruneConfig(method=method, ratio=0.3, layer=prune_layer(tiny)),
-                                      tiny.num_layers)
+    cfg = tiny.resolve_prune(PruneConfig(method=method, ratio=0.3, layer=prune_layer(tiny)))
     k = cfg.layer
     assert k == (0 if method == "evs" else prune_layer(tiny))
     pruned = engine.prefill(tiny, encoded, cfg)
@@ -169,7 +168,7 @@ def test_evs_keeps_the_most_changed_tokens_before_layer_0(tiny_models, family):
     layout = encoded.layout
     t, h, w = layout.grid
     ratio = 0.4
-    cfg = tiny.adapter.validate_prune(PruneConfig(method="evs", ratio=ratio), tiny.num_layers)
+    cfg = tiny.resolve_prune(PruneConfig(method="evs", ratio=ratio))
     out = engine.prefill(tiny, encoded, cfg)
     x = encoded.inputs_embeds[0, layout.indices].double().numpy().reshape(t, h * w, -1)
     x = x / np.linalg.norm(x, axis=-1, keepdims=True)
@@ -186,7 +185,7 @@ def test_evs_is_refused_on_qwen3_vl_with_one_line(tiny_models):
 
     tiny = tiny_models("qwen3-vl")
     with pytest.raises(UsageError, match="evs is not supported on Qwen3-VL: DeepStack"):
-        tiny.adapter.validate_prune(PruneConfig(method="evs"), tiny.num_layers)
+        tiny.resolve_prune(PruneConfig(method="evs"))
 
 
 def _grown_extra(extra: dict, step: int) -> dict:
@@ -205,8 +204,7 @@ def test_cached_decoding_equals_recompute_on_the_pruned_sequence(tiny_models, cl
     every axis (M-RoPE or 1-D), one more per token."""
     tiny = tiny_models(family)
     encoded = encode(tiny, clip)
-    cfg = tiny.adapter.validate_prune(PruneConfig(method=method, ratio=0.25, layer=prune_layer(tiny)),
-                                      tiny.num_layers)
+    cfg = tiny.resolve_prune(PruneConfig(method=method, ratio=0.25, layer=prune_layer(tiny)))
     prompt_ids = engine.prepare(tiny, clip, "what colour is the ball?", 56 * 56 * 4)["input_ids"]
     state = engine.prefill(tiny, encoded, cfg, new_tokens=6)
     decoded = decode(tiny, encoded, state, 6, prompt_ids=prompt_ids, keep_logits=True, ignore_eos=True)
@@ -303,8 +301,8 @@ def test_segment_mask_in_the_model_equals_dense_reference(tiny_models, clip, fam
     tiny = tiny_models(family)
     encoded = encode(tiny, clip)
     k = prune_layer(tiny)
-    cfg = PruneConfig(method="sharp", ratio=1.0, layer=k, segment_mask=True, debias="none", dedup=False,
-                      segment_frames=segment_frames)
+    cfg = tiny.resolve_prune(PruneConfig(method="sharp", ratio=1.0, layer=k, segment_mask=True, debias="none",
+                                         dedup=False, segment_frames=segment_frames))
     ours = engine.prefill(tiny, encoded, cfg)
     runs = encoded.layout.segment_runs(segment_frames or encoded.layout.frames_per_step)
     dense = seg.dense_segment_mask(encoded.layout.seq_len, runs)
@@ -328,7 +326,7 @@ def test_segment_mask_in_the_model_equals_dense_reference(tiny_models, clip, fam
 
 
 def test_prior_pass_is_cached_on_disk_and_reused(tiny, clip, tmp_path):
-    cfg = PruneConfig(method="sharp", ratio=0.25, layer=2).validate()
+    cfg = tiny.resolve_prune(PruneConfig(method="sharp", ratio=0.25, layer=2))
     store = PriorStore(tmp_path)
     first = ask(tiny, clip, "what colour is the ball?", cfg, max_new_tokens=2, max_pixels=56 * 56 * 4,
                        store=store)
@@ -341,9 +339,10 @@ def test_prior_pass_is_cached_on_disk_and_reused(tiny, clip, tmp_path):
 
 def test_debias_changes_the_kept_set_in_the_model(tiny, clip):
     base = dict(method="sharp", ratio=0.25, layer=2, dedup=False)
-    with_prior = ask(tiny, clip, "what colour is the ball?", PruneConfig(**base), max_new_tokens=1,
+    with_prior = ask(tiny, clip, "what colour is the ball?", tiny.resolve_prune(PruneConfig(**base)), max_new_tokens=1,
                             max_pixels=56 * 56 * 4, store=PriorStore(use_disk=False))
-    without = ask(tiny, clip, "what colour is the ball?", PruneConfig(**base, debias="none"),
+    without = ask(tiny, clip, "what colour is the ball?",
+                  tiny.resolve_prune(PruneConfig(**base, debias="none")),
                          max_new_tokens=1, max_pixels=56 * 56 * 4, store=PriorStore(use_disk=False))
     assert not torch.equal(with_prior.prefill.kept, without.prefill.kept)
 
@@ -391,12 +390,12 @@ def test_query_text_scores_with_the_questions_rows(tiny_models, clip, family, mo
     real = session.question_attention
     monkeypatch.setattr(session, "question_attention", lambda layer, rope, hidden, pe, layout, rows: (
         rows_seen.append(rows.tolist()), real(layer, rope, hidden, pe, layout, rows))[1])
-    cfg = tiny.adapter.validate_prune(PruneConfig(query="text", debias="none"), tiny.num_layers)
+    cfg = tiny.resolve_prune(PruneConfig(query="text", debias="none"))
     engine.prefill(tiny, encoded, cfg)
     assert rows_seen == [expected]
     assert tiny.processor.tokenizer.decode([ids[i] for i in expected]).replace(" ", "") == question.replace(" ", "")
     tail = ids[expected[-1] + 1:]
     assert tail and encoded.layout.seq_len - 1 not in expected  # the template's tail is not a question row
-    cfg_last = tiny.adapter.validate_prune(PruneConfig(query="last", debias="none"), tiny.num_layers)
+    cfg_last = tiny.resolve_prune(PruneConfig(query="last", debias="none"))
     engine.prefill(tiny, encoded, cfg_last)
     assert rows_seen[-1] == [encoded.layout.seq_len - 1]

@@ -39,10 +39,10 @@ def small_buckets(monkeypatch):
     monkeypatch.setattr(kv, "BUCKET", 16)
 
 
-def requests(count=6, lengths=(6, 12, 3, 9, 1, 7), frames=(2, 8, 6, 10, 2, 8), **extra):
+def requests(loaded, count=6, lengths=(6, 12, 3, 9, 1, 7), frames=(2, 8, 6, 10, 2, 8), **extra):
     return [Request(make_clip(frames=frames[i % len(frames)], seed=i), f"what happens in part {i}?",
-                    MIXED[i % len(MIXED)], max_new_tokens=lengths[i % len(lengths)], max_pixels=PIXELS, tag=i,
-                    **extra) for i in range(count)]
+                    loaded.resolve_prune(MIXED[i % len(MIXED)]), max_new_tokens=lengths[i % len(lengths)],
+                    max_pixels=PIXELS, tag=i, **extra) for i in range(count)]
 
 
 def answered(loaded, reqs, **kwargs):
@@ -62,7 +62,7 @@ def one_at_a_time(loaded, request):
 @pytest.mark.parametrize("family", ["qwen2.5-vl", "llava-onevision"])
 def test_greedy_answers_equal_one_at_a_time_with_joins_leaves_and_mixed_pruning(penalised, family):
     loaded = penalised(family)
-    reqs = requests()
+    reqs = requests(loaded)
     # An EOS the model says mid-answer in one of them, so that answers also leave early.
     free = one_at_a_time(loaded, reqs[1]).tokens
     eos = next(t for t in free[2:] if t not in free[:2])
@@ -92,7 +92,7 @@ def test_greedy_answers_equal_one_at_a_time_with_joins_leaves_and_mixed_pruning(
 
 def test_slots_grow_for_a_longer_request_without_disturbing_the_live_ones(penalised):
     loaded = penalised("qwen2.5-vl")
-    reqs = requests(count=3, lengths=(10, 10, 10), frames=(2, 4, 12))
+    reqs = requests(loaded, count=3, lengths=(10, 10, 10), frames=(2, 4, 12))
     scheduler, batched = answered(loaded, reqs, max_batch=4)
     assert scheduler.stats["resized"] >= 1 and scheduler.stats["most_in_flight"] == 3
     for r in reqs:
@@ -102,12 +102,12 @@ def test_slots_grow_for_a_longer_request_without_disturbing_the_live_ones(penali
 def test_a_seeded_sampled_request_draws_the_same_tokens_whoever_shares_its_steps(penalised):
     loaded = penalised("qwen2.5-vl")
     def sampled(seed=7, **sampling):
-        return Request(make_clip(frames=6, seed=11), "what is sampled here?", PruneConfig(method="none"),
-                       max_new_tokens=10, max_pixels=PIXELS, sampling=Sampling(**{"temperature": 5.0, "seed": seed,
-                                                                                   **sampling}), tag="hot")
+        return Request(make_clip(frames=6, seed=11), "what is sampled here?",
+                       loaded.resolve_prune(PruneConfig(method="none")), max_new_tokens=10, max_pixels=PIXELS,
+                       sampling=Sampling(**{"temperature": 5.0, "seed": seed, **sampling}), tag="hot")
 
     _, alone = answered(loaded, [sampled()], max_batch=1)
-    others = requests(count=3, lengths=(4, 10, 6))
+    others = requests(loaded, count=3, lengths=(4, 10, 6))
     others[1].sampling = Sampling(temperature=5.0, seed=99)
     _, crowded = answered(loaded, [others[0], others[1], sampled(), others[2]], max_batch=4)
     assert crowded["hot"].tokens == alone["hot"].tokens
@@ -116,15 +116,15 @@ def test_a_seeded_sampled_request_draws_the_same_tokens_whoever_shares_its_steps
     assert reseeded["hot"].tokens != alone["hot"].tokens
     # top_k = 1 leaves one token to draw: the greedy answer, in a batch with sampled rows.
     greedy = one_at_a_time(loaded, Request(make_clip(frames=6, seed=11), "what is sampled here?",
-                                           PruneConfig(method="none"), max_new_tokens=10))
+                                           loaded.resolve_prune(PruneConfig(method="none")), max_new_tokens=10))
     _, narrow = answered(loaded, [sampled(top_k=1), others[1]], max_batch=2)
     assert narrow["hot"].tokens == greedy.tokens
 
 
 def test_cancelling_one_request_leaves_the_others_tokens_unchanged(penalised):
     loaded = penalised("llava-onevision")
-    reqs = requests(count=3, lengths=(10, 10, 10))
-    _, full = answered(loaded, requests(count=3, lengths=(10, 10, 10)), max_batch=3)
+    reqs = requests(loaded, count=3, lengths=(10, 10, 10))
+    _, full = answered(loaded, requests(loaded, count=3, lengths=(10, 10, 10)), max_batch=3)
     pieces = []
     reqs[1].on_text = pieces.append
     reqs[1].cancel = lambda: len(pieces) >= 2  # the client leaves once it has read two pieces
@@ -136,7 +136,7 @@ def test_cancelling_one_request_leaves_the_others_tokens_unchanged(penalised):
 
 def test_a_failing_request_is_reported_and_the_others_are_answered(penalised):
     loaded = penalised("qwen2.5-vl")
-    reqs = requests(count=3, lengths=(4, 4, 4))
+    reqs = requests(loaded, count=3, lengths=(4, 4, 4))
     reqs[1].question = "   "  # refused before the model runs
     scheduler = Scheduler(loaded, max_batch=2)
     done = {d.request.tag: d for d in scheduler.run(reqs)}
@@ -151,7 +151,7 @@ def test_the_kv_budget_bounds_the_sequences_in_flight_and_pruned_ones_fit_more(p
     from sharp_cli.kv_slots import SlotKV, bucketed
 
     loaded = penalised("qwen2.5-vl")
-    dims, unpruned_cfg = loaded.dims, PruneConfig(method="none")
+    dims, unpruned_cfg = loaded.dims, loaded.resolve_prune(PruneConfig(method="none"))
     clip = make_clip(frames=16, seed=0)
     begun = begin(loaded, clip, "how many?", unpruned_cfg, max_new_tokens=6, max_pixels=PIXELS)
     need = bucketed(engine.cache_lengths(loaded, begun.encoded, unpruned_cfg, 6))
@@ -165,7 +165,7 @@ def test_the_kv_budget_bounds_the_sequences_in_flight_and_pruned_ones_fit_more(p
 
     assert most_in_flight(unpruned_cfg) == 3
     # Pruned at layer 1 to a quarter of the visual tokens, a slot is about 0.6 of an unpruned one.
-    assert most_in_flight(PruneConfig(method="fastv", ratio=0.25, layer=1)) >= 5
+    assert most_in_flight(loaded.resolve_prune(PruneConfig(method="fastv", ratio=0.25, layer=1))) >= 5
 
 
 def test_rows_with_their_own_rules_pick_as_pick_does_row_by_row():

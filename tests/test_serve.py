@@ -32,7 +32,7 @@ def direct_answer(loaded, path, question, max_new_tokens=4, method="sharp", rati
     from sharp_cli.video import load_video
 
     clip = load_video(path, frames=8, max_pixels=SMALL_PIXELS)
-    return answer.ask(loaded, clip, question, PruneConfig(method=method, ratio=ratio, layer=2),
+    return answer.ask(loaded, clip, question, loaded.resolve_prune(PruneConfig(method=method, ratio=ratio, layer=2)),
                       max_new_tokens=max_new_tokens, max_pixels=SMALL_PIXELS).text
 
 

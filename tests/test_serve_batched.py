@@ -34,8 +34,9 @@ def direct(loaded, path, max_new_tokens, method="sharp", ratio=0.25):
     from sharp_cli.video import load_video
 
     clip = load_video(path, frames=8, max_pixels=SMALL_PIXELS)
-    return answer.ask(loaded, clip, "what colour is the ball?", PruneConfig(method=method, ratio=ratio, layer=2),
-                      max_new_tokens=max_new_tokens, max_pixels=SMALL_PIXELS)
+    cfg = loaded.resolve_prune(PruneConfig(method=method, ratio=ratio, layer=2))
+    return answer.ask(loaded, clip, "what colour is the ball?", cfg, max_new_tokens=max_new_tokens,
+                      max_pixels=SMALL_PIXELS)
 
 
 def test_concurrent_requests_share_decode_steps_and_answer_as_one_at_a_time(loaded, media, monkeypatch):

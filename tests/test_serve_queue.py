@@ -206,7 +206,7 @@ def test_a_second_server_on_the_same_port_fails_before_loading(tiny_dir, monkeyp
     """The first `sharp serve` holds its port from the start, while it loads its model: a second one
     on that port says so in one line and never loads a model."""
     from sharp_cli import loading
-    from sharp_cli.serve.app import bind
+    from sharp_cli.serve.command import bind
 
     def never(*args, **kwargs):
         raise AssertionError("the model was loaded")
@@ -291,7 +291,7 @@ def test_the_server_takes_sigint_back_from_a_native_library_that_took_it():
     with status 1 instead of shutting down. A C-level signal() stands in for that library here."""
     code = """
 import ctypes, os, signal, time
-from sharp_cli.serve.app import rearm_signal_handlers
+from sharp_cli.serve.command import rearm_signal_handlers
 hits = []
 signal.signal(signal.SIGINT, lambda *_: hits.append(1))
 ctypes.CDLL(None).signal(int(signal.SIGINT), ctypes.c_void_p(0))  # SIG_DFL behind Python's back

@@ -34,7 +34,7 @@ def test_training_script_saves_a_model_sharp_ask_loads(tmp_path):
     assert set(record["held_out"]["first_token_accuracy"]) == set(synth.BASIC)
     assert "step 2 answer loss" in run.stdout
     frames, item = synth.make_item(0, 0)
-    synth._encode(frames, tmp_path / "clip.mp4", 8.0)
+    synth.write_mp4(frames, tmp_path / "clip.mp4", 8.0)
     result = CliRunner().invoke(app, ["ask", str(tmp_path / "clip.mp4"), item["question"], "-m", str(out),
                                       "--device", "cpu", "--max-new-tokens", "3", "--json"])
     assert result.exit_code == 0, result.stderr
@@ -102,7 +102,7 @@ def test_shipped_sharp_tiny_answers_a_bare_question(tmp_path):
     """The README's first command: `sharp ask` with ShaRP at 0.15 on the clip `sharp synth --seed 1`
     writes first (seed 0's first clip is one the model gets wrong, pruned or not)."""
     frames, item = synth.make_item(1, 0)
-    synth._encode(frames, tmp_path / "clip.mp4", 8.0)
+    synth.write_mp4(frames, tmp_path / "clip.mp4", 8.0)
     result = CliRunner().invoke(app, ["ask", str(tmp_path / "clip.mp4"), item["question"], "-m", "sharp-tiny",
                                       "--device", "cpu", *README_PRUNING, "-q"])
     assert result.exit_code == 0, result.stderr
@@ -125,7 +125,7 @@ def test_a_grown_model_answers_as_its_source(tmp_path):
     record = json.loads((tmp_path / "grown" / "training.json").read_text())
     assert record["items_to"] == json.loads((SHARP_TINY / "training.json").read_text())["items_to"]  # new items next
     frames, item = synth.make_item(0, 3)  # count
-    synth._encode(frames, tmp_path / "clip.mp4", 8.0)
+    synth.write_mp4(frames, tmp_path / "clip.mp4", 8.0)
 
     def ask(model, method, layer):
         result = CliRunner().invoke(app, ["ask", str(tmp_path / "clip.mp4"), item["question"], "-m", model, "--device",

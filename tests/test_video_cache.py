@@ -28,8 +28,9 @@ def clip_path(tmp_path_factory):
 
 def _methods(loaded):
     k = prune_layer(loaded)
-    return [PruneConfig(method="none"), PruneConfig(method="sharp", ratio=0.25, layer=k),
-            PruneConfig(method="fastv", ratio=0.25, layer=k)]
+    configs = (PruneConfig(method="none"), PruneConfig(method="sharp", ratio=0.25, layer=k),
+               PruneConfig(method="fastv", ratio=0.25, layer=k))
+    return [loaded.resolve_prune(cfg) for cfg in configs]
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -74,8 +75,8 @@ def test_second_question_skips_decoding_and_the_vision_encoder(tiny, clip_path, 
     monkeypatch.setattr(tiny.adapter, "processor_inputs", counting_frames)
     cache = VideoCache(1 << 30)
     for question in QUESTIONS:
-        ask(tiny, cache.load_video(clip_path, **SAMPLING), question, PruneConfig(method="fastv"), max_new_tokens=2,
-            max_pixels=PIXELS, cache=cache)
+        ask(tiny, cache.load_video(clip_path, **SAMPLING), question, tiny.resolve_prune(PruneConfig(method="fastv")),
+            max_new_tokens=2, max_pixels=PIXELS, cache=cache)
     assert calls == {"decode": 1, "vision": 1, "frames processed": 1}
     cache.load_video(clip_path, frames=4, max_pixels=PIXELS)  # other sampling: decoded again
     assert calls["decode"] == 2
@@ -109,11 +110,11 @@ def test_the_cache_stays_under_its_bound(tmp_path):
 def test_a_prompt_that_starts_differently_does_not_reuse_the_prefix(tiny, clip_path):
     cache = VideoCache(1 << 30)
     clip = cache.load_video(clip_path, **SAMPLING)
-    cfg = PruneConfig(method="sharp", ratio=0.25, layer=2)
+    cfg = tiny.resolve_prune(PruneConfig(method="sharp", ratio=0.25, layer=2))
     ask(tiny, clip, QUESTIONS[0], cfg, max_new_tokens=2, max_pixels=PIXELS, cache=cache)
     found = cache.prefix(tiny, clip, cfg, PIXELS, torch.zeros(5, dtype=torch.long))
     assert found is None
-    other_k = PruneConfig(method="sharp", ratio=0.25, layer=3)
+    other_k = tiny.resolve_prune(PruneConfig(method="sharp", ratio=0.25, layer=3))
     second = ask(tiny, clip, QUESTIONS[1], other_k, max_new_tokens=2, max_pixels=PIXELS, cache=cache)
     assert second.extra["cache"] == {"vision": True, "prefix": False}  # layers 0..2 differ from 0..1
 

@@ -19,8 +19,6 @@ compression. The checks ask the model in hand for each of these:
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 import torch
 
 from sharp_cli.evaluate import diagnose
@@ -97,8 +95,8 @@ def pruning_checks(loaded, items_and_clips, prune_layer: int, deep_layer: int, r
         count += 1
         prompt = build_prompt(item.question, item.options)
         for method, ratio, layer in cells:
-            cfg = PruneConfig(method=method, ratio=ratio, layer=layer)
-            out = answer_mod.ask(loaded, clip, prompt, replace(cfg), max_new_tokens=max_new_tokens,
+            cfg = loaded.resolve_prune(PruneConfig(method=method, ratio=ratio, layer=layer))
+            out = answer_mod.ask(loaded, clip, prompt, cfg, max_new_tokens=max_new_tokens,
                                  max_pixels=max_pixels, store=store)
             right[(method, ratio, layer)] += parse_letter(out.text, item.options) == item.answer
     if not count:

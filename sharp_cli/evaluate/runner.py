@@ -260,12 +260,11 @@ def run(loaded, job: Job, todo, progress=None, cache=None, store=None) -> int:
             reference = needle = None
             mapped = not item.needle_boxes  # needle tokens: mapped once per item, at its first answer
             if compare and unpruned not in cells:
-                reference, _ = _attempt(lambda: ask(replace(job.base, method="none", ratio=1.0, seed=0), 1))
+                reference, _ = _attempt(lambda: ask(cell_config(loaded, job, ("none", 1.0, 0)), 1))
                 reference = reference.prefill.logits if reference is not None else None
             for cell in sorted(cells, key=lambda c: c[0] != "none"):  # the reference first
                 method, ratio, seed = cell
-                answer, error = _attempt(lambda: ask(replace(job.base, method=method, ratio=ratio, seed=seed),
-                                                     job.max_new_tokens))
+                answer, error = _attempt(lambda: ask(cell_config(loaded, job, cell), job.max_new_tokens))
                 if answer is None:
                     wrote(_record(job, item, cell, error=error, retry=True))
                     continue
@@ -275,6 +274,13 @@ def run(loaded, job: Job, todo, progress=None, cache=None, store=None) -> int:
                     needle, mapped = _needle_tokens(loaded, item, clip, answer.encoded.layout), True
                 wrote(_record(job, item, cell, answer=answer, reference=reference, needle=needle))
     return written
+
+
+def cell_config(loaded, job: Job, cell: tuple[str, float, int]):
+    """The config one cell answers under: the run's options with the cell's method, ratio and
+    seed, K resolved for the model (once per cell, here; the phases assert on it)."""
+    method, ratio, seed = cell
+    return loaded.resolve_prune(replace(job.base, method=method, ratio=ratio, seed=seed))
 
 
 def _attempt(call):

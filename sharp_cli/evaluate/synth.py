@@ -75,7 +75,7 @@ def write(out: str | Path, n: int, seed: int = 0, *, frames: int = 32, size: int
     lines = []
     for i in range(n):
         clip, item = make_item(seed, i, tasks, frames, size)
-        _encode(clip, out / "videos" / f"{item['id']}.mp4", fps)
+        write_mp4(clip, out / "videos" / f"{item['id']}.mp4", fps)
         rest = {k: v for k, v in item.items() if k != "id"}
         lines.append({"id": item["id"], "video": f"videos/{item['id']}.mp4", **rest})
         if progress is not None:
@@ -232,7 +232,7 @@ def _count_task(rng, frames, size, target):
 BUILDERS = {"colour": _colour_task, "direction": _direction_task, "order": _order_task, "count": _count_task}
 
 
-def _encode(clip: np.ndarray, path: Path, fps: float) -> None:
+def write_mp4(clip: np.ndarray, path: Path, fps: float) -> None:
     """H.264, near-lossless, single-threaded (so the bytes depend on the frames alone)."""
     import av
 

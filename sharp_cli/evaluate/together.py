@@ -11,8 +11,6 @@ error line marked `retry` (errors.item_failure), and the run goes on.
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 from sharp_cli.errors import VideoError, item_failure, one_line
 
 PREFETCH_DEPTH = 4  # items whose frames are decoded ahead (bounded: they are in memory)
@@ -57,11 +55,9 @@ def run(loaded, job, todo, progress=None, cache=None, store=None) -> int:
                 continue
             state = _Item(item, clip)
             if compare and unpruned not in cells:
-                yield ask(state, "reference", unpruned, 1, replace(job.base, method="none", ratio=1.0, seed=0))
+                yield ask(state, "reference", unpruned, 1, runner.cell_config(loaded, job, unpruned))
             for cell in sorted(cells, key=lambda c: c[0] != "none"):  # the reference first
-                method, ratio, seed = cell
-                yield ask(state, "cell", cell, job.max_new_tokens, replace(job.base, method=method, ratio=ratio,
-                                                                           seed=seed))
+                yield ask(state, "cell", cell, job.max_new_tokens, runner.cell_config(loaded, job, cell))
 
     next_unit = 0
     with runner._open_for_append(job.output) as handle:

@@ -207,19 +207,12 @@ class Adapter:
         raise NotImplementedError
 
     def validate_prune(self, cfg, num_layers: int | None = None):
-        """cfg with K resolved (no --layer: 2, or this family's smallest K; evs: 0, whatever --layer
-        says), validated against the family's smallest K (with the reason for it) and the model's
-        depth."""
-        from dataclasses import replace
-
-        from sharp_cli.prune.config import DEFAULT_LAYER
-
-        if cfg.method == "evs":  # pre-LLM: the kept set is chosen before decoder layer 0
+        """cfg resolved for this family and a model of num_layers decoder layers
+        (PruneConfig.resolved_for, with the family's smallest K and the reason for it); UsageError
+        where the family cannot prune before layer 0 and cfg asks for evs."""
+        if cfg.method == "evs":
             self.check_evs()
-            cfg = replace(cfg, layer=0)
-        elif cfg.layer is None:
-            cfg = replace(cfg, layer=max(DEFAULT_LAYER, self.min_layer))
-        return cfg.validate(num_layers, self.min_layer, self.min_layer_reason)
+        return cfg.resolved_for(num_layers, self.min_layer, self.min_layer_reason)
 
     def check_evs(self) -> None:
         """Raise UsageError where pruning before decoder layer 0 (--method evs) is not supported."""

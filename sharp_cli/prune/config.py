@@ -87,6 +87,31 @@ class PruneConfig:
                 raise UsageError(f"--layer must be < {num_layers} (the model's decoder layers), got {self.layer}")
         return self
 
+    def resolved_for(self, num_layers: int | None = None, min_layer: int = 1, why: str = "") -> "PruneConfig":
+        """This config for one model, K resolved (no --layer: DEFAULT_LAYER raised to the family's
+        smallest K; evs: 0, whatever --layer says) and validated against the family's smallest K
+        (`why` says why) and the model's depth. The result is marked resolved; the phases of a
+        question (answer, prior_pass, engine, scheduler) take only such a config, so K is chosen
+        once, where a command turns options into a config. A copy (dataclasses.replace) is not
+        resolved: changing a field means resolving again."""
+        from dataclasses import replace
+
+        cfg = self
+        if cfg.method == "evs":  # pre-LLM: the kept set is chosen before decoder layer 0
+            cfg = replace(cfg, layer=0)
+        elif cfg.layer is None:
+            cfg = replace(cfg, layer=max(DEFAULT_LAYER, min_layer))
+        else:
+            cfg = replace(cfg)
+        cfg.validate(num_layers, min_layer, why)
+        object.__setattr__(cfg, "_resolved", True)  # not a field: options, records and equality ignore it
+        return cfg
+
+    @property
+    def resolved(self) -> bool:
+        """Whether resolved_for made this config (K set for one model)."""
+        return vars(self).get("_resolved", False)
+
     @property
     def prunes(self) -> bool:
         return self.method != "none"
@@ -108,6 +133,15 @@ def field_help(name: str) -> str:
     from dataclasses import fields
 
     return next(f.metadata["help"] for f in fields(PruneConfig) if f.name == name)
+
+
+def require_resolved(cfg: PruneConfig, where: str) -> PruneConfig:
+    """cfg, when resolved for the model; else an AssertionError naming what to call first. The
+    phases assert instead of resolving again, so a config is followed down without climbing back."""
+    if not isinstance(cfg, PruneConfig) or not cfg.resolved:
+        raise AssertionError(f"{where} needs a PruneConfig resolved for the model (K chosen once, at the "
+                             f"command): pass it through loaded.resolve_prune(cfg) first, got {cfg!r}")
+    return cfg
 
 
 def keep_count(ratio: float, n: int) -> int:

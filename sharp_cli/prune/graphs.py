@@ -74,8 +74,13 @@ class _Captured:
         self.graph, self.hidden, self.cos, self.sin, self.out, self.kv = graph, hidden, cos, sin, out, kv
 
 
-def _run_layers(tail, hidden, position_embeddings, cache):
-    kwargs = dict(attention_mask=None, position_ids=None, position_embeddings=position_embeddings,
+def run_layers(tail, hidden, position_embeddings, cache, **kwargs):
+    """The pruned layers K..L-1, eagerly, on the kept rows: hidden (1, n, D), position_embeddings
+    (cos, sin) of those rows, each layer's K/V written to `cache`. The one tail loop: the session
+    runs it when there are no graphs (or a bucket failed to capture) and the graphs capture it.
+    kwargs: the decoder layer's other arguments, passed through. Batch 1 without padding: causal
+    SDPA needs no mask, and position_ids only serve packed batches."""
+    kwargs = dict(kwargs, attention_mask=None, position_ids=None, position_embeddings=position_embeddings,
                   use_cache=True, **cache_kwargs(tail[0], cache))
     for layer in tail:
         hidden = layer(hidden, **kwargs)
@@ -107,10 +112,10 @@ class TailGraphs:
                 self._seen.clear()
             self._seen[key] = self._seen.get(key, 0) + 1
             if key in self._failed or self._seen[key] <= self.capture_after:
-                return _run_layers(tail, hidden, position_embeddings, cache)
+                return run_layers(tail, hidden, position_embeddings, cache)
             entry = self._capture(key, tail, size, hidden, cos, sin)
             if entry is None:
-                return _run_layers(tail, hidden, position_embeddings, cache)
+                return run_layers(tail, hidden, position_embeddings, cache)
         entry.hidden[:, :n].copy_(hidden)
         entry.hidden[:, n:].zero_()
         entry.cos[..., :n, :].copy_(cos)
@@ -130,8 +135,8 @@ class TailGraphs:
         collector = _CollectKV()
         try:
             graph, out = capture(
-                lambda: _run_layers(tail, static_hidden, (static_cos, static_sin), _CollectKV()),
-                lambda: _run_layers(tail, static_hidden, (static_cos, static_sin), collector))
+                lambda: run_layers(tail, static_hidden, (static_cos, static_sin), _CollectKV()),
+                lambda: run_layers(tail, static_hidden, (static_cos, static_sin), collector))
         except Exception as exc:  # noqa: BLE001 - any capture failure means: run this bucket eagerly
             self._failed.add(key)
             self.last_error = f"{type(exc).__name__}: {exc}"

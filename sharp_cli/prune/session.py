@@ -15,10 +15,11 @@ from contextlib import ExitStack
 import torch
 from torch import nn
 
-from sharp_cli.compat import cache_kwargs, incoming_cache
+from sharp_cli.compat import incoming_cache
 from sharp_cli.prune import attention
 from sharp_cli.prune.baselines import select_evs, select_fastv, select_random
 from sharp_cli.prune.config import PruneConfig
+from sharp_cli.prune.graphs import run_layers
 from sharp_cli.prune.sharp import head_mean, query_rows, question_attention, select_sharp
 
 
@@ -50,13 +51,7 @@ class PrunedTail(nn.Module):
             s.timer.stop()
         if s.graphs is not None:
             return s.graphs.run(self.tail, short, short_pe, cache)
-        # batch 1 without padding: causal SDPA needs no mask; position_ids only serve packed batches
-        kwargs = dict(kwargs, attention_mask=None, position_ids=None, position_embeddings=short_pe,
-                      **cache_kwargs(self.tail[0], cache))
-        for layer in self.tail:
-            short = layer(short, **kwargs)
-            short = short[0] if isinstance(short, tuple) else short
-        return short
+        return run_layers(self.tail, short, short_pe, cache, **kwargs)
 
 
 class PruneSession:

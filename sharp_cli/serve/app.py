@@ -1,4 +1,6 @@
-"""The HTTP side of `sharp serve`: FastAPI routes in OpenAI's shapes over a `Service`.
+"""The HTTP side of `sharp serve`: FastAPI routes in OpenAI's shapes over a `Service`, and nothing
+else (the request and response shapes are schema.py's, the answering service.py's, the runner that
+starts uvicorn and the worker command.py's).
 
 GET /health, GET /v1/models, POST /v1/chat/completions (plain or streamed as server-sent events).
 Every failure is OpenAI's `{"error": {"message", "type", "param", "code"}}` with a 4xx/5xx status,
@@ -9,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-import socket
 
 import anyio
 from fastapi import FastAPI, Request
@@ -19,23 +20,16 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from sharp_cli.serve import schema
 from sharp_cli.serve.schema import ApiError
 from sharp_cli.serve.service import Question, Service, api_error
-from sharp_cli.serve.slow_clients import BodyBytes, read_body, timed_h11
+from sharp_cli.serve.slow_clients import BodyBytes, read_body
 from sharp_cli.serve.worker import Busy, Job
 
-BACKLOG = 2048  # uvicorn's default
-GRACEFUL_SHUTDOWN_SECONDS = 5.0  # then requests still running are cancelled (between tokens)
 _HTTP_CODES = {404: "not_found", 405: "method_not_allowed"}
 PUBLIC_ONLY = "sharp.public_only"  # scope key: the request came without the API key (GET /health only)
 
 
-def create_app(service: Service) -> FastAPI:
-    async def lifespan(app):
-        service.start()
-        try:
-            yield
-        finally:
-            service.stop()
-
+def create_app(service: Service, lifespan=None) -> FastAPI:
+    """The routes over `service`. lifespan: what starts and stops the service's worker with the
+    server (command.worker_lifespan); the runner passes it."""
     app = FastAPI(title="sharp serve", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.service = service
     if service.settings.api_key is not None:
@@ -220,67 +214,3 @@ class BearerAuth:
             return await self.app({**scope, PUBLIC_ONLY: True}, receive, send)
         message = "missing API key: send 'Authorization: Bearer <key>'" if not header else "invalid API key"
         await error_response(ApiError(401, message, "invalid_api_key"))(scope, receive, send)
-
-
-# -- running -----------------------------------------------------------------------------------------
-def bind(host: str, port: int) -> socket.socket:
-    """A listening socket (IPv4 or IPv6, as the host says), so a port in use fails before the model
-    loads. Listening at once matters: two sockets with SO_REUSEADDR may both bind one port while
-    neither listens, so a second `sharp serve` started while the first loads its model would load
-    its own and only then fail. Connections that arrive before the server runs wait in the backlog."""
-    from sharp_cli.errors import SharpError
-
-    sock = None
-    try:
-        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
-                                                             flags=socket.AI_PASSIVE)[0]
-        sock = socket.socket(family, kind, proto)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(address)
-        sock.listen(BACKLOG)
-    except OSError as exc:
-        if sock is not None:
-            sock.close()
-        raise SharpError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
-    return sock
-
-
-def make_server(app: FastAPI, quiet: bool = False):
-    """uvicorn, told to drain the queue the moment it starts shutting down (SIGINT, SIGTERM):
-    queued requests get a 503 at once, the running answer has GRACEFUL_SHUTDOWN_SECONDS to finish,
-    and uvicorn's own deadline (later) never has to cancel a request by force."""
-    import uvicorn
-
-    worker = app.state.service.worker
-
-    class Server(uvicorn.Server):
-        async def shutdown(self, sockets=None):
-            worker.drain(GRACEFUL_SHUTDOWN_SECONDS)
-            await super().shutdown(sockets)
-
-        async def on_tick(self, counter: int) -> bool:
-            if counter % 10 == 0:
-                rearm_signal_handlers()
-            return await super().on_tick(counter)
-
-    config = uvicorn.Config(app, log_level="warning" if quiet else "info", access_log=not quiet,
-                            timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS + 10, lifespan="on",
-                            http=timed_h11(app.state.service.settings.header_seconds))
-    return Server(config)
-
-
-def rearm_signal_handlers() -> None:
-    """Install SIGINT's and SIGTERM's Python handlers (uvicorn's) again, once a second. On the GPU a
-    served answer left SIGINT in native hands: the server then exited with status 1 on Ctrl-C
-    before Python saw the signal (no "Shutting down", no SystemExit; idle, it stopped cleanly;
-    research/serve_stop_check.sh). signal.signal with the handler Python already has re-points the
-    process's handler at Python's; it must run in the main thread, where uvicorn's loop ticks."""
-    import signal
-    import threading
-
-    if threading.current_thread() is not threading.main_thread():  # a server run in a thread (tests)
-        return
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        handler = signal.getsignal(sig)
-        if callable(handler):
-            signal.signal(sig, handler)

@@ -1,17 +1,22 @@
 """`sharp serve`: one loaded model behind an OpenAI-compatible HTTP API (docs/serve.md).
 
-sharp_cli/cli.py registers the command; nothing heavy is imported until it runs.
+The command and the runner: it loads the model, binds the socket, and runs uvicorn over app.py's
+routes with the worker started and drained alongside (the split of vLLM's server: schema.py the
+protocol, service.py the serving, app.py the routes). sharp_cli/cli.py registers the command;
+nothing heavy is imported until it runs.
 """
 
 from __future__ import annotations
 
 import os
 import signal
+import socket
 import sys
 from typing import Annotated, Optional
 
 import typer
 
+from sharp_cli.errors import SharpError
 from sharp_cli.options import (
     DEFAULT_MODEL,
     CacheGb,
@@ -103,9 +108,7 @@ def serve_command(
 
     from sharp_cli import model_files
 
-    model_files.check_layer(model, cfg, random_weights)  # --layer against the model's depth, before torch loads
-    from sharp_cli.serve.app import bind
-
+    cfg = model_files.check_layer(model, cfg, random_weights)  # K resolved and checked, before torch loads
     sock = bind(host, port)  # a port in use fails now, not after the model has loaded
     try:
         loaded, cfg = load_model(model, cfg, device, quant, dtype, random_weights, trust_remote_code, cuda_graphs,
@@ -129,7 +132,7 @@ def serve_command(
 
 def load_model(model, cfg, device, quant, dtype, random_weights, trust_remote_code, cuda_graphs, quiet,
                compile_model=False):
-    """The model, and the default pruning config with K resolved for it (checked before loading)."""
+    """The model, and the default pruning config with K resolved for it (before loading)."""
     from sharp_cli import loading
     from sharp_cli.options import quiet_transformers, stderr_console
 
@@ -140,7 +143,7 @@ def load_model(model, cfg, device, quant, dtype, random_weights, trust_remote_co
                               trust_remote_code=trust_remote_code)
     loaded.use_cuda_graphs(cuda_graphs)
     loaded.use_compile(compile_model)
-    return loaded, loaded.adapter.validate_prune(cfg, loaded.num_layers)
+    return loaded, cfg
 
 
 def model_ids(model: str, served_name: str | None) -> tuple[str, ...]:
@@ -152,11 +155,10 @@ def model_ids(model: str, served_name: str | None) -> tuple[str, ...]:
 
 
 def run(loaded, settings, sock, quiet: bool, host: str) -> None:
-    from sharp_cli.serve.app import create_app, make_server
     from sharp_cli.serve.service import Service
 
     service = Service(loaded, settings)
-    server = make_server(create_app(service), quiet)
+    server = make_server(build_app(service), quiet)
     bound_host, bound_port = sock.getsockname()[:2]
     shown = f"[{bound_host}]" if ":" in bound_host else bound_host
     # Printed even with -q: with --port 0 it is the only way to learn the address.
@@ -175,8 +177,6 @@ def run(loaded, settings, sock, quiet: bool, host: str) -> None:
     finally:
         signal.signal(signal.SIGTERM, previous)
     if not server.started and not stopped:
-        from sharp_cli.errors import SharpError
-
         raise SharpError("the server did not start (see the lines above)")
     if not quiet:
         sys.stderr.write("sharp serve: stopped\n")
@@ -184,3 +184,94 @@ def run(loaded, settings, sock, quiet: bool, host: str) -> None:
 
 def _raise_stopped(signum, frame):
     raise _Stopped()
+
+
+# -- running: the socket, the worker's life and uvicorn around the routes of app.py ------------------
+BACKLOG = 2048  # uvicorn's default
+GRACEFUL_SHUTDOWN_SECONDS = 5.0  # then requests still running are cancelled (between tokens)
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """A listening socket (IPv4 or IPv6, as the host says), so a port in use fails before the model
+    loads. Listening at once matters: two sockets with SO_REUSEADDR may both bind one port while
+    neither listens, so a second `sharp serve` started while the first loads its model would load
+    its own and only then fail. Connections that arrive before the server runs wait in the backlog."""
+    sock = None
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                             flags=socket.AI_PASSIVE)[0]
+        sock = socket.socket(family, kind, proto)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+        sock.listen(BACKLOG)
+    except OSError as exc:
+        if sock is not None:
+            sock.close()
+        raise SharpError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    return sock
+
+
+def worker_lifespan(service):
+    """The service's worker runs while the server does: started before the first request, stopped
+    after the last (FastAPI's lifespan)."""
+    from contextlib import asynccontextmanager
+
+    @asynccontextmanager
+    async def lifespan(app):
+        service.start()
+        try:
+            yield
+        finally:
+            service.stop()
+
+    return lifespan
+
+
+def build_app(service):
+    """The routes of app.py over `service`, with its worker's lifespan."""
+    from sharp_cli.serve.app import create_app
+
+    return create_app(service, lifespan=worker_lifespan(service))
+
+
+def make_server(app, quiet: bool = False):
+    """uvicorn, told to drain the queue the moment it starts shutting down (SIGINT, SIGTERM):
+    queued requests get a 503 at once, the running answer has GRACEFUL_SHUTDOWN_SECONDS to finish,
+    and uvicorn's own deadline (later) never has to cancel a request by force."""
+    import uvicorn
+
+    from sharp_cli.serve.slow_clients import timed_h11
+
+    worker = app.state.service.worker
+
+    class Server(uvicorn.Server):
+        async def shutdown(self, sockets=None):
+            worker.drain(GRACEFUL_SHUTDOWN_SECONDS)
+            await super().shutdown(sockets)
+
+        async def on_tick(self, counter: int) -> bool:
+            if counter % 10 == 0:
+                rearm_signal_handlers()
+            return await super().on_tick(counter)
+
+    config = uvicorn.Config(app, log_level="warning" if quiet else "info", access_log=not quiet,
+                            timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS + 10, lifespan="on",
+                            http=timed_h11(app.state.service.settings.header_seconds))
+    return Server(config)
+
+
+def rearm_signal_handlers() -> None:
+    """Install SIGINT's and SIGTERM's Python handlers (uvicorn's) again, once a second. On the GPU a
+    served answer left SIGINT in native hands: the server then exited with status 1 on Ctrl-C
+    before Python saw the signal (no "Shutting down", no SystemExit; idle, it stopped cleanly;
+    research/serve_stop_check.sh). signal.signal with the handler Python already has re-points the
+    process's handler at Python's; it must run in the main thread, where uvicorn's loop ticks."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():  # a server run in a thread (tests)
+        return
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        handler = signal.getsignal(sig)
+        if callable(handler):
+            signal.signal(sig, handler)

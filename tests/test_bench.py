@@ -1,0 +1,52 @@
+"""bench.py: a method's row reports what the question pipeline (answer.run) measured, pass by pass."""
+
+from __future__ import annotations
+
+import pytest
+
+from conftest import make_clip
+from sharp_cli import answer, bench
+from sharp_cli.prune import PruneConfig
+
+PIXELS = 56 * 56 * 4
+
+
+@pytest.fixture
+def passes(monkeypatch):
+    """method -> the Run of every answer.run call bench made for it, in order."""
+    seen = {}
+    real = answer.run
+
+    def spy(loaded, clip, question, cfg, *args, **kwargs):
+        done = real(loaded, clip, question, cfg, *args, **kwargs)
+        seen.setdefault(cfg.method, []).append(done)
+        return done
+
+    monkeypatch.setattr(answer, "run", spy)
+    return seen
+
+
+def test_a_rows_numbers_are_the_pipelines(tiny, passes):
+    warmup, iters, tokens = 1, 3, 5
+    result = bench.run(tiny, make_clip(seed=4), "what happens?", PruneConfig(), ["none", "sharp"], [0.25],
+                       warmup=warmup, iters=iters, decode_tokens=tokens, max_pixels=PIXELS)
+    rows = {r["method"]: r for r in result["rows"]}
+    for method in ("none", "sharp"):
+        row, runs = rows[method], passes[method]
+        assert len(runs) == warmup + iters
+        timed = runs[warmup:]
+
+        def median(values):
+            return sorted(values)[len(values) // 2]  # iters is odd: the middle pass
+
+        assert row["e2e_seconds"] == median([r.seconds for r in timed])
+        assert row["prefill_seconds"] == median([r.prefill.seconds for r in timed])
+        assert row["vision_seconds"] == median([r.vision_seconds for r in timed])
+        assert row["decode_seconds"] == median([r.decoded.seconds for r in timed])
+        last = timed[-1]
+        assert row["tokens"] == last.tokens and len(row["tokens"]) == tokens  # EOS ignored: every row as long
+        assert row["visual_tokens_kept"] == (last.prefill.kept.numel() if method == "sharp"
+                                             else last.encoded.layout.num_visual)
+        assert row["tokens_after_pruning"] == last.prefill.kept_len
+        assert row["kv_cache_bytes"] == last.prefill.kv_cache_bytes
+    assert rows["sharp"]["layer"] == 2 and rows["sharp"]["visual_tokens_kept"] < rows["none"]["visual_tokens_kept"]
