@@ -264,7 +264,7 @@ def use_shape_free_attention_kernels() -> None:
 def ready(loaded: Loaded) -> Loaded:
     """Route the text model's attention through sharp_sdpa (stock SDPA unless a segment plan is on),
     and a packed vision tower's through one SDPA call per window length instead of one per window;
-    its MLPs padded to aligned widths (models/vision_mlp.py); on CUDA the text model's one-token
+    its MLPs padded to aligned widths where that pays (models/vision_mlp.py); on CUDA the text model's one-token
     products through sharp's matrix-vector kernels (models/gemv.py; bitsandbytes' 4-bit layers
     through models/gemv_nf4.py when SHARP_GEMV_NF4=1)."""
     from sharp_cli.models import gemv, gemv_nf4, vision_attention, vision_mlp
@@ -275,7 +275,7 @@ def ready(loaded: Loaded) -> Loaded:
     visual = vision_attention.vision_tower(loaded.model)
     if visual is not None and getattr(visual.config, "_attn_implementation", None) == "sdpa":
         visual.config._attn_implementation = vision_attention.register()
-    if visual is not None:
+    if visual is not None and vision_mlp.pays_on(loaded.device, loaded.dtype):
         vision_mlp.pad_gated_mlps(visual)
     if gemv.available(loaded.device):
         gemv.use_gemv([text, loaded.adapter.lm_head(loaded.model)])
