@@ -187,15 +187,17 @@ def load(name: str = DEFAULT_MODEL, *, device: str = "auto", quant: str = "auto"
                   use_safetensors=True, use_kernels=False)
     qconfig = quantization_config(qmode, adapter, tdtype)
     if qconfig is not None:
-        # The current device, not GPU 0: sharded evals set it per rank (torch.cuda.set_device).
-        kwargs.update(quantization_config=qconfig,
-                      device_map={"": dev.index if dev.index is not None else torch.cuda.current_device()})
+        kwargs.update(quantization_config=qconfig)
+    if dev.type == "cuda":  # straight onto the GPU, as a plain device_map load does, not through host
+        # memory and a .to() after. The current device, not GPU 0: sharded evals set it per rank
+        # (torch.cuda.set_device). One device: transformers adds no accelerate hooks.
+        kwargs.update(device_map={"": dev.index if dev.index is not None else torch.cuda.current_device()})
     try:
         model = AutoModelForImageTextToText.from_pretrained(name, **kwargs)
         processor = AutoProcessor.from_pretrained(name, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
         raise ModelError(f"cannot load model '{name}': {exc}") from None
-    if qconfig is None:
+    if dev.type != "cuda":
         model.to(dev)
     model.eval()
     return ready(Loaded(model, processor, adapter, requested, dev, tdtype, qmode, random_weights,

@@ -129,3 +129,29 @@ def test_vision_mlps_are_padded_only_where_it_pays(dtype, padded):
     assert mlp.down_proj.in_features == mlp.gate_proj.out_features == (64 if padded else 60)
     with torch.inference_mode():
         torch.testing.assert_close(mlp(x), before, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("device, index, expected", [("cuda", 1, {"": 1}), ("cpu", 0, None)])
+def test_a_gpu_load_goes_straight_to_the_current_gpu(monkeypatch, model_dirs, device, index, expected):
+    """Unquantized on CUDA too, from_pretrained places the weights on the current GPU (a device
+    map of one device: no accelerate hooks), as a plain transformers load does, instead of
+    loading into host memory and copying with .to() after; a CPU load has no device map."""
+    from transformers import AutoModelForImageTextToText
+
+    from sharp_cli import loading
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: index)
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def capture(name, **kwargs):
+        seen.update(kwargs)
+        raise Stop
+
+    monkeypatch.setattr(AutoModelForImageTextToText, "from_pretrained", capture)
+    with pytest.raises(Stop):
+        loading.load(str(model_dirs["qwen2.5-vl"]), device=device, quant="none", dtype="bfloat16")
+    assert seen.get("device_map") == expected and "quantization_config" not in seen
