@@ -2,6 +2,10 @@
 
     python -m scripts.load_bench --folder F [--dtype bfloat16] [--device auto] [--quant auto]
                                  [--repeats 3] [--prefill] [--json out.json]
+    python -m scripts.load_bench --folder F --make Qwen/Qwen2.5-VL-7B-Instruct [--layers N]
+
+--make writes F first: the shipped config's architecture with random weights (bf16 safetensors),
+its processor and tokenizer files, with N decoder layers where the whole one does not fit.
 
 Each repeat starts two processes, one per side, alternately:
 - stock: `AutoModelForImageTextToText.from_pretrained(F, dtype=...)` (on CUDA with device_map on the
@@ -52,6 +56,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mlp-widths", action="store_true",
                         help="instead: time one vision MLP at its stock and its padded width (models/vision_mlp.py)")
     parser.add_argument("--tokens", type=int, default=1024, help="--mlp-widths: vision tokens per product")
+    parser.add_argument("--make", metavar="MODEL", help="first write --folder: this shipped config, random weights")
+    parser.add_argument("--layers", type=int,
+                        help="--make: decoder layers (default: the config's; more than sharp's pruning layer)")
     parser.add_argument("--child", choices=("stock", "sharp"), help=argparse.SUPPRESS)
     parser.add_argument("--launched", type=float, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -59,6 +66,8 @@ def main(argv: list[str] | None = None) -> int:
         result = (stock_child if args.child == "stock" else sharp_child)(args)
         print("LOAD_BENCH " + json.dumps(result), flush=True)
         return 0
+    if args.make:
+        make_folder(args.make, args.folder, args.layers)
     if not (Path(args.folder) / "config.json").exists():
         parser.error(f"no config.json in {args.folder}")
     if args.repeats < 1:
@@ -75,6 +84,21 @@ def main(argv: list[str] | None = None) -> int:
                                                "frames", "height", "width")}
         Path(args.json_out).write_text(json.dumps({"setup": setup, "summary": summary, "runs": runs}, indent=2) + "\n")
     return 0
+
+
+def make_folder(model: str, folder: str, layers: int | None) -> None:
+    """A loadable folder of `model`'s shipped architecture with random weights (random_init.py)."""
+    from sharp_cli.models import random_init
+
+    config = random_init.load_config(model)
+    if layers:
+        text = getattr(config, "text_config", config)
+        text.num_hidden_layers = layers
+        if getattr(text, "layer_types", None):  # one entry per layer, checked against the count
+            text.layer_types = text.layer_types[:layers]
+    random_init.write_random_model(config, folder, dtype="bfloat16",
+                                   generation_config=random_init.load_generation_config(model))
+    print(f"wrote {folder}", file=sys.stderr)
 
 
 def resolve(device: str, quant: str) -> tuple[str, str]:
