@@ -9,9 +9,9 @@ Padding is exact: the new gate rows and biases are zero, so act(gate) * up is ze
 = 0), and the new down-projection columns are zero as well, so they add nothing.
 
 It is done where it pays (`pays_on`): on CUDA, and on a CPU in float32, where the aligned width
-made the three products ~15% faster; a CPU in bfloat16 ran both widths at the same speed, so a
-bf16 CPU load skips the copy of every vision MLP weight (1.3-2.4 s for a 3B model on a 2-core CPU;
-`python -m scripts.load_bench --mlp-widths`, docs/benchmarks.md).
+made the three products faster as well; a CPU in bfloat16 ran both widths at the same speed, so a
+bf16 CPU load skips the copy of every vision MLP weight, seconds of a 3B model's load there
+(`python -m scripts.load_bench --mlp-widths`; docs/benchmarks.md, "Model load").
 """
 
 from __future__ import annotations
