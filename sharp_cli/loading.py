@@ -192,15 +192,17 @@ def load(name: str = DEFAULT_MODEL, *, device: str = "auto", quant: str = "auto"
                   use_safetensors=True, use_kernels=False)
     qconfig = quantization_config(qmode, adapter, tdtype)
     if qconfig is not None:
-        # The current device, not GPU 0: sharded evals set it per rank (torch.cuda.set_device).
-        kwargs.update(quantization_config=qconfig,
-                      device_map={"": dev.index if dev.index is not None else torch.cuda.current_device()})
+        kwargs.update(quantization_config=qconfig)
+    if dev.type == "cuda":  # straight onto the GPU, as a plain device_map load does, not through host
+        # memory and a .to() after. The current device, not GPU 0: sharded evals set it per rank
+        # (torch.cuda.set_device). One device: transformers adds no accelerate hooks.
+        kwargs.update(device_map={"": dev.index if dev.index is not None else torch.cuda.current_device()})
     try:
         model = AutoModelForImageTextToText.from_pretrained(name, **kwargs)
         processor = AutoProcessor.from_pretrained(name, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
         raise ModelError(f"cannot load model '{name}': {exc}") from None
-    if qconfig is None:
+    if dev.type != "cuda":
         model.to(dev)
     model.eval()
     return ready(Loaded(model, processor, adapter, requested, dev, tdtype, qmode, random_weights,
@@ -272,7 +274,7 @@ def use_shape_free_attention_kernels() -> None:
 def ready(loaded: Loaded) -> Loaded:
     """Route the text model's attention through sharp_sdpa (stock SDPA unless a segment plan is on),
     and a packed vision tower's through one SDPA call per window length instead of one per window;
-    its MLPs padded to aligned widths (models/vision_mlp.py); on CUDA the text model's one-token
+    its MLPs padded to aligned widths where that pays (models/vision_mlp.py); on CUDA the text model's one-token
     products through sharp's matrix-vector kernels (models/gemv.py; bitsandbytes' 4-bit layers
     through models/gemv_nf4.py when SHARP_GEMV_NF4=1)."""
     from sharp_cli.models import gemv, gemv_nf4, vision_attention, vision_mlp
@@ -283,7 +285,7 @@ def ready(loaded: Loaded) -> Loaded:
     visual = vision_attention.vision_tower(loaded.model)
     if visual is not None and getattr(visual.config, "_attn_implementation", None) == "sdpa":
         visual.config._attn_implementation = vision_attention.register()
-    if visual is not None:
+    if visual is not None and vision_mlp.pays_on(loaded.device, loaded.dtype):
         vision_mlp.pad_gated_mlps(visual)
     if gemv.available(loaded.device):
         gemv.use_gemv([text, loaded.adapter.lm_head(loaded.model)])

@@ -104,3 +104,54 @@ def test_pickle_weights_are_refused(model_dirs, unicode_video, tmp_path, monkeyp
     assert result.exit_code == 1 and len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert "pickled" in result.stderr and "pytorch_model.bin" in result.stderr and "safetensors" in result.stderr
     assert decoded and not unpickled  # it reached the weights, and left them unopened
+
+
+@pytest.mark.parametrize("dtype, padded", [(torch.float32, True), (torch.bfloat16, False)])
+def test_vision_mlps_are_padded_only_where_it_pays(dtype, padded):
+    """On a CPU the aligned width speeds float32 products and not bfloat16 ones, so a bf16 load
+    skips the copy of every vision MLP weight (models/vision_mlp.py): its weights stay the tensors
+    from_pretrained made; a float32 one is padded 60 -> 64, with the same output."""
+    from sharp_cli import loading
+    from sharp_cli.models import adapter_for
+    from sharp_cli.models.random_init import build_random, tiny_config
+
+    config = tiny_config("qwen2.5-vl")
+    config.vision_config.intermediate_size = 60
+    model, processor = build_random(config, dtype=dtype)
+    mlp = model.model.visual.blocks[0].mlp
+    weight = mlp.down_proj.weight
+    x = torch.randn(8, config.vision_config.hidden_size, dtype=dtype)
+    with torch.inference_mode():
+        before = mlp(x)
+    loading.ready(loading.Loaded(model, processor, adapter_for(config), "tiny", torch.device("cpu"), dtype,
+                                 "none", True))
+    assert (mlp.down_proj.weight is not weight) == padded
+    assert mlp.down_proj.in_features == mlp.gate_proj.out_features == (64 if padded else 60)
+    with torch.inference_mode():
+        torch.testing.assert_close(mlp(x), before, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("device, index, expected", [("cuda", 1, {"": 1}), ("cpu", 0, None)])
+def test_a_gpu_load_goes_straight_to_the_current_gpu(monkeypatch, model_dirs, device, index, expected):
+    """Unquantized on CUDA too, from_pretrained places the weights on the current GPU (a device
+    map of one device: no accelerate hooks), as a plain transformers load does, instead of
+    loading into host memory and copying with .to() after; a CPU load has no device map."""
+    from transformers import AutoModelForImageTextToText
+
+    from sharp_cli import loading
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: index)
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def capture(name, **kwargs):
+        seen.update(kwargs)
+        raise Stop
+
+    monkeypatch.setattr(AutoModelForImageTextToText, "from_pretrained", capture)
+    with pytest.raises(Stop):
+        loading.load(str(model_dirs["qwen2.5-vl"]), device=device, quant="none", dtype="bfloat16")
+    assert seen.get("device_map") == expected and "quantization_config" not in seen

@@ -158,3 +158,33 @@ def test_a_full_disk_under_the_prior_cache_keeps_the_prior_in_memory(unicode_vid
     assert "Traceback" not in done.stderr
     priors = tmp_path / "cache" / "priors"
     assert not priors.exists() or not any(p.stat().st_size for p in priors.iterdir())  # nothing half-written kept
+
+
+def test_a_weights_file_changed_in_place_gets_a_new_prior_key(model_dirs, tmp_path):
+    """The key names the model by its files' headers and a sample of its loaded weights, not by a
+    hash of the whole file: a weights file rewritten with other values (same tensors, shapes, size
+    and header) must still get a new key, and an identical copy the same one."""
+    from safetensors.torch import load_file, save_file
+
+    from sharp_cli import loading
+    from sharp_cli.prior_pass import prior_key
+    from sharp_cli.prune.prior import PriorStore, files_fingerprint
+
+    same, changed = tmp_path / "same", tmp_path / "changed"
+    for folder in (same, changed):
+        shutil.copytree(model_dirs["qwen2.5-vl"], folder)
+    weights = changed / "model.safetensors"
+    tensors = load_file(str(weights))
+    save_file({name: t * 0.5 + 0.25 for name, t in tensors.items()}, str(weights), metadata={"format": "pt"})
+    assert weights.stat().st_size == (same / "model.safetensors").stat().st_size
+    assert files_fingerprint(str(changed)) == files_fingerprint(str(same))  # the headers alone cannot tell
+
+    def key(folder):
+        loaded = loading.load(str(folder), device="cpu")
+        inputs = engine.prepare(loaded, make_clip(), "what colour is the ball?", 56 * 56 * 4)
+        encoded, _ = engine.encode(loaded, inputs)
+        return PriorStore.key(prior_key(loaded, encoded, _cfg(loaded)))
+
+    original = key(model_dirs["qwen2.5-vl"])
+    assert key(same) == original
+    assert key(changed) != original
