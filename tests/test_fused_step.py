@@ -141,6 +141,38 @@ def test_decoder_layers_with_the_kernels_equal_the_stock_layers():
     assert out.strip().endswith("ok")
 
 
+def test_the_rotary_kernel_without_the_kernels_package():
+    """Without the `kernels` package (the GPU image leaves it out) transformers' apply_rotary_pos_emb
+    is a plain function and the attention module holds no per-module copy: the step still takes the
+    kernel, and the layer still gives the stock output."""
+    out = _interpreted("""
+        import transformers.utils as utils, transformers.utils.import_utils as import_utils
+        import_utils.is_kernels_available = utils.is_kernels_available = lambda *a, **k: False
+        import torch
+        from transformers.models.qwen2_5_vl import modeling_qwen2_5_vl as qwen
+        from sharp_cli.models import fused_step as fs, gemv
+        from sharp_cli.models.random_init import build_random, tiny_config
+
+        assert type(qwen.apply_rotary_pos_emb).__name__ == "function"
+        launched = []
+        plain = fs.rotary
+        fs.rotary = lambda *a, **k: launched.append(1) or plain(*a, **k)
+        model, _ = build_random(tiny_config("qwen2.5-vl", layers=1), dtype="bfloat16")
+        text = model.model.language_model
+        assert fs.use_fused_step(text) == 5 and not hasattr(text.layers[0].self_attn, "_kernel_funcs")
+        hidden = torch.randn(1, 1, 64).bfloat16()
+        cos_sin = text.rotary_emb(hidden, torch.tensor([[3]]))
+        with torch.no_grad():
+            ours = text.layers[0](hidden, position_embeddings=cos_sin)
+            with gemv.stock_linears(model):
+                stock = text.layers[0](hidden, position_embeddings=cos_sin)
+        assert launched == [1], launched
+        assert (ours.float() - stock.float()).abs().max() <= stock.float().abs().max() * 2 ** -5
+        print("ok")
+    """)
+    assert out.strip().endswith("ok")
+
+
 def test_greedy_answers_through_the_kernels_equal_the_stock_answers():
     """A tiny Qwen2.5-VL in bf16 loaded with SHARP_FUSED_STEP=1: every decode step's norms, rotary
     and activation go through the kernels (one token each, never the prefill), and the greedy tokens,
