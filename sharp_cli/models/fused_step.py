@@ -28,9 +28,10 @@ installed) takes the kernel. Each takes its kernel only for one token per sequen
 bf16/fp16, outside torch.compile (`--compile` fuses these itself); prefill, the CPU, float32 and the
 compiled step run the stock code. gemv.stock_linears swaps all of it back (`stock_class`).
 
-Off unless SHARP_FUSED_STEP=1 (DEFAULT below becomes "1") until the GPU run has passed: the tokens
-equal to the stock step's and the step faster (research/gpu-notes.md, queue item 2:
-`bash research/gpu_decode.sh $OUT 540 fused-glue,check-fused,profile-bf16,profile-fused`).
+Off unless SHARP_FUSED_STEP=1. What flips DEFAULT below to "1": research/gpu_decode.sh's fused steps
+on a GPU (research/gpu-notes.md, queue item 2): `scripts.kernel_bench --fused` passing (rotary equal
+to transformers', norms and activation within two bf16 steps), `scripts.cuda_check` passing with it
+on, and the profiled step (profile-fused against profile-bf16) faster.
 """
 
 from __future__ import annotations
@@ -222,6 +223,9 @@ def _rotary_dispatcher(original):
 
 
 def _install_rotary(attention_class: type) -> bool:
+    """Puts the dispatcher in place of the class's modelling module's apply_rotary_pos_emb (once per
+    module; every model of that module then calls it, and only fused attention modules take the
+    kernel). False where the module has no such function."""
     module = sys.modules[attention_class.__module__]
     current = getattr(module, "apply_rotary_pos_emb", None)
     if current is None:
