@@ -47,6 +47,14 @@ step gemv-nf4 python3 -m scripts.kernel_bench --nf4 --json "$out/$gpu-gemv-nf4.j
 step check-nf4-kernel env SHARP_GEMV_NF4=1 python3 -m scripts.cuda_check --frames 8 --quant nf4
 step bench-nf4-kernel env SHARP_GEMV_NF4=1 "${bench[@]}" --quant nf4 --methods none,sharp --output-json "$out/$gpu-e2e-nf4-6272-kernel.json"
 step profile-nf4-kernel env SHARP_GEMV_NF4=1 python3 -m scripts.profiler decode --quant nf4
+# sharp's fused step glue (models/fused_step.py, off by default until these pass): each piece and a layer against
+# transformers' (exit 1 on a difference), decode against eager and generate(), then the step against profile-bf16/-nf4
+# and bench-bf16 (run those in the same call)
+step fused-glue python3 -m scripts.kernel_bench --fused --json "$out/$gpu-fused-glue.json"
+step check-fused env SHARP_FUSED_STEP=1 python3 -m scripts.cuda_check --frames 8
+step profile-fused env SHARP_FUSED_STEP=1 python3 -m scripts.profiler decode --quant none
+step bench-fused env SHARP_FUSED_STEP=1 "${bench[@]}" --quant none --methods none,sharp --output-json "$out/$gpu-e2e-bf16-6272-fused.json"
+step profile-nf4-fused env SHARP_FUSED_STEP=1 python3 -m scripts.profiler decode --quant nf4
 step bench-128 "${bench[@]}" --quant none --frames 128 --max-pixels 307328 --methods none,sharp --iters 3 --warmup 1 --output-json "$out/$gpu-e2e-bf16-25088.json"
 step check-small python3 -m scripts.cuda_check -m llava-hf/llava-onevision-qwen2-0.5b-ov-hf --quant int8 --skip bounded
 step check-fp16 python3 -m scripts.cuda_check -m llava-hf/llava-onevision-qwen2-0.5b-ov-hf --dtype float16 --skip bounded

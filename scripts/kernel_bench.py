@@ -14,16 +14,25 @@ layer its own weights (3.4 GB for a 7B model), in one graph. Bytes: packed weigh
 nested absmax) + x + y + bias; GB/s against the ~4,300 an H200 copies. The block sizes are a fixed
 table; --sweep times 36 others.
 
+--fused (the one-token step's glue, models/fused_step.py): one decoder layer of the model's text
+model (random weights, sharp's gemv products) for one token, transformers' modules against the
+fused kernels swapped in, and each piece alone (RMSNorm, rotary on q and k, SiLU(gate) * up); then
+the differences: rotary must equal transformers' exactly, RMSNorm and SiLU * up lie within two bf16
+steps of each value (2^-6: both round twice, and float32 exp and sqrt may differ in the last
+place), the layer within 1e-2 (||a - b|| / ||b||); the exit code is 1 otherwise.
+
 Every call is timed inside a CUDA graph (as the decode step runs), cycling through enough copies of
 each weight that none is served from L2 (a decode step reads each weight once).
 
     python -m scripts.kernel_bench [--model Qwen/Qwen2.5-VL-7B-Instruct] [--sweep] [--json out.json]
     python -m scripts.kernel_bench --nf4 [--rows 1] [--sweep] [--json out.json]
+    python -m scripts.kernel_bench --fused [--json out.json]
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import itertools
 import json
 import statistics
@@ -32,7 +41,7 @@ from pathlib import Path
 
 import torch
 
-from sharp_cli.models import gemv, gemv_nf4
+from sharp_cli.models import fused_step, gemv, gemv_nf4
 
 L2_BYTES = 256 << 20  # copies of a weight span more than this: more than any GPU's L2
 
@@ -260,11 +269,79 @@ def run_nf4(args, config, dtype) -> int:
     return 0 if ok else 1
 
 
+def fused_pieces(text, hidden, cos_sin, fused: bool) -> dict:
+    """name -> callable of the layer's step and of each glue piece, transformers' or the kernels."""
+    layer = text.layers[0]
+    attention = layer.self_attn
+    heads, kv_heads = text.config.num_attention_heads, text.config.num_key_value_heads
+    d = attention.head_dim
+    q = torch.randn(1, 1, heads, d, device="cuda", dtype=hidden.dtype).transpose(1, 2)
+    k = torch.randn(1, 1, kv_heads, d, device="cuda", dtype=hidden.dtype).transpose(1, 2)
+    inter = text.config.intermediate_size
+    gate, up = (torch.randn(1, 1, inter, device="cuda", dtype=hidden.dtype) for _ in range(2))
+    stock_rotary = sys.modules[type(attention).__module__].apply_rotary_pos_emb
+    stock_rotary = getattr(stock_rotary, "sharp_original", stock_rotary)  # under fused_step's dispatcher
+    return {"layer": lambda: layer(hidden, position_embeddings=cos_sin),
+            "rms_norm": lambda: layer.input_layernorm(hidden),
+            "rotary": (lambda: fused_step.rotary(q, k, *cos_sin)) if fused else
+            (lambda: stock_rotary(q, k, *cos_sin)),
+            "silu_mul": (lambda: fused_step.silu_mul(gate, up)) if fused else
+            (lambda: torch.nn.functional.silu(gate) * up)}
+
+
+def run_fused(args, config, dtype) -> int:
+    """transformers' one-token glue against sharp's fused kernels, timed and compared."""
+    from transformers import AutoModel
+
+    text_config = copy.deepcopy(getattr(config, "text_config", config))
+    layers, text_config.num_hidden_layers = text_config.num_hidden_layers, 1
+    text_config._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        text = AutoModel.from_config(text_config, dtype=dtype).eval()
+    gemv.use_gemv([text])
+    hidden = torch.randn(1, 1, text_config.hidden_size, device="cuda", dtype=dtype)
+    cos_sin = text.rotary_emb(hidden, torch.full((1, 1), 1000, device="cuda"))
+    results, outputs = {}, {}
+    with torch.inference_mode():
+        for kind in ("stock", "fused"):
+            if kind == "fused":
+                swapped = fused_step.use_fused_step(text)
+            torch.manual_seed(1)  # the same q, k, gate, up for both
+            pieces = fused_pieces(text, hidden, cos_sin, fused=kind == "fused")
+            outputs[kind] = {name: fn() for name, fn in pieces.items()}
+            results[kind] = {name: timed(lambda _: fn(), layers) * 1e6 for name, fn in pieces.items()}
+    print(f"{torch.cuda.get_device_name()}, {args.model}, {args.dtype}: one token, median us a call "
+          f"(graphs of {layers} calls); {swapped} modules of the layer swapped")
+    ok = True
+    for name in results["stock"]:
+        stock, ours = outputs["stock"][name], outputs["fused"][name]
+        if name == "rotary":  # (q, k) each
+            differ = sum((a != b).sum().item() for a, b in zip(stock, ours))
+            good, verdict = differ == 0, f"{differ} values differ"
+        elif name == "layer":
+            error = relative(ours, stock)
+            good, verdict = error < 1e-2, f"||a - b|| / ||b|| {error:.1e}"
+        else:
+            worst = ((ours.double() - stock.double()).abs() / (stock.double().abs() + 1e-6)).max().item()
+            good, verdict = worst <= 2 ** -6, f"worst relative difference {worst:.1e}"
+        ok &= good
+        print(f"{name:9s} stock {results['stock'][name]:7.1f}  fused {results['fused'][name]:7.1f}  "
+              f"x {layers} layers: {(results['stock'][name] - results['fused'][name]) * layers / 1e3:+.3f} ms  "
+              f"[{'ok' if good else 'FAIL'}] {verdict}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"device": torch.cuda.get_device_name(), "model": args.model,
+                                               "dtype": args.dtype, "layers": layers, "us": results, "ok": ok},
+                                              indent=1))
+    return 0 if ok else 1
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="Qwen/Qwen2.5-VL-7B-Instruct")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
     parser.add_argument("--nf4", action="store_true", help="4-bit weights: bitsandbytes' product against sharp's")
+    parser.add_argument("--fused", action="store_true", help="the step's norm/rotary/activation glue, stock vs fused")
     parser.add_argument("--rows", type=int, default=1, help="--nf4: tokens a product (1: decode)")
     parser.add_argument("--sweep", action="store_true", help="also time other block sizes, report the best")
     parser.add_argument("--json", help="write the rows here")
@@ -278,6 +355,8 @@ def main(argv=None) -> int:
     dtype = getattr(torch, args.dtype)
     if args.nf4:
         return run_nf4(args, config, dtype)
+    if args.fused:
+        return run_fused(args, config, dtype)
     run_bf16(args, config, dtype)
     return 0
 

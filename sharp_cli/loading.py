@@ -276,8 +276,9 @@ def ready(loaded: Loaded) -> Loaded:
     and a packed vision tower's through one SDPA call per window length instead of one per window;
     its MLPs padded to aligned widths where that pays (models/vision_mlp.py); on CUDA the text model's one-token
     products through sharp's matrix-vector kernels (models/gemv.py; bitsandbytes' 4-bit layers
-    through models/gemv_nf4.py when SHARP_GEMV_NF4=1)."""
-    from sharp_cli.models import gemv, gemv_nf4, vision_attention, vision_mlp
+    through models/gemv_nf4.py when SHARP_GEMV_NF4=1), and with SHARP_FUSED_STEP=1 its one-token
+    norms, rotary embedding and activation through one Triton kernel each (models/fused_step.py)."""
+    from sharp_cli.models import fused_step, gemv, gemv_nf4, vision_attention, vision_mlp
 
     name = attention.register()
     text = loaded.adapter.text_model(loaded.model)
@@ -291,6 +292,8 @@ def ready(loaded: Loaded) -> Loaded:
         gemv.use_gemv([text, loaded.adapter.lm_head(loaded.model)])
     if gemv_nf4.available(loaded.device):
         gemv_nf4.use_gemv_4bit([text])
+    if fused_step.available(loaded.device):
+        fused_step.use_fused_step(text)
     from sharp_cli.kv import KVPool
 
     if loaded.device.type == "cuda":
