@@ -33,7 +33,7 @@ import time
 from pathlib import Path
 
 # -- eval: the accuracy tables ---------------------------------------------------------------------
-ONE_SEED = ["--tie-seeds", "1"]  # after --tie-seeds N in the command line, so it wins
+ONE_SEED = ["--tie-seeds", "1"]  # in place of the command line's --tie-seeds N
 TABLES = [
     # (name, methods, extra `sharp eval` flags); "main" gives the none and fastv rows the others compare with.
     # The ablations run one tie seed: sharp's own ties are rare (0.4-2.2% of its kept tokens at K=2 on
@@ -101,10 +101,10 @@ def run_table(args, extra, data: Path, out: Path, layer: int, name: str, methods
     known = [m for m in methods.split(",") if m in METHODS]
     unknown = [m for m in methods.split(",") if m not in METHODS]
     stem = out / f"k{layer}-{name}"
+    tie_seeds = [] if "--tie-seeds" in flags else ["--tie-seeds", str(args.tie_seeds)]  # a table's own wins
     cmd = [sys.executable, "-m", "sharp_cli", "eval", str(data), "-m", args.model, "--quant", "none",
            "--dtype", "float32", "--layer", str(layer), "--ratio", args.ratios, "--methods", ",".join(known),
-           "--tie-seeds", str(args.tie_seeds), "--limit", str(args.items), *flags, *extra,
-           "-o", f"{stem}.jsonl", "-q", "--json"]
+           *tie_seeds, "--limit", str(args.items), *flags, *extra, "-o", f"{stem}.jsonl", "-q", "--json"]
     started = time.perf_counter()
     done = subprocess.run(cmd, capture_output=True, text=True) if known else None
     seconds = time.perf_counter() - started
@@ -124,12 +124,15 @@ def markdown(args, data: Path, layer: int, runs: list[dict]) -> str:
     from sharp_cli.evaluate import formats, runner, summary
 
     items = formats.load(str(data)).items[: args.items]
-    records, cells, seeds = [], [], None
+    records, cells, main_seeds, versus = [], [], None, {}
     for run in runs:
         if run["error"] or not run["methods"] or not run["summary"].exists():
             continue
         seeds = json.loads(run["summary"].read_text())["seeds"]
         main_run = run["name"] == "main"  # an ablation's rows are named after it; its none and fastv are not used
+        main_seeds = seeds if main_run else main_seeds
+        if not main_run:  # an ablation's sharp is also compared with the main run's sharp
+            versus[f"sharp {run['name']}"] = "sharp"
 
         def label(method, name=run["name"], main_run=main_run):
             return method if main_run else f"{method} {name}"
@@ -139,19 +142,21 @@ def markdown(args, data: Path, layer: int, runs: list[dict]) -> str:
         cells += [(label(m), r, s) for m, r, s in plan if main_run or m not in ("none", "fastv")]
         records += [dict(rec, method=label(rec["method"])) for rec in runner.read_results(run["results"])
                     if main_run or rec["method"] not in ("none", "fastv")]
-    rows = summary.summarize(records, items, list(dict.fromkeys(cells)))
+    rows = summary.summarize(records, items, list(dict.fromkeys(cells)), versus=versus)
     lines = [f"# sharp eval tables: {args.model}, K={layer}", ""]
-    used = f"{seeds['tie']} per score-based cell, {seeds['random']} for random" if seeds else "-"
+    used = (f"{main_seeds['tie']} per score-based cell, {main_seeds['random']} for random in the main table; "
+            "each row's count in its seeds column") if main_seeds else "each row's count in its seeds column"
     lines += [f"{len(items)} questions from `{data}`; ratios {args.ratios}; seeds: {used}; {platform.node()} "
               f"({platform.machine()}, {_cpus()} CPUs), float32. Columns: docs/eval.md, \"What the table shows\".", ""]
-    lines += ["| method | ratio | accuracy | spread | vs fastv | vs none | ties | recall@k | seeds |",
-              "|---|---|---|---|---|---|---|---|---|"]
+    lines += ["| method | ratio | accuracy | spread | vs fastv | vs none | vs sharp | ties | recall@k | seeds |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
     for row in rows:
         lines.append(f"| {row['method']} | {row['ratio']:.2f} | {_pct(row['accuracy'])} | {_spread(row)} | "
-                     f"{_diff(row['vs_fastv'])} | {_diff(row['vs_none'])} | {_pct(row['tie_share'])} | "
-                     f"{_pct(row['needle_recall'])} | {_seeds(row)} |")
+                     f"{_diff(row['vs_fastv'])} | {_diff(row['vs_none'])} | {_diff(row.get('vs_method'))} | "
+                     f"{_pct(row['tie_share'])} | {_pct(row['needle_recall'])} | {_seeds(row)} |")
     warning = summary.tie_warning(rows)
-    lines += ["", "vs fastv, vs none: accuracy minus the main run's fastv at the same ratio, and minus unpruned, "
+    lines += ["", "vs fastv, vs none, vs sharp: accuracy minus the main run's fastv at the same ratio, minus "
+              "unpruned, and (an ablation's row) minus the main run's sharp at the same ratio, "
               "in points, [95% paired bootstrap interval over questions, 2,000 resamples]; ns: includes 0. "
               "spread: lowest-highest accuracy over seeds. ties: mean share of the kept tokens tied with the "
               "first dropped one. recall@k: mean share of the needle tokens kept."]

@@ -46,8 +46,9 @@ def test_tables_of_one_k_in_one_markdown_file(model_dirs, tmp_path, monkeypatch)
 
 
 def test_ablation_rows_compare_with_the_main_runs_fastv_and_none(tmp_path):
-    """Fabricated results: main fastv right on all 4 questions, the ablation run's own fastv on none,
-    its sharp on 2. The page compares sharp with the main fastv (-50 points), not its own (+50)."""
+    """Fabricated results: main fastv right on all 4 questions, main sharp on 1, the ablation run's own
+    fastv on none, its sharp on 2. The page compares the ablation with the main fastv (-50 points), not
+    its own (+50), and with the main sharp (+25)."""
     from argparse import Namespace
 
     data = tmp_path / "items.jsonl"
@@ -63,7 +64,7 @@ def test_ablation_rows_compare_with_the_main_runs_fastv_and_none(tmp_path):
                 "error": None, "seconds": 1.0, "results": tmp_path / f"{name}.jsonl",
                 "summary": tmp_path / f"{name}.json"}
 
-    runs = [write("main", [("none", 1.0, [1, 1, 1, 0]), ("fastv", 0.5, [1, 1, 1, 1])]),
+    runs = [write("main", [("none", 1.0, [1, 1, 1, 0]), ("fastv", 0.5, [1, 1, 1, 1]), ("sharp", 0.5, [1, 0, 0, 0])]),
             write("no-dedup", [("none", 1.0, [0, 0, 0, 0]), ("fastv", 0.5, [0, 0, 0, 0]),
                                ("sharp", 0.5, [1, 0, 1, 0])])]
     args = Namespace(model="m", ratios="0.5", items=4, tie_seeds=1)
@@ -71,7 +72,10 @@ def test_ablation_rows_compare_with_the_main_runs_fastv_and_none(tmp_path):
     row = next(line for line in page.splitlines() if line.startswith("| sharp no-dedup"))
     cells = row.split(" | ")
     assert cells[2] == "50.0%" and cells[4].startswith("-50.0 [") and cells[5].startswith("-25.0 [")
-    assert "seeds: 1 per score-based cell, 5 for random" in page
+    assert cells[6].startswith("+25.0 [")  # vs the main run's sharp
+    main_sharp = next(line for line in page.splitlines() if line.startswith("| sharp | "))
+    assert main_sharp.split(" | ")[6] == "-"  # the full method has no ablation to be compared with
+    assert "seeds: 1 per score-based cell, 5 for random in the main table" in page
 
 
 def test_bench_table_reads_every_result_or_says_why(model_dirs, tmp_path):

@@ -17,7 +17,11 @@ TIE_WARNING = 0.05  # mean tie share above which a cell's kept sets are partly c
 
 
 def summarize(records: list[dict], items: list, cells: list[tuple[str, float, int]],
-              resamples: int = stats.DEFAULT_RESAMPLES, seed: int = stats.DEFAULT_SEED) -> list[dict]:
+              resamples: int = stats.DEFAULT_RESAMPLES, seed: int = stats.DEFAULT_SEED,
+              versus: dict[str, str] | None = None) -> list[dict]:
+    """One row per (method, ratio) of `cells`. versus: method -> another method of the same records;
+    its row gets "vs_method" ({"method", "difference", "low", "high", ...}: a paired bootstrap
+    against that method at the same ratio, e.g. an ablation against the full method)."""
     from sharp_cli.evaluate import agreement
 
     by_key: dict = {}
@@ -52,6 +56,10 @@ def summarize(records: list[dict], items: list, cells: list[tuple[str, float, in
                            if row["method"] != "fastv" else None)
         row["vs_none"] = (_compare(scores[cell], scores.get(("none", 1.0)), ids, resamples, seed)
                           if row["method"] != "none" else None)
+        if versus is not None:
+            other = versus.get(row["method"])
+            versus_row = _compare(scores[cell], scores.get((other, row["ratio"])), ids, resamples, seed)
+            row["vs_method"] = dict(versus_row, method=other) if versus_row else None
     return rows
 
 
