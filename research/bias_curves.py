@@ -22,8 +22,8 @@
    sharp-tiny on the same clips, and a random-weights Qwen2.5-VL-3B (its shipped config, text model
    cut to K + 1 layers) on the first 2 of them; with --norms-model, a real checkpoint on all of them.
 
-    python -m scripts.bias_curves [--items 8] [--layer 2] [--ratio 0.15] [--out bias_curves.json]
-    python -m scripts.bias_curves --no-random-qwen --norms-model Qwen/Qwen2.5-VL-7B-Instruct  # GPU
+    python -m research.bias_curves [--items 8] [--layer 2] [--ratio 0.15] [--out bias_curves.json]
+    python -m research.bias_curves --no-random-qwen --norms-model Qwen/Qwen2.5-VL-7B-Instruct  # GPU
 """
 
 from __future__ import annotations
