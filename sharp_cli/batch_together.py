@@ -11,6 +11,7 @@ most the answers in flight wait), so the output reads like a one-at-a-time run's
 from __future__ import annotations
 
 from sharp_cli import jsonl
+from sharp_cli.batch_items import error_line, outcome, prepare_item
 
 PREFETCH_DEPTH = 8  # videos decoded ahead of the scheduler (bounded: their frames are in memory)
 PREFETCH_WORKERS = 2
@@ -18,7 +19,7 @@ PREFETCH_WORKERS = 2
 
 def run(loaded, entries, defaults, base, sink, progress, store, cache, max_batch: int, kv_gb: float | None) -> None:
     """Answer every (id, item, error) of `entries`, writing each line to `sink` in order."""
-    from sharp_cli import batch, prefetch, report
+    from sharp_cli import prefetch, report
     from sharp_cli.scheduler import Request, Scheduler
 
     scheduler = Scheduler(loaded, max_batch=max_batch, kv_bytes=int(kv_gb * 2**30) if kv_gb else None,
@@ -27,14 +28,14 @@ def run(loaded, entries, defaults, base, sink, progress, store, cache, max_batch
 
     def prepare(entry):
         _, item, error = entry
-        return None if error is not None else batch.prepare_item(loaded, item, defaults, base, progress, cache)
+        return None if error is not None else prepare_item(loaded, item, defaults, base, progress, cache)
 
     def requests():
         decoded = prefetch.ahead(entries, prepare, workers=PREFETCH_WORKERS, depth=min(max_batch, PREFETCH_DEPTH))
         for (item_id, item, error), prepared, failure in decoded:
             index = lines.expect(item_id)
             if error is None and failure is not None:
-                error = batch.error_line(failure)
+                error = error_line(failure)
             if error is not None:
                 lines.done(index, None, error, 0.0)
                 continue
@@ -46,7 +47,7 @@ def run(loaded, entries, defaults, base, sink, progress, store, cache, max_batch
     for done in scheduler.run(requests()):
         index, clip, plan, video_s = done.request.tag
         if done.error is not None:
-            lines.done(index, None, batch.error_line(done.error), 0.0)
+            lines.done(index, None, error_line(done.error), 0.0)
         else:
             record = {**report.ask_record(loaded, clip, plan.cfg, done.answer), "video_seconds": video_s}
             lines.done(index, record, None, video_s + done.answer.seconds)
@@ -71,8 +72,6 @@ class _InOrder:
         self.ended[index] = (record, error, seconds)
 
     def flush(self) -> None:
-        from sharp_cli.batch import outcome
-
         while self.written in self.ended:
             record, error, seconds = self.ended.pop(self.written)
             jsonl.append(self.sink, outcome(self.progress, self.ids[self.written], record, error, seconds))

@@ -16,7 +16,8 @@ from typer.testing import CliRunner
 import benchmark_records as rec
 from sharp_cli.cli import app
 from sharp_cli.errors import SharpError
-from sharp_cli.evaluate import formats, headline, prompts, runner
+from sharp_cli.evaluate import formats, headline, prompts
+from sharp_cli.evaluate.records import prompt_for
 
 cli = CliRunner()
 SMALL = ["--frames", "4", "--max-pixels", "12544", "--ratio", "0.5"]
@@ -288,9 +289,9 @@ def test_each_benchmark_gets_its_reference_prompt_by_default(tmp_path, make, fmt
     dataset, chosen = prompts.apply(formats.load(make(tmp_path)), "auto")
     assert dataset.format == fmt and chosen == style
     item = dataset.items[0]
-    assert item.prompt == prompts.STYLES[style](item.question, item.options) and runner.prompt_for(item) == item.prompt
+    assert item.prompt == prompts.STYLES[style](item.question, item.options) and prompt_for(item) == item.prompt
     ours, _ = prompts.apply(formats.load(make(tmp_path)), "sharp")
-    assert runner.prompt_for(ours.items[0]).endswith("Answer with the option's letter from the given choices directly.")
+    assert prompt_for(ours.items[0]).endswith("Answer with the option's letter from the given choices directly.")
     assert prompts.setting("sharp") == 1 and prompts.setting(style) != prompts.setting("sharp")
 
 

@@ -15,10 +15,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
+from sharp_cli import jsonl
 from sharp_cli.cli import app
 from sharp_cli.errors import SharpError, UsageError
 from sharp_cli.evaluate import formats, runner, summary, synth
 from sharp_cli.evaluate.letters import INSTRUCTION, build_prompt, parse_letter, strip_letter_prefixes
+from sharp_cli.evaluate.records import prompt_for
 from videos import make_video
 
 cli = CliRunner()
@@ -161,7 +163,7 @@ def test_our_format_without_answer_or_options(tmp_path):
                                        + json.dumps(labelled))
     open_q, unlabelled = formats.load(tmp_path / "qa.jsonl").items
     assert (open_q.options, open_q.answer, unlabelled.options, unlabelled.answer) == ([], None, ["red", "blue"], None)
-    assert runner.prompt_for(open_q) == "What happens?" and INSTRUCTION in runner.prompt_for(unlabelled)
+    assert prompt_for(open_q) == "What happens?" and INSTRUCTION in prompt_for(unlabelled)
 
 
 def test_duplicate_ids_and_unknown_layouts(tmp_path):
@@ -378,8 +380,8 @@ def test_half_written_line_is_ignored_then_cut(tmp_path):
     path = tmp_path / "r.jsonl"
     path.write_text('{"item": "1", "method": "none", "ratio": 1.0, "seed": 0}\nnot json\n{"item": "2", "meth')
     assert [r["item"] for r in runner.read_results(path)] == ["1"]
-    with runner._open_for_append(path) as handle:
-        runner._append(handle, {"item": "3", "method": "none", "ratio": 1.0, "seed": 0})
+    with jsonl.open_for_append(path) as handle:
+        jsonl.append(handle, {"item": "3", "method": "none", "ratio": 1.0, "seed": 0})
     assert [r["item"] for r in runner.read_results(path)] == ["1", "3"] and path.read_text().endswith("\n")
 
 

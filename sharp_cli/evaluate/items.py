@@ -22,7 +22,7 @@ class Item:
     category: str | None = None  # what accuracy is broken down by (--category-field)
     needle_boxes: list | None = None  # [frame, x0, y0, x1, y1] boxes showing the answer (needles.py)
     group: str | None = None  # the benchmark's own task, whatever --category-field: its headline averages over them
-    prompt: str | None = None  # the full prompt, set by prompts.apply; None: the default layout (runner.prompt_for)
+    prompt: str | None = None  # the full prompt, set by prompts.apply; None: the default layout (records.prompt_for)
 
 
 @dataclass

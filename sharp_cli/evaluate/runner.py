@@ -26,14 +26,13 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 
+from sharp_cli import jsonl
 from sharp_cli.errors import SharpError, UsageError, VideoError, one_line
-from sharp_cli.evaluate.letters import build_prompt, parse_letter
-from sharp_cli.jsonl import append as _append  # shared with batch
-from sharp_cli.jsonl import open_for_append as _open_for_append
+from sharp_cli.evaluate.records import UNPRUNED, cell_config, needle_tokens, prompt_for, results_line
 
 POLL_SECONDS = 1.0
 UNSEEDED = ("none",)  # methods whose answer no seed changes: one cell, seed 0
@@ -134,9 +133,7 @@ def shard_files(results: Path) -> list[Path]:
 
 def read_results(path: Path) -> list[dict]:
     """The complete lines of a results file; an unfinished last line (no newline yet) is left out."""
-    from sharp_cli.jsonl import complete_records
-
-    return [r for r in complete_records(path) if {"item", "method", "ratio"} <= r.keys()]
+    return [r for r in jsonl.complete_records(path) if {"item", "method", "ratio"} <= r.keys()]
 
 
 def done_records(job: Job) -> dict:
@@ -204,14 +201,6 @@ def pending(job: Job, later: bool = False) -> list[tuple[object, list[tuple[str,
 
 
 # -- answering -------------------------------------------------------------------------------------
-def prompt_for(item) -> str:
-    """The item's prompt (the benchmark's, set by prompts.apply), else the multiple-choice prompt, or
-    the bare question for an item without options."""
-    if getattr(item, "prompt", None):
-        return item.prompt
-    return build_prompt(item.question, item.options) if item.options else item.question
-
-
 def run(loaded, job: Job, todo, progress=None, cache=None, store=None) -> int:
     """Answer every pending cell: one video decode per item, answer.ask per cell. Returns lines written.
 
@@ -235,23 +224,22 @@ def run(loaded, job: Job, todo, progress=None, cache=None, store=None) -> int:
 
         return together.run(loaded, job, todo, progress, cache, store)
     written = 0
-    unpruned = ("none", 1.0, 0)
-    compare = unpruned in job.cells
+    compare = UNPRUNED in job.cells
 
     def wrote(record: dict) -> None:
         nonlocal written
-        _append(handle, record)
+        jsonl.append(handle, record)
         written += 1
         if progress is not None:
             progress()
 
-    with _open_for_append(job.output) as handle:
+    with jsonl.open_for_append(job.output) as handle:
         for item, cells in todo:
             try:
                 clip = cache.load_video(item.video, **job.video)
             except VideoError as exc:  # a broken file stays broken: record it, count it wrong, go on
                 for cell in cells:
-                    wrote(_record(job, item, cell, error=one_line(str(exc), 300)))
+                    wrote(results_line(job, item, cell, error=one_line(str(exc), 300)))
                 continue
             prompt = prompt_for(item)
             ask = lambda cfg, tokens: answer_mod.ask(loaded, clip, prompt, cfg, max_new_tokens=tokens,  # noqa: E731
@@ -259,28 +247,21 @@ def run(loaded, job: Job, todo, progress=None, cache=None, store=None) -> int:
                                                      cache=cache)
             reference = needle = None
             mapped = not item.needle_boxes  # needle tokens: mapped once per item, at its first answer
-            if compare and unpruned not in cells:
-                reference, _ = _attempt(lambda: ask(cell_config(loaded, job, ("none", 1.0, 0)), 1))
+            if compare and UNPRUNED not in cells:
+                reference, _ = _attempt(lambda: ask(cell_config(loaded, job, UNPRUNED), 1))
                 reference = reference.prefill.logits if reference is not None else None
             for cell in sorted(cells, key=lambda c: c[0] != "none"):  # the reference first
                 method, ratio, seed = cell
                 answer, error = _attempt(lambda: ask(cell_config(loaded, job, cell), job.max_new_tokens))
                 if answer is None:
-                    wrote(_record(job, item, cell, error=error, retry=True))
+                    wrote(results_line(job, item, cell, error=error, retry=True))
                     continue
                 if method == "none":
                     reference = answer.prefill.logits
                 if not mapped:  # the same video, so the same tokens, in every cell
-                    needle, mapped = _needle_tokens(loaded, item, clip, answer.encoded.layout), True
-                wrote(_record(job, item, cell, answer=answer, reference=reference, needle=needle))
+                    needle, mapped = needle_tokens(loaded, item, clip, answer.encoded.layout), True
+                wrote(results_line(job, item, cell, answer=answer, reference=reference, needle=needle))
     return written
-
-
-def cell_config(loaded, job: Job, cell: tuple[str, float, int]):
-    """The config one cell answers under: the run's options with the cell's method, ratio and
-    seed, K resolved for the model (once per cell, here; the phases assert on it)."""
-    method, ratio, seed = cell
-    return loaded.resolve_prune(replace(job.base, method=method, ratio=ratio, seed=seed))
 
 
 def _attempt(call):
@@ -295,65 +276,6 @@ def _attempt(call):
     if oom:  # here, not in the except block: by now the traceback (and the tensors it holds) is gone
         release_gpu_memory()
     return None, message
-
-
-def _needle_tokens(loaded, item, clip, layout) -> list[int] | None:
-    """The visual tokens the item's needle boxes overlap (needles.py), or None if not mappable.
-    The boxes are in the file's pixels; frames decoded smaller (--max-pixels) are the same frame."""
-    from sharp_cli import video
-    from sharp_cli.evaluate import needles
-
-    if not needles.mappable(loaded.processor):
-        return None
-    info = video.probe(item.video)
-    size = (info.width, info.height) if info is not None else (clip.frames.shape[2], clip.frames.shape[1])
-    return needles.token_numbers(item.needle_boxes, size, list(clip.indices), layout.grid, layout.frames_per_step)
-
-
-def _record(job: Job, item, cell, answer=None, error: str | None = None, reference=None, needle=None,
-            retry: bool = False) -> dict:
-    from sharp_cli.evaluate import agreement
-
-    method, ratio, seed = cell
-    labelled = bool(item.options) and item.answer is not None
-    record = {"item": item.id, "method": method, "ratio": ratio, "seed": seed, "category": item.category,
-              "answer": item.answer, "prediction": None, "correct": False if labelled else None, "output": None}
-    if answer is not None:
-        layout = answer.encoded.layout
-        kept = answer.prefill.kept
-        prediction = parse_letter(answer.text, item.options) if item.options else None
-        record.update(prediction=prediction, correct=prediction == item.answer if labelled else None,
-                      output=answer.text, first_token=int(answer.prefill.logits.reshape(-1).argmax()),
-                      visual_tokens_total=int(layout.num_visual),
-                      visual_tokens_kept=int(kept.numel()) if kept is not None else int(layout.num_visual),
-                      prefill_seconds=answer.prefill.seconds, vision_seconds=answer.vision_seconds,
-                      decode_seconds=answer.decode_seconds)
-        record.update(_selection(answer, method, needle))
-        if method != "none" and reference is not None:
-            record.update(agreement.first_token(reference, answer.prefill.logits))
-    else:
-        record["error"] = error
-        if retry:  # not the video's fault: the next run answers it again
-            record["retry"] = True
-    record.update(rank=job.rank, time=round(time.time(), 3), settings=job.settings)
-    return record
-
-
-def _selection(answer, method: str, needle) -> dict:
-    """The tie audit and the needle tokens kept, read once the answer is done (nothing in flight):
-    tie_share from the prune session's details (share of the kept tokens tied with the first dropped
-    one; None where the selection does not report it), needle counts where the item has boxes."""
-    session = answer.prefill.session
-    share = (session.details or {}).get("tie_share") if session is not None else None
-    out = {"tie_share": None if share is None else round(float(share), 6)}
-    if needle is not None:
-        kept = answer.prefill.kept
-        if method == "none":
-            hits = len(needle)  # nothing pruned
-        else:
-            hits = None if kept is None else len(set(needle) & set(kept.reshape(-1).tolist()))
-        out.update(needle_tokens=len(needle), needle_kept=hits)
-    return out
 
 
 # -- sharding --------------------------------------------------------------------------------------
@@ -412,9 +334,9 @@ def merge(job: Job, remove_shards: bool = True) -> int:
                 new[k] = record
     position = {key(item.id, *c): (i, j) for i, item in enumerate(job.items) for j, c in enumerate(job.cells)}
     ordered = sorted(new.values(), key=lambda rec: position.get(line_key(rec), (len(job.items), 0)))
-    with _open_for_append(job.results) as handle:  # also cuts an unfinished last line
+    with jsonl.open_for_append(job.results) as handle:  # also cuts an unfinished last line
         for record in ordered:
-            _append(handle, record)
+            jsonl.append(handle, record)
     if remove_shards:
         for path in shards:
             path.unlink(missing_ok=True)

@@ -11,7 +11,9 @@ error line marked `retry` (errors.item_failure), and the run goes on.
 
 from __future__ import annotations
 
+from sharp_cli import jsonl
 from sharp_cli.errors import VideoError, item_failure, one_line
+from sharp_cli.evaluate.records import UNPRUNED, cell_config, needle_tokens, prompt_for, results_line
 
 PREFETCH_DEPTH = 4  # items whose frames are decoded ahead (bounded: they are in memory)
 
@@ -26,20 +28,18 @@ class _Item:
 def run(loaded, job, todo, progress=None, cache=None, store=None) -> int:
     """runner.run's contract: answer every pending cell, append its line; returns lines written."""
     from sharp_cli import prefetch
-    from sharp_cli.evaluate import runner
     from sharp_cli.scheduler import Request, Scheduler
 
     scheduler = Scheduler(loaded, max_batch=job.max_batch, store=store, cache=cache,
                           kv_bytes=int(job.kv_gb * 2**30) if job.kv_gb else None)
-    unpruned = ("none", 1.0, 0)
-    compare = unpruned in job.cells
+    compare = UNPRUNED in job.cells
     units: list = []  # (kind, _Item, cell, record or None), in the order lines are written
     ended: dict[int, object] = {}  # unit -> answer
     written = 0
 
     def ask(state: _Item, kind: str, cell, tokens: int, cfg):
         units.append((kind, state, cell, None))
-        return Request(state.clip, runner.prompt_for(state.item), cfg, max_new_tokens=tokens,
+        return Request(state.clip, prompt_for(state.item), cfg, max_new_tokens=tokens,
                        max_pixels=job.video.get("max_pixels"), tag=len(units) - 1)
 
     def requests():
@@ -49,18 +49,18 @@ def run(loaded, job, todo, progress=None, cache=None, store=None) -> int:
                 if not isinstance(failure, VideoError):
                     raise failure
                 for cell in cells:  # a broken file stays broken: record it, count it wrong, go on
-                    record = runner._record(job, item, cell, error=one_line(str(failure), 300))
+                    record = results_line(job, item, cell, error=one_line(str(failure), 300))
                     units.append(("line", None, cell, record))
                     ended[len(units) - 1] = None
                 continue
             state = _Item(item, clip)
-            if compare and unpruned not in cells:
-                yield ask(state, "reference", unpruned, 1, runner.cell_config(loaded, job, unpruned))
+            if compare and UNPRUNED not in cells:
+                yield ask(state, "reference", UNPRUNED, 1, cell_config(loaded, job, UNPRUNED))
             for cell in sorted(cells, key=lambda c: c[0] != "none"):  # the reference first
-                yield ask(state, "cell", cell, job.max_new_tokens, runner.cell_config(loaded, job, cell))
+                yield ask(state, "cell", cell, job.max_new_tokens, cell_config(loaded, job, cell))
 
     next_unit = 0
-    with runner._open_for_append(job.output) as handle:
+    with jsonl.open_for_append(job.output) as handle:
         def flush():
             nonlocal written, next_unit
             while next_unit in ended:
@@ -74,11 +74,11 @@ def run(loaded, job, todo, progress=None, cache=None, store=None) -> int:
                     if cell[0] == "none":
                         state.reference = answer.prefill.logits
                     if not state.mapped:  # the same video, so the same tokens, in every cell
-                        state.needle = runner._needle_tokens(loaded, state.item, state.clip, answer.encoded.layout)
+                        state.needle = needle_tokens(loaded, state.item, state.clip, answer.encoded.layout)
                         state.mapped = True
-                    record = runner._record(job, state.item, cell, answer=answer, reference=state.reference,
+                    record = results_line(job, state.item, cell, answer=answer, reference=state.reference,
                                             needle=state.needle)
-                runner._append(handle, record)
+                jsonl.append(handle, record)
                 written += 1
                 if progress is not None:
                     progress()
@@ -89,7 +89,7 @@ def run(loaded, job, todo, progress=None, cache=None, store=None) -> int:
                 message, _ = item_failure(done.error)  # SHARP_DEBUG=1: raised here
                 kind, state, cell, _ = units[tag]
                 if kind == "cell":
-                    units[tag] = ("line", state, cell, runner._record(job, state.item, cell, error=message, retry=True))
+                    units[tag] = ("line", state, cell, results_line(job, state.item, cell, error=message, retry=True))
             ended[tag] = done.answer if done.error is None else None
             flush()
         flush()

@@ -85,6 +85,29 @@ def question_range(inputs, seq_len: int) -> tuple[int, int] | None:
     return seq_len - after - count, seq_len - after
 
 
+def pooled_features(output):
+    """The visual features of get_video_features as one tensor. In transformers 5.x it returns a
+    ModelOutput whose pooler_output is a per-video tuple (Qwen: (tokens, D) each), concatenated
+    here along dim 0; a bare tensor passes through."""
+    import torch
+
+    pooled = getattr(output, "pooler_output", output)
+    if isinstance(pooled, (tuple, list)):
+        pooled = torch.cat(list(pooled), dim=0)
+    return pooled
+
+
+def text_config_attr(config, name: str):
+    """A token id (or other field) of the text model: the top-level config's, else its
+    text_config's; the first one where the config holds a list (several eos ids)."""
+    value = getattr(config, name, None)
+    if value is None and hasattr(config, "text_config"):
+        value = getattr(config.text_config, name, None)
+    if isinstance(value, (list, tuple)):
+        value = value[0]
+    return value
+
+
 @dataclass
 class Encoded:
     """Everything prefill needs, produced by the adapter (vision encoder already run)."""

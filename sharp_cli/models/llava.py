@@ -8,8 +8,7 @@ it. The text model is plain Qwen2 with 1-D RoPE, so positions are 0..L-1 and dec
 
 from __future__ import annotations
 
-from sharp_cli.models.base import Adapter, Encoded, VisualLayout, question_range
-from sharp_cli.models.qwen import _pooled, _text_attr
+from sharp_cli.models.base import Adapter, Encoded, VisualLayout, pooled_features, question_range, text_config_attr
 
 # Our own minimal template for synthetic processors (real checkpoints ship theirs).
 _LLAVA_TEMPLATE = (
@@ -69,7 +68,7 @@ class LlavaOnevisionAdapter(Adapter):
             vision_feature_layer=config.vision_feature_layer,
             vision_feature_select_strategy=config.vision_feature_select_strategy,
         )
-        video = _pooled(out).flatten(0, -2)  # (frames * side * side [+ 1], D)
+        video = pooled_features(out).flatten(0, -2)  # (frames * side * side [+ 1], D)
         side = pooled_side(config.vision_config)
         if video.shape[0] == pixels.shape[1] * side * side:  # transformers < 5.23 appends the newline in forward()
             video = torch.cat([video, inner.image_newline.view(1, -1).to(video)])
@@ -99,9 +98,9 @@ class LlavaOnevisionAdapter(Adapter):
 
     def special_tokens(self, config) -> dict[str, int]:
         # Configs that leave eos out: <image> and <video> were added right after Qwen2's <|im_end|>.
-        eos = _text_attr(config, "eos_token_id") or config.image_token_id - 1
+        eos = text_config_attr(config, "eos_token_id") or config.image_token_id - 1
         return {
-            "<|endoftext|>": _text_attr(config, "bos_token_id") or eos - 2,
+            "<|endoftext|>": text_config_attr(config, "bos_token_id") or eos - 2,
             "<|im_start|>": eos - 1,
             "<|im_end|>": eos,
             "<image>": config.image_token_id,

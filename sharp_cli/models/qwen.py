@@ -5,7 +5,7 @@ from __future__ import annotations
 import inspect
 
 from sharp_cli.models import budget
-from sharp_cli.models.base import Adapter, Encoded, VisualLayout, question_range
+from sharp_cli.models.base import Adapter, Encoded, VisualLayout, pooled_features, question_range, text_config_attr
 
 # Our own minimal template for synthetic processors (real checkpoints ship theirs).
 _QWEN_TEMPLATE = (
@@ -18,16 +18,6 @@ _QWEN_TEMPLATE = (
     "{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
-
-
-def _pooled(output):
-    """get_video_features returns a ModelOutput whose pooler_output is a per-video tuple."""
-    import torch
-
-    pooled = getattr(output, "pooler_output", output)
-    if isinstance(pooled, (tuple, list)):
-        pooled = torch.cat(list(pooled), dim=0)
-    return pooled
 
 
 def _call_with_supported(fn, **kwargs):
@@ -154,8 +144,8 @@ class QwenVLAdapter(Adapter):
         return Encoded(embeds, position_ids, layout, next_position, extra)
 
     def vision(self, model, inputs):
-        return {"video": _pooled(model.model.get_video_features(inputs["pixel_values_videos"],
-                                                                inputs["video_grid_thw"]))}
+        features = model.model.get_video_features(inputs["pixel_values_videos"], inputs["video_grid_thw"])
+        return {"video": pooled_features(features)}
 
     def video_features(self, features: dict, is_video):
         """(features of the video tokens in sequence order, extra kwargs for the text model)."""
@@ -163,9 +153,9 @@ class QwenVLAdapter(Adapter):
 
     def special_tokens(self, config) -> dict[str, int]:
         return {
-            "<|endoftext|>": _text_attr(config, "bos_token_id") or _text_attr(config, "eos_token_id") - 2,
-            "<|im_start|>": _text_attr(config, "eos_token_id") - 1,
-            "<|im_end|>": _text_attr(config, "eos_token_id"),
+            "<|endoftext|>": text_config_attr(config, "bos_token_id") or text_config_attr(config, "eos_token_id") - 2,
+            "<|im_start|>": text_config_attr(config, "eos_token_id") - 1,
+            "<|im_end|>": text_config_attr(config, "eos_token_id"),
             "<|vision_start|>": config.vision_start_token_id,
             "<|vision_end|>": config.vision_end_token_id,
             "<|vision_pad|>": getattr(config, "vision_token_id", None) or config.vision_start_token_id + 2,
@@ -217,12 +207,3 @@ class Qwen2VLAdapter(QwenVLAdapter):
             tokenizer=tokenizer,
             chat_template=self.synthetic_chat_template(),
         )
-
-
-def _text_attr(config, name):
-    value = getattr(config, name, None)
-    if value is None and hasattr(config, "text_config"):
-        value = getattr(config.text_config, name, None)
-    if isinstance(value, (list, tuple)):
-        value = value[0]
-    return value

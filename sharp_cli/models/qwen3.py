@@ -16,7 +16,8 @@ from __future__ import annotations
 
 from sharp_cli.errors import ModelError, UsageError
 from sharp_cli.models import budget
-from sharp_cli.models.qwen import QwenVLAdapter, _pooled
+from sharp_cli.models.base import pooled_features
+from sharp_cli.models.qwen import QwenVLAdapter
 
 DEEPSTACK_LAYERS = 3
 
@@ -88,7 +89,7 @@ class Qwen3VLAdapter(QwenVLAdapter):
         if len(deepstack) > self.min_layer:
             raise ModelError(f"this checkpoint adds DeepStack features after {len(deepstack)} decoder layers; "
                              f"sharp supports at most {self.min_layer}")
-        return {"video": _pooled(out), "deepstack": deepstack}
+        return {"video": pooled_features(out), "deepstack": deepstack}
 
     def video_features(self, features: dict, is_video):
         return features["video"], {"visual_pos_masks": is_video, "deepstack_visual_embeds": features["deepstack"]}
