@@ -178,6 +178,19 @@ def test_summary_says_which_seeds_were_skipped():
     assert (fastv["seeds"], fastv["seeds_skipped"]) == ([0, 1], 0)  # tied once: seed 2 is missing, not skipped
 
 
+def test_accuracy_weighs_every_question_once_when_seeds_cover_part_of_the_set():
+    """A resumed run can hold a later seed for some questions only (sharded first, skipped after):
+    seed 0 answered q0-q3 (right, right, wrong, wrong), seed 1 only q0-q1 (right). Averaging the
+    per-seed accuracies would say 75%; per question over its seeds it is 50%, what every seed shows."""
+    items = [Item(str(i), "/v.mp4", "q", ["a", "b"], "A") for i in range(4)]
+    cells = [("evs", 0.1, 0), ("evs", 0.1, 1)]
+    records = [_rec(str(i), "evs", 0.1, 0, ok, tie_share=0.0) for i, ok in enumerate([True, True, False, False])]
+    records += [_rec(str(i), "evs", 0.1, 1, True, tie_share=0.0) for i in range(2)]
+    (row,) = summary.summarize(records, items, cells, resamples=0)
+    assert row["accuracy"] == pytest.approx(0.5)
+    assert row["accuracy_by_seed"] == {"0": 0.5, "1": 1.0}  # the spread still shows each seed's own
+
+
 # -- the table -------------------------------------------------------------------------------------
 def _result(n_categories=4):
     cats = [f"category-{c}" for c in range(n_categories)]

@@ -79,7 +79,11 @@ def _row(method, ratio, found, ran, planned, skipped, asked, options_of) -> dict
         "method": method, "ratio": ratio, "questions": len({r["item"] for r in found}), "of": asked,
         "answers": len(found), "seeds": ran, "seeds_planned": planned, "seeds_skipped": skipped,
         "correct": sum(bool(r.get("correct")) for r in labelled),
-        "accuracy": spread["mean"], "accuracy_by_seed": {str(s): a for s, a in by_seed.items()},
+        # Per question over its seeds, then over questions: the mean of the per-seed accuracies when
+        # every seed answered every question, and still each question's weight 1 when some seeds
+        # skipped some questions (a resumed run that skipped untied seeds for part of the set).
+        "accuracy": _mean(list(_item_scores(labelled).values())) if labelled else spread["mean"],
+        "accuracy_by_seed": {str(s): a for s, a in by_seed.items()},
         "accuracy_min": spread["min"], "accuracy_max": spread["max"], "accuracy_std": spread["std"],
         "relative_accuracy": None,
         "categories": {c: _mean(v) for c, v in categories.items()},
