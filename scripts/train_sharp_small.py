@@ -215,7 +215,7 @@ def parse_args(argv=None):
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--log-every", type=int, default=50)
-    p.add_argument("--eval-every", type=int, default=500)
+    p.add_argument("--eval-every", type=int, default=500, help="Steps between progress checks (0: at the end only).")
     p.add_argument("--check-items", type=int, default=24, help="Progress-check items (seed 999), a few per task.")
     p.add_argument("--profile", type=int, default=0, help="Profile steps 20..20+N with torch.profiler and print "
                    "the top operators (CPU and CUDA time), then go on training.")
@@ -343,7 +343,8 @@ def main(argv=None):
         running += torch.stack([lm.detach(), token.detach(), fetch.detach().float(), lm.new_ones(())])
         out_of_time = time.time() > deadline - reserve
         last = step == a.steps or out_of_time
-        if step % a.log_every == 0 or step == 1 or last or step % a.eval_every == 0:
+        checking = last or (a.eval_every > 0 and step % a.eval_every == 0)
+        if step % a.log_every == 0 or step == 1 or checking:
             mean = (running[:3] / running[3]).tolist()
             running.zero_()
             elapsed = time.time() - train_start
@@ -351,7 +352,7 @@ def main(argv=None):
                   f"lr {opt.param_groups[0]['lr']:.2e} "
                   f"{elapsed:.0f}s {seen / elapsed:.1f} rows/s (waited {wait:.0f}s for data, {prep:.0f}s processor, "
                   f"{compute:.0f}s forward/backward)", flush=True)
-        if step % a.eval_every == 0 or last:
+        if checking:
             result = check(model, config, check_rows, device, autocast)
             log.append({"step": step, "items": seen, "lm": round(mean[0], 4), "token": round(mean[1], 4),
                         "retrieval": round(mean[2], 4), "lr": opt.param_groups[0]["lr"],
