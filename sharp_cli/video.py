@@ -23,6 +23,7 @@ import numpy as np
 
 from sharp_cli.decord_read import ATTEMPTS, import_decord, read_batch
 from sharp_cli.errors import UsageError, VideoError, one_line
+from sharp_cli.frame_sampling import check_counts, sample_indices
 from sharp_cli.seek import Unseekable, decode_at
 
 BACKENDS = ("auto", "decord", "pyav")
@@ -70,35 +71,6 @@ def available_backends() -> dict[str, str | None]:
         except Exception:  # a broken native library raises OSError and friends too
             found[name] = None
     return found
-
-
-def sample_indices(total_frames: int, source_fps: float, *, frames: int | None = 32, fps: float | None = None,
-                   max_frames: int = 768) -> list[int]:
-    """Frame indices to sample: sorted, unique, in [0, total_frames).
-
-    fps given: one frame every 1/fps seconds (the centre of each interval); if that is
-    more than max_frames, max_frames frames spread uniformly over the whole video.
-    Else `frames` frames, the centre of each of `frames` equal bins (None: every frame),
-    also capped at max_frames. A video with fewer frames than asked gives all of them.
-    """
-    _check_sampling(frames, fps, max_frames)
-    if total_frames < 0 or not source_fps > 0:
-        raise ValueError(f"bad source: total_frames={total_frames}, source_fps={source_fps}")
-    if total_frames == 0:
-        return []
-    count = total_frames if frames is None else frames
-    if fps is not None:
-        step = source_fps / fps
-        count = total_frames  # fps at or above the source rate: every frame
-        if step > 1:  # more than one frame per sample, so the floors never repeat
-            count = max(1, math.ceil(total_frames / step - 0.5))
-            if count <= max_frames:
-                return [min(int((j + 0.5) * step), total_frames - 1) for j in range(count)]
-    count = min(count, max_frames)
-    if total_frames <= count:
-        return list(range(total_frames))
-    # Integer arithmetic: the same indices on every platform.
-    return [(2 * k + 1) * total_frames // (2 * count) for k in range(count)]
 
 
 def load_video(path: str | os.PathLike, *, frames: int | None = 32, fps: float | None = None, max_frames: int = 768,
@@ -199,20 +171,11 @@ def probe(path: str | os.PathLike) -> VideoInfo | None:
 
 def check_sampling(frames=32, fps=None, max_frames=768, max_pixels=None, backend="auto") -> None:
     """load_video's argument checks alone (UsageError), so a command can make them first."""
-    _check_sampling(frames, fps, max_frames)
+    check_counts(frames, fps, max_frames)
     if max_pixels is not None and max_pixels < 1:
         raise UsageError(f"max_pixels must be at least 1 (got {max_pixels})")
     if backend not in BACKENDS:
         raise UsageError(f"unknown video backend {backend!r}; choose one of {', '.join(BACKENDS)}")
-
-
-def _check_sampling(frames, fps, max_frames) -> None:
-    if frames is not None and frames < 1:
-        raise UsageError(f"frames must be at least 1 (got {frames})")
-    if fps is not None and not fps > 0:  # `not >` rejects NaN too
-        raise UsageError(f"fps must be greater than 0 (got {fps})")
-    if max_frames < 1:
-        raise UsageError(f"max_frames must be at least 1 (got {max_frames})")
 
 
 def _fail(path: str, reason: str) -> VideoError:

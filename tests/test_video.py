@@ -14,7 +14,8 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from sharp_cli.errors import UsageError, VideoError
-from sharp_cli.video import VideoClip, available_backends, load_video, sample_indices
+from sharp_cli.frame_sampling import sample_indices
+from sharp_cli.video import VideoClip, available_backends, load_video
 
 sys.path.insert(0, os.path.dirname(__file__))
 from videos import frame_indices, make_audio_only, make_long_video, make_video, truncate  # noqa: E402
