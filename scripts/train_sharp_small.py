@@ -45,6 +45,7 @@ from scripts.small_data import (
     small_config,
     unpack,
 )
+from scripts.train_sharp_tiny import Retrieval
 from sharp_cli.evaluate import diagnose
 
 OUT = Path(__file__).resolve().parent.parent / "sharp_cli" / "models" / "sharp_small"
@@ -60,35 +61,17 @@ def inputs_of(batch: dict) -> dict:
     return {k: batch[k] for k in MODEL_KEYS if k in batch}
 
 
-class LastLayerRetrieval:
+class LastLayerRetrieval(Retrieval):
     """The answer-predicting row's attention in the last decoder layer, with its gradient: the
-    retrieval loss is -log of its mass on the tokens that show the answer. Registered as an
-    attention function (SDPA computes the layer's output as usual)."""
+    retrieval loss is -log of its mass on the tokens that show the answer. The capture (an
+    attention function beside SDPA) is sharp-tiny's; the rows and the needle come from this
+    script's batches."""
 
     NAME = "sharp_small_train_sdpa"
 
     def __init__(self, layer: int):
-        self.layer, self.rows, self.visible, self.probs = layer, None, None, None
-
-    def register(self, model):
-        from transformers import AttentionInterface
-        from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
-
-        AttentionInterface.register(self.NAME, self)
-        AttentionMaskInterface.register(self.NAME, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
-        model.model.language_model.config._attn_implementation = self.NAME
-
-    def __call__(self, module, query, key, value, attention_mask=None, **kwargs):
-        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-
-        out = ALL_ATTENTION_FUNCTIONS["sdpa"](module, query, key, value, attention_mask, **kwargs)
-        if self.rows is not None and getattr(module, "layer_idx", None) == self.layer:
-            q = query[torch.arange(query.shape[0], device=query.device), :, self.rows]  # (B, H, d)
-            k = key.repeat_interleave(query.shape[1] // key.shape[1], dim=1)  # (B, H, L, d)
-            scale = kwargs.get("scaling") or query.shape[-1] ** -0.5
-            logits = torch.einsum("bhd,bhld->bhl", q.float(), k.float()) * scale
-            self.probs = logits.masked_fill(~self.visible.unsqueeze(1), float("-inf")).softmax(-1).mean(1)  # (B, L)
-        return out
+        super().__init__({layer})
+        self.layer = layer
 
     def arm(self, batch, video_token_id: int):
         ids = batch["input_ids"]
@@ -98,15 +81,14 @@ class LastLayerRetrieval:
 
     def loss(self, batch, video_token_id: int):
         ids = batch["input_ids"]
-        if self.probs is None or "shows_answer" not in batch:
-            self.rows = self.probs = None
+        probs = self.probs.get(self.layer)
+        self.rows, self.visible, self.probs = None, None, {}
+        if probs is None or "shows_answer" not in batch:
             return ids.new_zeros((), dtype=torch.float32)
         needle = torch.zeros(ids.shape, device=ids.device)
         needle[ids == video_token_id] = batch["shows_answer"].float()
         has = (needle.sum(1) > 0).float()
-        loss = -(torch.log((self.probs * needle).sum(1) + 1e-4) * has).sum() / has.sum().clamp(min=1)
-        self.rows = self.probs = None
-        return loss
+        return -(torch.log((probs * needle).sum(1) + 1e-4) * has).sum() / has.sum().clamp(min=1)
 
 
 def losses(logits, batch, video_token_id: int, none_id: int):
