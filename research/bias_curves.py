@@ -44,10 +44,9 @@ from sharp_cli.evaluate import synth
 from sharp_cli.evaluate.letters import build_prompt
 from sharp_cli.models import adapter_for
 from sharp_cli.models.random_init import build_random, load_config
-from sharp_cli.prior_pass import positional_prior
+from sharp_cli.prior_pass import positional_prior, score_pass
 from sharp_cli.prune import PruneConfig, keep_count, rank
 from sharp_cli.prune.prior import PriorStore
-from sharp_cli.prune.session import PruneSession, StopPrefill
 from sharp_cli.prune.sharp import calibrate, debias, head_mean, prior_from
 
 SLOPES = (1.5, -1.0, 2.5, 0.5)  # per head, cycled: logits gained from the first token frame to the last
@@ -142,21 +141,6 @@ def needle_tokens(item: dict, clip, grid) -> np.ndarray:
     return np.array(sorted(hits), dtype=np.int64)
 
 
-@torch.inference_mode()
-def layer_k(loaded, encoded, cfg) -> PruneSession:
-    """A score-only pass: the session holds layer K's log attention (H, R, N) from cfg's query rows
-    (cfg's mask in layers 0..K-1) and layer K's input at the visual tokens (N, D)."""
-    text = loaded.adapter.text_model(loaded.model)
-    session = PruneSession(loaded.adapter, loaded.model, encoded, cfg, score_only=True)
-    try:
-        with session:
-            text(inputs_embeds=encoded.inputs_embeds, position_ids=encoded.position_ids, use_cache=False,
-                 **encoded.extra)
-    except StopPrefill:
-        pass
-    return session
-
-
 def norm_ratios(hidden_visual: torch.Tensor) -> np.ndarray:
     norms = hidden_visual.float().norm(dim=-1)
     return (norms / norms.median()).numpy()
@@ -173,7 +157,7 @@ def real_curves(loaded, work, items, args, gains):
         inputs = engine.prepare(loaded, clip, build_prompt(item["question"], item["options"]))
         encoded, _ = engine.encode(loaded, inputs)
         layout = encoded.layout
-        session = layer_k(loaded, encoded, base)
+        session = score_pass(loaded, encoded, base)
         log_attention = session.log_attention
         ratios.append(norm_ratios(session.visual_hidden))
         prior = positional_prior(loaded, clip, encoded, base, store).prior
@@ -242,7 +226,7 @@ def random_qwen_ratios(work, items, layer: int) -> np.ndarray:
         clip = video.load_video(work / item["video"], frames=8)
         inputs = engine.prepare(loaded, clip, build_prompt(item["question"], item["options"]))
         encoded, _ = engine.encode(loaded, inputs)
-        ratios.append(norm_ratios(layer_k(loaded, encoded, cfg).visual_hidden))
+        ratios.append(norm_ratios(score_pass(loaded, encoded, cfg).visual_hidden))
     return np.concatenate(ratios)
 
 
@@ -255,7 +239,7 @@ def checkpoint_ratios(name: str, work, items, layer: int) -> np.ndarray:
         clip = video.load_video(work / item["video"], frames=32)
         inputs = engine.prepare(loaded, clip, build_prompt(item["question"], item["options"]))
         encoded, _ = engine.encode(loaded, inputs)
-        ratios.append(norm_ratios(layer_k(loaded, encoded, cfg).visual_hidden.cpu()))
+        ratios.append(norm_ratios(score_pass(loaded, encoded, cfg).visual_hidden.cpu()))
     return np.concatenate(ratios)
 
 

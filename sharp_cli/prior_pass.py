@@ -94,9 +94,10 @@ def _model_identity(loaded: Loaded) -> dict:
 
 
 @torch.inference_mode()
-def _scores_only(loaded: Loaded, encoded, cfg: PruneConfig) -> torch.Tensor:
-    """The prior (H, N) of `encoded`: layer K's log attention from the query rows, rows averaged
-    in log space, one distribution over the visual tokens per head."""
+def score_pass(loaded: Loaded, encoded, cfg: PruneConfig) -> PruneSession:
+    """Layers 0..K of `encoded` and no further: the session holds layer K's log attention
+    (H, R, N) from cfg's query rows (cfg's mask in layers 0..K-1) and layer K's input at the
+    visual tokens (N, D). The prior pass below, and research probes, read it."""
     text = loaded.adapter.text_model(loaded.model)
     session = PruneSession(loaded.adapter, loaded.model, encoded, cfg, score_only=True)
     try:
@@ -105,7 +106,13 @@ def _scores_only(loaded: Loaded, encoded, cfg: PruneConfig) -> torch.Tensor:
                  **encoded.extra)
     except StopPrefill:
         pass
-    return prior_from(session.log_attention)
+    return session
+
+
+def _scores_only(loaded: Loaded, encoded, cfg: PruneConfig) -> torch.Tensor:
+    """The prior (H, N) of `encoded`: layer K's log attention from the query rows, rows averaged
+    in log space, one distribution over the visual tokens per head."""
+    return prior_from(score_pass(loaded, encoded, cfg).log_attention)
 
 
 def black_clip(clip):
