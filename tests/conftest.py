@@ -47,6 +47,21 @@ def load_tiny(family="qwen2.5-vl", layers=4):
                                        torch.device("cpu"), torch.float32, "none", True))
 
 
+@pytest.fixture(scope="module")
+def penalised():
+    """family -> a tiny model whose generation_config sets a repetition penalty, as Qwen2.5-VL's
+    does (one per family and test module)."""
+    models = {}
+
+    def get(family):
+        if family not in models:
+            models[family] = load_tiny(family)
+            models[family].model.generation_config.repetition_penalty = 1.3
+        return models[family]
+
+    return get
+
+
 @pytest.fixture(scope="session")
 def tiny_models():
     """family -> tiny loaded model, built once per session (per worker)."""

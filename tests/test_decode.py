@@ -20,20 +20,6 @@ QUESTION = "what colour is the ball?"
 PIXELS = 56 * 56 * 4
 
 
-@pytest.fixture(scope="module")
-def penalised():
-    """family -> a tiny model whose generation_config sets a repetition penalty, as Qwen2.5-VL's does."""
-    models = {}
-
-    def get(family):
-        if family not in models:
-            models[family] = load_tiny(family)
-            models[family].model.generation_config.repetition_penalty = 1.3
-        return models[family]
-
-    return get
-
-
 def _generate(loaded, clip, new_tokens, **kwargs):
     inputs = engine.prepare(loaded, clip, QUESTION, PIXELS)
     with stock_attention(loaded), torch.inference_mode():

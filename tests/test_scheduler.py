@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import load_tiny, make_clip
+from conftest import make_clip
 from sharp_cli import kv
 from sharp_cli.answer import ask
 from sharp_cli.prune import PruneConfig
@@ -16,20 +16,6 @@ from sharp_cli.scheduler import Request, Scheduler
 PIXELS = 56 * 56 * 4
 MIXED = [PruneConfig(method="none"), PruneConfig(method="fastv", ratio=0.25, layer=2),
          PruneConfig(method="sharp", ratio=0.5, layer=2), PruneConfig(method="sharp", ratio=0.25, layer=3)]
-
-
-@pytest.fixture(scope="module")
-def penalised():
-    """family -> a tiny model with a repetition penalty in its generation_config (as Qwen2.5-VL's)."""
-    models = {}
-
-    def get(family):
-        if family not in models:
-            models[family] = load_tiny(family)
-            models[family].model.generation_config.repetition_penalty = 1.3
-        return models[family]
-
-    return get
 
 
 @pytest.fixture(autouse=True)
