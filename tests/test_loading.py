@@ -24,7 +24,6 @@ def test_auto_dtype_and_nf4_compute_dtype_follow_the_gpu(monkeypatch, model_dirs
     """bf16 only where the GPU has it in hardware (is_bf16_supported(including_emulation=False));
     the nf4 compute dtype follows the model's."""
     pytest.importorskip("bitsandbytes")
-    from transformers import AutoModelForImageTextToText
 
     from sharp_cli import loading
 
@@ -35,18 +34,7 @@ def test_auto_dtype_and_nf4_compute_dtype_follow_the_gpu(monkeypatch, model_dirs
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     assert loading.resolve_dtype("auto", torch.device("cuda")) == expected and calls == [False]
     assert loading.resolve_dtype("auto", torch.device("cpu")) == torch.float32
-    seen = {}
-
-    class Stop(Exception):
-        pass
-
-    def capture(name, **kwargs):
-        seen.update(kwargs)
-        raise Stop
-
-    monkeypatch.setattr(AutoModelForImageTextToText, "from_pretrained", capture)
-    with pytest.raises(Stop):
-        loading.load(str(model_dirs["qwen2.5-vl"]), device="cuda", quant="nf4")
+    seen = _from_pretrained_kwargs(monkeypatch, model_dirs, device="cuda", quant="nf4")
     assert seen["dtype"] == expected and seen["quantization_config"].bnb_4bit_compute_dtype == expected
 
 
@@ -136,12 +124,21 @@ def test_a_gpu_load_goes_straight_to_the_current_gpu(monkeypatch, model_dirs, de
     """Unquantized on CUDA too, from_pretrained places the weights on the current GPU (a device
     map of one device: no accelerate hooks), as a plain transformers load does, instead of
     loading into host memory and copying with .to() after; a CPU load has no device map."""
+
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: index)
+    seen = _from_pretrained_kwargs(monkeypatch, model_dirs, device=device, quant="none", dtype="bfloat16")
+    assert seen.get("device_map") == expected and "quantization_config" not in seen
+
+
+def _from_pretrained_kwargs(monkeypatch, model_dirs, **load_kwargs) -> dict:
+    """What loading.load hands transformers' from_pretrained for the tiny Qwen2.5-VL (the load
+    stops there)."""
     from transformers import AutoModelForImageTextToText
 
     from sharp_cli import loading
 
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "current_device", lambda: index)
     seen = {}
 
     class Stop(Exception):
@@ -153,5 +150,5 @@ def test_a_gpu_load_goes_straight_to_the_current_gpu(monkeypatch, model_dirs, de
 
     monkeypatch.setattr(AutoModelForImageTextToText, "from_pretrained", capture)
     with pytest.raises(Stop):
-        loading.load(str(model_dirs["qwen2.5-vl"]), device=device, quant="none", dtype="bfloat16")
-    assert seen.get("device_map") == expected and "quantization_config" not in seen
+        loading.load(str(model_dirs["qwen2.5-vl"]), **load_kwargs)
+    return seen
