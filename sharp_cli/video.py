@@ -213,7 +213,10 @@ def _open(path: str):
     import av
 
     try:
-        return av.open(path, metadata_errors="ignore")
+        try:
+            return av.open(path, metadata_errors="ignore")
+        except TypeError:  # PyAV 19 removed the option: it opens without it
+            return av.open(path)
     except (av.error.FFmpegError, ValueError, OSError) as exc:
         raise _fail(path, f"not a video file, or truncated or corrupted ({_short(exc)})") from exc
 

@@ -713,3 +713,19 @@ def test_three_hour_video_is_sampled_with_little_memory(tmp_path):
     path = make_long_video(tmp_path / "long.mp4")
     shape, seconds, peak, _ = _probe(path, 32, 0, "auto")
     assert shape.startswith("(32,") and peak < 2 * 2**30 and seconds < 20
+
+
+def test_pyav_without_the_metadata_errors_option(vids, monkeypatch):
+    # PyAV 19 removed av.open's metadata_errors: the call must still open the file, not report it broken.
+    import av
+
+    real_open = av.open
+
+    def open_19(*args, **kwargs):
+        if "metadata_errors" in kwargs:
+            raise TypeError("open() got an unexpected keyword argument 'metadata_errors'")
+        return real_open(*args, **kwargs)
+
+    monkeypatch.setattr(av, "open", open_19)
+    clip = load_video(vids["mkv_gop5"], frames=6, backend="pyav")
+    assert len(clip.frames) == 6
