@@ -78,15 +78,24 @@ print(time.perf_counter() - started)
 """
 
 
-def time_cold(path: Path, backend: str, repeats: int) -> float:
+def time_cold(path: Path, backend: str, repeats: int) -> float | None:
     """Median seconds of the first load_video in a fresh process (what one `sharp ask` pays: the
-    decoder's libraries load on first use), torch already imported."""
+    decoder's libraries load on first use), torch already imported; None (one line on stderr) when a
+    run fails."""
     import subprocess
 
-    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent))
-    runs = [float(subprocess.run([sys.executable, "-c", _COLD.format(budget=BUDGET), str(path), backend],
-                                 capture_output=True, text=True, check=True, env=env).stdout)
-            for _ in range(repeats)]
+    # The repo first, then whatever PYTHONPATH already held (where the decoders may be installed).
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        p for p in (str(Path(__file__).resolve().parent.parent), os.environ.get("PYTHONPATH")) if p))
+    runs = []
+    for _ in range(repeats):
+        done = subprocess.run([sys.executable, "-c", _COLD.format(budget=BUDGET), str(path), backend],
+                              capture_output=True, text=True, env=env)
+        if done.returncode:
+            last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+            print(f"first call with {backend} failed in a fresh process: {last}", file=sys.stderr)
+            return None
+        runs.append(float(done.stdout))
     return statistics.median(runs)
 
 
@@ -114,7 +123,7 @@ def main() -> None:
         rows.append({"clip": name, "frames": frames, "fps": fps, "size": f"{w}x{h}", "keyframe_every": gop,
                      "decord_ms": round(decord_s * 1000, 1), "pyav_ms": round(pyav_s * 1000, 1),
                      "faster": "pyav" if pyav_s < decord_s else "decord", "decord_notes": decord_notes,
-                     **{f"{b}_first_call_ms": round(t * 1000, 1) for b, t in cold.items()}})
+                     **{f"{b}_first_call_ms": None if t is None else round(t * 1000, 1) for b, t in cold.items()}})
     result = {"machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
               "load": [round(x, 2) for x in os.getloadavg()], "repeats": args.repeats,
               "decoders": available_backends(), "sampled": "32 frames, at most 602,112 pixels each", "rows": rows}
@@ -125,8 +134,10 @@ def main() -> None:
               f"{r['pyav_ms']:.1f} ms | {r['faster']} |")
     for r in rows:
         if "decord_first_call_ms" in r:
+            ms = {b: "failed" if r[f"{b}_first_call_ms"] is None else f"{r[f'{b}_first_call_ms']:.1f} ms"
+                  for b in ("decord", "pyav")}
             print(f"\nfirst call in a fresh process ({r['clip']}, as one `sharp ask` decodes): decord "
-                  f"{r['decord_first_call_ms']:.1f} ms, PyAV {r['pyav_first_call_ms']:.1f} ms")
+                  f"{ms['decord']}, PyAV {ms['pyav']}")
     print(f"\n{result['cpus']} CPUs, load average {result['load']}, median of {args.repeats}; "
           f"decoders {result['decoders']}")
     if args.json:
