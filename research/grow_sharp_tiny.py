@@ -52,7 +52,8 @@ def main(argv=None):
     a = p.parse_args(argv)
     from transformers import AutoModelForImageTextToText
 
-    from scripts.train_sharp_tiny import HELD_OUT_SEED, MODEL_KEYS, TASKS, Batcher, Items, as_tensors, history
+    from scripts.sharp_tiny_data import HELD_OUT_SEED, MODEL_KEYS, Batcher, Items, as_tensors
+    from scripts.train_sharp_tiny import TASKS, history
 
     model = AutoModelForImageTextToText.from_pretrained(a.source, dtype=torch.float32).eval()
     rows = [Items(HELD_OUT_SEED, TASKS, 32, 0.0, False, 10**9)[n] for n in range(4)]  # one clip of each task

@@ -31,6 +31,7 @@ from pathlib import Path
 
 import torch
 
+from scripts.sharp_tiny_losses import Retrieval
 from scripts.small_data import (
     CHECK_SEED,
     NONE,
@@ -45,7 +46,6 @@ from scripts.small_data import (
     small_config,
     unpack,
 )
-from scripts.train_sharp_tiny import Retrieval
 from sharp_cli.evaluate import diagnose
 
 OUT = Path(__file__).resolve().parent.parent / "sharp_cli" / "models" / "sharp_small"

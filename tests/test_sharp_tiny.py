@@ -45,26 +45,26 @@ def test_token_labels_mark_the_needles():
     """Each visual token is taught what it shows: the flash's colour where a flash is, `none`
     elsewhere (the static disc of another colour included), the direction on the moving square,
     which flash it is for count; and whether it shows the answer (order: the first flash only)."""
-    from scripts import train_sharp_tiny as train
+    from scripts import sharp_tiny_data as data
 
     frames, item = synth.make_item(0, 0)  # colour: one flash, a static disc of a wrong option's colour
-    words, shows = train.token_words(frames, item)
+    words, shows = data.token_words(frames, item)
     flash = item["options"]["ABCD".index(item["answer"])]
     assert len(words) == 16 * 4 * 4 and set(words) == {"none", flash}
     assert shows == [w == flash for w in words]
     steps = sorted({n // 16 for n, w in enumerate(words) if w == flash})
     assert steps == sorted({t // 2 for t in item["needle_frames"]})  # the token frames of the flash frames
     frames, item = synth.make_item(0, 1)  # direction
-    words, shows = train.token_words(frames, item)
+    words, shows = data.token_words(frames, item)
     assert set(words) == {"none", item["options"]["ABCD".index(item["answer"])]} and words.count("none") < 250
     frames, item = synth.make_item(0, 2)  # order: two colours, the first one shows the answer
-    words, shows = train.token_words(frames, item)
+    words, shows = data.token_words(frames, item)
     first = item["options"]["ABCD".index(item["answer"])]
     assert len(set(words)) == 3 and {w for w, s in zip(words, shows) if s} == {first}
     assert max(n for n, s in enumerate(shows) if s) < min(n for n, w in enumerate(words) if w not in ("none", first))
     for i in range(3, 40, 4):  # count: flash k's tokens say k; the last one's show the answer
         frames, item = synth.make_item(0, i)
-        words, shows = train.token_words(frames, item)
+        words, shows = data.token_words(frames, item)
         count = item["options"]["ABCD".index(item["answer"])]
         assert sorted(set(words) - {"none"}) == [str(k) for k in range(1, int(count) + 1)]
         assert {w for w, s in zip(words, shows) if s} == {count}
