@@ -55,6 +55,12 @@ step check-fused env SHARP_FUSED_STEP=1 python3 -m scripts.cuda_check --frames 8
 step profile-fused env SHARP_FUSED_STEP=1 python3 -m scripts.profiler decode --quant none
 step bench-fused env SHARP_FUSED_STEP=1 "${bench[@]}" --quant none --methods none,sharp --output-json "$out/$gpu-e2e-bf16-6272-fused.json"
 step profile-nf4-fused env SHARP_FUSED_STEP=1 python3 -m scripts.profiler decode --quant nf4
+# the vision tower (issue 26 item 3): sharp's features against the stock tower's (fp32 reference for bf16 rounding)
+# and its time eager / fused MLP / CUDA graph per shape, Qwen2.5-VL-7B then Qwen3-VL-8B (<2 min each; exit 1 on a
+# difference); then the graphs end to end (SHARP_VISION_GRAPHS=1, off by default) against bench-bf16's rows
+step vision-check python3 -m research.vision_check --json "$out/$gpu-vision-check.json"
+step vision-check-qwen3 python3 -m research.vision_check -m Qwen/Qwen3-VL-8B-Instruct --json "$out/$gpu-vision-check-qwen3.json"
+step bench-vision-graphs env SHARP_VISION_GRAPHS=1 "${bench[@]}" --quant none --methods none,sharp --output-json "$out/$gpu-e2e-bf16-6272-vision-graphs.json"
 step bench-128 "${bench[@]}" --quant none --frames 128 --max-pixels 307328 --methods none,sharp --iters 3 --warmup 1 --output-json "$out/$gpu-e2e-bf16-25088.json"
 step check-small python3 -m scripts.cuda_check -m llava-hf/llava-onevision-qwen2-0.5b-ov-hf --quant int8 --skip bounded
 step check-fp16 python3 -m scripts.cuda_check -m llava-hf/llava-onevision-qwen2-0.5b-ov-hf --dtype float16 --skip bounded

@@ -11,7 +11,8 @@ gives, the lm_head alone, and the GPU kernel time of one eager step split by kin
 with --compile each method also with the step compiled.
 
 vision: the encoder's time (median of 5 after a warm-up, synchronised clock) with sharp's packed
-attention and with transformers' per-window loop, the FLOPs of its matrix products and the rate that
+attention (on CUDA also replayed from a CUDA graph, models/vision_graphs.py) and with transformers'
+per-window loop, the FLOPs of its matrix products and the rate that
 gives, the GPU kernel time split by kind with the ten costliest kernels, and, with --compile, the
 same with the tower's blocks compiled (first call = compile time).
 
@@ -196,7 +197,18 @@ def profile_vision(args) -> None:
         with torch.inference_mode():
             loaded.adapter.vision(loaded.model, inputs)
 
-    report("packed attention, padded MLPs (sharp)", run, flops)
+    report("packed attention, padded MLPs, gate and up as one product (sharp)", run, flops)
+    if torch.cuda.is_available():  # SHARP_VISION_GRAPHS=1's path: the tower replayed from a graph per shape
+        from sharp_cli.models.vision_graphs import VisionGraphs
+
+        graphs = loaded.vision_graphs or VisionGraphs(visual)
+
+        def run_graphed():
+            with graphs.active():
+                run()
+
+        report("the same, replayed from a CUDA graph per shape", run_graphed, flops)
+        print(f"    graphs: {graphs.counts}{', failed: ' + str(graphs.failed) if graphs.failed else ''}")
     from sharp_cli import peers
 
     with peers.stock_attention(loaded):

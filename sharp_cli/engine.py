@@ -51,7 +51,7 @@ def encode(loaded: Loaded, inputs, features=None):
     watch = measure.Stopwatch(loaded.device)
     with watch:
         if features is None:
-            with loaded.compiled_vision.active() if loaded.compiled_vision is not None else nullcontext():
+            with loaded.vision_context():
                 features = loaded.adapter.vision(loaded.model, inputs)
         encoded = loaded.adapter.encode(loaded.model, inputs, features)
     encoded.features = features

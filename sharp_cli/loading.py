@@ -32,6 +32,7 @@ class Loaded:
     kv_pool: object = None  # kv.KVPool: the preallocated KV caches (and the decode graphs on them)
     compiled: bool = False  # --compile: decode steps through torch.compile (decode.compiled) ...
     compiled_vision: object = None  # ... and the vision blocks (compiled.CompiledStack, used by engine.encode)
+    vision_graphs: object = None  # models.vision_graphs.VisionGraphs: SHARP_VISION_GRAPHS=1 on CUDA (engine.encode)
     folder: str | None = None  # where the model's files are (a local folder or the hub cache's snapshot)
     prior_identity: dict | None = None  # hashes naming the model in prior cache keys (prior_pass.py)
 
@@ -50,6 +51,15 @@ class Loaded:
         if blocks is not None:
             self.compiled_vision = CompiledStack(blocks, dynamic=None)
         return self
+
+    def vision_context(self):
+        """What sharp's encoder phase runs the vision tower under: the compiled blocks with --compile,
+        else its CUDA graphs per shape where they are on, else the plain tower."""
+        from contextlib import nullcontext
+
+        if self.compiled_vision is not None:
+            return self.compiled_vision.active()
+        return self.vision_graphs.active() if self.vision_graphs is not None else nullcontext()
 
     def resolve_prune(self, cfg: PruneConfig) -> PruneConfig:
         """cfg with K resolved for this model (PruneConfig.resolved_for through the family's
@@ -271,23 +281,36 @@ def use_shape_free_attention_kernels() -> None:
     torch.backends.cuda.enable_cudnn_sdp(False)
 
 
+def ready_vision(visual, device: torch.device, dtype: torch.dtype):
+    """A Qwen vision tower (`model.model.visual`) made sharp's, in place: packed attention, its MLPs
+    padded and fused where that pays; returns its VisionGraphs where they are on, else None. ready()
+    and research/vision_check.py (which builds the tower alone) both go through here."""
+    from sharp_cli.models import vision_attention, vision_graphs, vision_mlp
+
+    if getattr(visual.config, "_attn_implementation", None) == "sdpa":
+        visual.config._attn_implementation = vision_attention.register()
+    if vision_mlp.pays_on(device, dtype):
+        vision_mlp.pad_gated_mlps(visual)
+    return vision_graphs.VisionGraphs(visual) if vision_graphs.available(device) else None
+
+
 def ready(loaded: Loaded) -> Loaded:
     """Route the text model's attention through sharp_sdpa (stock SDPA unless a segment plan is on),
     and a packed vision tower's through one SDPA call per window length instead of one per window;
-    its MLPs padded to aligned widths where that pays (models/vision_mlp.py); on CUDA the text model's one-token
+    its MLPs padded to aligned widths, gate and up as one product, where that pays (models/vision_mlp.py),
+    and with SHARP_VISION_GRAPHS=1 on CUDA the tower replayed from a CUDA graph per input shape
+    (models/vision_graphs.py); on CUDA the text model's one-token
     products through sharp's matrix-vector kernels (models/gemv.py; bitsandbytes' 4-bit layers
     through models/gemv_nf4.py when SHARP_GEMV_NF4=1), and with SHARP_FUSED_STEP=1 its one-token
     norms, rotary embedding and activation through one Triton kernel each (models/fused_step.py)."""
-    from sharp_cli.models import fused_step, gemv, gemv_nf4, vision_attention, vision_mlp
+    from sharp_cli.models import fused_step, gemv, gemv_nf4, vision_attention
 
     name = attention.register()
     text = loaded.adapter.text_model(loaded.model)
     text.config._attn_implementation = name
     visual = vision_attention.vision_tower(loaded.model)
-    if visual is not None and getattr(visual.config, "_attn_implementation", None) == "sdpa":
-        visual.config._attn_implementation = vision_attention.register()
-    if visual is not None and vision_mlp.pays_on(loaded.device, loaded.dtype):
-        vision_mlp.pad_gated_mlps(visual)
+    if visual is not None:
+        loaded.vision_graphs = ready_vision(visual, loaded.device, loaded.dtype)
     if gemv.available(loaded.device):
         gemv.use_gemv([text, loaded.adapter.lm_head(loaded.model)])
     if gemv_nf4.available(loaded.device):

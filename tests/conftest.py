@@ -85,6 +85,17 @@ def prune_layer(loaded) -> int:
     return max(2, loaded.adapter.min_layer)
 
 
+def tower_inputs(visual, grid=(2, 10, 14), seed=0):
+    """Random pixels (patches, C*T*P*P) for grid (t, h, w): 10x14 patches make Qwen2.5-VL windows of
+    two lengths (full and edge), so packed attention gathers."""
+    import torch
+
+    vc = visual.config
+    x = torch.randn(grid[0] * grid[1] * grid[2], vc.in_channels * vc.temporal_patch_size * vc.patch_size**2,
+                    generator=torch.Generator().manual_seed(seed))
+    return x, torch.tensor([grid])
+
+
 def make_clip(frames=8, height=56, width=56, seed=0, content=None):
     """An in-memory clip (what video.load_video returns) of random or given frames."""
     from sharp_cli.video import VideoClip

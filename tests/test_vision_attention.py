@@ -15,10 +15,32 @@ def test_packed_attention_equals_per_chunk_sdpa():
     q, k, v = (torch.randn(1, 4, 40, 8) for _ in range(3))
     cu = torch.tensor([0, 8, 16, 19, 27, 35, 40])  # lengths 8, 8, 3, 8, 8, 5
     out, _ = vision_attention.packed_attention(None, q, k, v, cu_seq_lens_q=cu, cu_seq_lens_k=cu, scaling=0.3)
-    ref = torch.cat([torch.nn.functional.scaled_dot_product_attention(q[:, :, a:b], k[:, :, a:b], v[:, :, a:b],
-                                                                      scale=0.3)
-                     for a, b in zip(cu[:-1].tolist(), cu[1:].tolist())], dim=2).transpose(1, 2)
-    torch.testing.assert_close(out, ref)
+    torch.testing.assert_close(out, per_chunk(q, k, v, cu, 0.3))
+
+
+def per_chunk(q, k, v, cu, scale):
+    return torch.cat([torch.nn.functional.scaled_dot_product_attention(q[:, :, a:b], k[:, :, a:b], v[:, :, a:b],
+                                                                       scale=scale)
+                      for a, b in zip(cu[:-1].tolist(), cu[1:].tolist())], dim=2).transpose(1, 2)
+
+
+def test_layout_is_read_once_per_tensor_and_equal_frames_need_no_gather(monkeypatch):
+    """A tower hands every block the same cu_seqlens: its host read happens once (the plan lives on
+    the tensor), and frames of one length tiling the sequence are a reshape (no row index)."""
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 4, 24, 8) for _ in range(3))
+    cu = torch.tensor([0, 8, 16, 16, 24])  # three frames of 8 (and an empty chunk, as unique_consecutive leaves none)
+    out, _ = vision_attention.packed_attention(None, q, k, v, cu_seq_lens_q=cu, cu_seq_lens_k=cu, scaling=0.3)
+    torch.testing.assert_close(out, per_chunk(q, k, v, cu, 0.3))
+    assert vision_attention.window_plan(cu, q.device) == [(8, 3, None)]
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("cu_seqlens read again")
+
+    monkeypatch.setattr(torch.Tensor, "tolist", refuse)
+    monkeypatch.setattr(torch, "equal", refuse)
+    again, _ = vision_attention.packed_attention(None, q, k, v, cu_seq_lens_q=cu, cu_seq_lens_k=cu, scaling=0.3)
+    torch.testing.assert_close(again, out, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("family", ["qwen2.5-vl", "qwen2-vl", "qwen3-vl"])
@@ -33,33 +55,6 @@ def test_vision_tower_output_is_unchanged(family):
         stock = engine.encode(loaded, inputs)[0].inputs_embeds
     visual.config._attn_implementation = vision_attention.NAME
     torch.testing.assert_close(ours, stock, rtol=1e-5, atol=1e-5)
-
-
-def test_padded_vision_mlps_give_the_same_output_and_unpad_for_the_stock_rows():
-    """Zero-padding the gated MLPs (Qwen2.5-VL's 3,420 -> 3,456) must not change the encoder's
-    output, and unpadded() must hand the stock rows the original shapes and values."""
-    from sharp_cli.models import vision_mlp
-    from sharp_cli.models.random_init import build_random, tiny_config
-
-    model, processor = build_random(tiny_config("qwen2.5-vl"), dtype="float32")
-    visual = model.model.visual
-    mlp = visual.blocks[0].mlp
-    original = mlp.down_proj.weight.clone()
-    x = torch.randn(64, visual.config.hidden_size)
-    with torch.inference_mode():
-        before = mlp(x)
-        assert vision_mlp.pad_gated_mlps(visual, align=48) == len(visual.blocks)  # 64 -> 96
-        assert mlp.gate_proj.weight.shape[0] == mlp.up_proj.weight.shape[0] == mlp.down_proj.weight.shape[1] == 96
-        torch.testing.assert_close(mlp(x), before, rtol=1e-6, atol=1e-6)
-        with vision_mlp.unpadded(visual):
-            assert mlp.down_proj.weight.shape[1] == mlp.gate_proj.out_features == 64
-            assert mlp.down_proj.weight.is_contiguous()
-            torch.testing.assert_close(mlp.down_proj.weight, original, rtol=0, atol=0)
-            torch.testing.assert_close(mlp(x), before, rtol=1e-6, atol=1e-6)
-        assert mlp.down_proj.weight.shape[1] == 96 and mlp.down_proj.in_features == 96
-        torch.testing.assert_close(mlp(x), before, rtol=1e-6, atol=1e-6)  # padded again, exactly
-        assert not mlp.down_proj.weight[:, 64:].any() and not mlp.gate_proj.bias[64:].any()
-        assert vision_mlp.pad_gated_mlps(visual, align=48) == 0  # already aligned: nothing to do
 
 
 def test_stock_attention_restores_cudnn_and_the_padded_widths(tiny):

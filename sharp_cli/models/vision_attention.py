@@ -5,6 +5,14 @@ cu_seqlens. Without flash-attn, transformers splits the sequence and calls SDPA 
 thousands of tiny calls per video (about 0.75 s of a 0.92 s time-to-first-token for 32 frames of
 Qwen2.5-VL-7B on an H100, docs/benchmarks.md). Nearly all windows share a few lengths, so this
 function gathers the chunks of each length into one batch and makes one SDPA call per length.
+Where every chunk has one length and they tile the sequence in order (Qwen2-VL's and Qwen3-VL's
+frames, Qwen2.5-VL's full-attention blocks) the batch is a reshape of the sequence, with no gather.
+
+The grouping needs cu_seqlens on the host (a device sync). A tower hands the same cu_seqlens tensor
+to every block, so it is read once per tensor (`window_plan`), not once per block, and the plan is
+kept on the tensor itself: it lives exactly as long as the layout it describes. A caller that
+computes a plan before a CUDA graph capture (vision_graphs.py) leaves the captured blocks nothing to
+read back.
 
 transformers hands cu_seqlens only to attention functions whose name contains "flash"; hence the
 name. The result is exact attention, the same as the per-chunk loop.
@@ -13,6 +21,32 @@ name. The result is exact attention, the same as the per-chunk loop.
 from __future__ import annotations
 
 NAME = "sharp_flash_varlen_sdpa"
+_PLAN = "_sharp_window_plan"  # the attribute of a cu_seqlens tensor that holds its plan
+
+
+def window_plan(cu_seqlens, device):
+    """[(length, count, rows)] of cu_seqlens (num_chunks + 1,): the chunks grouped by length, rows
+    the (count * length,) sequence positions of a group's chunks on `device`, or None where the one
+    group is the whole sequence in order. Computed once per tensor (one host read) and cached on it."""
+    import torch
+
+    plan = getattr(cu_seqlens, _PLAN, None)
+    if plan is not None:
+        return plan
+    bounds = cu_seqlens.tolist()
+    by_length: dict[int, list[int]] = {}
+    for start, end in zip(bounds[:-1], bounds[1:]):
+        if end > start:
+            by_length.setdefault(end - start, []).append(start)
+    if len(by_length) == 1 and bounds[0] == 0:  # one length; zero-length chunks dropped, so they tile
+        (length, starts), = by_length.items()  # [0, bounds[-1]) in order: a reshape
+        plan = [(length, len(starts), None)]
+    else:
+        plan = [(length, len(starts), (torch.tensor(starts, device=device).unsqueeze(1)
+                                        + torch.arange(length, device=device)).reshape(-1))
+                for length, starts in by_length.items()]
+    setattr(cu_seqlens, _PLAN, plan)
+    return plan
 
 
 def packed_attention(module, query, key, value, attention_mask=None, scaling=None, dropout=0.0,
@@ -21,23 +55,26 @@ def packed_attention(module, query, key, value, attention_mask=None, scaling=Non
     import torch
     import torch.nn.functional as F
 
-    if cu_seq_lens_q is None or query.shape[0] != 1 or (cu_seq_lens_k is not None
+    # `is` first: the towers pass one tensor as both, and torch.equal would be a device sync.
+    if cu_seq_lens_q is None or query.shape[0] != 1 or (cu_seq_lens_k is not None and cu_seq_lens_k is not cu_seq_lens_q
                                                        and not torch.equal(cu_seq_lens_q, cu_seq_lens_k)):
         from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
         return ALL_ATTENTION_FUNCTIONS["sdpa"](module, query, key, value, attention_mask, scaling=scaling,
                                                dropout=dropout, is_causal=is_causal, **kwargs)
-    bounds = cu_seq_lens_q.tolist()
-    starts, lengths = bounds[:-1], [b - a for a, b in zip(bounds[:-1], bounds[1:])]
+    _, heads, total, dim = query.shape
+    plan = window_plan(cu_seq_lens_q, query.device)
+    if plan[0][2] is None and plan[0][0] * plan[0][1] == total:  # (1, H, T, d) -> (count, H, length, d)
+        length, count, _ = plan[0]
+        split = lambda t: t[0].unflatten(1, (count, length)).transpose(0, 1)  # noqa: E731
+        o = F.scaled_dot_product_attention(split(query), split(key), split(value), scale=scaling,
+                                           is_causal=is_causal)
+        return o.transpose(1, 2).reshape(1, total, heads, dim), None
     out = torch.empty_like(query)
-    by_length: dict[int, list[int]] = {}
-    for start, length in zip(starts, lengths):
-        if length:
-            by_length.setdefault(length, []).append(start)
-    for length, group in by_length.items():
-        rows = (torch.tensor(group, device=query.device).unsqueeze(1)
-                + torch.arange(length, device=query.device)).reshape(-1)
-        gather = lambda t: t[0][:, rows].unflatten(1, (len(group), length)).transpose(0, 1)  # noqa: E731
+    for length, count, rows in plan:
+        if rows is None:  # one length, but not covering this sequence: gather it like the others
+            rows = torch.arange(length * count, device=query.device)
+        gather = lambda t: t[0][:, rows].unflatten(1, (count, length)).transpose(0, 1)  # noqa: E731
         o = F.scaled_dot_product_attention(gather(query), gather(key), gather(value), scale=scaling,
                                            is_causal=is_causal)
         out[0][:, rows] = o.transpose(0, 1).flatten(1, 2)
