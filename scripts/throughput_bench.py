@@ -47,10 +47,11 @@ def main(argv=None) -> int:
     result = {"settings": {k: v for k, v in vars(args).items() if k != "deadline"}, "skipped": []}
     try:
         clips = write_clips(work, args)
-        result["clips"] = {"count": len(clips), "size": f"{args.width}x{args.height}", "frames": args.frames}
+        result["clips"] = {"count": len(clips["timed"]), "size": f"{args.width}x{args.height}", "frames": args.frames}
         if not args.skip_local:
             run_local(args, clips, work, result, quant="none")
-        serve_and_shell(args, clips, work, result)
+        if not args.skip_serve:
+            serve_and_shell(args, clips, work, result)
         if args.nf4 and left(args) > 150:
             run_local(args, clips, work, result, quant="nf4")
         elif args.nf4:
@@ -61,7 +62,15 @@ def main(argv=None) -> int:
         if args.output:
             Path(args.output).write_text(text + "\n")
         print(table(result))
-    return 0
+    # A section whose questions failed measured nothing: say so in the exit code, not only in the table.
+    return 1 if failures(result) else 0
+
+
+def failures(result: dict) -> int:
+    """Failed questions and request errors over every section of the result."""
+    rows = [row for key in ("batch", "batch_nf4") for row in result.get(key, {}).values() if isinstance(row, dict)]
+    rows += [row for row in result.get("serve", {}).values() if isinstance(row, dict)]
+    return sum(row.get("failed", 0) or row.get("errors", 0) or 0 for row in rows)
 
 
 def parse_args(argv):
@@ -86,6 +95,7 @@ def parse_args(argv):
     p.add_argument("--cold", type=int, default=3, help="cold `sharp ask` processes at most")
     p.add_argument("--nf4", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--skip-local", action="store_true", help="sections 1-2 left out")
+    p.add_argument("--skip-serve", action="store_true", help="sections 3-4 left out (with --skip-local: nf4 only)")
     p.add_argument("--seconds", type=float, default=470)
     p.add_argument("--output", default=None)
     p.add_argument("--smoke", action="store_true", help="CPU check: sharp-tiny, tiny sizes, every section but nf4")
@@ -132,8 +142,10 @@ def encode(frames, path: Path, fps: float) -> None:
 # -- the table --------------------------------------------------------------------------------------------
 def table(result: dict) -> str:
     def qps(row):
-        return f"{row['questions_per_second']:.2f} q/s ({row['questions']} q, {row.get('tokens', 0)} tokens)" \
-            if row else "-"
+        if not row:
+            return "-"
+        failed = f", **{row['failed']} FAILED**" if row.get("failed") else ""
+        return f"{row['questions_per_second']:.2f} q/s ({row['questions']} q, {row.get('tokens', 0)} tokens{failed})"
 
     lines = ["| | measured |", "|---|---|"]
     for key in ("batch", "batch_nf4"):
