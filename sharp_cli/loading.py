@@ -5,6 +5,7 @@ through sharp's functions. Everything the phases need travels in one `Loaded`.
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -303,7 +304,7 @@ def ready(loaded: Loaded) -> Loaded:
     products through sharp's matrix-vector kernels (models/gemv.py; bitsandbytes' 4-bit layers
     through models/gemv_nf4.py when SHARP_GEMV_NF4=1), and with SHARP_FUSED_STEP=1 its one-token
     norms, rotary embedding and activation through one Triton kernel each (models/fused_step.py)."""
-    from sharp_cli.models import fused_step, gemv, gemv_nf4, vision_attention
+    from sharp_cli.models import fused_step, gemv, gemv_nf4, quant_check, vision_attention
 
     name = attention.register()
     text = loaded.adapter.text_model(loaded.model)
@@ -313,6 +314,11 @@ def ready(loaded: Loaded) -> Loaded:
         loaded.vision_graphs = ready_vision(visual, loaded.device, loaded.dtype)
     if gemv.available(loaded.device):
         gemv.use_gemv([text, loaded.adapter.lm_head(loaded.model)])
+    if loaded.quant == "nf4" and loaded.device.type == "cuda":
+        # Before sharp's kernel replaces the one-row products: this judges bitsandbytes' own.
+        line = quant_check.warning(loaded.model)
+        if line:
+            print(line, file=sys.stderr)
     if gemv_nf4.available(loaded.device):
         gemv_nf4.use_gemv_4bit([text])
     if fused_step.available(loaded.device):
