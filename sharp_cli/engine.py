@@ -8,6 +8,7 @@ transformers' own.
 
 from __future__ import annotations
 
+import os
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -19,6 +20,20 @@ from sharp_cli.errors import UsageError
 from sharp_cli.loading import Loaded
 from sharp_cli.prune.config import PruneConfig, keep_count, require_resolved
 from sharp_cli.prune.session import PruneSession
+
+# On CUDA the video processor resizes and normalises the frames on the GPU (transformers' `device`
+# video kwarg): on the CPU that work is a sizeable share of an answer, serial with the GPU
+# (docs/benchmarks.md, "The video processor"), and the float32 pixels it hands over are 4x the
+# uint8 frames sent instead. Off (on the CPU, as a stock script does) until the GPU check has passed:
+# SHARP_PROCESS_ON_GPU=1 turns it on.
+PROCESS_ON_GPU = "SHARP_PROCESS_ON_GPU"
+PROCESS_ON_GPU_DEFAULT = "0"  # becomes "1" once research/gpu-notes.md's processor check has passed
+
+
+def processing_device(loaded: Loaded):
+    """Where the video processor works: the model's GPU, or None (the CPU)."""
+    on = loaded.device.type == "cuda" and os.environ.get(PROCESS_ON_GPU, PROCESS_ON_GPU_DEFAULT) == "1"
+    return loaded.device if on else None
 
 
 def prepare(loaded: Loaded, clip, question: str, max_pixels: int | None = None, layout: dict | None = None):
@@ -32,7 +47,8 @@ def prepare(loaded: Loaded, clip, question: str, max_pixels: int | None = None, 
     if layout is not None:
         inputs = loaded.adapter.layout_inputs(loaded.processor, prompt, layout)
     if inputs is None:
-        inputs = loaded.adapter.processor_inputs(loaded.processor, prompt, clip, max_pixels)
+        inputs = loaded.adapter.processor_inputs(loaded.processor, prompt, clip, max_pixels,
+                                                 processing_device(loaded))
     return inputs.to(loaded.device)
 
 

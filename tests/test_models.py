@@ -329,3 +329,41 @@ def test_sequence_estimate_counts_text_and_new_tokens():
         check(adapter, config, 600, 360, 640, question="what?", max_new_tokens=128)
     with pytest.raises(UsageError, match=r"6,272 visual tokens .* exceed --max-visual-tokens 6,000"):
         check(adapter, config, 32, 360, 640, max_visual_tokens=6000)
+
+
+# -- the video processor on the model's device (engine.processing_device) -------------------------------
+@pytest.mark.parametrize("name", ["Qwen/Qwen2.5-VL-7B-Instruct", "Qwen/Qwen2-VL-7B-Instruct",
+                                  "Qwen/Qwen3-VL-8B-Instruct", "llava-hf/llava-onevision-qwen2-0.5b-ov-hf"])
+def test_each_family_hands_its_video_processor_the_device(name, monkeypatch):
+    # On CUDA the frames are resized and normalised there; the device must reach transformers' video
+    # processor (not be dropped on the way) and change nothing but where the work is done.
+    config = load_config(name)
+    adapter, processor = _processor(config)
+    seen = []
+    video_processor = type(processor.video_processor)
+    real = video_processor._prepare_input_videos
+
+    def spy(self, *args, **kwargs):
+        seen.append(kwargs.get("device"))
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(video_processor, "_prepare_input_videos", spy)
+    clip, prompt = make_clip(frames=4, height=64, width=96), adapter.prompt(processor, "what?")
+    plain = adapter.processor_inputs(processor, prompt, clip, 64 * 96)
+    placed = adapter.processor_inputs(processor, prompt, clip, 64 * 96, torch.device("cpu"))
+    assert seen == [None, "cpu"]
+    assert plain.keys() == placed.keys()
+    assert all(torch.equal(plain[k], placed[k]) for k in plain if isinstance(plain[k], torch.Tensor))
+
+
+def test_the_processor_works_on_the_gpu_when_switched_on(monkeypatch):
+    class Fake:
+        device = torch.device("cuda", 0)
+
+    monkeypatch.setattr(engine, "PROCESS_ON_GPU_DEFAULT", "1")
+    assert engine.processing_device(Fake()) == torch.device("cuda", 0)
+    monkeypatch.setenv(engine.PROCESS_ON_GPU, "0")
+    assert engine.processing_device(Fake()) is None
+    monkeypatch.setenv(engine.PROCESS_ON_GPU, "1")
+    Fake.device = torch.device("cpu")
+    assert engine.processing_device(Fake()) is None

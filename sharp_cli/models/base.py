@@ -178,7 +178,10 @@ class Adapter:
         inputs.sharp_question = (tail, len(full) - head - tail)
         return inputs
 
-    def processor_inputs(self, processor, prompt: str, clip, max_pixels: int | None) -> dict:
+    def processor_inputs(self, processor, prompt: str, clip, max_pixels: int | None, device=None) -> dict:
+        """The processor's full call on `prompt` and the clip's frames. device: where its video
+        processor resizes and normalises them (transformers' `device` video kwarg; None: the CPU),
+        so the pixel values come back there."""
         raise NotImplementedError
 
     # What a question about a video whose vision output is cached needs of the processor's video

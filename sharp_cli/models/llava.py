@@ -38,11 +38,11 @@ class LlavaOnevisionAdapter(Adapter):
     def skip_modules(self) -> list[str]:
         return ["model.vision_tower", "model.multi_modal_projector", "lm_head"]
 
-    def processor_inputs(self, processor, prompt, clip, max_pixels):
+    def processor_inputs(self, processor, prompt, clip, max_pixels, device=None):
         # Every frame is resized to the vision tower's input size, so the token count per frame is
         # fixed; max_pixels only bounded the frames while decoding.
         out = processor(text=[prompt], videos=[clip.frames], return_tensors="pt", do_sample_frames=False,
-                        video_metadata=[clip.metadata()])
+                        video_metadata=[clip.metadata()], **({"device": str(device)} if device is not None else {}))
         return self.mark_question(processor, prompt, out)
 
     text_per_video = 2  # the newline embedding after the frames, and the template's "\n"

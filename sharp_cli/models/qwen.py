@@ -40,7 +40,7 @@ class QwenVLAdapter(Adapter):
 
     text_per_video = 2  # <|vision_start|>, <|vision_end|>
 
-    def processor_inputs(self, processor, prompt, clip, max_pixels):
+    def processor_inputs(self, processor, prompt, clip, max_pixels, device=None):
         vp = processor.video_processor
         size = self.video_size(vp, len(clip.frames), max_pixels)
         if getattr(clip, "sized", False):  # decoded at the size this processor makes of the full-size frames
@@ -48,7 +48,8 @@ class QwenVLAdapter(Adapter):
             size = {"shortest_edge": min(size["shortest_edge"], height * width),
                     "longest_edge": max(size["longest_edge"],
                                         (len(clip.frames) + vp.temporal_patch_size) * height * width)}
-        video_kwargs = {"do_sample_frames": False, "video_metadata": [clip.metadata()], "size": size}
+        video_kwargs = {"do_sample_frames": False, "video_metadata": [clip.metadata()], "size": size,
+                        **({"device": str(device)} if device is not None else {})}
         if hasattr(type(vp), "cap_pixels_per_frame"):  # the budget is in the bounds already
             video_kwargs["cap_pixels_per_frame"] = False
         out = processor(text=[prompt], videos=[clip.frames], return_tensors="pt", **video_kwargs)

@@ -47,7 +47,7 @@ class Qwen3VLAdapter(QwenVLAdapter):
 
     layout_keys = ()  # its processor writes each frame's timestamp into the prompt: frames always processed
 
-    def processor_inputs(self, processor, prompt, clip, max_pixels):
+    def processor_inputs(self, processor, prompt, clip, max_pixels, device=None):
         temporal = processor.video_processor.temporal_patch_size
         if len(clip.frames) < temporal:  # its processor refuses a clip shorter than one token frame
             import copy
@@ -58,7 +58,7 @@ class Qwen3VLAdapter(QwenVLAdapter):
             repeat = [len(short.frames) - 1] * (temporal - len(short.frames))
             clip.frames = np.concatenate([short.frames, short.frames[repeat]])
             clip.indices = list(short.indices) + [short.indices[-1]] * len(repeat)
-        return super().processor_inputs(processor, prompt, clip, max_pixels)
+        return super().processor_inputs(processor, prompt, clip, max_pixels, device)
 
     def resized(self, frames, height, width, factor, temporal, max_pixels, saved=None):
         frames = max(frames, temporal)  # one frame is repeated to fill a token frame (above)
