@@ -40,13 +40,14 @@ class Answer:
 
 def ask(loaded: Loaded, clip, question: str, cfg: PruneConfig, *, max_new_tokens: int = 128,
         max_pixels: int | None = None, store: PriorStore | None = None, warmup: int = 0,
-        on_text=None, cancel=None, sampling: Sampling | None = None, cache=None) -> Answer:
+        on_text=None, cancel=None, sampling: Sampling | None = None, cache=None, inputs=None) -> Answer:
     """One question end to end. `warmup` untimed passes first: a fresh CUDA process spends most of
     its first prefill loading kernels, which says nothing about the method. on_text(piece) gets the
     answer as it is decoded (the pieces join to Answer.text); cancel() is asked between tokens and
     ends the answer early when it says True (a client that went away). cfg: resolved for this model
     (loaded.resolve_prune), by the command that made it. cache: a VideoCache (for a
-    clip it loaded) that keeps the vision output and the prompt's question-independent start."""
+    clip it loaded) that keeps the vision output and the prompt's question-independent start.
+    inputs: the processor's, made ahead (begin)."""
     require_resolved(cfg, "answer.ask")
     rules = rules_for(loaded.model, loaded.processor.tokenizer, sampling)
     if rules.sampling.seed is not None:
@@ -55,7 +56,7 @@ def ask(loaded: Loaded, clip, question: str, cfg: PruneConfig, *, max_new_tokens
         _warm_up(loaded, clip, question, cfg, rules, max_new_tokens, max_pixels, store or PriorStore(), cache,
                  warmup)
     begun = begin(loaded, clip, question, cfg, max_new_tokens=max_new_tokens, max_pixels=max_pixels, store=store,
-                  rules=rules, cache=cache)
+                  rules=rules, cache=cache, inputs=inputs)
     prefill(begun)
     stream = TextStream(loaded.processor.tokenizer, on_text)
     decoded = decode(loaded, begun.encoded, begun.state, max_new_tokens, prompt_ids=begun.prompt_ids, rules=rules,
@@ -87,16 +88,21 @@ class Begun:
 
 def begin(loaded: Loaded, clip, question: str, cfg: PruneConfig, *, max_new_tokens: int = 128,
           max_pixels: int | None = None, store: PriorStore | None = None, rules: Rules | None = None,
-          cache=None, reset_peak: bool = True) -> Begun:
+          cache=None, reset_peak: bool = True, inputs=None) -> Begun:
     """Prompt, vision encoder (or its cached output) and positional prior: everything before prefill.
     cfg must be resolved (loaded.resolve_prune). Peak memory counts from here (reset_peak: when many
-    questions share the device at once, the caller keeps one count for all)."""
+    questions share the device at once, the caller keeps one count for all). inputs: this question's
+    engine.prepare(..., to_device=False), made ahead in another thread; unused when the video's
+    vision output is cached (its layout is cheaper than moving the pixels)."""
     require_resolved(cfg, "answer.begin")
     rules = rules or rules_for(loaded.model, loaded.processor.tokenizer)
     store = store or PriorStore()
     # A cached video: its vision output, and its layout, so the frames are not processed again.
     features, layout = (cache.vision(loaded, clip, max_pixels) if cache is not None else None) or (None, None)
-    inputs = engine.prepare(loaded, clip, question, max_pixels, layout=layout)
+    if inputs is None or features is not None:
+        inputs = engine.prepare(loaded, clip, question, max_pixels, layout=layout)
+    else:
+        inputs = inputs.to(loaded.device)
     if reset_peak:
         measure.reset_peak_memory(loaded.device)
     measure.synchronize(loaded.device)
@@ -107,6 +113,16 @@ def begin(loaded: Loaded, clip, question: str, cfg: PruneConfig, *, max_new_toke
         cache.put_vision(loaded, clip, max_pixels, encoded.features, engine.video_layout(loaded, inputs))
     return Begun(loaded, clip, cfg, rules, max_new_tokens, max_pixels, cache, inputs["input_ids"], encoded, vision_s,
                  prior, features is not None, started)
+
+
+def inputs_ahead(loaded: Loaded, clip, question: str, max_pixels: int | None = None, cache=None):
+    """engine.prepare's work for a question about to be asked (the processor's resize, normalise and
+    patchify of every frame: CPU time that would otherwise stall the GPU between requests), done in
+    the caller's thread, a decoding thread of batch or serve; for begin(inputs=...). None when the
+    video's vision output is cached: begin then rebuilds the prompt from its layout."""
+    if cache is not None and cache.knows_vision(loaded, clip, max_pixels):
+        return None
+    return engine.prepare(loaded, clip, question, max_pixels, to_device=False)
 
 
 def prefill(begun: Begun, kv=None) -> Prefill:

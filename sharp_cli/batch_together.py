@@ -1,8 +1,9 @@
 """`sharp batch --max-batch N` (N > 1): the items answered together by the scheduler, their lines
 still written in input order.
 
-The next items' videos are decoded ahead in threads (prefetch.py, at most PREFETCH_DEPTH at a
-time), so that a request is ready when a slot of the batch frees; the scheduler takes one only when
+The next items' videos are decoded, and their frames put through the model's processor, ahead in
+threads (prefetch.py, at most PREFETCH_DEPTH at a time), so that a request is ready when a slot of
+the batch frees; the scheduler takes one only when
 it could start. Answers end out of order; each waits until every line before it is written (at
 most the answers in flight wait), so the output reads like a one-at-a-time run's and a rerun with
 --output resumes the same way.
@@ -13,22 +14,26 @@ from __future__ import annotations
 from sharp_cli import jsonl
 from sharp_cli.batch_items import error_line, outcome, prepare_item
 
-PREFETCH_DEPTH = 8  # videos decoded ahead of the scheduler (bounded: their frames are in memory)
+PREFETCH_DEPTH = 8  # videos prepared ahead of the scheduler (bounded: their frames and pixels are in memory)
 PREFETCH_WORKERS = 2
 
 
 def run(loaded, entries, defaults, base, sink, progress, store, cache, max_batch: int, kv_gb: float | None) -> None:
     """Answer every (id, item, error) of `entries`, writing each line to `sink` in order."""
-    from sharp_cli import prefetch, report
+    from sharp_cli import answer, prefetch, report
     from sharp_cli.scheduler import Request, Scheduler
 
     scheduler = Scheduler(loaded, max_batch=max_batch, kv_bytes=int(kv_gb * 2**30) if kv_gb else None,
                           store=store, cache=cache)
     lines = _InOrder(sink, progress)
 
-    def prepare(entry):
+    def prepare(entry):  # in a prefetch thread: the frames, then the processor's work on them
         _, item, error = entry
-        return None if error is not None else prepare_item(loaded, item, defaults, base, progress, cache)
+        if error is not None:
+            return None
+        plan, clip, video_s = prepare_item(loaded, item, defaults, base, progress, cache)
+        inputs = answer.inputs_ahead(loaded, clip, item.question, plan.video.get("max_pixels"), cache)
+        return plan, clip, video_s, inputs
 
     def requests():
         decoded = prefetch.ahead(entries, prepare, workers=PREFETCH_WORKERS, depth=min(max_batch, PREFETCH_DEPTH))
@@ -39,10 +44,10 @@ def run(loaded, entries, defaults, base, sink, progress, store, cache, max_batch
             if error is not None:
                 lines.done(index, None, error, 0.0)
                 continue
-            plan, clip, video_s = prepared
+            plan, clip, video_s, inputs = prepared
             yield Request(clip, item.question, plan.cfg, max_new_tokens=plan.max_new_tokens,
                           max_pixels=plan.video.get("max_pixels"), sampling=plan.sampling,
-                          tag=(index, clip, plan, video_s))
+                          tag=(index, clip, plan, video_s), inputs=inputs)
 
     for done in scheduler.run(requests()):
         index, clip, plan, video_s = done.request.tag

@@ -36,10 +36,13 @@ def processing_device(loaded: Loaded):
     return loaded.device if on else None
 
 
-def prepare(loaded: Loaded, clip, question: str, max_pixels: int | None = None, layout: dict | None = None):
+def prepare(loaded: Loaded, clip, question: str, max_pixels: int | None = None, layout: dict | None = None, *,
+            to_device: bool = True):
     """Prompt + frames -> processor tensors on the device (whole: mm_token_type_ids included).
     layout: the video's layout from an earlier call (video_layout), when its vision output is at
-    hand: then the frames are not processed again and the inputs carry no pixels."""
+    hand: then the frames are not processed again and the inputs carry no pixels. to_device=False:
+    left where the processor made them, for a thread that prepares the next request while the
+    model answers the current ones (answer.begin(inputs=...) moves them)."""
     if not question or not question.strip():
         raise UsageError("the question is empty")
     prompt = loaded.adapter.prompt(loaded.processor, question)
@@ -49,7 +52,7 @@ def prepare(loaded: Loaded, clip, question: str, max_pixels: int | None = None, 
     if inputs is None:
         inputs = loaded.adapter.processor_inputs(loaded.processor, prompt, clip, max_pixels,
                                                  processing_device(loaded))
-    return inputs.to(loaded.device)
+    return inputs.to(loaded.device) if to_device else inputs
 
 
 def video_layout(loaded: Loaded, inputs) -> dict | None:

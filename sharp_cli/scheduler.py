@@ -56,6 +56,7 @@ class Request:
     cancel: Callable | None = None  # asked between tokens; True ends the answer ("cancelled")
     ignore_eos: bool = False
     tag: object = None  # the caller's
+    inputs: object = None  # the processor's, made ahead in the caller's thread (engine.prepare, to_device=False)
 
 
 @dataclass
@@ -214,9 +215,10 @@ class Scheduler:
     def _begin(self, request: Request):
         loaded = self.loaded
         rules = rules_for(loaded.model, loaded.processor.tokenizer, request.sampling)
+        inputs, request.inputs = request.inputs, None  # the host copy of the pixels is not kept past here
         return answer_mod.begin(loaded, request.clip, request.question, request.cfg,
                                 max_new_tokens=request.max_new_tokens, max_pixels=request.max_pixels, store=self.store,
-                                rules=rules, cache=self.cache, reset_peak=False)
+                                rules=rules, cache=self.cache, reset_peak=False, inputs=inputs)
 
     def _join(self, request: Request, begun, slot: int) -> None:
         """Prefill into the slot, pick the first token, and join the batch (or end at once)."""

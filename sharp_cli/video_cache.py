@@ -91,6 +91,14 @@ class VideoCache:
             return None
         return self._get(self._vision_key(loaded, clip, max_pixels), "vision")
 
+    def knows_vision(self, loaded, clip, max_pixels) -> bool:
+        """Whether vision() would find this clip now, without counting a hit or a miss or making it
+        recently used (a preparing thread asks; the model's thread then gets it, or not, itself)."""
+        if getattr(clip, "key", None) is None:
+            return False
+        with self._lock:
+            return self._vision_key(loaded, clip, max_pixels) in self._entries
+
     def put_vision(self, loaded, clip, max_pixels, features, layout=None) -> None:
         """layout: engine.video_layout of the inputs, so a later question need not process the frames."""
         if getattr(clip, "key", None) is not None:

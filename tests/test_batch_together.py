@@ -71,3 +71,31 @@ def test_bad_batch_options_are_usage_errors(model_dirs, tmp_path):
                           (["--kv-gb", "-1"], "--kv-gb must be > 0")):
         result = sharp("batch", items, "-m", model_dirs["qwen2.5-vl"], *args)
         assert result.exit_code == 2 and message in result.stderr
+
+
+def test_the_processor_works_ahead_in_the_prefetch_threads(model_dirs, folder, tmp_path, monkeypatch):  # noqa: F811
+    # The frames' resize/normalise/patchify is CPU work; done in the model's thread it stalls the GPU
+    # between requests. Batched, every video's is done by a prefetch thread (answers: the test above).
+    import threading
+
+    from sharp_cli.models.qwen import QwenVLAdapter
+    from sharp_cli.prior_pass import PRIOR_QUESTION
+
+    threads = []
+    real = QwenVLAdapter.processor_inputs
+
+    def spy(self, processor, prompt, *args, **kwargs):
+        if PRIOR_QUESTION not in str(prompt):  # the positional prior's black clip: the model's own pass
+            threads.append(threading.current_thread().name)
+        return real(self, processor, prompt, *args, **kwargs)
+
+    monkeypatch.setattr(QwenVLAdapter, "processor_inputs", spy)
+    items = write_items(tmp_path / "items.jsonl", [
+        {"id": i, "video": video, "question": "what colour is the ball?", "max_tokens": 2}
+        for i, video in enumerate(["a.mp4", "b.mp4", "a.mp4", "b.mp4"])])
+    result = sharp("batch", items, "-m", model_dirs["qwen2.5-vl"], *SMALL, "--video-dir", folder, "--max-batch", "2")
+    assert result.exit_code == 0, result.stderr
+    assert len(lines(result.stdout)) == 4
+    # Each video's frames once (a repeat finds its vision output cached and needs only the prompt's
+    # layout), every time in a prefetch thread.
+    assert len(threads) >= 2 and all(name.startswith("sharp-prefetch") for name in threads), threads

@@ -134,3 +134,23 @@ def test_serve_refuses_bad_batch_options_before_loading(tiny_dir, args, message)
 
     result = CliRunner().invoke(app, ["serve", "-m", str(tiny_dir), *args])
     assert result.exit_code == 2 and message in result.stderr
+
+
+@pytest.mark.parametrize("max_batch", [1, 4])
+def test_the_processor_works_in_the_decoding_thread_not_the_models(loaded, media, monkeypatch, max_batch):
+    # Its CPU work on the frames, done by the model's thread, would stall every answer in flight.
+    from sharp_cli.prior_pass import PRIOR_QUESTION
+
+    adapter, threads = type(loaded.adapter), []
+    real = adapter.processor_inputs
+
+    def spy(self, processor, prompt, *args, **kwargs):
+        if PRIOR_QUESTION not in str(prompt):  # the positional prior's black clip: the model's own pass
+            threads.append(threading.current_thread().name)
+        return real(self, processor, prompt, *args, **kwargs)
+
+    monkeypatch.setattr(adapter, "processor_inputs", spy)
+    with LiveServer(loaded, media, max_batch=max_batch) as live:
+        reply = live.post(body(url="wide.mp4", max_tokens=3))
+    assert reply.status_code == 200, reply.text
+    assert threads and "sharp-model" not in threads, threads

@@ -56,6 +56,7 @@ class Question:
     stream: bool
     include_usage: bool
     video_seconds: float | None = None  # decoding its frames took this long
+    inputs: object = None  # the processor's, made in the decoding thread (answer.inputs_ahead); taken once
 
 
 @dataclass
@@ -127,6 +128,7 @@ class Service:
         as soon as its frames are in memory."""
         import time
 
+        from sharp_cli import answer
         from sharp_cli.clip_budget import ClipBudget
         from sharp_cli.video import load_video, probe
 
@@ -147,6 +149,9 @@ class Service:
         finally:
             source.discard()
         question.video_seconds = time.perf_counter() - started
+        # Still in this thread, not the model's: the processor's work on the frames (answer.inputs_ahead).
+        question.inputs = answer.inputs_ahead(self.loaded, clip, question.text, plan.video.get("max_pixels"),
+                                              self.cache)
         return clip
 
     def work(self, clip, question: Question) -> "Work":
@@ -169,7 +174,7 @@ class Work:
             answer = answer_mod.ask(service.loaded, self.clip, self.question.text, plan.cfg,
                                     max_new_tokens=plan.max_new_tokens, max_pixels=plan.video.get("max_pixels"),
                                     store=service.store, on_text=on_text, cancel=cancelled, sampling=plan.sampling,
-                                    cache=service.cache)
+                                    cache=service.cache, inputs=self.take_inputs())
         except Exception as exc:
             if not is_out_of_memory(exc):
                 raise
@@ -184,7 +189,12 @@ class Work:
         plan = self.question.plan
         return Request(self.clip, self.question.text, plan.cfg, max_new_tokens=plan.max_new_tokens,
                        max_pixels=plan.video.get("max_pixels"), sampling=plan.sampling, on_text=on_text,
-                       cancel=cancelled)
+                       cancel=cancelled, inputs=self.take_inputs())
+
+    def take_inputs(self):
+        """The processor inputs made ahead, handed over once (the question no longer holds the pixels)."""
+        inputs, self.question.inputs = self.question.inputs, None
+        return inputs
 
     def failure(self, exc: BaseException) -> BaseException:
         """The exception a failed answer is reported as: out of GPU memory is a 500 with advice
