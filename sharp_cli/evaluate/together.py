@@ -2,7 +2,8 @@
 
 The same answers and lines as runner.run, in the same order: per item its unpruned reference
 first (a 1-token answer when the `none` cell was answered in an earlier run), then its cells.
-The next items' videos are decoded ahead in threads (prefetch.py); answers end out of order and
+The next items' videos are decoded (and their frames put through the processor) ahead in threads
+(prefetch.py); answers end out of order and
 each line waits until every line before it is written, so a pruned line always finds its item's
 reference logits, and an interrupted run resumes as a one-at-a-time run does. Failures follow
 runner.run's policy: a broken video's cells get error lines; a cell that fails otherwise gets an
@@ -27,6 +28,7 @@ class _Item:
 
 def run(loaded, job, todo, progress=None, cache=None, store=None) -> int:
     """runner.run's contract: answer every pending cell, append its line; returns lines written."""
+    from sharp_cli import answer as answer_mod
     from sharp_cli import prefetch
     from sharp_cli.scheduler import Request, Scheduler
 
@@ -37,14 +39,21 @@ def run(loaded, job, todo, progress=None, cache=None, store=None) -> int:
     ended: dict[int, object] = {}  # unit -> answer
     written = 0
 
-    def ask(state: _Item, kind: str, cell, tokens: int, cfg):
+    def ask(state: _Item, kind: str, cell, tokens: int, cfg, inputs=None):
         units.append((kind, state, cell, None))
         return Request(state.clip, prompt_for(state.item), cfg, max_new_tokens=tokens,
-                       max_pixels=job.video.get("max_pixels"), tag=len(units) - 1)
+                       max_pixels=job.video.get("max_pixels"), tag=len(units) - 1, inputs=inputs)
+
+    def load(entry):  # in a prefetch thread: the frames, then the processor's work for the first cell
+        clip = cache.load_video(entry[0].video, **job.video)
+        try:
+            inputs = answer_mod.inputs_ahead(loaded, clip, prompt_for(entry[0]), job.video.get("max_pixels"), cache)
+        except Exception:  # noqa: BLE001 - left to the cell's own begin, which fails it by runner.run's policy
+            inputs = None
+        return clip, inputs
 
     def requests():
-        load = lambda entry: cache.load_video(entry[0].video, **job.video)  # noqa: E731
-        for (item, cells), clip, failure in prefetch.ahead(todo, load, depth=PREFETCH_DEPTH):
+        for (item, cells), prepared, failure in prefetch.ahead(todo, load, depth=PREFETCH_DEPTH):
             if failure is not None:
                 if not isinstance(failure, VideoError):
                     raise failure
@@ -53,11 +62,14 @@ def run(loaded, job, todo, progress=None, cache=None, store=None) -> int:
                     units.append(("line", None, cell, record))
                     ended[len(units) - 1] = None
                 continue
+            clip, inputs = prepared
             state = _Item(item, clip)
             if compare and UNPRUNED not in cells:
-                yield ask(state, "reference", UNPRUNED, 1, cell_config(loaded, job, UNPRUNED))
+                yield ask(state, "reference", UNPRUNED, 1, cell_config(loaded, job, UNPRUNED), inputs)
+                inputs = None  # the later cells find the video's vision output cached
             for cell in sorted(cells, key=lambda c: c[0] != "none"):  # the reference first
-                yield ask(state, "cell", cell, job.max_new_tokens, cell_config(loaded, job, cell))
+                yield ask(state, "cell", cell, job.max_new_tokens, cell_config(loaded, job, cell), inputs)
+                inputs = None
 
     next_unit = 0
     with jsonl.open_for_append(job.output) as handle:
