@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -15,6 +17,8 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 FAMILIES = ["qwen2.5-vl", "qwen2-vl", "qwen3-vl", "llava-onevision"]
 HAS_DECORD = available_backends()["decord"] is not None
+# `sharp eval`'s small runs (tests/test_eval*.py): one seed per cell, 8 small frames, half the tokens
+SMALL = ["--tie-seeds", "1", "--random-seeds", "1", "--frames", "8", "--max-pixels", "12544", "--ratio", "0.5"]
 BACKENDS = ["pyav", pytest.param("decord", marks=pytest.mark.skipif(not HAS_DECORD, reason="decord not installed"))]
 
 
@@ -165,3 +169,24 @@ def vids(tmp_path_factory):
         "mpegts": make_video(d / "ts.ts", n_frames=60, gop=10),
     }
 
+
+def sharp(*args):
+    """`sharp ARGS...` in this process (typer's CliRunner), every argument as a string."""
+    from typer.testing import CliRunner
+
+    from sharp_cli.cli import app
+
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def read_jsonl(path) -> list[dict]:
+    """Every line of a JSON-lines file (eval's results, its questions)."""
+    return [json.loads(line) for line in Path(path).read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def synth_items(tmp_path_factory):
+    """Three synthetic eval questions (`sharp synth`), written once per test module."""
+    from sharp_cli.evaluate import synth
+
+    return synth.write(tmp_path_factory.mktemp("synth"), 3, seed=0, frames=16, size=64)
