@@ -4,8 +4,8 @@ decord2 3.4 decodes on a thread of its own. To reach a frame it skips forward fr
 polling that thread; after 10,000 empty polls it gives up, logs "Failed to skip frames
 effectively ... Aborting skip operation" on stderr and carries on from the wrong place, so
 get_batch returns wrong frames with no error. A busy CPU is enough to starve the decoder
-thread that long (tests/test_video.py reproduces it with CPU-burning processes). Its Python API
-gives no frame timestamps to check, so sharp watches stderr during get_batch for that line:
+thread that long (tests/test_decord_read.py reproduces it with CPU-burning processes). Its Python
+API gives no frame timestamps to check, so sharp watches stderr during get_batch for that line:
 seen, the batch is thrown away (auto mode reads the file with PyAV instead).
 """
 

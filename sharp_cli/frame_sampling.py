@@ -1,7 +1,7 @@
 """Which frames of a video to sample: pure arithmetic on the frame count and rate, no decoding.
 
 video.load_video decodes the frames sample_indices picks; keeping the choice apart lets it be
-tested exhaustively (tests/test_video.py) and used before any file is opened.
+tested exhaustively (tests/test_frame_sampling.py) and used before any file is opened.
 """
 
 from __future__ import annotations

@@ -2,16 +2,24 @@
 
 from __future__ import annotations
 
+import json
 import os
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 
+from sharp_cli.video import available_backends
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 FAMILIES = ["qwen2.5-vl", "qwen2-vl", "qwen3-vl", "llava-onevision"]
+HAS_DECORD = available_backends()["decord"] is not None
+# `sharp eval`'s small runs (tests/test_eval*.py): one seed per cell, 8 small frames, half the tokens
+SMALL = ["--tie-seeds", "1", "--random-seeds", "1", "--frames", "8", "--max-pixels", "12544", "--ratio", "0.5"]
+BACKENDS = ["pyav", pytest.param("decord", marks=pytest.mark.skipif(not HAS_DECORD, reason="decord not installed"))]
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -142,3 +150,43 @@ def media(tmp_path_factory):
     make_video(root / "tall.mp4", n_frames=32, fps=8, size=(56, 112))
     (root / "not a video.mp4").write_text("just text\n")
     return root
+
+
+@pytest.fixture(scope="module")
+def vids(tmp_path_factory):
+    """The test videos, encoded once for the module (about a second in all)."""
+    from videos import make_video
+
+    d = tmp_path_factory.mktemp("videos")
+    return {
+        "h264": make_video(d / "h264.mp4"),
+        "vp9": make_video(d / "vp9.webm", codec="libvpx-vp9"),
+        "mpeg4": make_video(d / "mpeg4.mp4", codec="mpeg4"),
+        # B-frames (pts order != decode order) and keyframes every 7 frames: seeks land mid-file.
+        "bframes": make_video(d / "bframes.mp4", n_frames=60, gop=7, codec_options={"preset": "medium"}),
+        "mkv_gop5": make_video(d / "gop5.mkv", n_frames=60, gop=5),
+        # No index: seeks land on any packet, often past the keyframe the target needs.
+        "mpegts": make_video(d / "ts.ts", n_frames=60, gop=10),
+    }
+
+
+def sharp(*args):
+    """`sharp ARGS...` in this process (typer's CliRunner), every argument as a string."""
+    from typer.testing import CliRunner
+
+    from sharp_cli.cli import app
+
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def read_jsonl(path) -> list[dict]:
+    """Every line of a JSON-lines file (eval's results, its questions)."""
+    return [json.loads(line) for line in Path(path).read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def synth_items(tmp_path_factory):
+    """Three synthetic eval questions (`sharp synth`), written once per test module."""
+    from sharp_cli.evaluate import synth
+
+    return synth.write(tmp_path_factory.mktemp("synth"), 3, seed=0, frames=16, size=64)
