@@ -190,3 +190,16 @@ def synth_items(tmp_path_factory):
     from sharp_cli.evaluate import synth
 
     return synth.write(tmp_path_factory.mktemp("synth"), 3, seed=0, frames=16, size=64)
+
+
+def grid_layout(t, h, w):
+    """The visual layout the selection functions read: a (t, h, w) token grid and its size."""
+    return SimpleNamespace(grid=(t, h, w), num_visual=t * h * w)
+
+
+def run_sharp(log_attention, hidden, grid, prior=None, **kw):
+    """select_sharp on a (t, h, w) grid with PruneConfig(**kw): (kept, details)."""
+    from sharp_cli.prune import PruneConfig
+    from sharp_cli.prune.sharp import select_sharp
+
+    return select_sharp(log_attention, prior, hidden, grid_layout(*grid), PruneConfig(**kw))
