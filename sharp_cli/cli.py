@@ -183,16 +183,19 @@ def ask(
     limits = dict(question=question, max_new_tokens=max_new_tokens, max_visual_tokens=max_visual_tokens)
     video_args = dict(frames=frames, fps=fps, max_frames=max_frames, max_pixels=max_pixels, backend=decoder)
     video_args = fit.plan(info, video_args, **limits)  # refused before decoding; decoded no larger than kept
-    started = time.perf_counter()
-    with console.status("decoding video"):
-        clip = video_mod.load_video(video, **video_args)
-    video_s = time.perf_counter() - started
+    # The frames are decoded while the model loads (seconds for a long video or an HD one, paid
+    # otherwise on top of the load); torch is imported already, as decord needs (docs/video.md).
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(1, thread_name_prefix="sharp-decode") as pool:
+        decoding = pool.submit(_timed, video_mod.load_video, video, **video_args)
+        loaded, load_s = _load(console, model, device, quant, dtype, random_weights, trust_remote_code,
+                               cuda_graphs, compile_model)
+        with console.status("decoding video"):
+            clip, video_s = decoding.result()
     for note in clip.notes:
         console.print(f"note: {note}")
     fit.check_clip(clip, max_pixels, info, **limits)  # exact: the frames as decoded
-
-    loaded, load_s = _load(console, model, device, quant, dtype, random_weights, trust_remote_code, cuda_graphs,
-                           compile_model)
     live = not json_out and not quiet and sys.stdout.isatty()  # a terminal watches the answer being written
     waiting = "answering (--compile: the first answer compiles, for minutes on a 7B model)" if compile_model \
         else "answering"
@@ -206,7 +209,7 @@ def ask(
                                 store=PriorStore(use_disk=not no_prior_cache), warmup=warmup,
                                 on_text=show if live else None, sampling=pick)
     record = report.ask_record(loaded, clip, cfg, answer)
-    record.update(warmup=warmup, video_seconds=video_s, load_seconds=load_s)
+    record.update(warmup=warmup, video_seconds=video_s, load_seconds=load_s, video_during_load=True)
     if json_out:
         report.print_json(record)
     elif live:
@@ -320,6 +323,12 @@ def bench(
         report.print_json(result)
     if not quiet:
         console.print(bench_mod.table(result, width=console.width))
+
+
+def _timed(fn, *args, **kwargs):
+    """(fn(*args, **kwargs), seconds it took)."""
+    started = time.perf_counter()
+    return fn(*args, **kwargs), time.perf_counter() - started
 
 
 def _load(console, model, device, quant, dtype, random_weights, trust_remote_code, cuda_graphs, compile_model=False):

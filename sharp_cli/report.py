@@ -115,7 +115,8 @@ def ask_rows(record: dict) -> list[tuple[str, str]]:
          f"{record['frames']} ({record['decoder']}), token grid {'x'.join(map(str, record['token_grid']))}"),
         ("visual tokens", f"{record['visual_tokens_kept']:,} kept of {record['visual_tokens_total']:,}"),
         *([("model load", fmt_seconds(record["load_seconds"]))] if record.get("load_seconds") is not None else []),
-        *([("video decoding", fmt_seconds(record["video_seconds"]))]
+        *([("video decoding", fmt_seconds(record["video_seconds"])
+            + ("  (during the model load)" if record.get("video_during_load") else ""))]
           if record.get("video_seconds") is not None else []),
         ("vision encoder", fmt_seconds(record["vision_seconds"])),
         ("LLM prefill", fmt_seconds(record["prefill_seconds"])

@@ -62,6 +62,50 @@ def test_ask_method_none_reports_ratio_one(model_dirs, video):
     assert record["kv_cache_bytes"] == record["kv_cache_bytes_unpruned"]
 
 
+def test_ask_decodes_the_video_while_the_model_loads(model_dirs, video, monkeypatch):
+    # A one-off question pays the model load; decoding a long video after it would add its seconds on top.
+    import threading
+
+    from sharp_cli import loading
+    from sharp_cli import video as video_mod
+
+    events, decoding_started = [], threading.Event()
+    real_decode, real_load = video_mod.load_video, loading.load
+
+    def decode(*args, **kwargs):
+        events.append(("decode", threading.current_thread().name))
+        decoding_started.set()
+        return real_decode(*args, **kwargs)
+
+    def load(*args, **kwargs):
+        assert decoding_started.wait(30)  # the decode is under way before the load returns
+        events.append(("load", threading.current_thread().name))
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(video_mod, "load_video", decode)
+    monkeypatch.setattr(loading, "load", load)
+    result = sharp("ask", video, "what?", "-m", model_dirs["qwen2.5-vl"], *SMALL, "--json")
+    assert result.exit_code == 0, result.stderr
+    decoders = [name for kind, name in events if kind == "decode"]
+    assert decoders and all(name.startswith("sharp-decode") for name in decoders)
+    assert ("load", "MainThread") in events
+    record = json.loads(result.stdout)
+    assert record["video_during_load"] is True and record["video_seconds"] > 0
+
+
+def test_a_video_that_fails_while_the_model_loads_is_one_line(model_dirs, video, monkeypatch):
+    from sharp_cli import video as video_mod
+    from sharp_cli.errors import VideoError
+
+    def broken(path, **kwargs):
+        raise VideoError(f"{path}: not a video file, or truncated or corrupted (planted)")
+
+    monkeypatch.setattr(video_mod, "load_video", broken)
+    result = sharp("ask", video, "what?", "-m", model_dirs["qwen2.5-vl"], *SMALL)
+    assert result.exit_code != 0 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith("sharp: error:") and "(planted)" in result.stderr
+
+
 def test_quiet_prints_the_answer_alone(model_dirs, video):
     result = sharp("ask", video, "what?", "-m", model_dirs["qwen2.5-vl"], *SMALL, "-q")
     assert result.exit_code == 0
