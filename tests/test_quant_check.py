@@ -47,3 +47,9 @@ def test_quantization_alone_is_not_flagged():
 
 def test_no_four_bit_layer_no_check():
     assert quant_check.four_bit_error(torch.nn.Linear(4, 4)) is None
+
+
+def test_a_check_that_cannot_run_never_stops_a_load(monkeypatch):
+    model, _ = four_bit_model()
+    monkeypatch.setattr(model[1], "forward", lambda x: (_ for _ in ()).throw(RuntimeError("another bitsandbytes")))
+    assert quant_check.warning(model) is None
