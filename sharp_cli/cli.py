@@ -209,7 +209,7 @@ def ask(
                                 store=PriorStore(use_disk=not no_prior_cache), warmup=warmup,
                                 on_text=show if live else None, sampling=pick)
     record = report.ask_record(loaded, clip, cfg, answer)
-    record.update(warmup=warmup, video_seconds=video_s, load_seconds=load_s, video_during_load=True)
+    record.update(warmup=warmup, video_seconds=video_s, load_seconds=load_s)
     if json_out:
         report.print_json(record)
     elif live:

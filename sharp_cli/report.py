@@ -116,7 +116,8 @@ def ask_rows(record: dict) -> list[tuple[str, str]]:
         ("visual tokens", f"{record['visual_tokens_kept']:,} kept of {record['visual_tokens_total']:,}"),
         *([("model load", fmt_seconds(record["load_seconds"]))] if record.get("load_seconds") is not None else []),
         *([("video decoding", fmt_seconds(record["video_seconds"])
-            + ("  (during the model load)" if record.get("video_during_load") else ""))]
+            # a local `sharp ask` (the one record with a load time) decodes while the model loads
+            + ("  (during the model load)" if record.get("load_seconds") is not None else ""))]
           if record.get("video_seconds") is not None else []),
         ("vision encoder", fmt_seconds(record["vision_seconds"])),
         ("LLM prefill", fmt_seconds(record["prefill_seconds"])
