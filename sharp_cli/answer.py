@@ -32,6 +32,7 @@ class Answer:
     peak_memory_bytes: int | None
     seconds: float = 0.0  # wall clock from the vision encoder to the last token
     extra: dict = field(default_factory=dict)
+    prepare_seconds: float = 0.0  # the processor's work on the frames and prompt (before `seconds`; maybe ahead)
 
     @property
     def decode_seconds(self) -> float:
@@ -84,6 +85,7 @@ class Begun:
     started: float  # perf_counter when the vision encoder started
     state: Prefill | None = None
     prefix_used: bool = False
+    prepare_seconds: float = 0.0  # the processor's work, here or ahead in another thread (inputs_ahead)
 
 
 def begin(loaded: Loaded, clip, question: str, cfg: PruneConfig, *, max_new_tokens: int = 128,
@@ -99,10 +101,13 @@ def begin(loaded: Loaded, clip, question: str, cfg: PruneConfig, *, max_new_toke
     store = store or PriorStore()
     # A cached video: its vision output, and its layout, so the frames are not processed again.
     features, layout = (cache.vision(loaded, clip, max_pixels) if cache is not None else None) or (None, None)
+    prepared = time.perf_counter()
+    ahead = getattr(inputs, "sharp_prepare_seconds", 0.0) if inputs is not None and features is None else 0.0
     if inputs is None or features is not None:
         inputs = engine.prepare(loaded, clip, question, max_pixels, layout=layout)
     else:
         inputs = inputs.to(loaded.device)
+    prepare_s = ahead + time.perf_counter() - prepared
     if reset_peak:
         measure.reset_peak_memory(loaded.device)
     measure.synchronize(loaded.device)
@@ -112,7 +117,7 @@ def begin(loaded: Loaded, clip, question: str, cfg: PruneConfig, *, max_new_toke
     if cache is not None and features is None:
         cache.put_vision(loaded, clip, max_pixels, encoded.features, engine.video_layout(loaded, inputs))
     return Begun(loaded, clip, cfg, rules, max_new_tokens, max_pixels, cache, inputs["input_ids"], encoded, vision_s,
-                 prior, features is not None, started)
+                 prior, features is not None, started, prepare_seconds=prepare_s)
 
 
 def inputs_ahead(loaded: Loaded, clip, question: str, max_pixels: int | None = None, cache=None):
@@ -122,7 +127,10 @@ def inputs_ahead(loaded: Loaded, clip, question: str, max_pixels: int | None = N
     video's vision output is cached: begin then rebuilds the prompt from its layout."""
     if cache is not None and cache.knows_vision(loaded, clip, max_pixels):
         return None
-    return engine.prepare(loaded, clip, question, max_pixels, to_device=False)
+    started = time.perf_counter()
+    inputs = engine.prepare(loaded, clip, question, max_pixels, to_device=False)
+    inputs.sharp_prepare_seconds = time.perf_counter() - started  # reported with the answer (begin)
+    return inputs
 
 
 def prefill(begun: Begun, kv=None) -> Prefill:
@@ -147,6 +155,7 @@ def finish(begun: Begun, decoded: Decoded, stream: TextStream, extra: dict | Non
         text=stream.text().strip(), tokens=decoded.tokens, encoded=begun.encoded, prefill=begun.state,
         vision_seconds=begun.vision_seconds, decoded=decoded, prior=begun.prior,
         peak_memory_bytes=measure.peak_memory_bytes(loaded.device), seconds=seconds,
+        prepare_seconds=begun.prepare_seconds,
         extra={**({"ignored_generation_settings": list(rules.ignored)} if rules.ignored else {}),
                **({"cache": {"vision": begun.features_cached, "prefix": begun.prefix_used}}
                   if begun.cache is not None else {}), **(extra or {})},

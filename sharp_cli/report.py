@@ -49,6 +49,7 @@ def ask_record(loaded, clip, cfg, answer) -> dict:
         "sequence_tokens": int(layout.seq_len),
         "visual_tokens_total": int(n),
         "visual_tokens_kept": kept,
+        "prepare_seconds": answer.prepare_seconds,
         "vision_seconds": answer.vision_seconds,
         "prefill_seconds": answer.prefill.seconds,
         "selection_seconds": answer.prefill.selection_seconds,
@@ -119,6 +120,8 @@ def ask_rows(record: dict) -> list[tuple[str, str]]:
             # a local `sharp ask` (the one record with a load time) decodes while the model loads
             + ("  (during the model load)" if record.get("load_seconds") is not None else ""))]
           if record.get("video_seconds") is not None else []),
+        *([("processor", fmt_seconds(record["prepare_seconds"]) + "  (frames -> pixels, prompt -> tokens)")]
+          if record.get("prepare_seconds") is not None else []),
         ("vision encoder", fmt_seconds(record["vision_seconds"])),
         ("LLM prefill", fmt_seconds(record["prefill_seconds"])
          + ("  (first run in this process: includes CUDA warm-up; see --warmup)"

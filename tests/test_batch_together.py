@@ -77,6 +77,7 @@ def test_the_processor_works_ahead_in_the_prefetch_threads(model_dirs, folder, t
     # The frames' resize/normalise/patchify is CPU work; done in the model's thread it stalls the GPU
     # between requests. Batched, every video's is done by a prefetch thread (answers: the test above).
     import threading
+    import time
 
     from sharp_cli.models.qwen import QwenVLAdapter
     from sharp_cli.prior_pass import PRIOR_QUESTION
@@ -87,6 +88,7 @@ def test_the_processor_works_ahead_in_the_prefetch_threads(model_dirs, folder, t
     def spy(self, processor, prompt, *args, **kwargs):
         if PRIOR_QUESTION not in str(prompt):  # the positional prior's black clip: the model's own pass
             threads.append(threading.current_thread().name)
+            time.sleep(0.05)  # a processor this slow must show in the answers' prepare_seconds
         return real(self, processor, prompt, *args, **kwargs)
 
     monkeypatch.setattr(QwenVLAdapter, "processor_inputs", spy)
@@ -95,7 +97,10 @@ def test_the_processor_works_ahead_in_the_prefetch_threads(model_dirs, folder, t
         for i, video in enumerate(["a.mp4", "b.mp4", "a.mp4", "b.mp4"])])
     result = sharp("batch", items, "-m", model_dirs["qwen2.5-vl"], *SMALL, "--video-dir", folder, "--max-batch", "2")
     assert result.exit_code == 0, result.stderr
-    assert len(lines(result.stdout)) == 4
+    records = lines(result.stdout)
+    assert len(records) == 4
+    # The time it took is still reported, with the answer whose frames it processed.
+    assert max(r["prepare_seconds"] for r in records) >= 0.05
     # Each video's frames once (a repeat finds its vision output cached and needs only the prompt's
     # layout), every time in a prefetch thread.
     assert len(threads) >= 2 and all(name.startswith("sharp-prefetch") for name in threads), threads

@@ -90,9 +90,9 @@ def test_ask_decodes_the_video_while_the_model_loads(model_dirs, video, monkeypa
     assert decoders and all(name.startswith("sharp-decode") for name in decoders)
     assert ("load", "MainThread") in events
     record = json.loads(result.stdout)
-    assert record["video_seconds"] > 0 and record["load_seconds"] > 0
+    assert record["video_seconds"] > 0 and record["load_seconds"] > 0 and record["prepare_seconds"] > 0
     table = sharp("ask", video, "what?", "-m", model_dirs["qwen2.5-vl"], *SMALL).stderr
-    assert "(during the model load)" in table
+    assert "(during the model load)" in table and "processor" in table
 
 
 def test_a_video_that_fails_while_the_model_loads_is_one_line(model_dirs, video, monkeypatch):
