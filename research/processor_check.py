@@ -11,25 +11,9 @@ the pixels differs or the pixels differ by more than 2% of their spread (a uint8
 
 from __future__ import annotations
 
-import statistics
 import sys
-import time
 
 MODELS = ("Qwen/Qwen2.5-VL-7B-Instruct", "Qwen/Qwen3-VL-8B-Instruct", "llava-hf/llava-onevision-qwen2-7b-ov-hf")
-
-
-def timed(fn, repeats: int = 5) -> tuple[float, object]:
-    import torch
-
-    out = fn()
-    runs = []
-    for _ in range(repeats):
-        torch.cuda.synchronize()
-        started = time.perf_counter()
-        out = fn()
-        torch.cuda.synchronize()
-        runs.append(time.perf_counter() - started)
-    return statistics.median(runs), out
 
 
 def main() -> int:
@@ -38,6 +22,7 @@ def main() -> int:
 
     import torch
 
+    from scripts.profiler import timed_wall
     from sharp_cli.bench import synthetic_clip
     from sharp_cli.evaluate.synth import write_mp4
     from sharp_cli.models import adapter_for, random_init
@@ -53,8 +38,10 @@ def main() -> int:
         tokenizer = random_init.synthetic_tokenizer(adapter.special_tokens(config), config.text_config.vocab_size)
         processor = adapter.build_processor(tokenizer, config)
         prompt = adapter.prompt(processor, "what happens?")
-        cpu_s, cpu = timed(lambda: adapter.processor_inputs(processor, prompt, clip, None).to("cuda"))
-        gpu_s, gpu = timed(lambda: adapter.processor_inputs(processor, prompt, clip, None, torch.device("cuda")))
+        on_cpu = lambda: adapter.processor_inputs(processor, prompt, clip, None).to("cuda")  # noqa: E731
+        on_gpu = lambda: adapter.processor_inputs(processor, prompt, clip, None, torch.device("cuda"))  # noqa: E731
+        cpu, gpu = on_cpu(), on_gpu()
+        cpu_ms, gpu_ms = timed_wall(on_cpu), timed_wall(on_gpu)
         pixels = "pixel_values_videos"
         spread = (cpu[pixels].max() - cpu[pixels].min()).item()
         diff = (cpu[pixels].float() - gpu[pixels].float()).abs().max().item() / spread
@@ -63,8 +50,8 @@ def main() -> int:
         ok = others and diff <= 0.02
         failed |= not ok
         print(f"[{'ok' if ok else 'FAIL'}] {name}: pixels {tuple(cpu[pixels].shape)} differ by {diff:.2e} of their "
-              f"spread, other inputs equal: {others}; CPU {cpu_s * 1000:.1f} ms (with the copy to the GPU), "
-              f"GPU {gpu_s * 1000:.1f} ms")
+              f"spread, other inputs equal: {others}; CPU {cpu_ms:.1f} ms (with the copy to the GPU), "
+              f"GPU {gpu_ms:.1f} ms")
     return 1 if failed else 0
 
 

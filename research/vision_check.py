@@ -28,13 +28,13 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import statistics
 import sys
 import time
 from contextlib import contextmanager, nullcontext
 
 import torch
 
+from scripts.profiler import sync, timed_wall
 from sharp_cli import loading
 from sharp_cli.models import gemv, random_init, vision_attention, vision_mlp
 from sharp_cli.models.vision_graphs import VisionGraphs
@@ -98,23 +98,6 @@ def features(out) -> torch.Tensor:
     return out.pooler_output
 
 
-def sync() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-
-
-def timed(fn, iters: int) -> float:
-    fn()
-    times = []
-    for _ in range(iters):
-        sync()
-        started = time.perf_counter()
-        fn()
-        sync()
-        times.append((time.perf_counter() - started) * 1000)
-    return statistics.median(times)
-
-
 def compare(a: torch.Tensor, b: torch.Tensor) -> dict:
     a, b = a.float(), b.float()
     return {"max_abs": float((a - b).abs().max()), "rms": float((a - b).pow(2).mean().sqrt()),
@@ -154,7 +137,7 @@ def run_shape(visual, graphs: VisionGraphs, frames: int, args, check: bool) -> d
         for name, context in rows.items():
             with context:
                 outs[name] = features(call()).clone()
-                result["rows"][name] = {"ms": timed(call, iters)}
+                result["rows"][name] = {"ms": timed_wall(call, iters)}
         before = reserved()
         with graphs.active():
             sync()
@@ -162,7 +145,7 @@ def run_shape(visual, graphs: VisionGraphs, frames: int, args, check: bool) -> d
             outs["graphed"] = features(call()).clone()
             sync()
             first_ms = (time.perf_counter() - started) * 1000
-            result["rows"]["graphed"] = {"ms": timed(call, iters), "first_call_ms": first_ms,
+            result["rows"]["graphed"] = {"ms": timed_wall(call, iters), "first_call_ms": first_ms,
                                          "reserved_growth_gib": (reserved() - before) / 2**30,
                                          "counts": dict(graphs.counts), "failed": list(graphs.failed.values())}
     for name in ("padded", "fused", "graphed"):
