@@ -220,23 +220,20 @@ def random_qwen_ratios(work, items, layer: int) -> np.ndarray:
     model, processor = build_random(config, dtype="float32")
     loaded = loading.ready(loading.Loaded(model, processor, adapter_for(config), "random Qwen2.5-VL-3B",
                                           torch.device("cpu"), torch.float32, "none", True))
-    cfg = loaded.resolve_prune(PruneConfig(layer=layer))
-    ratios = []
-    for item in items:
-        clip = video.load_video(work / item["video"], frames=8)
-        inputs = engine.prepare(loaded, clip, build_prompt(item["question"], item["options"]))
-        encoded, _ = engine.encode(loaded, inputs)
-        ratios.append(norm_ratios(score_pass(loaded, encoded, cfg).visual_hidden))
-    return np.concatenate(ratios)
+    return layer_ratios(loaded, work, items, layer, frames=8)
 
 
 def checkpoint_ratios(name: str, work, items, layer: int) -> np.ndarray:
     """Part 3 on a real checkpoint (--norms-model; a GPU for a 7B model): norms at layer K."""
-    loaded = loading.load(name)
+    return layer_ratios(loading.load(name), work, items, layer, frames=32)
+
+
+def layer_ratios(loaded, work, items, layer: int, frames: int) -> np.ndarray:
+    """The visual tokens' norm ratios at layer K's input over every item, concatenated."""
     cfg = loaded.resolve_prune(PruneConfig(layer=layer))
     ratios = []
     for item in items:
-        clip = video.load_video(work / item["video"], frames=32)
+        clip = video.load_video(work / item["video"], frames=frames)
         inputs = engine.prepare(loaded, clip, build_prompt(item["question"], item["options"]))
         encoded, _ = engine.encode(loaded, inputs)
         ratios.append(norm_ratios(score_pass(loaded, encoded, cfg).visual_hidden.cpu()))
