@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -203,3 +206,16 @@ def run_sharp(log_attention, hidden, grid, prior=None, **kw):
     from sharp_cli.prune.sharp import select_sharp
 
     return select_sharp(log_attention, prior, hidden, grid_layout(*grid), PruneConfig(**kw))
+
+
+def triton_interpreted(code: str, *, timeout: int = 600, **env_extra: str) -> str:
+    """stdout of `code` (dedented) run in a fresh Python with Triton's CPU interpreter on (chosen when
+    Triton compiles, so a kernel test needs its own process), offline, the repo and tests importable;
+    env_extra: more environment (the switch of the kernel under test). Fails on a non-zero exit."""
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, TRITON_INTERPRET="1", HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error", **env_extra)
+    env["PYTHONPATH"] = os.pathsep.join([str(root), str(root / "tests"), env.get("PYTHONPATH", "")])
+    done = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=env, capture_output=True, text=True,
+                          timeout=timeout)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout

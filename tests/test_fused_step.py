@@ -10,27 +10,14 @@ value) apart; in float32 only the order of the float32 sums differs."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-import textwrap
-from pathlib import Path
-
 import pytest
+
+from conftest import triton_interpreted
 
 pytest.importorskip("triton")
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
 def _interpreted(code: str, **env_extra) -> str:
-    env = dict(os.environ, TRITON_INTERPRET="1", HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error",
-               SHARP_FUSED_STEP="1", **env_extra)
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(ROOT / "tests"), env.get("PYTHONPATH", "")])
-    done = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=env, capture_output=True,
-                          text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return done.stdout
+    return triton_interpreted(code, SHARP_FUSED_STEP="1", **env_extra)
 
 
 def test_each_kernel_equals_the_stock_code_on_awkward_shapes():

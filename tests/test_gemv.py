@@ -5,30 +5,14 @@ transformers' generate() with stock nn.Linear layers."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-import textwrap
-from pathlib import Path
-
 import pytest
+
+from conftest import triton_interpreted
 
 pytest.importorskip("triton")
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _interpreted(code: str) -> str:
-    env = dict(os.environ, TRITON_INTERPRET="1", HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error")
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(ROOT / "tests"), env.get("PYTHONPATH", "")])
-    done = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=env, capture_output=True,
-                          text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return done.stdout
-
-
 def test_the_kernel_equals_a_float64_product_on_shapes_that_do_not_fill_a_block():
-    out = _interpreted("""
+    out = triton_interpreted("""
         import torch
         from sharp_cli.models import gemv
         torch.manual_seed(0)
@@ -57,7 +41,7 @@ def test_answers_through_the_kernel_equal_generate_with_stock_linears():
     """Method none through GemvLinear layers (every one-token product in the kernel) gives
     generate()'s tokens; peers.stock_attention swaps back to nn.Linear for generate(); and the
     pruned answer is the one the stock layers give."""
-    out = _interpreted("""
+    out = triton_interpreted("""
         import torch
         from conftest import load_tiny, make_clip
         from sharp_cli import engine
@@ -96,7 +80,7 @@ def test_answers_through_the_kernel_equal_generate_with_stock_linears():
 def test_a_gemv_layer_compiles_into_one_graph():
     """torch.compile(fullgraph=True) raises at any graph break: the compiled decode step must see the
     kernel as one op (a lookup it could not trace broke the step at every linear on the GPU)."""
-    out = _interpreted("""
+    out = triton_interpreted("""
         import torch
         from sharp_cli.models import gemv
         torch.manual_seed(0)

@@ -9,29 +9,17 @@ and by scripts/kernel_bench.py --nf4."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import textwrap
-from pathlib import Path
 
 import pytest
+
+from conftest import triton_interpreted
 
 pytest.importorskip("triton")
 pytest.importorskip("bitsandbytes")
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
 def _interpreted(code: str, prelude: str = "") -> str:
-    env = dict(os.environ, TRITON_INTERPRET="1", HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error",
-               SHARP_GEMV_NF4="1")
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(ROOT / "tests"), env.get("PYTHONPATH", "")])
-    source = textwrap.dedent(prelude) + textwrap.dedent(code)
-    done = subprocess.run([sys.executable, "-c", source], env=env, capture_output=True,
-                          text=True, timeout=900)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return done.stdout
+    return triton_interpreted(textwrap.dedent(prelude) + textwrap.dedent(code), timeout=900, SHARP_GEMV_NF4="1")
 
 
 # A 4-bit copy of a module's nn.Linear layers, quantized by bitsandbytes itself (what transformers'
