@@ -343,47 +343,6 @@ def _load(console, model, device, quant, dtype, random_weights, trust_remote_cod
     return loaded.use_cuda_graphs(cuda_graphs), time.perf_counter() - started
 
 
-@app.command(short_help="Versions of the libraries, video decoders, CUDA and the GPU.")
-def env():
-    """Versions of Python, torch, transformers, bitsandbytes, the video decoders, CUDA and the GPU."""
-    import importlib.metadata as md
-    import platform
-
-    def version(dist):
-        try:
-            return md.version(dist)
-        except md.PackageNotFoundError:
-            return "not installed"
-
-    lines = [("python", platform.python_version()), ("sharp-cli", version("sharp-cli"))]
-    for dist in ("torch", "torchvision", "transformers", "accelerate", "bitsandbytes"):
-        lines.append((dist, version(dist)))
-    # The decoders by the module that imports (decord2 installs the `decord` module), and from which
-    # distribution; both decord and decord2 installed overwrite each other's files.
-    from sharp_cli.video import available_backends
-
-    found = available_backends()
-    providers = md.packages_distributions()
-    for module, key in (("av", "pyav"), ("decord", "decord")):
-        dists = sorted(set(providers.get(module, [])))
-        origin = f" (from {', '.join(dists)})" if dists and dists != [module] else ""
-        clash = "; decord and decord2 are both installed: keep decord2 only" if len(dists) > 1 else ""
-        lines.append((f"{module} (module)", (found[key] or "cannot be imported") + origin + clash))
-    import torch
-
-    lines.append(("cuda (torch build)", torch.version.cuda or "none (CPU build)"))
-    if torch.cuda.is_available():
-        for i in range(torch.cuda.device_count()):
-            props = torch.cuda.get_device_properties(i)
-            lines.append((f"gpu {i}", f"{props.name}, {props.total_memory / 2**30:.1f} GiB"))
-    else:
-        lines.append(("gpu", "none visible"))
-    lines.append(("video decoders", ", ".join(f"{k} {v}" for k, v in found.items() if v) or "none"))
-    width = max(len(k) for k, _ in lines)
-    for key, value in lines:
-        typer.echo(f"{key.ljust(width)}  {value}")
-
-
 from sharp_cli.evaluate.commands import eval_command, synth_command  # noqa: E402
 from sharp_cli.evaluate.diagnose_command import diagnose_command  # noqa: E402
 
@@ -392,10 +351,12 @@ app.command("synth", short_help="Write a synthetic needle-in-the-video QA set.")
 app.command("diagnose",
             short_help="May this model judge a pruning method? Its shallow attention, checked.")(diagnose_command)
 from sharp_cli.batch import batch_command  # noqa: E402
+from sharp_cli.env_command import env_command  # noqa: E402
 from sharp_cli.serve.command import serve_command  # noqa: E402
 
 app.command("batch", short_help="Answer a JSON-lines file of questions, one line each.")(batch_command)
 app.command("serve", short_help="Serve a model over an OpenAI-compatible HTTP API.")(serve_command)
+app.command("env", short_help="Versions of the libraries, video decoders, CUDA and the GPU.")(env_command)
 
 
 def main():

@@ -18,7 +18,7 @@ REPO = Path(__file__).resolve().parent.parent
 # ...): anything may import it, and it imports only other leaves.
 LAYERS = [
     ("__main__", "cli"),
-    ("bench", "batch", "batch_together", "evaluate", "serve"),  # the commands
+    ("bench", "batch", "batch_together", "env_command", "evaluate", "serve"),  # the commands
     ("batch_items", "options", "peers"),  # what the commands share
     ("scheduler", "batch_decode"),  # many answers decoded together
     ("answer",),
