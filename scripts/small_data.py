@@ -63,18 +63,23 @@ def vocabulary() -> list[str]:
 
 def small_config(vocab: int = 1024, hidden: int = 256, layers: int = 16, heads: int = 8, kv_heads: int = 2,
                  vision_depth: int = 4, vision_hidden: int = 128, rope_theta: float = 10000.0,
-                 tokens_per_second: float = 8):
+                 tokens_per_second: int = 8, mrope_section: tuple = (4, 6, 6)):
     """Qwen2.5-VL's own classes at ~17M parameters: 7B-like grouped-query attention (4 query heads
     per KV head), the M-RoPE split as the 7B's in proportion (head dim 32: 4/6/6). The 7B has
     theta 1e6 over head dim 128, so its temporal band's slowest frequency turns 0.04 rad a position;
-    here (head dim 32) theta 1e4 gives 0.18 and 1e6 gives 0.075 (--rope-theta)."""
+    here (head dim 32) theta 1e4 gives 0.18 and 1e6 gives 0.075 (--rope-theta). mrope_section splits the 16
+    frequencies, fastest first, into the temporal, height and width bands (--mrope-section 8,4,4 gives the
+    temporal band 8, its slowest 0.024 rad a position at theta 1e6)."""
     from transformers import Qwen2_5_VLConfig
 
+    if sum(mrope_section) != hidden // heads // 2:
+        raise ValueError(f"mrope_section {tuple(mrope_section)} must sum to head dim / 2 = {hidden // heads // 2}")
     special = {"bos": vocab - 12, "eos": vocab - 10, "vstart": vocab - 9, "vend": vocab - 8, "vpad": vocab - 7,
                "image": vocab - 6, "video": vocab - 5}
     text = dict(hidden_size=hidden, intermediate_size=4 * hidden, num_hidden_layers=layers, num_attention_heads=heads,
                 num_key_value_heads=kv_heads, vocab_size=vocab, max_position_embeddings=8192, rms_norm_eps=1e-6,
-                rope_parameters={"rope_type": "default", "rope_theta": rope_theta, "mrope_section": [4, 6, 6]},
+                rope_parameters={"rope_type": "default", "rope_theta": rope_theta,
+                                 "mrope_section": list(mrope_section)},
                 bos_token_id=special["bos"], eos_token_id=special["eos"], tie_word_embeddings=False)
     vision = dict(depth=vision_depth, hidden_size=vision_hidden, intermediate_size=2 * vision_hidden,
                   num_heads=max(2, vision_hidden // 32), out_hidden_size=hidden, patch_size=14, spatial_merge_size=2,

@@ -191,8 +191,10 @@ def parse_args(argv=None):
     p.add_argument("--hidden", type=int, default=256)
     p.add_argument("--layers", type=int, default=16)
     p.add_argument("--rope-theta", type=float, default=10000.0, help="From scratch only: RoPE theta.")
-    p.add_argument("--tokens-per-second", type=float, default=8, help="From scratch only: temporal position "
+    p.add_argument("--tokens-per-second", type=int, default=8, help="From scratch only: temporal position "
                    "step per second of video (8: 2 per token frame at 8 fps).")
+    p.add_argument("--mrope-section", default="4,6,6", help="From scratch only: rotary frequencies of the "
+                   "temporal, height and width bands (fastest first; sum 16 at head dim 32).")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
@@ -228,7 +230,8 @@ def main(argv=None):
         offset = previous["items_to"]
     else:
         config = small_config(hidden=a.hidden, layers=a.layers, rope_theta=a.rope_theta,
-                              tokens_per_second=a.tokens_per_second)
+                              tokens_per_second=a.tokens_per_second,
+                              mrope_section=tuple(int(n) for n in a.mrope_section.split(",")))
         config._attn_implementation = "sdpa"
         model = AutoModelForImageTextToText.from_config(config, dtype=torch.float32).to(device)
     model.model.visual.config._attn_implementation = vision_attention.register()

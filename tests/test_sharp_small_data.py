@@ -68,3 +68,12 @@ def test_language_items_are_a_function_of_their_number():
     assert target == str(user.split(" . how many")[0].split().count(word))
     user, target = data.language_item(grammar, 1)  # copy
     assert user.split(" : ", 1)[1] == target
+
+
+def test_rotary_bands_and_time_step_reach_the_model_config():
+    config = data.small_config(layers=2, rope_theta=1e6, tokens_per_second=4, mrope_section=(8, 4, 4))
+    assert config.text_config.rope_parameters["mrope_section"] == [8, 4, 4]
+    assert config.text_config.rope_parameters["rope_theta"] == 1e6
+    assert config.vision_config.tokens_per_second == 4
+    with pytest.raises(ValueError, match="head dim"):
+        data.small_config(layers=2, mrope_section=(4, 4, 4))
