@@ -139,7 +139,10 @@ def products(x, packed, state, bias, sizes=None, shuffle=None):
     """name -> callable of one product, for both implementations."""
     import bitsandbytes as bnb
 
-    return {"bnb": lambda: bnb.matmul_4bit(x, packed, quant_state=state, bias=bias),
+    # Linear4bit passes its weight transposed (`self.weight.t()`) and matmul_4bit transposes it back;
+    # the packed tensor itself is another layout to it (this bench passed it so until 2026-12-05 and
+    # measured "bitsandbytes" 1.3-2.3 away from its own dequantized weight: research/bnb_check.py).
+    return {"bnb": lambda: bnb.matmul_4bit(x, packed.t(), quant_state=state, bias=bias),
             "sharp": lambda: gemv_nf4.gemv_4bit(x, packed, state, bias, sizes=sizes, shuffle=shuffle)}
 
 

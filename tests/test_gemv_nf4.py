@@ -76,7 +76,7 @@ def test_the_kernel_equals_bitsandbytes_on_awkward_shapes():
                     xb, bb = x[:1].bfloat16(), bias.bfloat16()
                     out = torch.full((1, n), float("nan"), dtype=torch.bfloat16)
                     ours = gemv_nf4.gemv_4bit(xb, packed, state, bb, out=out, sizes=sizes).double()
-                    theirs = bnb.matmul_4bit(xb, packed, quant_state=state, bias=bb).double()
+                    theirs = bnb.matmul_4bit(xb, packed.t(), quant_state=state, bias=bb).double()
                     scale = xb.double().abs() @ F.dequantize_4bit(packed, state).double().abs().T
                     err = (ours - theirs).abs()
                     assert (err <= theirs.abs() * 2 ** -7 + scale * 2 ** -8 + 1e-3).all(), (n, k, err.max())
@@ -148,7 +148,7 @@ def test_a_4bit_layer_compiles_into_one_graph():
         with torch.no_grad():
             ours = compiled(x)
             state = layer[0].weight.quant_state
-            stock = bnb.matmul_4bit(x, layer[0].weight, quant_state=state, bias=layer[0].bias)
+            stock = bnb.matmul_4bit(x, layer[0].weight.t(), quant_state=state, bias=layer[0].bias)
         assert calls and (ours - stock).abs().max().item() < 1e-4
         print("ok")
     """)

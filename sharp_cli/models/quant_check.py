@@ -1,10 +1,11 @@
 """Does bitsandbytes' 4-bit product agree with its own dequantized weights on this machine?
 
-On an H200 with torch 2.11 + CUDA 13 and bitsandbytes 0.50.2, `matmul_4bit` with one row (what
-every decode step runs) was a relative 1.3-2.3 away from x @ dequantize_4bit(W).T on every 7B
-shape, while sharp's own kernel agreed with the dequantized weight to bf16 rounding
-(docs/benchmarks.md, "The 4-bit kernel"). Both cannot be the weight the checkpoint holds, so a
-load in nf4 checks one layer (a few milliseconds) and says so in one line when they disagree.
+A load in nf4 checks one layer (a few milliseconds) and says so in one line when bitsandbytes'
+product is not the product of its own dequantized weight: a bitsandbytes build that does not fit the
+GPU or CUDA computes another matrix without an error. On an H200 with torch 2.11 + CUDA 13 and
+bitsandbytes 0.50.2, Linear4bit and matmul_4bit agree with the dequantized weight to 3.7e-3 at 1, 4
+and 64 rows, nf4 and fp4, nested or not (research/bnb_check.py; docs/benchmarks.md, "The 4-bit
+kernel").
 Quantization itself moves a product by ~0.1 of its norm against the original weight; two
 routes to the same quantized weight differ only by rounding (~4e-3 in bf16), so 0.05 separates
 "the same matrix" from "another one".
