@@ -12,7 +12,7 @@ a small clip (4 frames) where launch gaps weigh more. Rows, one tower switched b
 - stock: transformers' per-window SDPA loop, the stock MLP widths and classes, cuDNN attention (what
   peers.stock_attention gives the stock rows of `sharp bench`);
 - padded: packed attention, MLPs padded, gate and up as two products (sharp before the fused MLP);
-- fused: the same with gate and up as one product (sharp's default, loading.ready_vision);
+- fused: the same with gate and up as one product (SHARP_VISION_FUSED_MLP=1, loading.ready_vision);
 - graphed: fused, replayed from a CUDA graph per shape (models/vision_graphs.py, SHARP_VISION_GRAPHS=1).
 
 Features (the merger's output, what the LLM gets) of each row against stock: max |diff| and cosine;
@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import sys
 import time
 from contextlib import contextmanager, nullcontext
@@ -201,6 +202,7 @@ def main(argv=None) -> int:
     started = time.perf_counter()
     visual = build(args.model, args.device)
     loading.use_shape_free_attention_kernels()  # sharp's rows: no cuDNN attention (stock() turns it on)
+    os.environ["SHARP_VISION_FUSED_MLP"] = "1"  # the fused row is what it measures (off by default)
     loading.ready_vision(visual, args.device, torch.bfloat16)  # the graphed rows make their own VisionGraphs
     assert visual.config._attn_implementation == vision_attention.NAME
     fused = sum(hasattr(type(m), "stock_class") for m in visual.modules())

@@ -5,6 +5,7 @@ through sharp's functions. Everything the phases need travels in one `Loaded`.
 
 from __future__ import annotations
 
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -291,7 +292,9 @@ def ready_vision(visual, device: torch.device, dtype: torch.dtype):
     if getattr(visual.config, "_attn_implementation", None) == "sdpa":
         visual.config._attn_implementation = vision_attention.register()
     if vision_mlp.pays_on(device, dtype):
-        vision_mlp.pad_gated_mlps(visual)
+        # Gate and up as one GEMM measured 3-6% slower than two on an H200 (docs/benchmarks.md,
+        # "Vision encoder"): off unless SHARP_VISION_FUSED_MLP=1.
+        vision_mlp.pad_gated_mlps(visual, fuse=os.environ.get("SHARP_VISION_FUSED_MLP") == "1")
     return vision_graphs.VisionGraphs(visual) if vision_graphs.available(device) else None
 
 

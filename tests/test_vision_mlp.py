@@ -22,11 +22,17 @@ def calls_of(modules):
     return calls
 
 
-@pytest.mark.parametrize("family, fused", [("qwen2.5-vl", 2), ("qwen3-vl", 0)])
-def test_sharp_tower_gives_the_stock_towers_features(family, fused):
+@pytest.mark.parametrize("family, switch, fused",
+                         [("qwen2.5-vl", "1", 2), ("qwen2.5-vl", None, 0), ("qwen3-vl", "1", 0)])
+def test_sharp_tower_gives_the_stock_towers_features(family, switch, fused, monkeypatch):
     """What loading.ready makes of a tower (packed attention; Qwen2.5-VL's gated MLPs at the 7B's
-    width 3,420 padded to 3,456 with gate and up as one product) against an untouched copy, fp32.
-    Qwen3-VL's vision MLP is not gated: nothing is fused there, and its features stay the stock's."""
+    width 3,420 padded to 3,456, gate and up as one product with SHARP_VISION_FUSED_MLP=1, two by
+    default) against an untouched copy, fp32. Qwen3-VL's vision MLP is not gated: nothing is fused
+    there, and its features stay the stock's."""
+    if switch is None:
+        monkeypatch.delenv("SHARP_VISION_FUSED_MLP", raising=False)
+    else:
+        monkeypatch.setenv("SHARP_VISION_FUSED_MLP", switch)
     config = tiny_config(family)
     if family == "qwen2.5-vl":
         config.vision_config.intermediate_size = 3420
@@ -38,8 +44,9 @@ def test_sharp_tower_gives_the_stock_towers_features(family, fused):
     visual = model.model.visual
     mlps, stock_mlps = [b.mlp for b in visual.blocks], [b.mlp for b in stock.blocks]
     assert sum(type(m).__name__ == f"Fused{type(s).__name__}" for m, s in zip(mlps, stock_mlps)) == fused
-    if fused:
-        assert all(m.gate_proj.out_features == 3456 and vision_mlp.stacked(m.gate_proj, m.up_proj) for m in mlps)
+    if family == "qwen2.5-vl":  # padded either way; one allocation only when fused
+        assert all(m.gate_proj.out_features == 3456 for m in mlps)
+        assert all(bool(vision_mlp.stacked(m.gate_proj, m.up_proj)) == bool(fused) for m in mlps)
     gate_calls = calls_of([m.gate_proj for m in mlps if hasattr(m, "gate_proj")])
     x, grid = tower_inputs(visual)
     with torch.inference_mode():
@@ -115,10 +122,16 @@ def test_fusing_rewrites_each_mlp_once_and_unpadded_separates_gate_and_up():
         assert len(gate_calls) == 2
 
 
-def test_stock_rows_run_the_stock_mlp_class(tiny):
+def test_stock_rows_run_the_stock_mlp_class(monkeypatch):
     """peers.stock_attention hands the stock rows transformers' own MLP class and separate weights."""
     from sharp_cli import peers
 
+    monkeypatch.setenv("SHARP_VISION_FUSED_MLP", "1")
+    config = tiny_config("qwen2.5-vl")
+    model, processor = build_random(config, dtype="float32")
+    tiny = loading.ready(
+        loading.Loaded(model, processor, adapter_for(config), "tiny", torch.device("cpu"), torch.float32, "none", True)
+    )
     mlp = tiny.model.model.visual.blocks[0].mlp
     fused = type(mlp)
     assert fused.__name__ == "FusedQwen2_5_VLMLP"

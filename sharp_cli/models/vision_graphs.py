@@ -178,8 +178,10 @@ class VisionGraphs:
         self.failed[key] = reason
 
     def _weights(self) -> tuple:
-        """Where the tower's parameters are: what a graph read at capture (~0.1 ms for 400 tensors)."""
-        return tuple(p.data_ptr() for p in self.visual.parameters())
+        """Where the tower's parameters are and their shapes: what a graph read at capture (~0.1 ms
+        for 400 tensors). The shape too, because a freed weight's address can be handed to a new one
+        of another shape (vision_mlp.unpadded's stock-width copies on the CPU allocator)."""
+        return tuple((p.data_ptr(), tuple(p.shape)) for p in self.visual.parameters())
 
 
 def _tensors(out) -> list:
