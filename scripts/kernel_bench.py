@@ -146,6 +146,12 @@ def products(x, packed, state, bias, sizes=None, shuffle=None):
             "sharp": lambda: gemv_nf4.gemv_4bit(x, packed, state, bias, sizes=sizes, shuffle=shuffle)}
 
 
+def _steps_apart(a: torch.Tensor, b: torch.Tensor) -> int:
+    """The largest distance between a's and b's values in representable steps of their dtype."""
+    ints = {2: torch.int16, 4: torch.int32}[a.element_size()]
+    return int((a.contiguous().view(ints).long() - b.contiguous().view(ints).long()).abs().max()) if a.numel() else 0
+
+
 def relative(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
@@ -321,7 +327,12 @@ def run_fused(args, config, dtype) -> int:
         stock, ours = outputs["stock"][name], outputs["fused"][name]
         if name == "rotary":  # (q, k) each
             differ = sum((a != b).sum().item() for a, b in zip(stock, ours))
-            good, verdict = differ == 0, f"{differ} values differ"
+            # How far apart, in steps of the dtype (one step: a rounding difference, e.g. an FMA or a
+            # rounding mode; many: another formula or a layout error), and in which half of the head.
+            steps = max(_steps_apart(a, b) for a, b in zip(stock, ours))
+            halves = [int((a != b)[..., i * a.shape[-1] // 2:(i + 1) * a.shape[-1] // 2].sum()) for a, b in
+                      zip(stock, ours) for i in (0, 1)]
+            good, verdict = differ == 0, f"{differ} values differ (at most {steps} steps; q/k halves {halves})"
         elif name == "layer":
             error = relative(ours, stock)
             good, verdict = error < 1e-2, f"||a - b|| / ||b|| {error:.1e}"
