@@ -157,3 +157,17 @@ def test_off_by_default_cuda_only_and_routed_through_engine_encode(monkeypatch):
     torch.testing.assert_close(cached.inputs_embeds, plain.inputs_embeds, rtol=0, atol=0)
     for a, b in zip(cached.extra["deepstack_visual_embeds"], plain.extra["deepstack_visual_embeds"], strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_capture_first_brings_buffers_to_the_input_device():
+    """A buffer left on another device (the vision rotary's inv_freq on the CPU of a CUDA tower) makes
+    the forward copy it over on every call, which capture refuses: _buffers_to moves it first."""
+    from sharp_cli.models.random_init import build_random, tiny_config
+
+    model, _ = build_random(tiny_config("qwen2.5-vl"), dtype="float32")
+    visual = model.model.visual
+    buffers = [name for name, _ in visual.named_buffers()]
+    assert any(name.endswith("inv_freq") for name in buffers)
+    assert vision_graphs._buffers_to(visual, torch.device("meta")) == len(buffers)  # "meta": another device
+    assert all(b.device.type == "meta" for b in visual.buffers())
+    assert vision_graphs._buffers_to(visual, torch.device("meta")) == 0

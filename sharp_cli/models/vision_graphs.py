@@ -152,6 +152,7 @@ class VisionGraphs:
 
         static_in = hidden_states.clone()
         warm: dict = {}
+        _buffers_to(self.visual, hidden_states.device)
 
         def run():
             return forward(static_in, grid_thw=grid_thw, **entry.kwargs)
@@ -205,6 +206,19 @@ def _cloned(out):
     if isinstance(out, (list, tuple)):
         return type(out)(_cloned(v) for v in out)
     return out
+
+
+def _buffers_to(visual, device) -> int:
+    """Moves the tower's buffers that live elsewhere (the vision rotary's inv_freq stayed on the CPU
+    of a CUDA tower: its forward's `inv_freq.to(x.device)` is then a host-to-device copy every call,
+    which graph capture refuses, as on an H200 on 2026-12-05) to `device`; returns how many moved."""
+    moved = 0
+    for module in visual.modules():
+        for name, buffer in module.named_buffers(recurse=False):
+            if buffer is not None and buffer.device != device and buffer.device.type != "meta":
+                module._buffers[name] = buffer.to(device)
+                moved += 1
+    return moved
 
 
 def _relative_diff(out, reference) -> float:
