@@ -202,7 +202,7 @@ def main(argv=None) -> int:
     started = time.perf_counter()
     visual = build(args.model, args.device)
     loading.use_shape_free_attention_kernels()  # sharp's rows: no cuDNN attention (stock() turns it on)
-    os.environ["SHARP_VISION_FUSED_MLP"] = "1"  # the fused row is what it measures (off by default)
+    os.environ[vision_mlp.SWITCH] = "1"  # the fused row is what it measures (off by default)
     loading.ready_vision(visual, args.device, torch.bfloat16)  # the graphed rows make their own VisionGraphs
     assert visual.config._attn_implementation == vision_attention.NAME
     fused = sum(hasattr(type(m), "stock_class") for m in visual.modules())

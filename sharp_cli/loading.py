@@ -5,7 +5,6 @@ through sharp's functions. Everything the phases need travels in one `Loaded`.
 
 from __future__ import annotations
 
-import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -285,23 +284,22 @@ def use_shape_free_attention_kernels() -> None:
 
 def ready_vision(visual, device: torch.device, dtype: torch.dtype):
     """A Qwen vision tower (`model.model.visual`) made sharp's, in place: packed attention, its MLPs
-    padded and fused where that pays; returns its VisionGraphs where they are on, else None. ready()
-    and research/vision_check.py (which builds the tower alone) both go through here."""
+    padded where that pays (gate and up fused with SHARP_VISION_FUSED_MLP=1); returns its
+    VisionGraphs where they are on, else None. ready() and research/vision_check.py (which builds
+    the tower alone) both go through here."""
     from sharp_cli.models import vision_attention, vision_graphs, vision_mlp
 
     if getattr(visual.config, "_attn_implementation", None) == "sdpa":
         visual.config._attn_implementation = vision_attention.register()
     if vision_mlp.pays_on(device, dtype):
-        # Gate and up as one GEMM measured 3-6% slower than two on an H200 (docs/benchmarks.md,
-        # "Vision encoder"): off unless SHARP_VISION_FUSED_MLP=1.
-        vision_mlp.pad_gated_mlps(visual, fuse=os.environ.get("SHARP_VISION_FUSED_MLP") == "1")
+        vision_mlp.pad_gated_mlps(visual, fuse=vision_mlp.fusing())
     return vision_graphs.VisionGraphs(visual) if vision_graphs.available(device) else None
 
 
 def ready(loaded: Loaded) -> Loaded:
     """Route the text model's attention through sharp_sdpa (stock SDPA unless a segment plan is on),
     and a packed vision tower's through one SDPA call per window length instead of one per window;
-    its MLPs padded to aligned widths, gate and up as one product, where that pays (models/vision_mlp.py),
+    its MLPs padded to aligned widths where that pays (models/vision_mlp.py),
     and with SHARP_VISION_GRAPHS=1 on CUDA the tower replayed from a CUDA graph per input shape
     (models/vision_graphs.py); on CUDA the text model's one-token
     products through sharp's matrix-vector kernels (models/gemv.py; bitsandbytes' 4-bit layers

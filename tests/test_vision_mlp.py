@@ -30,9 +30,9 @@ def test_sharp_tower_gives_the_stock_towers_features(family, switch, fused, monk
     default) against an untouched copy, fp32. Qwen3-VL's vision MLP is not gated: nothing is fused
     there, and its features stay the stock's."""
     if switch is None:
-        monkeypatch.delenv("SHARP_VISION_FUSED_MLP", raising=False)
+        monkeypatch.delenv(vision_mlp.SWITCH, raising=False)
     else:
-        monkeypatch.setenv("SHARP_VISION_FUSED_MLP", switch)
+        monkeypatch.setenv(vision_mlp.SWITCH, switch)
     config = tiny_config(family)
     if family == "qwen2.5-vl":
         config.vision_config.intermediate_size = 3420
@@ -126,7 +126,7 @@ def test_stock_rows_run_the_stock_mlp_class(monkeypatch):
     """peers.stock_attention hands the stock rows transformers' own MLP class and separate weights."""
     from sharp_cli import peers
 
-    monkeypatch.setenv("SHARP_VISION_FUSED_MLP", "1")
+    monkeypatch.setenv(vision_mlp.SWITCH, "1")
     config = tiny_config("qwen2.5-vl")
     model, processor = build_random(config, dtype="float32")
     tiny = loading.ready(

@@ -18,11 +18,12 @@ never holds two copies of the tower. The fused forward checks that the two halve
 side in one allocation (a `.to()` or `unpadded` separates them) and runs the stock forward otherwise,
 and under torch.compile (`--compile` compiles the blocks, which fuses on its own terms).
 
-Both are done where they pay (`pays_on`): on CUDA, and on a CPU in float32, where the aligned width
+Padding is done where it pays (`pays_on`): on CUDA, and on a CPU in float32, where the aligned width
 made the three products faster as well; a CPU in bfloat16 ran both widths at the same speed, so a
 bf16 CPU load skips the copy of every vision MLP weight, seconds of a 3B model's load there
 (`python -m scripts.load_bench --mlp-widths`; docs/benchmarks.md, "Model load"). Fusing rides on the
-padding's one copy and costs nothing more.
+padding's one copy, but measured slower on an H200 (docs/benchmarks.md, "Vision encoder"): it is off
+unless SHARP_VISION_FUSED_MLP=1 (`fusing`).
 
 Qwen2-VL's (fc1 -> act -> fc2) and Qwen3-VL's (linear_fc1 -> act -> linear_fc2) vision MLPs are not
 gated: one product in, one out, widths 5,120 and 4,304 already aligned; nothing here applies to them.
@@ -35,6 +36,14 @@ from contextlib import contextmanager
 
 ALIGN = 64  # elements: any multiple of 8 gives aligned bf16 rows; 64 also suits the GEMM tiles
 FUSED = {"Qwen2_5_VLMLP"}  # MLP classes whose forward is down_proj(act_fn(gate_proj(x)) * up_proj(x))
+SWITCH = "SHARP_VISION_FUSED_MLP"  # =1: gate and up as one product at load (loading.ready_vision)
+
+
+def fusing() -> bool:
+    """Whether a load fuses gate and up (off by default: 3-6% slower on an H200)."""
+    import os
+
+    return os.environ.get(SWITCH) == "1"
 
 
 def pays_on(device, dtype) -> bool:
