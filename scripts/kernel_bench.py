@@ -19,7 +19,9 @@ model (random weights, sharp's gemv products) for one token, transformers' modul
 fused kernels swapped in, and each piece alone (RMSNorm, rotary on q and k, SiLU(gate) * up); then
 the differences: rotary must equal transformers' exactly, RMSNorm and SiLU * up lie within two bf16
 steps of each value (2^-6: both round twice, and float32 exp and sqrt may differ in the last
-place), the layer within 1e-2 (||a - b|| / ||b||); the exit code is 1 otherwise.
+place), the layer within 1e-2 (||a - b|| / ||b||), alone (timed) and over a cache of 64 earlier
+tokens (where q, k and so the rotary embedding matter: alone a token attends only to itself); the
+exit code is 1 otherwise.
 
 Every call is timed inside a CUDA graph (as the decode step runs), cycling through enough copies of
 each weight that none is served from L2 (a decode step reads each weight once).
@@ -298,6 +300,20 @@ def fused_pieces(text, hidden, cos_sin, fused: bool) -> dict:
             (lambda: torch.nn.functional.silu(gate) * up)}
 
 
+def layer_over_cache(text, hidden, cos_sin, earlier: int = 64):
+    """The first layer's one-token output over a cache of `earlier` tokens (prefilled by the stock
+    code, the same tokens each call). Alone a token attends only to itself, so the output would not
+    depend on q and k, nor on their rotary embedding; over a cache it does."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=text.config)
+    early = torch.randn(1, earlier, hidden.shape[-1], device="cuda", dtype=hidden.dtype,
+                        generator=torch.Generator("cuda").manual_seed(2))
+    positions = torch.arange(1000 - earlier, 1000, device="cuda").unsqueeze(0)
+    text.layers[0](early, position_embeddings=text.rotary_emb(early, positions), past_key_values=cache, use_cache=True)
+    return text.layers[0](hidden, position_embeddings=cos_sin, past_key_values=cache, use_cache=True)
+
+
 def run_fused(args, config, dtype) -> int:
     """transformers' one-token glue against sharp's fused kernels, timed and compared."""
     from transformers import AutoModel
@@ -320,10 +336,11 @@ def run_fused(args, config, dtype) -> int:
             pieces = fused_pieces(text, hidden, cos_sin, fused=kind == "fused")
             outputs[kind] = {name: fn() for name, fn in pieces.items()}
             results[kind] = {name: timed(lambda _: fn(), layers) * 1e6 for name, fn in pieces.items()}
+            outputs[kind]["layer over a cache"] = layer_over_cache(text, hidden, cos_sin)
     print(f"{torch.cuda.get_device_name()}, {args.model}, {args.dtype}: one token, median us a call "
           f"(graphs of {layers} calls); {swapped} modules of the layer swapped")
     ok = True
-    for name in results["stock"]:
+    for name in outputs["stock"]:
         stock, ours = outputs["stock"][name], outputs["fused"][name]
         if name == "rotary":  # (q, k) each
             differ = sum((a != b).sum().item() for a, b in zip(stock, ours))
@@ -333,16 +350,17 @@ def run_fused(args, config, dtype) -> int:
             halves = [int((a != b)[..., i * a.shape[-1] // 2:(i + 1) * a.shape[-1] // 2].sum()) for a, b in
                       zip(stock, ours) for i in (0, 1)]
             good, verdict = differ == 0, f"{differ} values differ (at most {steps} steps; q/k halves {halves})"
-        elif name == "layer":
+        elif name.startswith("layer"):
             error = relative(ours, stock)
             good, verdict = error < 1e-2, f"||a - b|| / ||b|| {error:.1e}"
         else:
             worst = ((ours.double() - stock.double()).abs() / (stock.double().abs() + 1e-6)).max().item()
             good, verdict = worst <= 2 ** -6, f"worst relative difference {worst:.1e}"
         ok &= good
-        print(f"{name:9s} stock {results['stock'][name]:7.1f}  fused {results['fused'][name]:7.1f}  "
-              f"x {layers} layers: {(results['stock'][name] - results['fused'][name]) * layers / 1e3:+.3f} ms  "
-              f"[{'ok' if good else 'FAIL'}] {verdict}")
+        timing = (f"stock {results['stock'][name]:7.1f}  fused {results['fused'][name]:7.1f}  x {layers} layers: "
+                  f"{(results['stock'][name] - results['fused'][name]) * layers / 1e3:+.3f} ms  "
+                  if name in results["stock"] else "")
+        print(f"{name:9s} {timing}[{'ok' if good else 'FAIL'}] {verdict}")
     if args.json:
         Path(args.json).write_text(json.dumps({"device": torch.cuda.get_device_name(), "model": args.model,
                                                "dtype": args.dtype, "layers": layers, "us": results, "ok": ok},

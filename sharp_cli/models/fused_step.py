@@ -14,7 +14,8 @@ fuses away at the cost of a 1-2 minute first compile. Here each is one launch, w
 - `rotary`: q (batch, heads, 1, head_dim) and k (batch, kv_heads, 1, head_dim) in one launch, one
   program per head, given the step's cos and sin (batch, 1, head_dim) as transformers computed them
   (M-RoPE's sections are already in them). It rounds each product to the input dtype as the stock
-  `q * cos + rotate_half(q) * sin` does, so on the GPU it gives the same numbers.
+  `q * cos + rotate_half(q) * sin` does, through the bits for bf16 (a float round trip let the GPU
+  compiler fuse a product into an FMA: fused_kernels.round_to), so it gives the same numbers.
 - `silu_mul`: SiLU(gate) * up in one pass (the activation rounded to the dtype first, as stock).
 
 The residual adds stay (one kernel each): fusing them into the norm would need the decoder layer's
@@ -79,55 +80,9 @@ def one_token(x: torch.Tensor) -> bool:
 
 @functools.cache  # made on first use: Triton is imported only then
 def _kernels():
-    import triton
-    import triton.language as tl
+    from sharp_cli.models import fused_kernels
 
-    @triton.jit
-    def rms_norm(x_ptr, w_ptr, y_ptr, n, eps, BLOCK: tl.constexpr):
-        row = tl.program_id(0)
-        cols = tl.arange(0, BLOCK)
-        ok = cols < n
-        x = tl.load(x_ptr + row * n + cols, mask=ok, other=0.0).to(tl.float32)
-        inv = 1.0 / tl.sqrt_rn(tl.sum(x * x, axis=0) / n + eps)
-        normed = (x * inv).to(x_ptr.dtype.element_ty).to(tl.float32)  # stock: hidden.to(input_dtype)
-        w = tl.load(w_ptr + cols, mask=ok, other=0.0).to(tl.float32)
-        tl.store(y_ptr + row * n + cols, (normed * w).to(y_ptr.dtype.element_ty), mask=ok)
-
-    @triton.jit
-    def rotary(q_ptr, k_ptr, cos_ptr, sin_ptr, qo_ptr, ko_ptr, q_heads, k_heads,
-               q_batch, q_head, k_batch, k_head, cs_batch, HALF_DIM: tl.constexpr, BLOCK: tl.constexpr):
-        head, b = tl.program_id(0), tl.program_id(1)  # heads 0..q_heads-1 are q's, the rest k's
-        if head < q_heads:
-            src = q_ptr + b * q_batch + head * q_head
-            dst = qo_ptr + (b * q_heads + head) * 2 * HALF_DIM
-        else:
-            src = k_ptr + b * k_batch + (head - q_heads) * k_head
-            dst = ko_ptr + (b * k_heads + head - q_heads) * 2 * HALF_DIM
-        cols = tl.arange(0, BLOCK)
-        ok = cols < HALF_DIM
-        c1 = tl.load(cos_ptr + b * cs_batch + cols, mask=ok, other=0.0).to(tl.float32)
-        c2 = tl.load(cos_ptr + b * cs_batch + HALF_DIM + cols, mask=ok, other=0.0).to(tl.float32)
-        s1 = tl.load(sin_ptr + b * cs_batch + cols, mask=ok, other=0.0).to(tl.float32)
-        s2 = tl.load(sin_ptr + b * cs_batch + HALF_DIM + cols, mask=ok, other=0.0).to(tl.float32)
-        x1 = tl.load(src + cols, mask=ok, other=0.0).to(tl.float32)
-        x2 = tl.load(src + HALF_DIM + cols, mask=ok, other=0.0).to(tl.float32)
-        # stock: x * cos + cat(-x2, x1) * sin, each product rounded to the dtype, then their sum
-        dt = qo_ptr.dtype.element_ty
-        lo = (x1 * c1).to(dt).to(tl.float32) - (x2 * s1).to(dt).to(tl.float32)
-        hi = (x2 * c2).to(dt).to(tl.float32) + (x1 * s2).to(dt).to(tl.float32)
-        tl.store(dst + cols, lo.to(dt), mask=ok)
-        tl.store(dst + HALF_DIM + cols, hi.to(dt), mask=ok)
-
-    @triton.jit
-    def silu_mul(g_ptr, u_ptr, y_ptr, n, BLOCK: tl.constexpr):
-        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-        ok = offs < n
-        g = tl.load(g_ptr + offs, mask=ok, other=0.0).to(tl.float32)
-        u = tl.load(u_ptr + offs, mask=ok, other=0.0).to(tl.float32)
-        act = (g / (1.0 + tl.exp(-g))).to(y_ptr.dtype.element_ty).to(tl.float32)
-        tl.store(y_ptr + offs, (act * u).to(y_ptr.dtype.element_ty), mask=ok)
-
-    return rms_norm, rotary, silu_mul
+    return fused_kernels.rms_norm, fused_kernels.rotary, fused_kernels.silu_mul
 
 
 def _pow2(n: int) -> int:
