@@ -1,0 +1,85 @@
+"""scripts.train_sharp_small on a tiny config on the CPU: a short run saves a model that loads by
+transformers' own from_pretrained and continues from it (items offset, history kept), and the
+compiled decoder layers (--compile) give the eager losses and gradients without a graph break."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from scripts import train_sharp_small as train
+from scripts.small_data import NONE, TASKS, Batcher, Items, build_processor, pack, small_config, unpack
+
+TINY = ["--device", "cpu", "--batch", "2", "--hidden", "64", "--layers", "3", "--mrope-section", "2,1,1",
+        "--workers", "0", "--eval-every", "0", "--check-items", "1", "--language", "0.5", "--tasks", "colour"]
+
+
+def test_a_short_run_saves_a_model_that_loads_and_continues(tmp_path):
+    from transformers import AutoModelForImageTextToText
+
+    first, second = tmp_path / "first", tmp_path / "second"
+    train.main(TINY + ["--steps", "2", "--out", str(first)])
+    record = json.loads((first / "training.json").read_text())
+    assert (record["steps"], record["items_from"], record["items_to"]) == (2, 0, 4)
+    assert record["last_check"]["attention"]  # the progress check ran at the end
+    model = AutoModelForImageTextToText.from_pretrained(first)
+    assert model.config.text_config.num_hidden_layers == 3 and model.dtype == torch.float16
+
+    train.main(TINY + ["--steps", "1", "--out", str(second), "--init-from", str(first)])
+    record = json.loads((second / "training.json").read_text())
+    assert (record["items_from"], record["items_to"]) == (4, 6)  # new items, never the first run's again
+    assert [h["items_to"] for h in record["history"]] == [4]
+
+
+def test_compiled_layers_give_the_eager_losses_and_gradients():
+    """aot_eager traces forward and backward as inductor would, without a compiler on the CI."""
+    from torch._dynamo.utils import counters
+    from transformers import AutoModelForImageTextToText
+
+    from sharp_cli.models import vision_attention
+
+    torch.manual_seed(0)
+    config = small_config(hidden=64, layers=3, mrope_section=(2, 1, 1))
+    config._attn_implementation = "sdpa"
+    model = AutoModelForImageTextToText.from_config(config, dtype=torch.float32)
+    model.model.visual.config._attn_implementation = vision_attention.register()
+    none_id = build_processor(config).tokenizer.convert_tokens_to_ids(NONE)
+    retrieval = train.LastLayerRetrieval(2)
+    retrieval.register(model)
+
+    def step(rows):
+        batch = Batcher(config)(unpack(pack(rows), "cpu"))
+        retrieval.arm(batch, config.video_token_id)
+        logits = model(**train.inputs_of(batch)).logits
+        lm, token = train.losses(logits, batch, config.video_token_id, none_id)
+        fetch = retrieval.loss(batch, config.video_token_id)
+        model.zero_grad()
+        (lm + token + fetch).backward()
+        return torch.stack([lm, token, fetch]).detach(), [p.grad.clone() for p in model.parameters()]
+
+    items = Items(1000, TASKS, 0.5, 0.3)
+    batches = [[items[n] for n in (0, 1, 2)], [items[n] for n in (3, 4)]]  # two lengths
+    assert {r["kind"] for r in batches[0]} == {"language", "video"}
+    eager = [step(rows) for rows in batches]
+    counters.clear()
+    try:
+        assert train.compile_layers(model, "aot_eager") == 2
+        compiled = [step(rows) for rows in batches]
+    finally:
+        torch._dynamo.reset()
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    assert counters["stats"]["unique_graphs"] <= 2  # one graph for both layers and both lengths (+ backward)
+    for (losses_e, grads_e), (losses_c, grads_c) in zip(eager, compiled):
+        assert torch.allclose(losses_e, losses_c, atol=1e-5), (losses_e, losses_c)
+        for e, c in zip(grads_e, grads_c):
+            assert (e is None) == (c is None)
+            if e is not None:
+                assert torch.allclose(e, c, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("bad", [["--mrope-section", "4,6,6"]])
+def test_a_rotary_split_that_does_not_fit_the_head_is_refused(bad, tmp_path):
+    with pytest.raises(ValueError, match="must sum to head dim"):
+        train.main(TINY + bad + ["--steps", "1", "--out", str(tmp_path / "x")])
