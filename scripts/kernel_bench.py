@@ -306,12 +306,15 @@ def layer_over_cache(text, hidden, cos_sin, earlier: int = 64):
     depend on q and k, nor on their rotary embedding; over a cache it does."""
     from transformers import DynamicCache
 
+    from sharp_cli.compat import cache_kwargs
+
     cache = DynamicCache(config=text.config)
     early = torch.randn(1, earlier, hidden.shape[-1], device="cuda", dtype=hidden.dtype,
                         generator=torch.Generator("cuda").manual_seed(2))
     positions = torch.arange(1000 - earlier, 1000, device="cuda").unsqueeze(0)
-    text.layers[0](early, position_embeddings=text.rotary_emb(early, positions), past_key_values=cache, use_cache=True)
-    return text.layers[0](hidden, position_embeddings=cos_sin, past_key_values=cache, use_cache=True)
+    layer = text.layers[0]
+    layer(early, position_embeddings=text.rotary_emb(early, positions), use_cache=True, **cache_kwargs(layer, cache))
+    return layer(hidden, position_embeddings=cos_sin, use_cache=True, **cache_kwargs(layer, cache))
 
 
 def run_fused(args, config, dtype) -> int:

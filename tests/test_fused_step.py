@@ -74,6 +74,7 @@ def test_decoder_layers_with_the_kernels_equal_the_stock_layers():
     out = _interpreted("""
         import torch
         from transformers import DynamicCache
+        from sharp_cli.compat import cache_kwargs
         from sharp_cli.models import fused_step as fs, gemv
         from sharp_cli.models.random_init import build_random, tiny_config
 
@@ -106,7 +107,7 @@ def test_decoder_layers_with_the_kernels_equal_the_stock_layers():
                     cache = DynamicCache(config=text.config)
                     early = torch.randn(batch, 4, text.config.hidden_size, generator=torch.Generator().manual_seed(2))
                     early = early.to(dtype)
-                    layer(early, position_embeddings=embeddings(early, 3), past_key_values=cache, use_cache=True)
+                    layer(early, position_embeddings=embeddings(early, 3), use_cache=True, **cache_kwargs(layer, cache))
                     return cache
 
                 for tokens, batch in ((1, 2), (5, 1)):
@@ -115,10 +116,10 @@ def test_decoder_layers_with_the_kernels_equal_the_stock_layers():
                     with torch.no_grad():
                         caches = (past(batch), past(batch)) if tokens == 1 else (None, None)
                         launched.clear()
-                        ours = layer(hidden, position_embeddings=cos_sin, past_key_values=caches[0])
+                        ours = layer(hidden, position_embeddings=cos_sin, **cache_kwargs(layer, caches[0]))
                         kinds = {n for n, _ in launched}
                         with gemv.stock_linears(model):
-                            stock = layer(hidden, position_embeddings=cos_sin, past_key_values=caches[1])
+                            stock = layer(hidden, position_embeddings=cos_sin, **cache_kwargs(layer, caches[1]))
                     if tokens == 1:
                         assert kinds == {"rms_norm", "rotary", "silu_mul"}, (family, kinds)
                         scale = stock.double().abs().max()
