@@ -12,9 +12,11 @@ Weight decay 0.1 keeps norms in check. Training runs without pruning: ShaRP is t
 
 Every `--eval-every` steps it prints the progress check (seed 999, never trained on): teacher-forced
 exact-answer accuracy per task and the shallow-attention statistics of sharp_cli/evaluate/diagnose.py
-at layers 1, 2 and L/2 on content and on black clips, and saves the model (float16) to --out, so a
-run cut short by its time budget still leaves a checkpoint. `--init-from` continues a saved model
-on new items (offset by the items it has seen), with a fresh optimizer and warm-up. On one GPU:
+at layers 1, 2 and L/2 on content and on black clips, the first token's share of the last token's
+attention at every layer on language questions (attention sinks: `attention_shares`), and saves the
+model (float16) to --out, so a run cut short by its time budget still leaves a checkpoint.
+`--init-from` continues a saved model on new items (offset by the items it has seen), with a fresh
+optimizer and warm-up. On one GPU:
 
     python -m scripts.train_sharp_small --device cuda --minutes 8 --workers 14 --language 1.0 --out /tmp/small
 """
@@ -107,6 +109,46 @@ def losses(logits, batch, video_token_id: int, none_id: int):
     return lm, token
 
 
+LANGUAGE_CHECK_FROM = 10**8  # language item numbers no training run reaches (a run reads ~10^5)
+
+
+def language_check_rows(count: int) -> list[dict]:
+    """`count` language questions (copy, recall, count) never trained on; a document's prompt ends
+    before its text, so documents are skipped."""
+    items = Items(CHECK_SEED, TASKS, 1.0, 0.0, offset=LANGUAGE_CHECK_FROM)
+    return [r for r in (items[n] for n in range(4 * count)) if r["user"]][:count]
+
+
+@torch.no_grad()
+@torch.compiler.set_stance("force_eager")
+def attention_shares(model, config, rows, device, autocast) -> dict:
+    """{layer: {first, system, visual, recent}}: the last prompt token's head-averaged attention on
+    the first token, on the system turn (everything before the user's <|im_start|>), on the visual
+    tokens and on the last 16 tokens, at every decoder layer, mean over rows (one at a time: no
+    padding). Real LLMs park most of it on the first token from layer 2 on (attention sinks); the
+    language rows say whether the language stage made any, the video rows whether they survive."""
+    model.eval()
+    text_config = model.model.language_model.config
+    layers = list(range(config.text_config.num_hidden_layers))
+    batcher = Batcher(config, answers=False, device=device)
+    im_start = build_processor(config).tokenizer.convert_tokens_to_ids("<|im_start|>")
+    total = {layer: torch.zeros(4, device=device) for layer in layers}
+    for row in rows:
+        batch = to_device(batcher(unpack(pack([row]), device)), device)
+        ids = batch["input_ids"][0]
+        starts = (ids == im_start).nonzero().squeeze(1)
+        user = int(starts[1]) if len(starts) > 1 else len(ids)
+        visual = ids == config.video_token_id
+        with diagnose.capture(text_config, layers) as rec, autocast():
+            model(**inputs_of(batch), logits_to_keep=1)
+        for layer in layers:
+            p = rec.probs[layer][0].mean(0)  # (L,)
+            total[layer] += torch.stack([p[0], p[:user].sum(), p[visual].sum(), p[-16:].sum()])
+    model.train()
+    return {layer: dict(zip(("first", "system", "visual", "recent"), (round(v / len(rows), 4) for v in t.tolist())))
+            for layer, t in total.items()}
+
+
 @torch.no_grad()
 @torch.compiler.set_stance("force_eager")  # compiled layers (--compile) would recompile for the capture
 def check(model, config, rows, device, autocast) -> dict:
@@ -148,9 +190,11 @@ def check(model, config, rows, device, autocast) -> dict:
             mean["shape"] = diagnose.profile_shape(mean.pop("frames"))
             stats[f"{name}_layer{layer}"] = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in mean.items()}
         phases[name] = round(time.time() - began, 1)
+    language = attention_shares(model, config, language_check_rows(max(2, len(rows) // 2)), device, autocast)
+    phases["language"] = round(time.time() - began, 1)
     model.train()
     return {"accuracy": {t: round(r / n, 4) for t, (r, n) in right.items()}, "attention": stats,
-            "check_seconds": phases}
+            "language_first_token": {layer: v["first"] for layer, v in language.items()}, "check_seconds": phases}
 
 
 def compile_layers(model, backend: str = "inductor") -> int:
@@ -164,6 +208,14 @@ def compile_layers(model, backend: str = "inductor") -> int:
     for layer in layers[:-1]:
         layer.compile(backend=backend, dynamic=True)
     return len(layers) - 1
+
+
+def freeze_language(model) -> None:
+    """Only the vision tower and its merger learn; the language model (embeddings, decoder, head)
+    keeps what the language stage made, as a real VLM's first stage trains the projector alone
+    (LLaVA): its heads' habits, attention sinks among them, are then the language model's own."""
+    for name, param in model.named_parameters():
+        param.requires_grad = name.startswith("model.visual.")
 
 
 def lr_at(progress: float, peak: float, warmup: float) -> float:
@@ -215,6 +267,7 @@ def parse_args(argv=None):
     p.add_argument("--log-every", type=int, default=50)
     p.add_argument("--eval-every", type=int, default=500, help="Steps between progress checks (0: at the end only).")
     p.add_argument("--check-items", type=int, default=24, help="Progress-check items (seed 999), a few per task.")
+    p.add_argument("--freeze-language", action="store_true", help="Train the vision tower and merger only.")
     p.add_argument("--compile", default="", help="Compile the decoder layers with this torch.compile backend "
                    "(inductor on a GPU; empty: eager).")
     p.add_argument("--profile", type=int, default=0, help="Profile steps 20..20+N with torch.profiler and print "
@@ -270,8 +323,11 @@ def main(argv=None):
     loader = torch.utils.data.DataLoader(data, batch_size=a.batch, num_workers=a.workers, collate_fn=pack,
                                          prefetch_factor=4 if a.workers else None, pin_memory=device.type == "cuda")
     batcher = Batcher(config, device=device)
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embed" not in n]
-    other = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embed" not in n)]
+    if a.freeze_language:
+        freeze_language(model)
+    trained = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    decay = [p for n, p in trained if p.ndim >= 2 and "embed" not in n]
+    other = [p for n, p in trained if not (p.ndim >= 2 and "embed" not in n)]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": a.weight_decay}, {"params": other, "weight_decay": 0.0}],
                             lr=a.lr, betas=(0.9, 0.95), eps=1e-8)
     log, seen, wait, skipped, step = [], 0, 0.0, 0, 0
@@ -289,7 +345,8 @@ def main(argv=None):
         return {"parameters": params, "steps": step, "items": seen, "batch": a.batch, "lr": a.lr, "warmup": a.warmup,
                 "weight_decay": a.weight_decay, "language": a.language, "bare": a.bare, "token_loss": a.token_loss,
                 "retrieval_loss": a.retrieval_loss, "retrieval_layers": [config.text_config.num_hidden_layers - 1],
-                "tasks": list(tasks), "seed": a.seed, "compile": a.compile, "hidden": config.text_config.hidden_size,
+                "tasks": list(tasks), "seed": a.seed, "compile": a.compile, "freeze_language": a.freeze_language,
+                "hidden": config.text_config.hidden_size,
                 "layers": config.text_config.num_hidden_layers, "device": str(device), "workers": a.workers,
                 "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
                 "machine": platform.machine(), "cpus": os.cpu_count(), "torch": torch.__version__,
@@ -335,8 +392,10 @@ def main(argv=None):
         lm, token = losses(logits, batch, config.video_token_id, none_id)
         fetch = retrieval.loss(batch, config.video_token_id) if a.retrieval_loss else lm.new_zeros(())
         opt.zero_grad(set_to_none=True)
-        (lm + a.token_loss * token + a.retrieval_loss * fetch).backward()
-        if torch.isfinite(torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)):
+        total = lm + a.token_loss * token + a.retrieval_loss * fetch
+        if total.requires_grad:  # with --freeze-language a batch of language rows alone trains nothing
+            total.backward()
+        if total.requires_grad and torch.isfinite(torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)):
             opt.step()
         else:
             skipped += 1

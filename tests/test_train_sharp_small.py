@@ -1,6 +1,7 @@
 """scripts.train_sharp_small on a tiny config on the CPU: a short run saves a model that loads by
-transformers' own from_pretrained and continues from it (items offset, history kept), and the
-compiled decoder layers (--compile) give the eager losses and gradients without a graph break."""
+transformers' own from_pretrained and continues from it (items offset, history kept; with
+--freeze-language only the vision side changes), and the compiled decoder layers (--compile) give
+the eager losses and gradients without a graph break."""
 
 from __future__ import annotations
 
@@ -24,13 +25,20 @@ def test_a_short_run_saves_a_model_that_loads_and_continues(tmp_path):
     record = json.loads((first / "training.json").read_text())
     assert (record["steps"], record["items_from"], record["items_to"]) == (2, 0, 4)
     assert record["last_check"]["attention"]  # the progress check ran at the end
+    sinks = record["last_check"]["language_first_token"]  # every layer's first-token share on language
+    assert sorted(sinks) == ["0", "1", "2"] and all(0 < v < 1 for v in sinks.values())
     model = AutoModelForImageTextToText.from_pretrained(first)
     assert model.config.text_config.num_hidden_layers == 3 and model.dtype == torch.float16
 
-    train.main(TINY + ["--steps", "1", "--out", str(second), "--init-from", str(first)])
+    # continued with the language model frozen (a VLM's first stage): only the vision side moves
+    train.main(TINY + ["--steps", "1", "--out", str(second), "--init-from", str(first), "--freeze-language",
+                       "--language", "0"])
     record = json.loads((second / "training.json").read_text())
     assert (record["items_from"], record["items_to"]) == (4, 6)  # new items, never the first run's again
-    assert [h["items_to"] for h in record["history"]] == [4]
+    assert [h["items_to"] for h in record["history"]] == [4] and record["freeze_language"]
+    before, after = (AutoModelForImageTextToText.from_pretrained(f).state_dict() for f in (first, second))
+    moved = {name for name in before if not torch.equal(before[name], after[name])}
+    assert moved and all(name.startswith("model.visual.") for name in moved), sorted(moved)[:5]
 
 
 def test_compiled_layers_give_the_eager_losses_and_gradients():
