@@ -7,6 +7,7 @@
 # Usage (device machine, repo root; carry .whl-tf):
 #   bash research/gpu_train_small.sh OUT NAME "MINUTES ARGS..." ["MINUTES ARGS..." ...]
 # e.g. bash research/gpu_train_small.sh $OUT s1 "3.5 --language 1.0" "4.5 --language 0.3"
+# A stage "lm MINUTES ARGS..." pretrains the language model alone (scripts.pretrain_small_lm).
 out=${1:?}; name=${2:?}; shift 2
 source research/gpu_setup.sh
 init=${INIT:-}
@@ -19,8 +20,14 @@ stage=0
 for spec in "$@"; do
   stage=$((stage + 1)); read -r minutes args <<< "$spec"
   echo "== stage $stage: $spec (from ${init:-scratch})" >> "$log"
-  python3 -m scripts.train_sharp_small --device cuda --minutes "$minutes" --workers "${WORKERS:-14}" \
-    --out "/tmp/$name" ${init:+--init-from "$init"} $args >> "$log" 2>&1
+  if [ "$minutes" = lm ]; then  # "lm MINUTES ARGS": the language model alone (scripts.pretrain_small_lm)
+    read -r minutes args <<< "$args"
+    python3 -m scripts.pretrain_small_lm --device cuda --minutes "$minutes" --out "/tmp/$name" \
+      ${init:+--init-from "$init"} $args >> "$log" 2>&1
+  else
+    python3 -m scripts.train_sharp_small --device cuda --minutes "$minutes" --workers "${WORKERS:-14}" \
+      --out "/tmp/$name" ${init:+--init-from "$init"} $args >> "$log" 2>&1
+  fi
   echo "$name stage $stage ($spec): exit $?"
   grep -v '^{' "$log" | grep '^step' | tail -2
   grep '^{' "$log" | tail -1 | cut -c1-1200

@@ -1,0 +1,217 @@
+"""Pretrain sharp-small's language model alone, at the speed of a language model: the stage a real
+video LLM starts from (its language model trained on text first, then the vision tower attached).
+
+Why: attention sinks, the first token taking most of a late token's attention, are learned from a
+great deal of text; in the mixed stages of scripts.train_sharp_small they never appeared, not even
+on language (docs/eval.md, "Where the sinks are"), and small CPU models did not grow them in 24M
+tokens. There the language stage ran at the speed of the VLM's data path (chat-formatted rows made
+one by one in data workers, padded to the batch's longest); here whole batches of sharp-small's
+language are drawn on the device in a few tensor operations and every position is trained on.
+
+A sequence: the system turn and the user header, exactly as the chat template writes them, then one
+long document of the fixed synthetic language (scripts/small_data.Grammar: each word followed by one
+of its 6 likely successors half the time, a word of the current topic (holding 20-60 words) a third
+of the time, else any word by its Zipfian frequency) in which, with probability `--triggers`, one of
+8 rare words is a trigger: trigger i is followed by the word i + 1 places before it (a sparse job a
+head can own, active only there; research/sink_emergence.py). The model is Qwen2.5-VL's (the real
+classes); only its language model and head learn, through the text model's own forward, and it is
+saved whole (vision tower untouched) for `scripts.train_sharp_small --init-from ... --freeze-language`.
+Every `--eval-every` steps it prints the loss, tokens a second and, per layer, the first token's
+share of the last token's attention on chat-formatted language questions (never trained on). On one
+GPU:
+
+    python -m scripts.pretrain_small_lm --device cuda --minutes 5 --out /tmp/lm --init-from ckpt/init
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+
+from scripts.small_data import SYSTEM, Grammar, build_processor, small_config
+from scripts.train_sharp_small import (
+    attention_shares,
+    compile_layers,
+    language_check_rows,
+    lr_at,
+    save,
+)
+
+TRIGGERS = 8
+PROMPT = f"<|im_start|>system\n{SYSTEM}<|im_end|>\n<|im_start|>user\n"
+
+
+class Language:
+    """sharp-small's language as tensors on `device`, drawn a whole batch at a time."""
+
+    def __init__(self, tokenizer, device, triggers: float):
+        g = Grammar()
+        self.device, self.triggers = device, triggers
+        self.words = torch.tensor(tokenizer.convert_tokens_to_ids(g.words), device=device)  # word -> token id
+        self.unigram = torch.tensor(g.unigram, dtype=torch.float32, device=device)
+        self.next = torch.tensor(g.next, device=device)  # (words, 6)
+        self.next_p = torch.tensor(g.next_p, dtype=torch.float32, device=device)  # (words, 6)
+        self.topics = torch.tensor(g.topics, device=device)  # (topics, topic words)
+        self.trigger_words = torch.arange(len(g.words) - TRIGGERS, len(g.words), device=device)  # the rarest 8
+        self.prompt = torch.tensor(tokenizer(PROMPT, add_special_tokens=False)["input_ids"], device=device)
+
+    def documents(self, batch: int, length: int, generator: torch.Generator) -> torch.Tensor:
+        """(batch, length) word numbers. Position by position across the batch (length steps of a
+        few kernels each): the grammar's choice, then the trigger rule over it."""
+        dev, g = self.device, generator
+        words = torch.empty(batch, length, dtype=torch.long, device=dev)
+        words[:, 0] = torch.multinomial(self.unigram, batch, replacement=True, generator=g)
+        topic = torch.randint(len(self.topics), (batch,), device=dev, generator=g)
+        left = torch.randint(20, 61, (batch,), device=dev, generator=g)
+        rows = torch.arange(batch, device=dev)
+        anyword = torch.multinomial(self.unigram, batch * length, replacement=True, generator=g).view(batch, length)
+        kind = torch.multinomial(torch.tensor([0.5, 0.35, 0.15], device=dev), batch * length, replacement=True,
+                                 generator=g).view(batch, length)
+        trig = torch.rand(batch, length, device=dev, generator=g) < self.triggers
+        which = torch.randint(TRIGGERS, (batch, length), device=dev, generator=g)
+        pick = torch.randint(self.topics.shape[1], (batch, length), device=dev, generator=g)
+        last = words[:, 0].clone()  # the last word that is not a trigger: the bigram's state
+        for t in range(1, length):
+            left -= 1
+            renew = left <= 0
+            topic = torch.where(renew, torch.randint(len(self.topics), (batch,), device=dev, generator=g), topic)
+            left = torch.where(renew, torch.randint(20, 61, (batch,), device=dev, generator=g), left)
+            successor = self.next[last, torch.multinomial(self.next_p[last], 1, generator=g).squeeze(1)]
+            word = torch.where(kind[:, t] == 0, successor,
+                               torch.where(kind[:, t] == 1, self.topics[topic, pick[:, t]], anyword[:, t]))
+            after = words[:, t - 1] >= self.trigger_words[0]  # the previous word is a trigger: copy back
+            back = (words[:, t - 1] - self.trigger_words[0]).clamp(min=0) + 2  # trigger i: i + 1 before it
+            copied = words[rows, (t - back).clamp(min=0)]
+            word = torch.where(after, copied, torch.where(trig[:, t], self.trigger_words[which[:, t]], word))
+            words[:, t] = word
+            last = torch.where(word >= self.trigger_words[0], last, word)
+        return words
+
+    def batches(self, batch: int, length: int, generator: torch.Generator, ahead: int = 8):
+        """Endless (batch, length) token ids: the prompt, then a document. Drawn `ahead` batches at
+        a time, so the position loop's launches are shared by that many steps."""
+        while True:
+            body = self.words[self.documents(batch * ahead, length - len(self.prompt), generator)]
+            yield from torch.cat([self.prompt.expand(batch * ahead, -1), body], 1).split(batch)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--minutes", type=float, default=5)
+    p.add_argument("--steps", type=int, default=1_000_000)
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--length", type=int, default=1024, help="Tokens a sequence, prompt included.")
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--warmup", type=float, default=0.05)
+    p.add_argument("--weight-decay", type=float, default=0.1)
+    p.add_argument("--triggers", type=float, default=0.05, help="Share of positions that are a trigger word.")
+    p.add_argument("--hidden", type=int, default=256)
+    p.add_argument("--layers", type=int, default=16)
+    p.add_argument("--rope-theta", type=float, default=1e6, help="From scratch only.")
+    p.add_argument("--mrope-section", default="4,6,6", help="From scratch only (see scripts.train_sharp_small).")
+    p.add_argument("--compile", default="", help="torch.compile backend for the decoder layers (empty: eager).")
+    p.add_argument("--eval-every", type=int, default=300)
+    p.add_argument("--check-items", type=int, default=8)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--init-from", type=Path)
+    p.add_argument("--out", type=Path, required=True)
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    from transformers import AutoModelForImageTextToText
+
+    a = parse_args(argv)
+    start = time.time()
+    deadline = start + a.minutes * 60 if a.minutes else math.inf
+    torch.manual_seed(a.seed)
+    device = torch.device(a.device)
+    previous = None
+    if a.init_from:
+        model = AutoModelForImageTextToText.from_pretrained(a.init_from, dtype=torch.float32,
+                                                            attn_implementation="sdpa", use_kernels=False)
+        previous = json.loads((a.init_from / "training.json").read_text())
+    else:
+        config = small_config(hidden=a.hidden, layers=a.layers, rope_theta=a.rope_theta,
+                              mrope_section=tuple(int(n) for n in a.mrope_section.split(",")))
+        config._attn_implementation = "sdpa"
+        model = AutoModelForImageTextToText.from_config(config, dtype=torch.float32)
+    model.to(device).train()
+    config = model.config
+    processor = build_processor(config)
+    language = Language(processor.tokenizer, device, a.triggers)
+    text, head = model.model.language_model, model.lm_head
+    for name, param in model.named_parameters():
+        param.requires_grad = not name.startswith("model.visual.")
+    if a.compile:
+        compile_layers(model, a.compile)
+    trained = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    opt = torch.optim.AdamW([{"params": [p for n, p in trained if p.ndim >= 2 and "embed" not in n],
+                              "weight_decay": a.weight_decay},
+                             {"params": [p for n, p in trained if not (p.ndim >= 2 and "embed" not in n)],
+                              "weight_decay": 0.0}], lr=a.lr, betas=(0.9, 0.95), eps=1e-8)
+    autocast = ((lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda"
+                else (lambda: torch.autocast("cpu", enabled=False)))
+    generator = torch.Generator(device).manual_seed(a.seed + (previous or {}).get("lm_tokens", 0))
+    check_rows = language_check_rows(a.check_items)
+    skip = len(language.prompt) - 1  # the prompt is given, not learned: predictions from its last token on
+    print(f"pretraining the language model of {sum(p.numel() for _, p in trained) / 1e6:.2f}M parameters: "
+          f"batch {a.batch} x {a.length} tokens, lr {a.lr}, triggers {a.triggers}, on {device}", flush=True)
+    log, step, tokens, checking, running = [], 0, 0, 0.0, torch.zeros(2, device=device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    reserve = 20 if device.type == "cuda" else 60
+    train_start = time.time()
+    batches = language.batches(a.batch, a.length, generator)
+    while step < a.steps:
+        step += 1
+        ids = next(batches)
+        progress = max(step / a.steps, (time.time() - train_start) / max(1e-9, deadline - reserve - train_start))
+        for group in opt.param_groups:
+            group["lr"] = lr_at(min(progress, 1.0), a.lr, a.warmup)
+        with autocast():
+            hidden = text(input_ids=ids).last_hidden_state[:, skip:-1]
+            logits = head(hidden)
+        loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), ids[:, skip + 1:].flatten())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_([p for _, p in trained], 1.0)
+        opt.step()
+        tokens += ids.numel()
+        running += torch.stack([loss.detach(), loss.new_ones(())])
+        out_of_time = time.time() > deadline - reserve
+        last = step == a.steps or out_of_time
+        if last or (a.eval_every and step % a.eval_every == 0) or step == 1:
+            sync()
+            mean = float(running[0] / running[1])
+            running.zero_()
+            elapsed = time.time() - train_start - checking  # training alone, the checks' time left out
+            began = time.time()
+            sinks = attention_shares(model, config, check_rows, device, autocast)
+            checking += time.time() - began
+            log.append({"step": step, "tokens": tokens, "loss": round(mean, 4), "lr": opt.param_groups[0]["lr"],
+                        "tokens_per_second": round(tokens / elapsed), "seconds": round(time.time() - start, 1),
+                        "first_token": {layer: v["first"] for layer, v in sinks.items()}})
+            print(json.dumps(log[-1]), flush=True)
+        if last:
+            break
+    history = (previous.get("history", []) + [{k: v for k, v in previous.items() if k not in ("log", "history")}]
+               if previous else [])
+    record = {"stage": "language model alone (scripts.pretrain_small_lm)", "steps": step, "lm_tokens": tokens
+              + (previous or {}).get("lm_tokens", 0), "batch": a.batch, "length": a.length, "lr": a.lr,
+              "weight_decay": a.weight_decay, "triggers": a.triggers, "compile": a.compile, "seed": a.seed,
+              "device": str(device), "torch": torch.__version__, "seconds": round(time.time() - start, 1),
+              "items_to": (previous or {}).get("items_to", 0), "init_from": str(a.init_from) if a.init_from else None,
+              "history": history, "log": log}
+    save(model, processor, a.out, record)
+    print(f"saved {a.out} after {step} steps, {tokens} tokens, in {time.time() - start:.0f}s", flush=True)
+    return record
+
+
+if __name__ == "__main__":
+    main()
