@@ -22,8 +22,8 @@ from pathlib import Path
 
 import torch
 
+from scripts.small_checks import attention_shares, language_check_rows
 from scripts.small_data import CHECK_SEED, TASKS, Items
-from scripts.train_sharp_small import attention_shares, language_check_rows
 
 
 def main(argv=None):

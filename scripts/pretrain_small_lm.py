@@ -33,14 +33,9 @@ from pathlib import Path
 
 import torch
 
+from scripts.small_checks import attention_shares, language_check_rows
 from scripts.small_data import SYSTEM, Grammar, build_processor, small_config
-from scripts.train_sharp_small import (
-    attention_shares,
-    compile_layers,
-    language_check_rows,
-    lr_at,
-    save,
-)
+from scripts.train_sharp_small import compile_layers, lr_at, save
 
 TRIGGERS = 8
 PROMPT = f"<|im_start|>system\n{SYSTEM}<|im_end|>\n<|im_start|>user\n"
