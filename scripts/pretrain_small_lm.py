@@ -87,7 +87,7 @@ class Language:
             last = torch.where(word >= self.trigger_words[0], last, word)
         return words
 
-    def batches(self, batch: int, length: int, generator: torch.Generator, ahead: int = 8):
+    def batches(self, batch: int, length: int, generator: torch.Generator, ahead: int = 16):
         """Endless (batch, length) token ids: the prompt, then a document. Drawn `ahead` batches at
         a time, so the position loop's launches are shared by that many steps."""
         while True:
