@@ -15,8 +15,9 @@ nested absmax) + x + y + bias; GB/s against the ~4,300 an H200 copies. The block
 table; --sweep times 36 others.
 
 --fused (the one-token step's glue, models/fused_step.py): one decoder layer of the model's text
-model (random weights, norm weights drawn around 1, sharp's gemv products) for one token, transformers' modules against the
-fused kernels swapped in, and each piece alone (RMSNorm, rotary on q and k, SiLU(gate) * up); then
+model (random weights, norm weights drawn around 1, sharp's gemv products) for one token,
+transformers' modules against the fused kernels swapped in, and each piece alone (RMSNorm, rotary
+on q and k, SiLU(gate) * up); then
 the differences: rotary must equal transformers' exactly, RMSNorm and SiLU * up lie within two bf16
 steps of each value (2^-6: both round twice, and float32 exp and sqrt may differ in the last
 place), the layer within 1e-2 (||a - b|| / ||b||), alone (timed) and over a cache of 64 earlier

@@ -170,7 +170,7 @@ def main(argv=None):
         for group in opt.param_groups:
             group["lr"] = lr_at(min(progress, 1.0), a.lr, a.warmup)
         with autocast():
-            hidden = text(input_ids=ids).last_hidden_state[:, skip:-1]
+            hidden = text(input_ids=ids, use_cache=False).last_hidden_state[:, skip:-1]
             logits = head(hidden)
         loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), ids[:, skip + 1:].flatten())
         opt.zero_grad(set_to_none=True)

@@ -77,7 +77,7 @@ def check(model, config, rows, device, autocast) -> dict:
     right: dict[str, list[int]] = {}
     batch = to_device(Batcher(config, answers=True, device=device)(unpack(pack(rows), device)), device)
     with autocast():
-        logits = model(**inputs_of(batch)).logits
+        logits = model(**inputs_of(batch), use_cache=False).logits
     ids, mask = batch["input_ids"], batch["loss_mask"]
     hit = (logits[:, :-1].argmax(-1) == ids[:, 1:]) | ~mask[:, 1:]
     for task, ok in zip(batch["task"].tolist(), hit.all(1).tolist()):

@@ -289,7 +289,7 @@ def main(argv=None):
         if a.retrieval_loss:
             retrieval.arm(batch, config.video_token_id)
         with autocast():
-            logits = model(**inputs_of(batch)).logits
+            logits = model(**inputs_of(batch), use_cache=False).logits  # no KV cache to fill
         lm, token = losses(logits, batch, config.video_token_id, none_id)
         fetch = retrieval.loss(batch, config.video_token_id) if a.retrieval_loss else lm.new_zeros(())
         opt.zero_grad(set_to_none=True)
