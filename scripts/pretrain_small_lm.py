@@ -13,12 +13,15 @@ long document of the fixed synthetic language (scripts/small_data.Grammar: each 
 of its 6 likely successors half the time, a word of the current topic (holding 20-60 words) a third
 of the time, else any word by its Zipfian frequency) in which, with probability `--triggers`, one of
 8 rare words is a trigger: trigger i is followed by the word i + 1 places before it (a sparse job a
-head can own, active only there; research/sink_emergence.py). The model is Qwen2.5-VL's (the real
-classes); only its language model and head learn, through the text model's own forward, and it is
-saved whole (vision tower untouched) for `scripts.train_sharp_small --init-from ... --freeze-language`.
-Every `--eval-every` steps it prints the loss, tokens a second and, per layer, the first token's
-share of the last token's attention on chat-formatted language questions (never trained on). On one
-GPU:
+head can own, active only there; research/sink_emergence.py). Beside each batch, `--chat-share` of
+it in the chat-formatted language items of the language stage (copy, recall, counting, documents;
+made in data workers, item numbers continuing the model's), so that the turn markers and answers the
+video questions come in stay known to a language model the next stage may freeze. The model is
+Qwen2.5-VL's (the real classes); only its language model and head learn, and it is saved whole
+(vision tower untouched) for `scripts.train_sharp_small --init-from ... --freeze-language`. Every
+`--eval-every` steps it prints the loss, tokens a second and, per layer, the first token's share of
+the last token's attention on chat-formatted language questions and on held-out documents (never
+trained on). On one GPU:
 
     python -m scripts.pretrain_small_lm --device cuda --minutes 5 --out /tmp/lm --init-from ckpt/init
 """
@@ -33,9 +36,22 @@ from pathlib import Path
 
 import torch
 
-from scripts.small_checks import attention_shares, language_check_rows
-from scripts.small_data import SYSTEM, Grammar, build_processor, small_config
-from scripts.train_sharp_small import compile_layers, lr_at, save
+from scripts.small_checks import attention_shares, inputs_of, language_check_rows, to_device
+from scripts.small_data import (
+    NONE,
+    SYSTEM,
+    TASKS,
+    TRAIN_SEEDS_FROM,
+    Batcher,
+    Grammar,
+    Items,
+    build_processor,
+    pack,
+    small_config,
+    unpack,
+)
+from scripts.train_sharp_small import compile_layers, losses, lr_at, save
+from sharp_cli.evaluate import diagnose
 
 TRIGGERS = 8
 PROMPT = f"<|im_start|>system\n{SYSTEM}<|im_end|>\n<|im_start|>user\n"
@@ -95,6 +111,23 @@ class Language:
             yield from torch.cat([self.prompt.expand(batch * ahead, -1), body], 1).split(batch)
 
 
+@torch.no_grad()
+@torch.compiler.set_stance("force_eager")
+def document_sinks(text, ids: torch.Tensor, autocast) -> dict:
+    """{layer: first-token share} of the last row of held-out documents' prefixes (a quarter, half
+    and all of each), head- and row-averaged: the sinks in the text this stage trains on (the chat
+    questions of `attention_shares` are the format video questions come in)."""
+    layers = list(range(text.config.num_hidden_layers))
+    total = {layer: 0.0 for layer in layers}
+    ends = (ids.shape[1] // 4, ids.shape[1] // 2, ids.shape[1])
+    for end in ends:
+        with diagnose.capture(text.config, layers) as rec, autocast():
+            text(input_ids=ids[:, :end], use_cache=False)
+        for layer in layers:
+            total[layer] += float(rec.probs[layer][:, :, 0].mean()) / len(ends)
+    return {layer: round(v, 4) for layer, v in total.items()}
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--minutes", type=float, default=5)
@@ -105,6 +138,9 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=float, default=0.05)
     p.add_argument("--weight-decay", type=float, default=0.1)
     p.add_argument("--triggers", type=float, default=0.05, help="Share of positions that are a trigger word.")
+    p.add_argument("--chat-share", type=float, default=0.125, help="Chat-formatted language rows (copy, recall, "
+                   "count, documents: the language stage's items) beside each batch, as a share of it; 0: none.")
+    p.add_argument("--workers", type=int, default=4, help="Data processes making the chat rows.")
     p.add_argument("--hidden", type=int, default=256)
     p.add_argument("--layers", type=int, default=16)
     p.add_argument("--rope-theta", type=float, default=1e6, help="From scratch only.")
@@ -155,10 +191,19 @@ def main(argv=None):
                 else (lambda: torch.autocast("cpu", enabled=False)))
     generator = torch.Generator(device).manual_seed(a.seed + (previous or {}).get("lm_tokens", 0))
     check_rows = language_check_rows(a.check_items)
+    held_out = next(Language(processor.tokenizer, device, a.triggers).batches(
+        4, a.length, torch.Generator(device).manual_seed(10**6), ahead=1))  # a seed no run trains on
+    chat_rows = max(1, round(a.batch * a.chat_share)) if a.chat_share > 0 else 0
+    items_from = (previous or {}).get("items_to", 0)
+    chats = iter(torch.utils.data.DataLoader(
+        Items(TRAIN_SEEDS_FROM, TASKS, 1.0, 0.0, count=a.steps * chat_rows, offset=items_from),
+        batch_size=chat_rows, num_workers=a.workers, collate_fn=pack)) if chat_rows else None
+    batcher = Batcher(config, device=device)
+    none_id = processor.tokenizer.convert_tokens_to_ids(NONE)
     skip = len(language.prompt) - 1  # the prompt is given, not learned: predictions from its last token on
     print(f"pretraining the language model of {sum(p.numel() for _, p in trained) / 1e6:.2f}M parameters: "
           f"batch {a.batch} x {a.length} tokens, lr {a.lr}, triggers {a.triggers}, on {device}", flush=True)
-    log, step, tokens, checking, running = [], 0, 0, 0.0, torch.zeros(2, device=device)
+    log, step, tokens, items, checking, running = [], 0, 0, 0, 0.0, torch.zeros(2, device=device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     reserve = 20 if device.type == "cuda" else 60
     train_start = time.time()
@@ -173,6 +218,13 @@ def main(argv=None):
             hidden = text(input_ids=ids, use_cache=False).last_hidden_state[:, skip:-1]
             logits = head(hidden)
         loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), ids[:, skip + 1:].flatten())
+        if chats is not None:  # the chat rows, through the whole model as the video stages feed it
+            batch = to_device(batcher(unpack(next(chats), device)), device)
+            with autocast():
+                chat = losses(model(**inputs_of(batch), use_cache=False).logits, batch, config.video_token_id,
+                              none_id)[0]
+            loss = (1 - a.chat_share) * loss + a.chat_share * chat
+            items += chat_rows
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_([p for _, p in trained], 1.0)
@@ -188,10 +240,12 @@ def main(argv=None):
             elapsed = time.time() - train_start - checking  # training alone, the checks' time left out
             began = time.time()
             sinks = attention_shares(model, config, check_rows, device, autocast)
+            documents = document_sinks(text, held_out, autocast)
             checking += time.time() - began
             log.append({"step": step, "tokens": tokens, "loss": round(mean, 4), "lr": opt.param_groups[0]["lr"],
                         "tokens_per_second": round(tokens / elapsed), "seconds": round(time.time() - start, 1),
-                        "first_token": {layer: v["first"] for layer, v in sinks.items()}})
+                        "first_token": {layer: v["first"] for layer, v in sinks.items()},
+                        "first_token_documents": documents})
             print(json.dumps(log[-1]), flush=True)
         if last:
             break
@@ -199,9 +253,10 @@ def main(argv=None):
                if previous else [])
     record = {"stage": "language model alone (scripts.pretrain_small_lm)", "steps": step, "lm_tokens": tokens
               + (previous or {}).get("lm_tokens", 0), "batch": a.batch, "length": a.length, "lr": a.lr,
-              "weight_decay": a.weight_decay, "triggers": a.triggers, "compile": a.compile, "seed": a.seed,
+              "weight_decay": a.weight_decay, "triggers": a.triggers, "chat_share": a.chat_share,
+              "compile": a.compile, "seed": a.seed, "items_from": items_from,
               "device": str(device), "torch": torch.__version__, "seconds": round(time.time() - start, 1),
-              "items_to": (previous or {}).get("items_to", 0), "init_from": str(a.init_from) if a.init_from else None,
+              "items_to": items_from + items, "init_from": str(a.init_from) if a.init_from else None,
               "history": history, "log": log}
     save(model, processor, a.out, record)
     print(f"saved {a.out} after {step} steps, {tokens} tokens, in {time.time() - start:.0f}s", flush=True)

@@ -1,6 +1,7 @@
 """scripts.pretrain_small_lm: its batched draw of sharp-small's language against the grammar's own
 one-word-at-a-time sampler (scripts/small_data.Grammar.text, the language stage's reference), the
-trigger rule, and a short CPU run that saves a whole model whose language model alone has learned."""
+trigger rule, and a short CPU run (documents and chat rows) that saves a whole model whose language
+model alone has learned and that continues on new chat items."""
 
 from __future__ import annotations
 
@@ -64,13 +65,14 @@ def test_a_short_run_trains_the_language_model_alone_and_saves_it(tmp_path):
     from transformers import AutoModelForImageTextToText
 
     args = ["--device", "cpu", "--hidden", "64", "--layers", "2", "--mrope-section", "2,1,1", "--batch", "2",
-            "--length", "96", "--check-items", "1", "--eval-every", "0"]
+            "--length", "96", "--check-items", "1", "--eval-every", "0", "--workers", "0", "--chat-share", "0.5"]
     first, second = tmp_path / "first", tmp_path / "second"
     pretrain.main(args + ["--steps", "2", "--out", str(first)])
     pretrain.main(args + ["--steps", "1", "--out", str(second), "--init-from", str(first)])
     record = json.loads((second / "training.json").read_text())
-    assert record["lm_tokens"] == 3 * 2 * 96 and record["items_to"] == 0 and len(record["history"]) == 1
-    assert set(record["log"][-1]["first_token"]) == {"0", "1"}
+    assert record["lm_tokens"] == 3 * 2 * 96 and len(record["history"]) == 1
+    assert (record["items_from"], record["items_to"]) == (2, 3)  # a chat row a step, never one twice
+    assert set(record["log"][-1]["first_token"]) == set(record["log"][-1]["first_token_documents"]) == {"0", "1"}
     before, after = (AutoModelForImageTextToText.from_pretrained(f).state_dict() for f in (first, second))
     moved = {name for name in before if not torch.equal(before[name], after[name])}
     assert "lm_head.weight" in moved and any("language_model.layers.1." in n for n in moved)
