@@ -47,10 +47,18 @@ from scripts.small_data import (
     Items,
     build_processor,
     pack,
-    small_config,
     unpack,
 )
-from scripts.train_sharp_small import compile_layers, losses, lr_at, save
+from scripts.train_sharp_small import (
+    autocast_for,
+    compile_layers,
+    history_of,
+    load_model,
+    losses,
+    lr_at,
+    optimizer,
+    save,
+)
 from sharp_cli.evaluate import diagnose
 
 TRIGGERS = 8
@@ -156,24 +164,14 @@ def parse_args(argv=None):
 
 
 def main(argv=None):
-    from transformers import AutoModelForImageTextToText
-
     a = parse_args(argv)
     start = time.time()
     deadline = start + a.minutes * 60 if a.minutes else math.inf
     torch.manual_seed(a.seed)
     device = torch.device(a.device)
-    previous = None
-    if a.init_from:
-        model = AutoModelForImageTextToText.from_pretrained(a.init_from, dtype=torch.float32,
-                                                            attn_implementation="sdpa", use_kernels=False)
-        previous = json.loads((a.init_from / "training.json").read_text())
-    else:
-        config = small_config(hidden=a.hidden, layers=a.layers, rope_theta=a.rope_theta,
-                              mrope_section=tuple(int(n) for n in a.mrope_section.split(",")))
-        config._attn_implementation = "sdpa"
-        model = AutoModelForImageTextToText.from_config(config, dtype=torch.float32)
-    model.to(device).train()
+    model, previous = load_model(a.init_from, device, hidden=a.hidden, layers=a.layers, rope_theta=a.rope_theta,
+                                 mrope_section=tuple(int(n) for n in a.mrope_section.split(",")))
+    model.train()
     config = model.config
     processor = build_processor(config)
     language = Language(processor.tokenizer, device, a.triggers)
@@ -182,17 +180,12 @@ def main(argv=None):
         param.requires_grad = not name.startswith("model.visual.")
     if a.compile:
         compile_layers(model, a.compile)
-    trained = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    opt = torch.optim.AdamW([{"params": [p for n, p in trained if p.ndim >= 2 and "embed" not in n],
-                              "weight_decay": a.weight_decay},
-                             {"params": [p for n, p in trained if not (p.ndim >= 2 and "embed" not in n)],
-                              "weight_decay": 0.0}], lr=a.lr, betas=(0.9, 0.95), eps=1e-8)
-    autocast = ((lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda"
-                else (lambda: torch.autocast("cpu", enabled=False)))
+    trained = [p for p in model.parameters() if p.requires_grad]
+    opt = optimizer(model, a.lr, a.weight_decay)
+    autocast = autocast_for(device)
     generator = torch.Generator(device).manual_seed(a.seed + (previous or {}).get("lm_tokens", 0))
     check_rows = language_check_rows(a.check_items)
-    held_out = next(Language(processor.tokenizer, device, a.triggers).batches(
-        4, a.length, torch.Generator(device).manual_seed(10**6), ahead=1))  # a seed no run trains on
+    held_out = next(language.batches(4, a.length, torch.Generator(device).manual_seed(10**6), ahead=1))  # never trained
     chat_rows = max(1, round(a.batch * a.chat_share)) if a.chat_share > 0 else 0
     items_from = (previous or {}).get("items_to", 0)
     chats = iter(torch.utils.data.DataLoader(
@@ -201,7 +194,7 @@ def main(argv=None):
     batcher = Batcher(config, device=device)
     none_id = processor.tokenizer.convert_tokens_to_ids(NONE)
     skip = len(language.prompt) - 1  # the prompt is given, not learned: predictions from its last token on
-    print(f"pretraining the language model of {sum(p.numel() for _, p in trained) / 1e6:.2f}M parameters: "
+    print(f"pretraining the language model of {sum(p.numel() for p in trained) / 1e6:.2f}M parameters: "
           f"batch {a.batch} x {a.length} tokens, lr {a.lr}, triggers {a.triggers}, on {device}", flush=True)
     log, step, tokens, items, checking, running = [], 0, 0, 0, 0.0, torch.zeros(2, device=device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
@@ -227,7 +220,7 @@ def main(argv=None):
             items += chat_rows
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_([p for _, p in trained], 1.0)
+        torch.nn.utils.clip_grad_norm_(trained, 1.0)
         opt.step()
         tokens += ids.numel()
         running += torch.stack([loss.detach(), loss.new_ones(())])
@@ -249,15 +242,13 @@ def main(argv=None):
             print(json.dumps(log[-1]), flush=True)
         if last:
             break
-    history = (previous.get("history", []) + [{k: v for k, v in previous.items() if k not in ("log", "history")}]
-               if previous else [])
     record = {"stage": "language model alone (scripts.pretrain_small_lm)", "steps": step, "lm_tokens": tokens
               + (previous or {}).get("lm_tokens", 0), "batch": a.batch, "length": a.length, "lr": a.lr,
               "weight_decay": a.weight_decay, "triggers": a.triggers, "chat_share": a.chat_share,
               "compile": a.compile, "seed": a.seed, "items_from": items_from,
               "device": str(device), "torch": torch.__version__, "seconds": round(time.time() - start, 1),
               "items_to": items_from + items, "init_from": str(a.init_from) if a.init_from else None,
-              "history": history, "log": log}
+              "history": history_of(previous), "log": log}
     save(model, processor, a.out, record)
     print(f"saved {a.out} after {step} steps, {tokens} tokens, in {time.time() - start:.0f}s", flush=True)
     return record

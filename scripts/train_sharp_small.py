@@ -119,6 +119,44 @@ def freeze_language(model) -> None:
         param.requires_grad = name.startswith("model.visual.")
 
 
+def load_model(init_from: Path | None, device, **config_kwargs):
+    """(model in float32 on `device`, the training record it continues or None): a saved sharp-small
+    when `init_from`, else a new one of small_config(**config_kwargs)."""
+    from transformers import AutoModelForImageTextToText
+
+    if init_from:
+        # use_kernels=False: transformers 5.2x would swap layers for hub kernels (a download) in train()
+        model = AutoModelForImageTextToText.from_pretrained(init_from, dtype=torch.float32,
+                                                            attn_implementation="sdpa", use_kernels=False)
+        return model.to(device), json.loads((init_from / "training.json").read_text())
+    config = small_config(**config_kwargs)
+    config._attn_implementation = "sdpa"
+    return AutoModelForImageTextToText.from_config(config, dtype=torch.float32).to(device), None
+
+
+def optimizer(model, lr: float, weight_decay: float):
+    """AdamW over the parameters that learn; weight decay on matrices only, never the embeddings."""
+    trained = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    decay = [p for n, p in trained if p.ndim >= 2 and "embed" not in n]
+    other = [p for n, p in trained if not (p.ndim >= 2 and "embed" not in n)]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay}, {"params": other, "weight_decay": 0.0}],
+                             lr=lr, betas=(0.9, 0.95), eps=1e-8)
+
+
+def autocast_for(device):
+    """bf16 autocast on CUDA, float32 elsewhere (a context factory)."""
+    if device.type == "cuda":
+        return lambda: torch.autocast("cuda", dtype=torch.bfloat16)
+    return lambda: torch.autocast("cpu", enabled=False)
+
+
+def history_of(previous: dict | None) -> list:
+    """The runs before this one: the continued record's history and that record itself (no logs)."""
+    if not previous:
+        return []
+    return previous.get("history", []) + [{k: v for k, v in previous.items() if k not in ("log", "history")}]
+
+
 def lr_at(progress: float, peak: float, warmup: float) -> float:
     if progress < warmup:
         return peak * progress / warmup
@@ -184,26 +222,14 @@ def main(argv=None):
     deadline = start + a.minutes * 60 if a.minutes else math.inf
     torch.manual_seed(a.seed)
     torch.backends.cuda.matmul.allow_tf32 = True
-    from transformers import AutoModelForImageTextToText
-
     from sharp_cli.models import vision_attention
 
     device = torch.device(a.device)
     tasks = tuple(t for t in a.tasks.split(",") if t)
-    offset, previous = 0, None
-    if a.init_from:
-        # use_kernels=False: transformers 5.2x would swap layers for hub kernels (a download) in train()
-        model = AutoModelForImageTextToText.from_pretrained(a.init_from, dtype=torch.float32,
-                                                            attn_implementation="sdpa", use_kernels=False).to(device)
-        config = model.config
-        previous = json.loads((a.init_from / "training.json").read_text())
-        offset = previous["items_to"]
-    else:
-        config = small_config(hidden=a.hidden, layers=a.layers, rope_theta=a.rope_theta,
-                              tokens_per_second=a.tokens_per_second,
-                              mrope_section=tuple(int(n) for n in a.mrope_section.split(",")))
-        config._attn_implementation = "sdpa"
-        model = AutoModelForImageTextToText.from_config(config, dtype=torch.float32).to(device)
+    model, previous = load_model(a.init_from, device, hidden=a.hidden, layers=a.layers, rope_theta=a.rope_theta,
+                                 tokens_per_second=a.tokens_per_second,
+                                 mrope_section=tuple(int(n) for n in a.mrope_section.split(",")))
+    config, offset = model.config, previous["items_to"] if previous else 0
     model.model.visual.config._attn_implementation = vision_attention.register()
     processor = build_processor(config)
     none_id = processor.tokenizer.convert_tokens_to_ids(NONE)
@@ -212,8 +238,7 @@ def main(argv=None):
         retrieval.register(model)
     if a.compile:
         print(f"compiling {compile_layers(model, a.compile)} decoder layers ({a.compile}, dynamic shapes)", flush=True)
-    autocast = ((lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda"
-                else (lambda: torch.autocast("cpu", enabled=False)))
+    autocast = autocast_for(device)
     params = sum(p.numel() for p in model.parameters())
     print(f"sharp-small: {params / 1e6:.2f}M parameters, language share {a.language}, tasks {','.join(tasks)}, "
           f"batch {a.batch}, lr {a.lr}, on {device}, {a.workers} workers, items from {offset}", flush=True)
@@ -226,11 +251,7 @@ def main(argv=None):
     batcher = Batcher(config, device=device)
     if a.freeze_language:
         freeze_language(model)
-    trained = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    decay = [p for n, p in trained if p.ndim >= 2 and "embed" not in n]
-    other = [p for n, p in trained if not (p.ndim >= 2 and "embed" not in n)]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": a.weight_decay}, {"params": other, "weight_decay": 0.0}],
-                            lr=a.lr, betas=(0.9, 0.95), eps=1e-8)
+    opt = optimizer(model, a.lr, a.weight_decay)
     log, seen, wait, skipped, step = [], 0, 0.0, 0, 0
     prep = compute = 0.0  # seconds in the processor call and in forward/backward/step (synchronised)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
@@ -256,9 +277,7 @@ def main(argv=None):
                 "compute_seconds": round(compute, 1), "skipped_steps": skipped,
                 "train_seeds": f"{TRAIN_SEEDS_FROM}..", "check_seed": CHECK_SEED, "items_from": offset,
                 "items_to": offset + seen, "init_from": str(a.init_from) if a.init_from else None,
-                "history": (previous.get("history", [])
-                            + [{k: v for k, v in previous.items() if k not in ("log", "history")}])
-                if previous else [], "last_check": final_check, "log": log}
+                "history": history_of(previous), "last_check": final_check, "log": log}
 
     while step < a.steps:
         fetched = time.time()
