@@ -142,8 +142,11 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=1_000_000)
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--length", type=int, default=1024, help="Tokens a sequence, prompt included.")
-    p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--warmup", type=float, default=0.05)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--warmup-steps", type=int, default=100,
+                   help="Linear warm-up over this many steps, counted in steps and not in the wall-clock share: a "
+                        "compiled stage spends its first ten seconds compiling, and a time-based warm-up was over "
+                        "by its second step (the learning rate jumped to its peak and the loss went to NaN).")
     p.add_argument("--weight-decay", type=float, default=0.1)
     p.add_argument("--triggers", type=float, default=0.05, help="Share of positions that are a trigger word.")
     p.add_argument("--chat-share", type=float, default=0.125, help="Chat-formatted language rows (copy, recall, "
@@ -196,7 +199,8 @@ def main(argv=None):
     skip = len(language.prompt) - 1  # the prompt is given, not learned: predictions from its last token on
     print(f"pretraining the language model of {sum(p.numel() for p in trained) / 1e6:.2f}M parameters: "
           f"batch {a.batch} x {a.length} tokens, lr {a.lr}, triggers {a.triggers}, on {device}", flush=True)
-    log, step, tokens, items, checking, running = [], 0, 0, 0, 0.0, torch.zeros(2, device=device)
+    log, step, tokens, items, checking, skipped = [], 0, 0, 0, 0.0, 0
+    running = torch.zeros(2, device=device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     reserve = 20 if device.type == "cuda" else 60
     train_start = time.time()
@@ -206,7 +210,7 @@ def main(argv=None):
         ids = next(batches)
         progress = max(step / a.steps, (time.time() - train_start) / max(1e-9, deadline - reserve - train_start))
         for group in opt.param_groups:
-            group["lr"] = lr_at(min(progress, 1.0), a.lr, a.warmup)
+            group["lr"] = lr_at(min(progress, 1.0), a.lr, 0.0) * min(1.0, step / max(1, a.warmup_steps))
         with autocast():
             hidden = text(input_ids=ids, use_cache=False).last_hidden_state[:, skip:-1]
             logits = head(hidden)
@@ -220,22 +224,25 @@ def main(argv=None):
             items += chat_rows
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(trained, 1.0)
-        opt.step()
+        if torch.isfinite(torch.nn.utils.clip_grad_norm_(trained, 1.0)):  # one sync a step, ~0.3 s apart
+            opt.step()
+            running += torch.stack([loss.detach(), loss.new_ones(())])
+        else:  # a non-finite gradient leaves the weights as they were
+            skipped += 1
         tokens += ids.numel()
-        running += torch.stack([loss.detach(), loss.new_ones(())])
         out_of_time = time.time() > deadline - reserve
         last = step == a.steps or out_of_time
         if last or (a.eval_every and step % a.eval_every == 0) or step == 1:
             sync()
-            mean = float(running[0] / running[1])
+            mean = float(running[0] / running[1]) if running[1] > 0 else math.nan
             running.zero_()
             elapsed = time.time() - train_start - checking  # training alone, the checks' time left out
             began = time.time()
             sinks = attention_shares(model, config, check_rows, device, autocast)
             documents = document_sinks(text, held_out, autocast)
             checking += time.time() - began
-            log.append({"step": step, "tokens": tokens, "loss": round(mean, 4), "lr": opt.param_groups[0]["lr"],
+            log.append({"step": step, "tokens": tokens, "loss": round(mean, 4), "skipped": skipped,
+                        "lr": opt.param_groups[0]["lr"],
                         "tokens_per_second": round(tokens / elapsed), "seconds": round(time.time() - start, 1),
                         "first_token": {layer: v["first"] for layer, v in sinks.items()},
                         "first_token_documents": documents})
@@ -244,7 +251,8 @@ def main(argv=None):
             break
     record = {"stage": "language model alone (scripts.pretrain_small_lm)", "steps": step, "lm_tokens": tokens
               + (previous or {}).get("lm_tokens", 0), "batch": a.batch, "length": a.length, "lr": a.lr,
-              "weight_decay": a.weight_decay, "triggers": a.triggers, "chat_share": a.chat_share,
+              "warmup_steps": a.warmup_steps, "skipped_steps": skipped, "weight_decay": a.weight_decay,
+              "triggers": a.triggers, "chat_share": a.chat_share,
               "compile": a.compile, "seed": a.seed, "items_from": items_from,
               "device": str(device), "torch": torch.__version__, "seconds": round(time.time() - start, 1),
               "items_to": items_from + items, "init_from": str(a.init_from) if a.init_from else None,
