@@ -142,9 +142,7 @@ def products(x, packed, state, bias, sizes=None, shuffle=None):
     """name -> callable of one product, for both implementations."""
     import bitsandbytes as bnb
 
-    # Linear4bit passes its weight transposed (`self.weight.t()`) and matmul_4bit transposes it back;
-    # the packed tensor itself is another layout to it (this bench passed it so until 2026-12-05 and
-    # measured "bitsandbytes" 1.3-2.3 away from its own dequantized weight: research/bnb_check.py).
+    # As Linear4bit calls it (`self.weight.t()`; its one-row path transposes it back).
     return {"bnb": lambda: bnb.matmul_4bit(x, packed.t(), quant_state=state, bias=bias),
             "sharp": lambda: gemv_nf4.gemv_4bit(x, packed, state, bias, sizes=sizes, shuffle=shuffle)}
 
@@ -167,7 +165,8 @@ def check(n: int, k: int, bias: bool, dtype, rows: int) -> dict:
     packed, state, b = quantized(n, k, bias, dtype, seed=0)
     x = torch.randn(rows, k, device="cuda", dtype=dtype)
     exact = x.double() @ F.dequantize_4bit(packed, state).double().T + (b.double() if bias else 0)
-    ours, theirs = (fn() for fn in products(x, packed, state, b).values())
+    calls = products(x, packed, state, b)  # by name: unpacking its values once swapped the two
+    ours, theirs = calls["sharp"](), calls["bnb"]()
     table = gemv_nf4.gemv_4bit(x, packed, state, b, shuffle=False)
     poisoned = torch.full_like(ours, float("nan"))
     gemv_nf4.gemv_4bit(x, packed, state, b, out=poisoned)

@@ -303,7 +303,7 @@ def ready(loaded: Loaded) -> Loaded:
     and with SHARP_VISION_GRAPHS=1 on CUDA the tower replayed from a CUDA graph per input shape
     (models/vision_graphs.py); on CUDA the text model's one-token
     products through sharp's matrix-vector kernels (models/gemv.py; bitsandbytes' 4-bit layers
-    through models/gemv_nf4.py when SHARP_GEMV_NF4=1), and with SHARP_FUSED_STEP=1 its one-token
+    through models/gemv_nf4.py when SHARP_GEMV_NF4=1), and (unless SHARP_FUSED_STEP=0) its one-token
     norms, rotary embedding and activation through one Triton kernel each (models/fused_step.py)."""
     from sharp_cli.models import fused_step, gemv, gemv_nf4, quant_check, vision_attention
 

@@ -217,8 +217,8 @@ def test_greedy_answers_through_the_kernels_equal_the_stock_answers():
 
 
 def test_the_switch_and_the_cpu_path(monkeypatch):
-    """Off by default until the GPU check has passed; SHARP_FUSED_STEP=1 turns it on for CUDA only;
-    swapped modules on the CPU (no interpreter) run the stock code, in bf16 too."""
+    """On by default for CUDA only, SHARP_FUSED_STEP=0 turns it off; swapped modules on the CPU (no
+    interpreter) run the stock code, in bf16 too."""
     import torch
 
     from sharp_cli.models import fused_step as fs
@@ -228,7 +228,9 @@ def test_the_switch_and_the_cpu_path(monkeypatch):
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
     monkeypatch.delenv("SHARP_FUSED_STEP", raising=False)
     monkeypatch.setattr(fs, "INTERPRETED", False)
-    assert fs.available(cuda) is (fs.DEFAULT == "1")
+    assert fs.available(cuda) and not fs.available(cpu)
+    monkeypatch.setenv("SHARP_FUSED_STEP", "0")
+    assert not fs.available(cuda)
     monkeypatch.setenv("SHARP_FUSED_STEP", "1")
     assert fs.available(cuda) and not fs.available(cpu)
 

@@ -192,3 +192,35 @@ def test_the_shuffle_lookup_equals_bitsandbytes_on_the_gpu():
             out = torch.full((1, n), float("nan"), device="cuda", dtype=torch.bfloat16)
             ours = gemv_nf4.gemv_4bit(x, packed, state, out=out, sizes=sizes, shuffle=shuffle).double()
             assert ((ours - exact).norm() / exact.norm()).item() < 4e-3, (n, k, shuffle)
+
+
+def test_every_shuffle_reads_the_threads_own_code():
+    """Compiled for an H100 (sm_90, no GPU needed): every shuffle's source is one register, loaded by
+    the thread itself from code[lane % 16]. Catches a table that a layout conversion moves between
+    threads (Triton 3.6 did, with the table shaped like the tile: 1.3-3.1 relative error on an H100
+    where the interpreter, which never shuffles, was exact)."""
+    import re
+
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource, compile
+
+    from sharp_cli.models import nf4_kernels
+
+    pointers = ("x_ptr", "w_ptr", "code_ptr", "absmax_ptr", "absmax2_ptr", "code2_ptr", "offset_ptr", "b_ptr", "y_ptr")
+    types = ("*bf16", "*i32", "*fp32", "*u8", "*fp32", "*fp32", "*fp32", "*bf16", "*bf16")
+    integers = ("n", "row_words", "per_row", "stride_x", "stride_y")
+    constants = {"QBLOCK": 64, "NB": 8, "BLOCK_N": 16, "NESTED": True, "BLOCKS2": 256, "HAS_BIAS": False,
+                 "SHUFFLE": True}
+    signature = {**dict(zip(pointers, types)), **dict.fromkeys(integers, "i32"),
+                 **dict.fromkeys(constants, "constexpr")}
+    aligned = [(list(signature).index(name),) for name in (*pointers, *integers[1:])]  # as launches see them
+    source = ASTSource(fn=nf4_kernels.gemv_4bit, signature=signature, constexprs=constants,
+                       attrs={at: [["tt.divisibility", 16]] for at in aligned})
+    ptx = compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4}).asm["ptx"]
+    sources = set(re.findall(r"shfl\.sync\.idx\.b32 %r\d+, (%r\d+),", ptx))
+    assert len(re.findall(r"shfl\.sync\.idx\.b32", ptx)) == 8 * 16 * 64 * 2 // 128  # 8 nibbles, 2 tile loops
+    assert len(sources) == 1, sources
+    lane = re.search(r"mov\.u32 (%r\d+), %laneid;\s+// end inline asm\s+.*?and\.b32\s+(%r\d+), \1, 15;", ptx, re.S)
+    assert lane, "no code[lane % 16] index"
+    address = re.search(r"mad\.wide\.u32\s+(%rd\d+), " + lane.group(2) + r", 4, %rd\d+;", ptx)
+    assert address and re.search(r"ld\.global\.b32 \{ " + sources.pop() + r" \}, \[ " + address.group(1), ptx)

@@ -171,3 +171,17 @@ def test_capture_first_brings_buffers_to_the_input_device():
     assert vision_graphs._buffers_to(visual, torch.device("meta")) == len(buffers)  # "meta": another device
     assert all(b.device.type == "meta" for b in visual.buffers())
     assert vision_graphs._buffers_to(visual, torch.device("meta")) == 0
+
+
+@pytest.mark.parametrize("family", ["qwen2.5-vl", "qwen3-vl"])
+def test_the_layout_lives_on_the_patches_device(family):
+    """transformers' export helper leaves Qwen2.5-VL's window_index on the CPU whatever grid_thw's
+    device (`torch.arange` without one), and indexing the GPU's patches with it is a copy that capture
+    refuses (an H100's capture failed so): every layout tensor goes to the patches' device."""
+    visual = load_tiny(family).model.model.visual
+    _, grid = tower_inputs(visual, (2, 10, 14) if family != "qwen3-vl" else (2, 8, 12))
+    found = vision_graphs.layout(visual, grid, torch.device("meta"))  # "meta": another device than grid's
+    tensors = {k: v for k, v in found.items() if isinstance(v, torch.Tensor)}
+    assert tensors and all(v.device.type == "meta" for v in tensors.values()), {k: v.device for k, v in tensors.items()}
+    if family == "qwen2.5-vl":
+        assert "window_index" in tensors

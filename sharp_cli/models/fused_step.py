@@ -29,10 +29,10 @@ installed) takes the kernel. Each takes its kernel only for one token per sequen
 bf16/fp16, outside torch.compile (`--compile` fuses these itself); prefill, the CPU, float32 and the
 compiled step run the stock code. gemv.stock_linears swaps all of it back (`stock_class`).
 
-Off unless SHARP_FUSED_STEP=1. What flips DEFAULT below to "1": research/gpu_decode.sh's fused steps
-on a GPU (research/gpu-notes.md, queue item 2): `scripts.kernel_bench --fused` passing (rotary equal
-to transformers', norms and activation within two bf16 steps), `scripts.cuda_check` passing with it
-on, and the profiled step (profile-fused against profile-bf16) faster.
+On by default on CUDA; SHARP_FUSED_STEP=0 keeps transformers' modules. What turned it on:
+research/gpu_decode.sh's fused steps on an H100 (docs/benchmarks.md, "The fused step glue"):
+`scripts.kernel_bench --fused` equal to transformers' in every piece and in a layer stepped over a
+cache, `scripts.cuda_check` passing with it on, and `sharp bench`'s decode faster with it.
 """
 
 from __future__ import annotations
@@ -46,8 +46,8 @@ import torch
 
 from sharp_cli.models.gemv import HALF, INTERPRETED
 
-SWITCH = "SHARP_FUSED_STEP"  # =1 swaps the kernels in at load (loading.ready)
-DEFAULT = "0"  # becomes "1" once research/gpu_decode.sh's fused steps have passed on the GPU
+SWITCH = "SHARP_FUSED_STEP"  # =0 keeps the stock modules at load (loading.ready)
+DEFAULT = "1"  # research/gpu_decode.sh's fused steps passed on an H100 (docs/benchmarks.md)
 
 # The stock classes whose forward is what the kernels compute (transformers 5.x); others are left alone.
 NORMS = {"Qwen2RMSNorm", "Qwen2VLRMSNorm", "Qwen2_5_VLRMSNorm", "Qwen3VLTextRMSNorm"}

@@ -15,7 +15,8 @@ reading the weights. bitsandbytes' own one-token products read them at ~600 GB/s
 (models/nf4_kernels.py) is the plain memory-bound loop: each program streams BLOCK_N whole rows
 as int32 words, NB quantization blocks a step, the next step's words in flight while this one's
 are summed; each nibble becomes its float32 code by a warp shuffle from a register that holds the
-16 codes across the lanes, meets its x value in a fused multiply-add, and a block's sum is scaled
+16 codes across the lanes (a scalar: each thread's own, see nf4_kernels._lane_code),
+meets its x value in a fused multiply-add, and a block's sum is scaled
 by its absmax once (one multiply per 64 weights). The codes stay float32, so the product differs
 from bitsandbytes' (which rounds each dequantized weight to bf16 before its matmul) by that
 rounding and the order of the float32 sums.
@@ -44,7 +45,8 @@ dequantized once per row and re-read from L2; the layers take the kernel for one
 parameters, same state dict) whose forward takes the kernel for one token on CUDA and calls
 bitsandbytes for everything else (prefill, other devices). Inside torch.compile and CUDA graphs
 the kernel is one opaque custom op. Off unless SHARP_GEMV_NF4=1 (and SHARP_GEMV=0 turns it off
-with the bf16 kernel) until scripts/kernel_bench.py --nf4 has checked it on the GPU.
+with the bf16 kernel) until scripts/kernel_bench.py --nf4 has checked it on the GPU; its first
+GPU runs were wrong (a layout conversion moved the code table between threads, docs/benchmarks.md).
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ and walks them NB quantization blocks at a time. A step's tile is the packed wei
 block, element 8w+t at bit 4(t^1) (bitsandbytes puts an even element in the high nibble of its
 byte, and a little-endian word holds bytes 0..3 from its low end). The next step's words are loaded
 before this step's are used, so two tiles' reads are in flight per thread. Each nibble becomes its
-float32 code through a warp shuffle on the GPU (lane L holds code[L % 16]; shfl reads the lane
+float32 code through a warp shuffle on the GPU (lane L holds code[L % 16] in a scalar; shfl reads the lane
 named by the index's low five bits, so the nibble above needs no masking): one shift and one
 shuffle a weight, no address arithmetic. Without SHUFFLE (Triton's CPU interpreter, which runs no
 inline assembly) the code is loaded from the 16-entry table instead. The 8 codes of a word meet
@@ -31,10 +31,14 @@ import triton.language as tl
 
 
 @triton.jit
-def _lane_codes(code_ptr, like):
-    """code[lane % 16] in every element of a tensor shaped like `like` (one register once CSE'd)."""
-    lane = tl.inline_asm_elementwise("mov.u32 $0, %laneid;", "=r,r", [tl.zeros_like(like)],
-                                     dtype=tl.int32, is_pure=True, pack=1)
+def _lane_code(code_ptr, anything):
+    """code[lane % 16] as a scalar: each thread's own register. A scalar has no layout, so no layout
+    conversion can move it to another thread's register; a table shaped like the tile did move:
+    Triton 3.6 loaded it in one layout and converted it to the shuffle's, so each thread held another
+    lane's code and the shuffles read wrong codes (1.3-3.1 relative error on the GPU, while the
+    interpreter, which loads instead of shuffling, was exact). `anything`: a scalar the asm ignores."""
+    lane = tl.inline_asm_elementwise("mov.u32 $0, %laneid;", "=r,r", [anything], dtype=tl.int32, is_pure=True,
+                                     pack=1)
     return tl.load(code_ptr + (lane & 15))
 
 
@@ -115,7 +119,7 @@ def gemv_4bit(x_ptr, w_ptr, code_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset
     index = rows[:, None] * per_row + blk[None, :]  # (BLOCK_N, NB) block numbers
     offset = tl.load(offset_ptr) if NESTED else 0.0
     acc = tl.zeros((BLOCK_N, NB), dtype=tl.float32)
-    table = _lane_codes(code_ptr, tl.zeros((BLOCK_N, W), dtype=tl.int32)) if SHUFFLE else 0.0
+    table = _lane_code(code_ptr, m) if SHUFFLE else 0.0
     whole = per_row // NB * NB  # blocks in whole tiles
     words = tl.load(w_ptrs, mask=(col < whole * WORDS)[None, :], other=0)
     for start in range(0, whole, NB):

@@ -55,9 +55,12 @@ def available(device) -> bool:
     return os.environ.get(SWITCH, DEFAULT) == "1" and device.type == "cuda"
 
 
-def layout(visual, grid_thw) -> dict | None:
+def layout(visual, grid_thw, device=None) -> dict | None:
     """The keyword arguments that stand in for the tower's grid_thw-driven work (module docstring):
-    tensors on grid_thw's device and ints; None where this transformers has no export helper."""
+    tensors on `device` (default grid_thw's) and ints; None where this transformers has no export
+    helper. Moved because the helper leaves some on the CPU whatever grid_thw's device (Qwen2.5-VL's
+    window_index: `torch.arange` without a device in transformers 5.25), and indexing the GPU's
+    patches with it is a host-to-device copy, which graph capture refuses (an H100 did)."""
     try:
         from transformers.exporters.utils import precompute_export_inputs
     except ImportError:
@@ -65,7 +68,8 @@ def layout(visual, grid_thw) -> dict | None:
     inputs = {"grid_thw": grid_thw}
     precompute_export_inputs(visual, inputs)
     inputs.pop("grid_thw")
-    return inputs
+    device = grid_thw.device if device is None else device
+    return {k: v.to(device) if hasattr(v, "to") and hasattr(v, "device") else v for k, v in inputs.items()}
 
 
 class _Shape:
@@ -115,7 +119,7 @@ class VisionGraphs:
         )
         entry = self.entries.pop(key, None)
         if entry is None:
-            found = layout(self.visual, grid_thw)
+            found = layout(self.visual, grid_thw, hidden_states.device)
             if found is None:
                 return forward(hidden_states, grid_thw=grid_thw, **kwargs)
             entry = _Shape({**found, **kwargs})

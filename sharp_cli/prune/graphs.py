@@ -25,13 +25,22 @@ import torch
 from sharp_cli.compat import cache_kwargs
 
 _POOL = None
+_KEEPER = None  # a one-kernel graph in the pool, alive for the process (shared_pool says why)
 
 
 def shared_pool():
-    """The one CUDA-graph memory pool of this process."""
-    global _POOL
+    """The one CUDA-graph memory pool of this process. A graph's capture counts a use of its pool
+    and freeing the graph takes it back; when every graph of the pool had been freed while tensors of
+    the pool were still alive (a vision cache replaced, its graph gone), the next capture into it
+    failed an allocator assert (`use_count > 0`, Qwen3-VL's tower on an H100). A graph captured
+    here and never freed keeps the count above zero."""
+    global _POOL, _KEEPER
     if _POOL is None:
-        _POOL = torch.cuda.graph_pool_handle()
+        handle = torch.cuda.graph_pool_handle()
+        keeper = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(keeper, pool=handle):
+            torch.zeros(1, device="cuda")
+        _POOL, _KEEPER = handle, keeper
     return _POOL
 
 
