@@ -13,12 +13,14 @@ a small clip (4 frames) where launch gaps weigh more. Rows, one tower switched b
   peers.stock_attention gives the stock rows of `sharp bench`);
 - padded: packed attention, MLPs padded, gate and up as two products (sharp before the fused MLP);
 - fused: the same with gate and up as one product (SHARP_VISION_FUSED_MLP=1, loading.ready_vision);
-- graphed: fused, replayed from a CUDA graph per shape (models/vision_graphs.py, SHARP_VISION_GRAPHS=1).
+- kernels: fused, with the norms and rotary embedding as Triton kernels (models/fused_vision.py,
+  SHARP_FUSED_VISION=1);
+- graphed: kernels, replayed from a CUDA graph per shape (models/vision_graphs.py, SHARP_VISION_GRAPHS=1).
 
 Features (the merger's output, what the LLM gets) of each row against stock: max |diff| and cosine;
 and each row's and stock's distance from an fp32 reference (the same weights in float32, no TF32):
 "within bf16 rounding" means a row is no further from fp32 than the stock bf16 tower is (RMS x1.5, max x3).
-graphed against fused eager is shown too (0 expected: the same kernels). Times: median of `--iters` calls after one warm-up,
+graphed against kernels eager is shown too (0 expected: the same kernels). Times: median of `--iters` calls after one warm-up,
 synchronised wall clock; the graphed row's first call (warm-up + capture + check replay) apart.
 Exit status 1 if a check fails.
 """
@@ -37,7 +39,7 @@ import torch
 
 from scripts.profiler import sync, timed_wall
 from sharp_cli import loading
-from sharp_cli.models import gemv, random_init, vision_attention, vision_mlp
+from sharp_cli.models import fused_vision, gemv, random_init, vision_attention, vision_mlp
 from sharp_cli.models.vision_graphs import VisionGraphs
 
 SLACK = 1.5  # a row's RMS distance from fp32 may be this much of the stock bf16 tower's (max |diff|: twice that)
@@ -131,7 +133,8 @@ def run_shape(visual, graphs: VisionGraphs, frames: int, args, check: bool) -> d
     iters = args.iters
     x, grid = pixels(visual, frames, args.height, args.width, args.device)
     call = lambda: visual(x, grid_thw=grid)  # noqa: E731
-    rows = {"stock": stock(visual), "padded": gemv.stock_linears(visual), "fused": nullcontext()}
+    rows = {"stock": stock(visual), "padded": gemv.stock_linears(visual), "fused": fused_vision.stock_modules(visual),
+            "kernels": nullcontext()}
     result = {"frames": frames, "grid": grid[0].tolist(), "patches": int(x.shape[0]), "rows": {}}
     outs = {}
     with torch.inference_mode():
@@ -149,15 +152,15 @@ def run_shape(visual, graphs: VisionGraphs, frames: int, args, check: bool) -> d
             result["rows"]["graphed"] = {"ms": timed_wall(call, iters), "first_call_ms": first_ms,
                                          "reserved_growth_gib": (reserved() - before) / 2**30,
                                          "counts": dict(graphs.counts), "failed": list(graphs.failed.values())}
-    for name in ("padded", "fused", "graphed"):
+    for name in ("padded", "fused", "kernels", "graphed"):
         result["rows"][name]["vs_stock"] = compare(outs[name], outs["stock"])
-    result["graphed_vs_fused_max_abs"] = compare(outs["graphed"], outs["fused"])["max_abs"]
+    result["graphed_vs_kernels_max_abs"] = compare(outs["graphed"], outs["kernels"])["max_abs"]
     ok = not graphs.failed and graphs.counts["replays"] > 0  # captured, checked against eager, replayed
     if check:
         ref = reference_fp32(visual, x, grid)
         floor = compare(outs["stock"], ref)
         result["stock_vs_fp32"] = floor
-        for name in ("padded", "fused", "graphed"):
+        for name in ("padded", "fused", "kernels", "graphed"):
             mine = compare(outs[name], ref)
             result["rows"][name]["vs_fp32"] = mine
             ok &= mine["rms"] <= SLACK * floor["rms"] and mine["max_abs"] <= 2 * SLACK * floor["max_abs"]
@@ -183,7 +186,7 @@ def report(result: dict) -> None:
         if "vs_fp32" in row:
             line += f"; vs fp32 max |diff| {row['vs_fp32']['max_abs']:.4g}, RMS {row['vs_fp32']['rms']:.4g}"
         print(line)
-    print(f"  graphed vs fused eager: max |diff| {result['graphed_vs_fused_max_abs']:.3g} (0 expected)")
+    print(f"  graphed vs kernels eager: max |diff| {result['graphed_vs_kernels_max_abs']:.3g} (0 expected)")
 
 
 def main(argv=None) -> int:
@@ -203,12 +206,13 @@ def main(argv=None) -> int:
     visual = build(args.model, args.device)
     loading.use_shape_free_attention_kernels()  # sharp's rows: no cuDNN attention (stock() turns it on)
     os.environ[vision_mlp.SWITCH] = "1"  # the fused row is what it measures (off by default)
+    os.environ[fused_vision.SWITCH] = "1"  # and the kernels row (off by default)
     loading.ready_vision(visual, args.device, torch.bfloat16)  # the graphed rows make their own VisionGraphs
     assert visual.config._attn_implementation == vision_attention.NAME
     fused = sum(hasattr(type(m), "stock_class") for m in visual.modules())
     gpu = torch.cuda.get_device_name() if args.device.type == "cuda" else "cpu"
     print(f"{args.model} vision tower on {gpu}, torch {torch.__version__}: "
-          f"{sum(p.numel() for p in visual.parameters()) / 1e6:.0f}M parameters, {fused} fused MLPs, "
+          f"{sum(p.numel() for p in visual.parameters()) / 1e6:.0f}M parameters, {fused} swapped modules, "
           f"built in {time.perf_counter() - started:.1f} s")
     results = []
     for frames, check in ((args.frames, True), (args.small_frames, False)):

@@ -284,15 +284,18 @@ def use_shape_free_attention_kernels() -> None:
 
 def ready_vision(visual, device: torch.device, dtype: torch.dtype):
     """A Qwen vision tower (`model.model.visual`) made sharp's, in place: packed attention, its MLPs
-    padded where that pays (gate and up fused with SHARP_VISION_FUSED_MLP=1); returns its
+    padded where that pays (gate and up fused with SHARP_VISION_FUSED_MLP=1), its norms and rotary
+    embedding through Triton kernels with SHARP_FUSED_VISION=1 (models/fused_vision.py); returns its
     VisionGraphs where they are on, else None. ready() and research/vision_check.py (which builds
     the tower alone) both go through here."""
-    from sharp_cli.models import vision_attention, vision_graphs, vision_mlp
+    from sharp_cli.models import fused_vision, vision_attention, vision_graphs, vision_mlp
 
     if getattr(visual.config, "_attn_implementation", None) == "sdpa":
         visual.config._attn_implementation = vision_attention.register()
     if vision_mlp.pays_on(device, dtype):
         vision_mlp.pad_gated_mlps(visual, fuse=vision_mlp.fusing())
+    if fused_vision.available(device):
+        fused_vision.use_fused_vision(visual)
     return vision_graphs.VisionGraphs(visual) if vision_graphs.available(device) else None
 
 

@@ -1,4 +1,5 @@
-"""Triton source of the fused decode-step kernels (models/fused_step.py launches them and says why).
+"""Triton source of the fused kernels: the decode step's (models/fused_step.py launches them and says
+why) and the vision tower's rotary embedding (models/fused_vision.py).
 
 Imported only when a kernel is first launched, so Triton stays out of `sharp --help` and of
 machines without it. Each kernel rounds where transformers' eager code rounds (a product or a
@@ -73,3 +74,37 @@ def silu_mul(g_ptr, u_ptr, y_ptr, n, BLOCK: tl.constexpr):
     u = tl.load(u_ptr + offs, mask=ok, other=0.0).to(tl.float32)
     act = (g / (1.0 + tl.exp(-g))).to(y_ptr.dtype.element_ty).to(tl.float32)
     tl.store(y_ptr + offs, (act * u).to(y_ptr.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def _rotate_rows(src, dst, row_stride, head_stride, heads, row, c1, c2, s1, s2, HALF_DIM: tl.constexpr,
+                 BLOCK_H: tl.constexpr, BLOCK: tl.constexpr):
+    """One row's heads of q or k (heads, 2 * HALF_DIM) rotated in float32 into dst (contiguous)."""
+    h = tl.arange(0, BLOCK_H)[:, None]
+    cols = tl.arange(0, BLOCK)[None, :]
+    ok = (h < heads) & (cols < HALF_DIM)
+    at = src + row * row_stride + h * head_stride + cols
+    x1 = tl.load(at, mask=ok, other=0.0).to(tl.float32)
+    x2 = tl.load(at + HALF_DIM, mask=ok, other=0.0).to(tl.float32)
+    # stock (apply_rotary_pos_emb_vision): q.float() * cos + cat(-x2, x1) * sin, rounded to the dtype once;
+    # launched with FMA contraction off, so each product rounds to float32 as eager's kernels do
+    dt: tl.constexpr = dst.dtype.element_ty
+    out = dst + (row * heads + h) * 2 * HALF_DIM + cols
+    tl.store(out, round_to(x1 * c1 - x2 * s1, dt).to(dt), mask=ok)
+    tl.store(out + HALF_DIM, round_to(x2 * c2 + x1 * s2, dt).to(dt), mask=ok)
+
+
+@triton.jit
+def vision_rotary(q_ptr, k_ptr, cos_ptr, sin_ptr, qo_ptr, ko_ptr, heads, q_row, q_head, k_row, k_head, cos_row,
+                  sin_row, HALF_DIM: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK: tl.constexpr):
+    """A vision tower's rotary embedding of one row (patch): q and k (rows, heads, 2 * HALF_DIM) at
+    any row and head strides (views of the qkv product), cos and sin (rows, 2 * HALF_DIM)."""
+    row = tl.program_id(0)
+    cols = tl.arange(0, BLOCK)[None, :]
+    ok = cols < HALF_DIM
+    c1 = tl.load(cos_ptr + row * cos_row + cols, mask=ok, other=0.0).to(tl.float32)
+    c2 = tl.load(cos_ptr + row * cos_row + HALF_DIM + cols, mask=ok, other=0.0).to(tl.float32)
+    s1 = tl.load(sin_ptr + row * sin_row + cols, mask=ok, other=0.0).to(tl.float32)
+    s2 = tl.load(sin_ptr + row * sin_row + HALF_DIM + cols, mask=ok, other=0.0).to(tl.float32)
+    _rotate_rows(q_ptr, qo_ptr, q_row, q_head, heads, row, c1, c2, s1, s2, HALF_DIM, BLOCK_H, BLOCK)
+    _rotate_rows(k_ptr, ko_ptr, k_row, k_head, heads, row, c1, c2, s1, s2, HALF_DIM, BLOCK_H, BLOCK)

@@ -1,0 +1,153 @@
+"""The Qwen vision tower's norms and rotary embedding as one Triton kernel each, without compiling.
+
+Why: eager, a tower block's elementwise work is a dozen small kernels over every patch. On an H200
+(`python -m scripts.profiler vision`, research/results/h200-decode-profiles-compile.log) they took
+96.9 ms of a 32-frame tower's 239 ms kernel time, float32 multiplies and copies most of it: the
+rotary embedding upcasts q and k to float32 (25,088 patches x 1,280 dims, 128 MB each), rotates
+them by slicing, negating and concatenating, and rounds them back; each RMSNorm upcasts, squares,
+averages, scales and rounds in separate passes. `--compile` fuses these (the tower 179-188 -> 108 ms
+there), at a first-call compile; these kernels fuse them with no compile:
+
+- rotary (Qwen2-VL, Qwen2.5-VL, Qwen3-VL: the same `apply_rotary_pos_emb_vision`): one program a
+  patch reads its q and k heads straight from the qkv product's view and its cos and sin once,
+  computes in float32 as transformers does, and writes both rotated, rounded once
+  (fused_kernels.vision_rotary; launched with FMA contraction off, so every product and sum rounds
+  to float32 as eager's separate kernels do);
+- RMSNorm (Qwen2.5-VL's blocks and merger): fused_step's norm kernel, one program a row.
+
+Qwen2-VL's and Qwen3-VL's blocks use LayerNorm, left to PyTorch (one kernel already).
+
+Swaps as fused_step does: the attention modules (a subclass marks their calls, and the modelling
+module's `apply_rotary_pos_emb_vision` is replaced once by a dispatcher that calls the original
+otherwise) and the norms (a subclass per stock class; gemv.stock_linears and `stock_modules` swap
+them back). Taken on CUDA in bf16/fp16 (any dtype under Triton's interpreter, for the tests),
+never inside torch.compile (`--compile` fuses these itself). Off unless SHARP_FUSED_VISION=1 until
+research/vision_check.py's `kernels` row has matched and beaten the `fused` row on a GPU.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+from contextlib import contextmanager
+from contextvars import ContextVar
+
+import torch
+
+from sharp_cli.models import fused_step
+
+SWITCH = "SHARP_FUSED_VISION"  # =1 swaps the kernels into the vision tower at load (loading.ready_vision)
+DEFAULT = "0"  # becomes "1" once research/vision_check.py's kernels row passes and pays on the GPU
+NORMS = {"Qwen2_5_VLRMSNorm"}  # vision RMSNorm classes (transformers 5.x)
+ATTENTIONS = {"VisionAttention", "Qwen2_5_VLVisionAttention", "Qwen3VLVisionAttention"}
+
+_IN_VISION_ATTENTION: ContextVar[bool] = ContextVar("sharp_fused_vision_attention", default=False)
+
+
+def available(device: torch.device) -> bool:
+    """Whether loading.ready_vision should swap the kernels in for a tower on `device`."""
+    return os.environ.get(SWITCH, DEFAULT) == "1" and fused_step.available(device)
+
+
+@functools.cache  # made on first use: Triton is imported only then
+def _kernel():
+    from sharp_cli.models import fused_kernels
+
+    return fused_kernels.vision_rotary
+
+
+def vision_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    """transformers' apply_rotary_pos_emb_vision: q and k (rows, heads, d) with unit stride over d
+    (the qkv product's views: row stride 3 * heads * d), cos and sin (rows, d) in any float dtype.
+    Returns (q_embed, k_embed), contiguous (rows, heads, d) in q's dtype, as transformers does."""
+    rows, heads, d = q.shape
+    q_out = torch.empty((rows, heads, d), device=q.device, dtype=q.dtype)
+    k_out = torch.empty((rows, heads, d), device=k.device, dtype=k.dtype)
+    if rows:
+        _kernel()[(rows,)](q, k, cos, sin, q_out, k_out, heads, q.stride(0), q.stride(1), k.stride(0),
+                           k.stride(1), cos.stride(0), sin.stride(0), HALF_DIM=d // 2,
+                           BLOCK_H=fused_step._pow2(heads), BLOCK=fused_step._pow2(d // 2), num_warps=4,
+                           enable_fp_fusion=False)
+    return q_out, k_out
+
+
+def _takes(q, k, cos, sin) -> bool:
+    """The shapes and layout the kernel takes (what the three towers pass); anything else: stock."""
+    return (not torch.compiler.is_compiling() and _IN_VISION_ATTENTION.get() and q.dim() == 3
+            and q.shape == k.shape and q.dtype == k.dtype and fused_step._served(q) and q.shape[-1] % 2 == 0
+            and q.stride(-1) == 1 and k.stride(-1) == 1 and cos.shape == sin.shape == (q.shape[0], q.shape[-1])
+            and cos.stride(-1) == 1 and sin.stride(-1) == 1 and cos.is_floating_point() and sin.is_floating_point())
+
+
+def _rotary_dispatcher(original):
+    def apply_rotary_pos_emb_vision(q, k, cos, sin):
+        if _takes(q, k, cos, sin):
+            return vision_rotary(q, k, cos, sin)
+        return original(q, k, cos, sin)
+
+    apply_rotary_pos_emb_vision.sharp_original = original
+    return apply_rotary_pos_emb_vision
+
+
+def _install_rotary(attention_class: type) -> bool:
+    """The dispatcher in place of the class's modelling module's apply_rotary_pos_emb_vision (once per
+    module); False where the module has none."""
+    module = sys.modules[attention_class.__module__]
+    current = getattr(module, "apply_rotary_pos_emb_vision", None)
+    if current is None:
+        return False
+    if not hasattr(current, "sharp_original"):
+        module.apply_rotary_pos_emb_vision = _rotary_dispatcher(current)
+    return True
+
+
+class _FusedVisionNorm:
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        if fused_step._served(hidden_states) and hidden_states.numel():
+            return fused_step.rms_norm(hidden_states, self.weight, self.variance_epsilon)
+        return super().forward(hidden_states)
+
+
+class _FusedVisionAttention:
+    def forward(self, *args, **kwargs):
+        if torch.compiler.is_compiling():
+            return super().forward(*args, **kwargs)
+        token = _IN_VISION_ATTENTION.set(True)
+        try:
+            return super().forward(*args, **kwargs)
+        finally:
+            _IN_VISION_ATTENTION.reset(token)
+
+
+def use_fused_vision(visual) -> int:
+    """Swaps the tower's RMSNorms and attention modules for their fused subclasses; returns how many."""
+    swapped = 0
+    for module in visual.modules():
+        kind = type(module)
+        if hasattr(kind, "stock_class"):
+            continue
+        if kind.__name__ in NORMS:
+            mixin = _FusedVisionNorm
+        elif kind.__name__ in ATTENTIONS and _install_rotary(kind):
+            mixin = _FusedVisionAttention
+        else:
+            continue
+        module.__class__ = fused_step._fused_class(mixin, kind)
+        swapped += 1
+    return swapped
+
+
+@contextmanager
+def stock_modules(visual):
+    """The tower's fused modules back to their stock classes for the duration (the other swapped
+    classes, the padded MLPs', stay): research/vision_check.py's row without the kernels."""
+    mixins = (_FusedVisionNorm, _FusedVisionAttention)
+    swapped = [(m, type(m)) for m in visual.modules() if issubclass(type(m), mixins)]
+    for module, kind in swapped:
+        module.__class__ = kind.stock_class
+    try:
+        yield
+    finally:
+        for module, kind in swapped:
+            module.__class__ = kind
