@@ -68,14 +68,14 @@ def available(device: torch.device) -> bool:
     return True
 
 
-def _served(x: torch.Tensor) -> bool:
+def served(x: torch.Tensor) -> bool:
     """A dtype and device the kernels take (any dtype under the interpreter: the tests' float32)."""
     return ((x.is_cuda and x.dtype in HALF) or INTERPRETED) and not torch.compiler.is_compiling()
 
 
 def one_token(x: torch.Tensor) -> bool:
     """x is (batch, 1, ...): one new token per sequence, a decode step's."""
-    return x.dim() >= 3 and x.shape[1] == 1 and _served(x)
+    return x.dim() >= 3 and x.shape[1] == 1 and served(x)
 
 
 @functools.cache  # made on first use: Triton is imported only then
@@ -85,7 +85,7 @@ def _kernels():
     return fused_kernels.rms_norm, fused_kernels.rotary, fused_kernels.silu_mul
 
 
-def _pow2(n: int) -> int:
+def pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
 
@@ -99,7 +99,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     n = x.shape[-1]
     x = x.contiguous()
     y = torch.empty(x.shape, device=x.device, dtype=torch.promote_types(weight.dtype, x.dtype))
-    block = _pow2(n)
+    block = pow2(n)
     _kernels()[0][(x.numel() // n,)](x, weight, y, n, eps, BLOCK=block, num_warps=_warps(block))
     return y
 
@@ -112,7 +112,7 @@ def rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tenso
     cos, sin = cos.contiguous(), sin.contiguous()
     q_out = torch.empty((b, q_heads, 1, d), device=q.device, dtype=q.dtype)
     k_out = torch.empty((b, k_heads, 1, d), device=k.device, dtype=k.dtype)
-    block = _pow2(d // 2)
+    block = pow2(d // 2)
     _kernels()[1][(q_heads + k_heads, b)](
         q, k, cos, sin, q_out, k_out, q_heads, k_heads, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
         cos.stride(0) if cos.shape[0] > 1 else 0, HALF_DIM=d // 2, BLOCK=block, num_warps=1)
@@ -123,7 +123,7 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """SiLU(gate) * up, both (..., n) of one dtype."""
     gate, up = gate.contiguous(), up.contiguous()
     y = torch.empty_like(gate)
-    block = min(1024, _pow2(gate.numel()))
+    block = min(1024, pow2(gate.numel()))
     _kernels()[2][(-(-gate.numel() // block),)](gate, up, y, gate.numel(), BLOCK=block, num_warps=4)
     return y
 
@@ -154,7 +154,7 @@ class _FusedAttention:
 
 
 @functools.cache
-def _fused_class(mixin: type, stock: type) -> type:
+def fused_class(mixin: type, stock: type) -> type:
     """A subclass of the stock class with the mixin's forward; `stock_class` for gemv.stock_linears.
     It claims the stock class's module, where code finds the modelling functions by a module's class
     (adapter.rope: sys.modules[type(attention).__module__].apply_rotary_pos_emb)."""
@@ -166,7 +166,7 @@ def _rotary_dispatcher(original):
     call, for one token in a dtype it takes; `original` (transformers' own) for everything else."""
     def apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1):
         if not torch.compiler.is_compiling() and _IN_FUSED_ATTENTION.get() and unsqueeze_dim == 1 \
-                and q.dim() == 4 and q.shape[2] == 1 and k.shape[2] == 1 and _served(q) \
+                and q.dim() == 4 and q.shape[2] == 1 and k.shape[2] == 1 and served(q) \
                 and k.dtype == q.dtype == cos.dtype == sin.dtype and q.shape[-1] % 2 == 0 \
                 and q.stride(-1) == 1 and k.stride(-1) == 1 and cos.dim() == 3 and cos.shape[1] == 1 \
                 and cos.shape == sin.shape and cos.shape[-1] == q.shape[-1] and cos.shape[0] in (1, q.shape[0]):
@@ -210,6 +210,6 @@ def use_fused_step(text_model) -> int:
             mixin = _FusedAttention
         else:
             continue
-        module.__class__ = _fused_class(mixin, kind)
+        module.__class__ = fused_class(mixin, kind)
         swapped += 1
     return swapped

@@ -67,7 +67,7 @@ def vision_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torc
     if rows:
         _kernel()[(rows,)](q, k, cos, sin, q_out, k_out, heads, q.stride(0), q.stride(1), k.stride(0),
                            k.stride(1), cos.stride(0), sin.stride(0), HALF_DIM=d // 2,
-                           BLOCK_H=fused_step._pow2(heads), BLOCK=fused_step._pow2(d // 2), num_warps=4,
+                           BLOCK_H=fused_step.pow2(heads), BLOCK=fused_step.pow2(d // 2), num_warps=4,
                            enable_fp_fusion=False)
     return q_out, k_out
 
@@ -75,7 +75,7 @@ def vision_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torc
 def _takes(q, k, cos, sin) -> bool:
     """The shapes and layout the kernel takes (what the three towers pass); anything else: stock."""
     return (not torch.compiler.is_compiling() and _IN_VISION_ATTENTION.get() and q.dim() == 3
-            and q.shape == k.shape and q.dtype == k.dtype and fused_step._served(q) and q.shape[-1] % 2 == 0
+            and q.shape == k.shape and q.dtype == k.dtype and fused_step.served(q) and q.shape[-1] % 2 == 0
             and q.stride(-1) == 1 and k.stride(-1) == 1 and cos.shape == sin.shape == (q.shape[0], q.shape[-1])
             and cos.stride(-1) == 1 and sin.stride(-1) == 1 and cos.is_floating_point() and sin.is_floating_point())
 
@@ -104,7 +104,7 @@ def _install_rotary(attention_class: type) -> bool:
 
 class _FusedVisionNorm:
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        if fused_step._served(hidden_states) and hidden_states.numel():
+        if fused_step.served(hidden_states) and hidden_states.numel():
             return fused_step.rms_norm(hidden_states, self.weight, self.variance_epsilon)
         return super().forward(hidden_states)
 
@@ -133,7 +133,7 @@ def use_fused_vision(visual) -> int:
             mixin = _FusedVisionAttention
         else:
             continue
-        module.__class__ = fused_step._fused_class(mixin, kind)
+        module.__class__ = fused_step.fused_class(mixin, kind)
         swapped += 1
     return swapped
 
