@@ -186,7 +186,10 @@ def parse_args(argv=None):
     p.add_argument("--minutes", type=float, default=0, help="Wall-clock budget, saving included (0: none).")
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--lr", type=float, default=1.5e-3)
-    p.add_argument("--warmup", type=float, default=0.05)
+    p.add_argument("--warmup", type=float, default=0.05, help="Warm-up as a share of the run (steps or clock).")
+    p.add_argument("--warmup-steps", type=int, default=100,
+                   help="And at least this many steps: a compiled run's first step takes seconds of its clock "
+                        "(scripts.pretrain_small_lm went to NaN when the clock's warm-up was over by step 2).")
     p.add_argument("--weight-decay", type=float, default=0.1)
     p.add_argument("--language", type=float, default=0.3, help="Share of rows from the language stage.")
     p.add_argument("--bare", type=float, default=0.3, help="Share of video questions asked bare (no options).")
@@ -265,6 +268,7 @@ def main(argv=None):
 
     def make_record(final_check=None):
         return {"parameters": params, "steps": step, "items": seen, "batch": a.batch, "lr": a.lr, "warmup": a.warmup,
+                "warmup_steps": a.warmup_steps,
                 "weight_decay": a.weight_decay, "language": a.language, "bare": a.bare, "token_loss": a.token_loss,
                 "retrieval_loss": a.retrieval_loss, "retrieval_layers": [config.text_config.num_hidden_layers - 1],
                 "tasks": list(tasks), "seed": a.seed, "compile": a.compile, "freeze_language": a.freeze_language,
@@ -304,7 +308,7 @@ def main(argv=None):
         computed = time.time()
         progress = max(step / a.steps, (time.time() - train_start) / max(1e-9, deadline - reserve - train_start))
         for group in opt.param_groups:
-            group["lr"] = lr_at(min(progress, 1.0), a.lr, a.warmup)
+            group["lr"] = lr_at(min(progress, 1.0), a.lr, a.warmup) * min(1.0, step / max(1, a.warmup_steps))
         if a.retrieval_loss:
             retrieval.arm(batch, config.video_token_id)
         with autocast():
