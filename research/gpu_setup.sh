@@ -9,6 +9,8 @@
 # tokenizers) over the image's 5.17, whose Qwen2.5-VL video time positions differ (docs/eval.md): training
 # calls carry only this (the checkpoint they continue needs the room of the 64 MiB carry).
 [ -d .whl-tf ] && python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site .whl-tf/*.whl
+# .whl-test (pytest, pluggy, iniconfig): the suite's CUDA-only tests on the GPU (research/gpu-notes.md).
+[ -d .whl-test ] && python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl-test/*.whl
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 COLUMNS=220 SHARP_CACHE_DIR=/tmp/sharpcache
 export TRANSFORMERS_VERBOSITY=error HF_HUB_OFFLINE=1 USE_HUB_KERNELS=0
 set -o pipefail
