@@ -14,7 +14,8 @@ a small clip (4 frames) where launch gaps weigh more. Rows, one tower switched b
 - padded: packed attention, MLPs padded, gate and up as two products (sharp before the fused MLP);
 - fused: the same with gate and up as one product (SHARP_VISION_FUSED_MLP=1, loading.ready_vision);
 - kernels: fused, with the norms and rotary embedding as Triton kernels (models/fused_vision.py,
-  SHARP_FUSED_VISION=1);
+  SHARP_FUSED_VISION=1; its SiLU * up kernel takes only MLPs whose gate and up are two products,
+  sharp's default, so this row, built on the fused MLPs, runs without it);
 - graphed: kernels, replayed from a CUDA graph per shape (models/vision_graphs.py, SHARP_VISION_GRAPHS=1).
 
 Features (the merger's output, what the LLM gets) of each row against stock: max |diff| and cosine;

@@ -1,4 +1,4 @@
-"""The vision tower's fused kernels (models/fused_vision.py: rotary embedding, RMSNorm) against
+"""The vision tower's fused kernels (models/fused_vision.py: rotary embedding, RMSNorm, SiLU * up) against
 transformers' own code, on Triton's CPU interpreter in a subprocess (chosen when Triton compiles):
 the rotary kernel bit-equal to apply_rotary_pos_emb_vision on the qkv product's strided views in
 three dtypes; whole tiny towers of the three Qwen families with the kernels swapped in against the
@@ -45,21 +45,25 @@ def test_towers_with_the_kernels_give_the_stock_features():
         import torch
         from conftest import load_tiny, tower_inputs
         from sharp_cli.models import fused_step, fused_vision as fv, gemv
-        launches = {"rotary": 0, "norm": 0}
-        kernel, norm = fv.vision_rotary, fused_step.rms_norm
+        launches = {"rotary": 0, "norm": 0, "silu_mul": 0}
+        kernel, norm, silu_mul = fv.vision_rotary, fused_step.rms_norm, fused_step.silu_mul
         def counted_rotary(*a):
             launches["rotary"] += 1
             return kernel(*a)
         def counted_norm(*a):
             launches["norm"] += 1
             return norm(*a)
-        fv.vision_rotary, fused_step.rms_norm = counted_rotary, counted_norm
+        def counted_silu_mul(*a):
+            launches["silu_mul"] += 1
+            return silu_mul(*a)
+        fv.vision_rotary, fused_step.rms_norm, fused_step.silu_mul = counted_rotary, counted_norm, counted_silu_mul
         for family in ("qwen2-vl", "qwen3-vl", "qwen2.5-vl"):
             visual = load_tiny(family, layers=2).model.model.visual.to(torch.bfloat16)
             blocks = len(visual.blocks)
             norms = 2 * blocks + 1 if family == "qwen2.5-vl" else 0  # each block's two and the merger's
+            mlps = blocks if family == "qwen2.5-vl" else 0  # gated SiLU MLPs (the others use GELU)
             kinds = [type(m).__name__ for m in visual.modules() if type(m).__name__.startswith("Fused")]
-            assert len(kinds) == blocks + norms, (family, kinds)
+            assert len(kinds) == blocks + norms + mlps, (family, kinds)
             x, grid = tower_inputs(visual, (2, 10, 14) if family != "qwen3-vl" else (2, 8, 12))
             x = x.to(torch.bfloat16)
             before = dict(launches)
@@ -71,6 +75,7 @@ def test_towers_with_the_kernels_give_the_stock_features():
                     also_stock = visual(x, grid_thw=grid).pooler_output
             assert launches["rotary"] - before["rotary"] == blocks, (family, launches)
             assert launches["norm"] - before["norm"] == norms, (family, launches)
+            assert launches["silu_mul"] - before["silu_mul"] == mlps, (family, launches)
             assert torch.equal(stock, also_stock)
             if family == "qwen2.5-vl":
                 torch.testing.assert_close(ours, stock, rtol=2 ** -6, atol=2 ** -6 * float(stock.abs().max()))
@@ -105,9 +110,10 @@ def test_the_switch_and_the_stock_paths(monkeypatch):
 
     monkeypatch.setattr(fv, "vision_rotary", refuse)
     monkeypatch.setattr(fused_step, "rms_norm", refuse)
+    monkeypatch.setattr(fused_step, "silu_mul", refuse)
     model, _ = build_random(tiny_config("qwen2.5-vl", layers=2), dtype="bfloat16")
     visual = model.model.visual
-    assert fv.use_fused_vision(visual) == 7 and fv.use_fused_vision(visual) == 0  # once
+    assert fv.use_fused_vision(visual) == 9 and fv.use_fused_vision(visual) == 0  # 2 blocks' 4 + merger norm; once
     module = __import__(type(visual.blocks[0].attn).__module__, fromlist=["x"])
     q = k = torch.randn(4, 2, 8, dtype=torch.bfloat16)
     cos = sin = torch.randn(4, 8)

@@ -190,7 +190,7 @@ def _install_rotary(attention_class: type) -> bool:
     return True
 
 
-def _is_silu(act) -> bool:
+def is_silu(act) -> bool:
     return type(act).__name__ in ("SiLU", "SiLUActivation")
 
 
@@ -204,7 +204,7 @@ def use_fused_step(text_model) -> int:
             continue
         if kind.__name__ in NORMS:
             mixin = _FusedNorm
-        elif kind.__name__ in MLPS and _is_silu(getattr(module, "act_fn", None)):
+        elif kind.__name__ in MLPS and is_silu(getattr(module, "act_fn", None)):
             mixin = _FusedMLP
         elif kind.__name__ in ATTENTIONS and _install_rotary(kind):
             mixin = _FusedAttention

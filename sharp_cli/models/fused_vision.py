@@ -13,7 +13,9 @@ there), at a first-call compile; these kernels fuse them with no compile:
   computes in float32 as transformers does, and writes both rotated, rounded once
   (fused_kernels.vision_rotary; launched with FMA contraction off, so every product and sum rounds
   to float32 as eager's separate kernels do);
-- RMSNorm (Qwen2.5-VL's blocks and merger): fused_step's norm kernel, one program a row.
+- RMSNorm (Qwen2.5-VL's blocks and merger): fused_step's norm kernel, one program a row;
+- SiLU(gate) * up (Qwen2.5-VL's gated MLPs, unless SHARP_VISION_FUSED_MLP already joined gate and
+  up): fused_step's kernel, one pass instead of an activation and a product.
 
 Qwen2-VL's and Qwen3-VL's blocks use LayerNorm, left to PyTorch (one kernel already).
 
@@ -40,6 +42,7 @@ from sharp_cli.models import fused_step
 SWITCH = "SHARP_FUSED_VISION"  # =1 swaps the kernels into the vision tower at load (loading.ready_vision)
 DEFAULT = "0"  # becomes "1" once research/vision_check.py's kernels row passes and pays on the GPU
 NORMS = {"Qwen2_5_VLRMSNorm"}  # vision RMSNorm classes (transformers 5.x)
+MLPS = {"Qwen2_5_VLMLP"}  # gated vision MLPs: down_proj(act_fn(gate_proj(x)) * up_proj(x))
 ATTENTIONS = {"VisionAttention", "Qwen2_5_VLVisionAttention", "Qwen3VLVisionAttention"}
 
 _IN_VISION_ATTENTION: ContextVar[bool] = ContextVar("sharp_fused_vision_attention", default=False)
@@ -109,6 +112,13 @@ class _FusedVisionNorm:
         return super().forward(hidden_states)
 
 
+class _FusedVisionMLP:
+    def forward(self, hidden_state: torch.Tensor) -> torch.Tensor:
+        if fused_step.served(hidden_state) and hidden_state.numel():
+            return self.down_proj(fused_step.silu_mul(self.gate_proj(hidden_state), self.up_proj(hidden_state)))
+        return super().forward(hidden_state)
+
+
 class _FusedVisionAttention:
     def forward(self, *args, **kwargs):
         if torch.compiler.is_compiling():
@@ -121,7 +131,8 @@ class _FusedVisionAttention:
 
 
 def use_fused_vision(visual) -> int:
-    """Swaps the tower's RMSNorms and attention modules for their fused subclasses; returns how many."""
+    """Swaps the tower's RMSNorms, gated MLPs and attention modules for their fused subclasses;
+    returns how many."""
     swapped = 0
     for module in visual.modules():
         kind = type(module)
@@ -129,6 +140,8 @@ def use_fused_vision(visual) -> int:
             continue
         if kind.__name__ in NORMS:
             mixin = _FusedVisionNorm
+        elif kind.__name__ in MLPS and fused_step.is_silu(getattr(module, "act_fn", None)):
+            mixin = _FusedVisionMLP
         elif kind.__name__ in ATTENTIONS and _install_rotary(kind):
             mixin = _FusedVisionAttention
         else:
@@ -142,7 +155,7 @@ def use_fused_vision(visual) -> int:
 def stock_modules(visual):
     """The tower's fused modules back to their stock classes for the duration (the other swapped
     classes, the padded MLPs', stay): research/vision_check.py's row without the kernels."""
-    mixins = (_FusedVisionNorm, _FusedVisionAttention)
+    mixins = (_FusedVisionNorm, _FusedVisionMLP, _FusedVisionAttention)
     swapped = [(m, type(m)) for m in visual.modules() if issubclass(type(m), mixins)]
     for module, kind in swapped:
         module.__class__ = kind.stock_class
