@@ -142,15 +142,24 @@ class _FusedMLP:
         return super().forward(x)
 
 
-class _FusedAttention:
-    def forward(self, *args, **kwargs):
-        if torch.compiler.is_compiling():
-            return super().forward(*args, **kwargs)
-        token = _IN_FUSED_ATTENTION.set(True)
-        try:
-            return super().forward(*args, **kwargs)
-        finally:
-            _IN_FUSED_ATTENTION.reset(token)
+def marking(flag: ContextVar) -> type:
+    """A mixin whose forward sets `flag` for the duration of the stock forward (outside
+    torch.compile): the modelling module's replaced function (install_dispatcher) takes a kernel only
+    inside the calls of modules that carry it."""
+    class Marking:
+        def forward(self, *args, **kwargs):
+            if torch.compiler.is_compiling():
+                return super().forward(*args, **kwargs)
+            token = flag.set(True)
+            try:
+                return super().forward(*args, **kwargs)
+            finally:
+                flag.reset(token)
+
+    return Marking
+
+
+_FusedAttention = marking(_IN_FUSED_ATTENTION)
 
 
 @functools.cache
@@ -177,16 +186,16 @@ def _rotary_dispatcher(original):
     return apply_rotary_pos_emb
 
 
-def _install_rotary(attention_class: type) -> bool:
-    """Puts the dispatcher in place of the class's modelling module's apply_rotary_pos_emb (once per
-    module; every model of that module then calls it, and only fused attention modules take the
-    kernel). False where the module has no such function."""
+def install_dispatcher(attention_class: type, name: str, make) -> bool:
+    """Puts make(original) in place of the function `name` of the class's modelling module (once per
+    module; every model of that module then calls it, and only marked modules take the kernel).
+    False where the module has no such function."""
     module = sys.modules[attention_class.__module__]
-    current = getattr(module, "apply_rotary_pos_emb", None)
+    current = getattr(module, name, None)
     if current is None:
         return False
     if not hasattr(current, "sharp_original"):
-        module.apply_rotary_pos_emb = _rotary_dispatcher(current)
+        setattr(module, name, make(current))
     return True
 
 
@@ -194,22 +203,30 @@ def is_silu(act) -> bool:
     return type(act).__name__ in ("SiLU", "SiLUActivation")
 
 
+def swap_modules(root, mixin_for) -> int:
+    """Each module under `root` not swapped yet becomes fused_class(mixin, its class) where
+    mixin_for(module) names a mixin (None: left alone). Returns how many it swapped."""
+    swapped = 0
+    for module in root.modules():
+        kind = type(module)
+        mixin = None if hasattr(kind, "stock_class") else mixin_for(module)
+        if mixin is not None:
+            module.__class__ = fused_class(mixin, kind)
+            swapped += 1
+    return swapped
+
+
 def use_fused_step(text_model) -> int:
     """Swaps the text model's norms, MLPs and attention modules for their fused subclasses (see the
     module's docstring). Returns how many modules it swapped."""
-    swapped = 0
-    for module in text_model.modules():
-        kind = type(module)
-        if hasattr(kind, "stock_class"):
-            continue
-        if kind.__name__ in NORMS:
-            mixin = _FusedNorm
-        elif kind.__name__ in MLPS and is_silu(getattr(module, "act_fn", None)):
-            mixin = _FusedMLP
-        elif kind.__name__ in ATTENTIONS and _install_rotary(kind):
-            mixin = _FusedAttention
-        else:
-            continue
-        module.__class__ = fused_class(mixin, kind)
-        swapped += 1
-    return swapped
+    def mixin_for(module):
+        name = type(module).__name__
+        if name in NORMS:
+            return _FusedNorm
+        if name in MLPS and is_silu(getattr(module, "act_fn", None)):
+            return _FusedMLP
+        if name in ATTENTIONS and install_dispatcher(type(module), "apply_rotary_pos_emb", _rotary_dispatcher):
+            return _FusedAttention
+        return None
+
+    return swap_modules(text_model, mixin_for)

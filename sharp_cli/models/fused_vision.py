@@ -31,13 +31,11 @@ from __future__ import annotations
 
 import functools
 import os
-import sys
-from contextlib import contextmanager
 from contextvars import ContextVar
 
 import torch
 
-from sharp_cli.models import fused_step
+from sharp_cli.models import fused_step, gemv
 
 SWITCH = "SHARP_FUSED_VISION"  # =1 swaps the kernels into the vision tower at load (loading.ready_vision)
 DEFAULT = "0"  # becomes "1" once research/vision_check.py's kernels row passes and pays on the GPU
@@ -93,18 +91,6 @@ def _rotary_dispatcher(original):
     return apply_rotary_pos_emb_vision
 
 
-def _install_rotary(attention_class: type) -> bool:
-    """The dispatcher in place of the class's modelling module's apply_rotary_pos_emb_vision (once per
-    module); False where the module has none."""
-    module = sys.modules[attention_class.__module__]
-    current = getattr(module, "apply_rotary_pos_emb_vision", None)
-    if current is None:
-        return False
-    if not hasattr(current, "sharp_original"):
-        module.apply_rotary_pos_emb_vision = _rotary_dispatcher(current)
-    return True
-
-
 class _FusedVisionNorm:
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         if fused_step.served(hidden_states) and hidden_states.numel():
@@ -119,48 +105,27 @@ class _FusedVisionMLP:
         return super().forward(hidden_state)
 
 
-class _FusedVisionAttention:
-    def forward(self, *args, **kwargs):
-        if torch.compiler.is_compiling():
-            return super().forward(*args, **kwargs)
-        token = _IN_VISION_ATTENTION.set(True)
-        try:
-            return super().forward(*args, **kwargs)
-        finally:
-            _IN_VISION_ATTENTION.reset(token)
+_FusedVisionAttention = fused_step.marking(_IN_VISION_ATTENTION)
 
 
 def use_fused_vision(visual) -> int:
     """Swaps the tower's RMSNorms, gated MLPs and attention modules for their fused subclasses;
     returns how many."""
-    swapped = 0
-    for module in visual.modules():
-        kind = type(module)
-        if hasattr(kind, "stock_class"):
-            continue
-        if kind.__name__ in NORMS:
-            mixin = _FusedVisionNorm
-        elif kind.__name__ in MLPS and fused_step.is_silu(getattr(module, "act_fn", None)):
-            mixin = _FusedVisionMLP
-        elif kind.__name__ in ATTENTIONS and _install_rotary(kind):
-            mixin = _FusedVisionAttention
-        else:
-            continue
-        module.__class__ = fused_step.fused_class(mixin, kind)
-        swapped += 1
-    return swapped
+    def mixin_for(module):
+        name = type(module).__name__
+        if name in NORMS:
+            return _FusedVisionNorm
+        if name in MLPS and fused_step.is_silu(getattr(module, "act_fn", None)):
+            return _FusedVisionMLP
+        if name in ATTENTIONS and fused_step.install_dispatcher(type(module), "apply_rotary_pos_emb_vision",
+                                                                 _rotary_dispatcher):
+            return _FusedVisionAttention
+        return None
+
+    return fused_step.swap_modules(visual, mixin_for)
 
 
-@contextmanager
 def stock_modules(visual):
-    """The tower's fused modules back to their stock classes for the duration (the other swapped
-    classes, the padded MLPs', stay): research/vision_check.py's row without the kernels."""
-    mixins = (_FusedVisionNorm, _FusedVisionMLP, _FusedVisionAttention)
-    swapped = [(m, type(m)) for m in visual.modules() if issubclass(type(m), mixins)]
-    for module, kind in swapped:
-        module.__class__ = kind.stock_class
-    try:
-        yield
-    finally:
-        for module, kind in swapped:
-            module.__class__ = kind
+    """A context: the tower's fused modules back to their stock classes for the duration (the other
+    swapped classes, the padded MLPs', stay): research/vision_check.py's row without the kernels."""
+    return gemv.stock_linears(visual, only=(_FusedVisionNorm, _FusedVisionMLP, _FusedVisionAttention))

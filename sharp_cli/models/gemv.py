@@ -138,10 +138,12 @@ def use_gemv(modules) -> int:
 
 
 @contextmanager
-def stock_linears(model):
+def stock_linears(model, only: tuple[type, ...] = (object,)):
     """Every kernel layer of the model back to its stock class for the duration: GemvLinear to
-    nn.Linear, and gemv_nf4's 4-bit layers to bitsandbytes' Linear4bit (their `stock_class`)."""
-    swapped = [(m, type(m)) for m in model.modules() if getattr(type(m), "stock_class", None) is not None]
+    nn.Linear, and gemv_nf4's 4-bit layers to bitsandbytes' Linear4bit (their `stock_class`); with
+    `only`, the swapped classes that subclass one of those (fused_vision.stock_modules)."""
+    swapped = [(m, type(m)) for m in model.modules()
+               if getattr(type(m), "stock_class", None) is not None and issubclass(type(m), only)]
     for module, kind in swapped:
         module.__class__ = kind.stock_class
     try:
