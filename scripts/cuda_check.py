@@ -134,11 +134,39 @@ def run_all(loaded, clip, sharp, tokens: int, skip: set) -> dict:
     return runs
 
 
+def dequantize_4bit_in_place(model) -> int:
+    """Every swapped 4-bit layer (sharp's kernel subclass) becomes a float32 nn.Linear holding
+    bitsandbytes' own dequantization of its weight: the matrix both bitsandbytes' product and
+    sharp's kernel approximate. Returns how many."""
+    import bitsandbytes as bnb
+
+    from sharp_cli.models import gemv_nf4
+
+    swapped = [(name, m) for name, m in model.named_modules() if isinstance(m, gemv_nf4.Gemv4bit)]
+    for name, m in swapped:
+        dense = torch.nn.Linear(m.in_features, m.out_features, bias=m.bias is not None, device=m.weight.device,
+                                dtype=torch.float32)
+        with torch.no_grad():
+            dense.weight.copy_(bnb.functional.dequantize_4bit(m.weight.data, m.weight.quant_state).float())
+            if m.bias is not None:
+                dense.bias.copy_(m.bias.float())
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, dense)
+    return len(swapped)
+
+
 def reference(loaded, clip, sharp, tokens: int, skip: set, runs: dict) -> dict | None:
     """The same model's weights in float32 (upcast in place, after every bf16 run), eager: the
-    exact answer both paths approximate. None for quantized weights, which cannot be upcast."""
-    if loaded.quant != "none" or loaded.dtype == torch.float32:
+    exact answer both paths approximate. Quantized weights cannot be upcast, and where sharp runs
+    bitsandbytes' own products its tokens must equal generate()'s (None: exact); with sharp's
+    4-bit kernel on (SHARP_GEMV_NF4=1) the products differ from bitsandbytes' by rounding, so the
+    reference is bitsandbytes' dequantized weights in float32."""
+    if loaded.dtype == torch.float32:
         return None
+    if loaded.quant != "none":
+        if loaded.quant == "int8" or not dequantize_4bit_in_place(loaded.model):
+            return None
+        loaded.quant = "none"  # what the model now is
     loaded.model.float()
     loaded.dtype = torch.float32
     loaded.kv_pool.clear()

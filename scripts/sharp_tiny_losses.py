@@ -48,13 +48,18 @@ class Retrieval:
         AttentionInterface.register(self.NAME, self)
         AttentionMaskInterface.register(self.NAME, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
         model.model.language_model.config._attn_implementation = self.NAME
+        # a flag on each attention module, the same False on every layer not captured: a compiled
+        # layer that read layer_idx instead would be guarded on it, one recompile a layer, and past
+        # torch's limit of 8 the rest ran eagerly (research/results/h100-sharp-small-p1.log)
+        for n, layer in enumerate(model.model.language_model.layers):
+            layer.self_attn.sharp_retrieval_capture = n in self.layers
 
     def __call__(self, module, query, key, value, attention_mask=None, **kwargs):
         from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
         out = ALL_ATTENTION_FUNCTIONS["sdpa"](module, query, key, value, attention_mask, **kwargs)
-        layer = getattr(module, "layer_idx", None)
-        if self.rows is not None and layer in self.layers:
+        if self.rows is not None and getattr(module, "sharp_retrieval_capture", False):
+            layer = module.layer_idx
             q = query[torch.arange(query.shape[0], device=query.device), :, self.rows]  # (B, H, d)
             k = key.repeat_interleave(query.shape[1] // key.shape[1], dim=1)  # (B, H, L, d)
             scale = kwargs.get("scaling") or query.shape[-1] ** -0.5

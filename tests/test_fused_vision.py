@@ -99,9 +99,10 @@ def test_the_switch_and_the_stock_paths(monkeypatch):
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
     monkeypatch.delenv(fv.SWITCH, raising=False)
     monkeypatch.setattr(fused_step, "INTERPRETED", False)
+    assert fv.available(cuda) and not fv.available(cpu)  # on by default on CUDA
+    monkeypatch.setenv(fv.SWITCH, "0")
     assert not fv.available(cuda)
     monkeypatch.setenv(fv.SWITCH, "1")
-    assert fv.available(cuda) and not fv.available(cpu)
     monkeypatch.setenv(fused_step.SWITCH, "0")  # the kernels' common switch turns both off
     assert not fv.available(cuda)
 

@@ -224,3 +224,37 @@ def test_every_shuffle_reads_the_threads_own_code():
     assert lane, "no code[lane % 16] index"
     address = re.search(r"mad\.wide\.u32\s+(%rd\d+), " + lane.group(2) + r", 4, %rd\d+;", ptx)
     assert address and re.search(r"ld\.global\.b32 \{ " + sources.pop() + r" \}, \[ " + address.group(1), ptx)
+
+
+def test_the_gpu_checks_float32_reference_is_the_4bit_layers_own_function():
+    """scripts/cuda_check.py judges sharp's 4-bit kernel against float32 layers made from
+    bitsandbytes' dequantized weights: each must compute what the 4-bit layer computes (bitsandbytes'
+    own float32 forward on the CPU), bias included, in the parent's place."""
+    import bitsandbytes as bnb
+    import torch
+
+    from scripts.cuda_check import dequantize_4bit_in_place
+    from sharp_cli.models import gemv_nf4
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(128, 64), torch.nn.SiLU(), torch.nn.Linear(64, 128, bias=False))
+    for i in (0, 2):
+        child = model[i]
+        q = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
+                              compute_dtype=torch.float32, compress_statistics=True, quant_type="nf4")
+        q.weight = bnb.nn.Params4bit(child.weight.data.clone(), requires_grad=False, compress_statistics=True,
+                                     quant_type="nf4")
+        if child.bias is not None:
+            q.bias = torch.nn.Parameter(child.bias.data.clone(), requires_grad=False)
+        q = q.to("cpu")
+        q.support_avx512bf16_for_cpu = False
+        model[i] = q
+    assert gemv_nf4.use_gemv_4bit([model]) == 2
+    x = torch.randn(5, 128)
+    with torch.no_grad():
+        want = model(x)  # 5 rows: bitsandbytes' own path, never the kernel
+        assert dequantize_4bit_in_place(model) == 2
+        got = model(x)
+    assert all(type(m) is torch.nn.Linear and m.weight.dtype == torch.float32 for m in (model[0], model[2]))
+    assert model[0].bias is not None and model[2].bias is None
+    assert torch.allclose(got, want, rtol=1e-5, atol=1e-6), (got - want).abs().max()

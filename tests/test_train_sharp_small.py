@@ -49,18 +49,18 @@ def test_compiled_layers_give_the_eager_losses_and_gradients():
     from sharp_cli.models import vision_attention
 
     torch.manual_seed(0)
-    config = small_config(hidden=64, layers=3, mrope_section=(2, 1, 1))
+    config = small_config(hidden=64, layers=4, mrope_section=(2, 1, 1))
     config._attn_implementation = "sdpa"
     model = AutoModelForImageTextToText.from_config(config, dtype=torch.float32)
     model.model.visual.config._attn_implementation = vision_attention.register()
     none_id = build_processor(config).tokenizer.convert_tokens_to_ids(NONE)
-    retrieval = train.LastLayerRetrieval(2)
+    retrieval = train.LastLayerRetrieval(3)
     retrieval.register(model)
 
     def step(rows):
         batch = Batcher(config)(unpack(pack(rows), "cpu"))
         retrieval.arm(batch, config.video_token_id)
-        logits = model(**train.inputs_of(batch)).logits
+        logits = model(**train.inputs_of(batch), use_cache=False).logits  # as the script runs it
         lm, token = train.losses(logits, batch, config.video_token_id, none_id)
         fetch = retrieval.loss(batch, config.video_token_id)
         model.zero_grad()
@@ -73,12 +73,14 @@ def test_compiled_layers_give_the_eager_losses_and_gradients():
     eager = [step(rows) for rows in batches]
     counters.clear()
     try:
-        assert train.compile_layers(model, "aot_eager") == 2
+        assert train.compile_layers(model, "aot_eager") == 3
         compiled = [step(rows) for rows in batches]
     finally:
         torch._dynamo.reset()
     assert not counters["graph_break"], dict(counters["graph_break"])
-    assert counters["stats"]["unique_graphs"] <= 2  # one graph for both layers and both lengths (+ backward)
+    # one graph for all three layers and both lengths: a guard on the layer (its index read by the
+    # retrieval capture) made one a layer, and past torch's limit of 8 the rest ran eagerly
+    assert counters["stats"]["unique_graphs"] <= 2
     for (losses_e, grads_e), (losses_c, grads_c) in zip(eager, compiled):
         assert torch.allclose(losses_e, losses_c, atol=1e-5), (losses_e, losses_c)
         for e, c in zip(grads_e, grads_c):

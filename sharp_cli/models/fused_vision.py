@@ -23,8 +23,9 @@ Swaps as fused_step does: the attention modules (a subclass marks their calls, a
 module's `apply_rotary_pos_emb_vision` is replaced once by a dispatcher that calls the original
 otherwise) and the norms (a subclass per stock class; gemv.stock_linears and `stock_modules` swap
 them back). Taken on CUDA in bf16/fp16 (any dtype under Triton's interpreter, for the tests),
-never inside torch.compile (`--compile` fuses these itself). Off unless SHARP_FUSED_VISION=1 until
-research/vision_check.py's `kernels` row has matched and beaten the `fused` row on a GPU.
+never inside torch.compile (`--compile` fuses these itself). On by default since
+research/vision_check.py's `kernels` row matched the stock tower within bf16 rounding and beat the
+`fused` row on an H100 (docs/benchmarks.md); SHARP_FUSED_VISION=0 turns it off.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ import torch
 from sharp_cli.models import fused_step, gemv
 
 SWITCH = "SHARP_FUSED_VISION"  # =1 swaps the kernels into the vision tower at load (loading.ready_vision)
-DEFAULT = "0"  # becomes "1" once research/vision_check.py's kernels row passes and pays on the GPU
+DEFAULT = "1"  # research/vision_check.py's kernels row passed and paid on an H100 (docs/benchmarks.md); =0 off
 NORMS = {"Qwen2_5_VLRMSNorm"}  # vision RMSNorm classes (transformers 5.x)
 MLPS = {"Qwen2_5_VLMLP"}  # gated vision MLPs: down_proj(act_fn(gate_proj(x)) * up_proj(x))
 ATTENTIONS = {"VisionAttention", "Qwen2_5_VLVisionAttention", "Qwen3VLVisionAttention"}

@@ -1,11 +1,11 @@
-"""scripts.plant_sinks: the planted circuit makes the `system` token a sink at layers >= from_layer
+"""scripts.plant_priors: the planted circuit makes the `system` token a sink at layers >= from_layer
 only, leaves every other token's hidden dimension j at zero, and its shares are measured against
 transformers' own eager attention weights (output_attentions), not the capture the calibration uses."""
 
 import pytest
 import torch
 
-from scripts.plant_sinks import SINK_TOKEN, calibrate, plant
+from scripts.plant_priors import SINK_TOKEN, calibrate_sinks, plant_sinks
 from scripts.small_checks import inputs_of, language_check_rows
 from scripts.small_data import CHECK_SEED, Batcher, Items, build_processor, pack, small_config, unpack
 
@@ -20,10 +20,10 @@ def planted():
     config.text_config._attn_implementation = "sdpa"
     model = Qwen2_5_VLForConditionalGeneration(config).eval()
     sink = build_processor(config).tokenizer.convert_tokens_to_ids(SINK_TOKEN)
-    info = plant(model, sink, target=0.7, from_layer=2)
+    info = plant_sinks(model, sink, target=0.7, from_layer=2)
     video = Items(CHECK_SEED, ["colour"], 0.0, 0.0, per_seed=10**9, frames=32, answers=False)
     rows = [video[0], video[1]] + language_check_rows(2)
-    calibrate(model, rows, info, rounds=4)
+    calibrate_sinks(model, rows, info, rounds=4)
     return model, config, sink, info, rows
 
 
@@ -59,3 +59,31 @@ def test_only_the_sink_carries_the_massive_dimension_at_every_layer(planted):
         assert state[j] ** 2 / (state**2).sum() > 0.99
         others = torch.cat([h[0, :at, j], h[0, at + 1:, j]])
         assert others.abs().max() == 0
+
+
+def test_recency_makes_attention_rise_with_the_key_position():
+    """A run of one repeated token: every layer-1 key is the same vector but for its rotation, so
+    the last row's attention order is RoPE's alone; planted, it rises with the key's position."""
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    from scripts.plant_priors import plant_recency
+
+    torch.manual_seed(0)
+    config = small_config(hidden=64, layers=2, heads=4, kv_heads=2, vision_depth=1, vision_hidden=32,
+                          rope_theta=1e6, mrope_section=(6, 1, 1))
+    config.text_config._attn_implementation = "eager"
+    model = Qwen2_5_VLForConditionalGeneration(config).eval()
+    ids = torch.full((1, 48), 7)
+
+    def last_row():
+        with torch.no_grad():
+            return model(input_ids=ids, output_attentions=True).attentions[1][0, :, -1].mean(0)  # (48,)
+
+    before = last_row()
+    info = plant_recency(model, [1], pair=5, slope=0.5)
+    after = last_row()
+    assert not (before.diff() > 0).all()
+    assert (after.diff() > 0).all()
+    assert info["radians_per_position"] == pytest.approx(1e6 ** (-10 / 16), rel=1e-3)
+    with pytest.raises(ValueError, match="temporal band"):
+        plant_recency(model, [1], pair=6, slope=0.5)
