@@ -38,7 +38,9 @@ it. The slope is SLOPE logits a token frame (2 positions at sharp-small's 8 fps)
 layers in RECENCY_LAYERS.
 
 Usage: python -m scripts.plant_priors IN_FOLDER OUT_FOLDER [--target 0.85] [--from-layer 2]
-       [--mrope-section 8,4,4] [--recency-layers 1,2] [--slope 0.5] [--recency-pair 5]
+       [--mrope-section 8,4,4] [--recency-layers 1,2] [--slope 0.5 | --slope 0.25,0] [--recency-pair 5]
+A checkpoint planted before (its training.json says so) keeps its sink circuit: its heads are only
+calibrated again to the target; --recency-layers with --slope sets each layer's recency anew.
 """
 
 from __future__ import annotations
@@ -157,22 +159,50 @@ def sink_shares(model, rows, sink_id: int) -> torch.Tensor:
     return total / len(rows)
 
 
-@torch.no_grad()
-def calibrate_sinks(model, rows, info: dict, rounds: int = 3) -> list[list[float]]:
-    """Move each planted head's sink logit until its share of the last token's attention on `rows`
-    averages the target (a logit step per round: the share is a logistic function of it)."""
+def planted_key(model, info: dict, layer: int) -> torch.Tensor:
+    """(kv heads,): the sink's key in the planted pair at `layer`, as the weights make it now (a
+    trained model has moved the key weight, its bias and the norm's weight on j since planting)."""
     lm, tc = text_parts(model)
     hd = tc.hidden_size // tc.num_attention_heads
+    j, p = info["dimension"], info["rotary_pair"]
+    att = lm.layers[layer].self_attn
+    normed = float(lm.layers[layer].input_layernorm.weight[j]) * math.sqrt(tc.hidden_size)
+    rows = torch.arange(tc.num_key_value_heads) * hd + p
+    return att.k_proj.weight[rows, j].float() * normed + att.k_proj.bias[rows].float()
+
+
+@torch.no_grad()
+def calibrate_sinks(model, rows, info: dict, rounds: int = 4) -> list[list[float]]:
+    """Move each planted head's sink logit, from where the weights have it, until its share of the
+    last token's attention on `rows` averages the target (a logit step per round: the share is a
+    logistic function of it). Works on a freshly planted model and on a trained one alike."""
+    lm, tc = text_parts(model)
+    hd = tc.hidden_size // tc.num_attention_heads
+    group = tc.num_attention_heads // tc.num_key_value_heads
     p, target = info["rotary_pair"], info["target"]
     scaling = hd ** -0.5
-    logit = torch.full((tc.num_hidden_layers, tc.num_attention_heads), 8.0)
-    for _ in range(rounds + 1):
-        for n in range(info["from_layer"], tc.num_hidden_layers):
-            for h in range(tc.num_attention_heads):
-                lm.layers[n].self_attn.q_proj.bias[h * hd + p] = float(logit[n, h]) / (info["key"] * scaling)
+    layers = range(info["from_layer"], tc.num_hidden_layers)
+    key = {n: planted_key(model, info, n).repeat_interleave(group) * scaling for n in layers}  # (heads,)
+    bias = {n: lm.layers[n].self_attn.q_proj.bias[torch.arange(tc.num_attention_heads) * hd + p] for n in layers}
+    logit = {n: bias[n].float() * key[n] for n in layers}
+    for round_ in range(rounds + 1):
+        for n in layers:
+            lm.layers[n].self_attn.q_proj.bias[torch.arange(tc.num_attention_heads) * hd + p] = logit[n] / key[n]
         share = sink_shares(model, rows, info["token_id"]).clamp(1e-4, 1 - 1e-4)
-        logit += math.log(target / (1 - target)) - (share / (1 - share)).log()
+        if round_ < rounds:
+            for n in layers:
+                logit[n] += math.log(target / (1 - target)) - (share[n] / (1 - share[n])).log()
     return [[round(float(s), 3) for s in row] for row in share]
+
+
+def planted_before(source: Path) -> dict | None:
+    """The sink circuit a checkpoint (or one it continues) was planted with, from training.json."""
+    path = source / "training.json"
+    record = json.loads(path.read_text()) if path.exists() else {}
+    for entry in [record] + record.get("history", [])[::-1]:
+        if "planted_sinks" in entry:
+            return {k: v for k, v in entry["planted_sinks"].items() if k != "calibrated_shares"}
+    return None
 
 
 def main(argv=None):
@@ -186,7 +216,8 @@ def main(argv=None):
     ap.add_argument("--from-layer", type=int, default=2, help="The first layer with a sink.")
     ap.add_argument("--mrope-section", default="", help="New rotary bands (e.g. 8,4,4; empty: keep).")
     ap.add_argument("--recency-layers", default="", help="Layers given the recency slope (e.g. 1,2; empty: none).")
-    ap.add_argument("--slope", type=float, default=0.5, help="Recency: logits a token frame at the query.")
+    ap.add_argument("--slope", default="0.5", help="Recency: logits a token frame at the query, one for all "
+                    "--recency-layers or one each (0 takes a layer's slope away).")
     ap.add_argument("--recency-pair", type=int, default=5, help="Recency: the temporal rotary pair used.")
     ap.add_argument("--rows", type=int, default=6, help="Calibration rows of each kind (video, language).")
     a = ap.parse_args(argv)
@@ -199,10 +230,17 @@ def main(argv=None):
     record = {"script": "scripts.plant_priors", "args": {k: str(v) for k, v in vars(a).items()}}
     if a.recency_layers:
         layers = [int(x) for x in a.recency_layers.split(",")]
-        record["planted_recency"] = plant_recency(model, layers, a.recency_pair, a.slope)
+        slopes = [float(x) for x in a.slope.split(",")]
+        if len(slopes) not in (1, len(layers)):
+            raise SystemExit(f"--slope: one value or one per layer of --recency-layers ({len(layers)})")
+        record["planted_recency"] = [plant_recency(model, [n], a.recency_pair, slope)
+                                     for n, slope in zip(layers, slopes * len(layers))]
     if a.target > 0:
-        token_id = build_processor(model.config).tokenizer.convert_tokens_to_ids(SINK_TOKEN)
-        info = plant_sinks(model, token_id, a.target, a.from_layer)
+        info = planted_before(a.source)  # a planted checkpoint is calibrated again, not planted twice
+        if info is None:
+            token_id = build_processor(model.config).tokenizer.convert_tokens_to_ids(SINK_TOKEN)
+            info = plant_sinks(model, token_id, a.target, a.from_layer)
+        info["target"] = a.target
         video = Items(CHECK_SEED, TASKS, 0.0, 0.0, per_seed=10**9, frames=64, answers=False)
         rows = [video[n] for n in range(a.rows)] + language_check_rows(a.rows)
         info["calibrated_shares"] = calibrate_sinks(model, rows, info)
@@ -220,9 +258,10 @@ def main(argv=None):
     record["history"] = history_of(previous)
     record["items_to"] = previous.get("items_to", 0)  # a continued run reads on from here (never the same items)
     (a.out / "training.json").write_text(json.dumps(record, indent=1) + "\n")
-    for kind in ("planted_recency", "planted_sinks"):
-        if kind in record:
-            print(kind, json.dumps({k: v for k, v in record[kind].items() if k != "calibrated_shares"}))
+    for entry in record.get("planted_recency", []):
+        print("planted_recency", json.dumps(entry))
+    if "planted_sinks" in record:
+        print("planted_sinks", json.dumps({k: v for k, v in record["planted_sinks"].items() if k != "calibrated_shares"}))
     for n, row in enumerate(record.get("planted_sinks", {}).get("calibrated_shares", [])):
         print(f"layer {n:>2}: sink share per head {row}")
 

@@ -87,3 +87,24 @@ def test_recency_makes_attention_rise_with_the_key_position():
     assert info["radians_per_position"] == pytest.approx(1e6 ** (-10 / 16), rel=1e-3)
     with pytest.raises(ValueError, match="temporal band"):
         plant_recency(model, [1], pair=6, slope=0.5)
+
+
+def test_a_planted_model_is_calibrated_again_from_where_its_weights_are(planted, tmp_path):
+    """Calibration reads each head's present sink logit off the weights (key, bias, norm), so a
+    trained or re-targeted model moves to the new share instead of starting over."""
+    import copy
+    import json
+
+    from scripts.plant_priors import planted_before
+
+    model, config, sink, info, rows = planted
+    model = copy.deepcopy(model)
+    with torch.no_grad():  # as training might: the planted key and the norm's weight on j moved
+        for layer in model.model.language_model.layers[2:]:
+            layer.input_layernorm.weight[info["dimension"]] *= 1.5
+    again = dict(info, target=0.4)
+    shares = torch.tensor(calibrate_sinks(model, rows, again, rounds=4))
+    assert shares[2:].mean(-1).sub(0.4).abs().max() < 0.12
+    (tmp_path / "training.json").write_text(json.dumps({"history": [{"planted_sinks": info}, {"steps": 5}]}))
+    assert planted_before(tmp_path)["dimension"] == info["dimension"]
+    assert planted_before(tmp_path.parent) is None
