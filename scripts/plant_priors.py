@@ -261,7 +261,8 @@ def main(argv=None):
     for entry in record.get("planted_recency", []):
         print("planted_recency", json.dumps(entry))
     if "planted_sinks" in record:
-        print("planted_sinks", json.dumps({k: v for k, v in record["planted_sinks"].items() if k != "calibrated_shares"}))
+        sinks = {k: v for k, v in record["planted_sinks"].items() if k != "calibrated_shares"}
+        print("planted_sinks", json.dumps(sinks))
     for n, row in enumerate(record.get("planted_sinks", {}).get("calibrated_shares", [])):
         print(f"layer {n:>2}: sink share per head {row}")
 
