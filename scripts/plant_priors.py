@@ -55,7 +55,7 @@ import torch
 
 from scripts.small_checks import language_check_rows
 from scripts.small_data import CHECK_SEED, TASKS, Items, build_processor
-from scripts.train_sharp_small import history_of
+from scripts.train_sharp_small import history_of, planted_before
 
 SINK_TOKEN = "system"
 MASSIVE = 16384.0
@@ -195,16 +195,6 @@ def calibrate_sinks(model, rows, info: dict, rounds: int = 4) -> list[list[float
     return [[round(float(s), 3) for s in row] for row in share]
 
 
-def planted_before(source: Path) -> dict | None:
-    """The sink circuit a checkpoint (or one it continues) was planted with, from training.json."""
-    path = source / "training.json"
-    record = json.loads(path.read_text()) if path.exists() else {}
-    for entry in [record] + record.get("history", [])[::-1]:
-        if "planted_sinks" in entry:
-            return {k: v for k, v in entry["planted_sinks"].items() if k != "calibrated_shares"}
-    return None
-
-
 def main(argv=None):
     from transformers import AutoConfig, AutoModelForImageTextToText
 
@@ -236,11 +226,11 @@ def main(argv=None):
         record["planted_recency"] = [plant_recency(model, [n], a.recency_pair, slope)
                                      for n, slope in zip(layers, slopes * len(layers))]
     if a.target > 0:
-        info = planted_before(a.source)  # a planted checkpoint is calibrated again, not planted twice
-        if info is None:
+        info = planted_before(a.source).get("planted_sinks")  # a planted checkpoint is calibrated again,
+        if info is None:  # not planted twice
             token_id = build_processor(model.config).tokenizer.convert_tokens_to_ids(SINK_TOKEN)
             info = plant_sinks(model, token_id, a.target, a.from_layer)
-        info["target"] = a.target
+        info = {k: v for k, v in info.items() if k != "calibrated_shares"} | {"target": a.target}
         video = Items(CHECK_SEED, TASKS, 0.0, 0.0, per_seed=10**9, frames=64, answers=False)
         rows = [video[n] for n in range(a.rows)] + language_check_rows(a.rows)
         info["calibrated_shares"] = calibrate_sinks(model, rows, info)

@@ -157,6 +157,52 @@ def history_of(previous: dict | None) -> list:
     return previous.get("history", []) + [{k: v for k, v in previous.items() if k not in ("log", "history")}]
 
 
+def planted_before(folder: Path) -> dict:
+    """The circuits scripts.plant_priors built into a checkpoint or one it continues, from its
+    training.json: {"planted_sinks": {...}, "planted_recency": [{...}, ...]} (empty if none)."""
+    path = Path(folder) / "training.json"
+    record = json.loads(path.read_text()) if path.exists() else {}
+    for entry in [record] + record.get("history", [])[::-1]:
+        if "planted_sinks" in entry or "planted_recency" in entry:
+            return {k: entry[k] for k in ("planted_sinks", "planted_recency") if k in entry}
+    return {}
+
+
+def held_entries(model, planted: dict) -> list:
+    """[(parameter, mask, values)]: the planted circuits' entries as they are now, for --hold-planted
+    to put back after every optimizer step (AdamW's weight decay and the gradients move them)."""
+    lm, tc = model.model.language_model, model.config.text_config
+    hd, heads, kv = tc.hidden_size // tc.num_attention_heads, tc.num_attention_heads, tc.num_key_value_heads
+    masks: dict = {}
+
+    def mark(param, index):
+        masks.setdefault(param, torch.zeros_like(param, dtype=torch.bool))[index] = True
+
+    def mark_pair(att, pair):
+        for proj, count in ((att.q_proj, heads), (att.k_proj, kv)):
+            rows = [g * hd + d for g in range(count) for d in (pair, pair + hd // 2)]
+            mark(proj.weight, rows)
+            mark(proj.bias, rows)
+
+    sinks = planted.get("planted_sinks")
+    if sinks:
+        j = sinks["dimension"]
+        mark(lm.embed_tokens.weight, (slice(None), j))
+        mark(model.model.visual.merger.mlp[-1].weight, j)
+        for n, layer in enumerate(lm.layers):
+            for proj in (layer.self_attn.o_proj, layer.mlp.down_proj):
+                mark(proj.weight, j)
+            for proj in (layer.mlp.gate_proj, layer.mlp.up_proj, layer.self_attn.q_proj, layer.self_attn.k_proj,
+                         layer.self_attn.v_proj):
+                mark(proj.weight, (slice(None), j))
+            if n >= sinks["from_layer"]:
+                mark_pair(layer.self_attn, sinks["rotary_pair"])
+    for recency in planted.get("planted_recency", []):
+        for n in recency["layers"]:
+            mark_pair(lm.layers[n].self_attn, recency["rotary_pair"])
+    return [(param, mask, param.detach()[mask].clone()) for param, mask in masks.items()]
+
+
 def lr_at(progress: float, peak: float, warmup: float) -> float:
     if progress < warmup:
         return peak * progress / warmup
@@ -214,6 +260,8 @@ def parse_args(argv=None):
                    "(inductor on a GPU; empty: eager).")
     p.add_argument("--profile", type=int, default=0, help="Profile steps 20..20+N with torch.profiler and print "
                    "the top operators (CPU and CUDA time), then go on training.")
+    p.add_argument("--hold-planted", action="store_true", help="Keep scripts.plant_priors' circuits (sinks, "
+                   "recency) as --init-from has them: their entries are put back after every step.")
     p.add_argument("--init-from", type=Path)
     p.add_argument("--out", type=Path, default=OUT)
     return p.parse_args(argv)
@@ -255,6 +303,7 @@ def main(argv=None):
     if a.freeze_language:
         freeze_language(model)
     opt = optimizer(model, a.lr, a.weight_decay)
+    held = held_entries(model, planted_before(a.init_from)) if a.hold_planted and a.init_from else []
     log, seen, wait, skipped, step = [], 0, 0.0, 0, 0
     prep = compute = 0.0  # seconds in the processor call and in forward/backward/step (synchronised)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
@@ -272,6 +321,7 @@ def main(argv=None):
                 "weight_decay": a.weight_decay, "language": a.language, "bare": a.bare, "token_loss": a.token_loss,
                 "retrieval_loss": a.retrieval_loss, "retrieval_layers": [config.text_config.num_hidden_layers - 1],
                 "tasks": list(tasks), "seed": a.seed, "compile": a.compile, "freeze_language": a.freeze_language,
+                "hold_planted": a.hold_planted,
                 "hidden": config.text_config.hidden_size,
                 "layers": config.text_config.num_hidden_layers, "device": str(device), "workers": a.workers,
                 "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
@@ -321,6 +371,9 @@ def main(argv=None):
             total.backward()
         if total.requires_grad and torch.isfinite(torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)):
             opt.step()
+            with torch.no_grad():
+                for param, mask, values in held:
+                    param[mask] = values
         else:
             skipped += 1
         sync()

@@ -95,7 +95,7 @@ def test_a_planted_model_is_calibrated_again_from_where_its_weights_are(planted,
     import copy
     import json
 
-    from scripts.plant_priors import planted_before
+    from scripts.train_sharp_small import planted_before
 
     model, config, sink, info, rows = planted
     model = copy.deepcopy(model)
@@ -106,5 +106,5 @@ def test_a_planted_model_is_calibrated_again_from_where_its_weights_are(planted,
     shares = torch.tensor(calibrate_sinks(model, rows, again, rounds=4))
     assert shares[2:].mean(-1).sub(0.4).abs().max() < 0.12
     (tmp_path / "training.json").write_text(json.dumps({"history": [{"planted_sinks": info}, {"steps": 5}]}))
-    assert planted_before(tmp_path)["dimension"] == info["dimension"]
-    assert planted_before(tmp_path.parent) is None
+    assert planted_before(tmp_path)["planted_sinks"]["dimension"] == info["dimension"]
+    assert planted_before(tmp_path.parent) == {}

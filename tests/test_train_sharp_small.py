@@ -93,3 +93,29 @@ def test_compiled_layers_give_the_eager_losses_and_gradients():
 def test_a_rotary_split_that_does_not_fit_the_head_is_refused(bad, tmp_path):
     with pytest.raises(ValueError, match="must sum to head dim"):
         train.main(TINY + bad + ["--steps", "1", "--out", str(tmp_path / "x")])
+
+
+def test_held_circuits_stay_as_planted_while_the_rest_learns(tmp_path):
+    """--hold-planted puts scripts.plant_priors' entries back after every step: a continued run
+    leaves them exactly as planted (weight decay alone would shrink them) and moves the rest."""
+    from transformers import AutoModelForImageTextToText
+
+    from scripts import plant_priors
+
+    first, planted, third = tmp_path / "first", tmp_path / "planted", tmp_path / "third"
+    train.main(TINY + ["--steps", "1", "--out", str(first)])
+    plant_priors.main([str(first), str(planted), "--target", "0.7", "--recency-layers", "1", "--recency-pair", "1",
+                       "--rows", "1"])
+    circuits = train.planted_before(planted)
+    assert circuits["planted_sinks"]["dimension"] >= 0 and circuits["planted_recency"][0]["layers"] == [1]
+    train.main(TINY + ["--steps", "2", "--out", str(third), "--init-from", str(planted), "--hold-planted",
+                       "--weight-decay", "0.5", "--lr", "1e-2"])
+    assert train.planted_before(third) == circuits  # found through the continued run's history
+    before, after = (AutoModelForImageTextToText.from_pretrained(f, dtype=torch.float32) for f in (planted, third))
+    held = train.held_entries(before, circuits)
+    named = {id(p): name for name, p in before.named_parameters()}
+    after_params = dict(after.named_parameters())
+    for param, mask, values in held:
+        assert torch.equal(after_params[named[id(param)]].detach()[mask], values), named[id(param)]
+    moved = [name for name, p in before.named_parameters() if not torch.equal(p, after_params[name])]
+    assert any(name.endswith("q_proj.weight") for name in moved)  # the rest of the same tensors learns
