@@ -162,10 +162,12 @@ def planted_before(folder: Path) -> dict:
     training.json: {"planted_sinks": {...}, "planted_recency": [{...}, ...]} (empty if none)."""
     path = Path(folder) / "training.json"
     record = json.loads(path.read_text()) if path.exists() else {}
-    for entry in [record] + record.get("history", [])[::-1]:
-        if "planted_sinks" in entry or "planted_recency" in entry:
-            return {k: entry[k] for k in ("planted_sinks", "planted_recency") if k in entry}
-    return {}
+    found: dict = {}
+    for entry in [record] + record.get("history", [])[::-1]:  # newest first: a later plant wins
+        for kind in ("planted_sinks", "planted_recency"):
+            if kind in entry and kind not in found:
+                found[kind] = entry[kind]
+    return found
 
 
 def held_entries(model, planted: dict) -> list:

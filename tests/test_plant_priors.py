@@ -105,6 +105,9 @@ def test_a_planted_model_is_calibrated_again_from_where_its_weights_are(planted,
     again = dict(info, target=0.4)
     shares = torch.tensor(calibrate_sinks(model, rows, again, rounds=4))
     assert shares[2:].mean(-1).sub(0.4).abs().max() < 0.12
-    (tmp_path / "training.json").write_text(json.dumps({"history": [{"planted_sinks": info}, {"steps": 5}]}))
-    assert planted_before(tmp_path)["planted_sinks"]["dimension"] == info["dimension"]
+    recency = [{"layers": [1], "rotary_pair": 5}]
+    history = [{"planted_sinks": dict(info, target=0.9), "planted_recency": recency}, {"steps": 5}]
+    (tmp_path / "training.json").write_text(json.dumps({"planted_sinks": info, "history": history}))
+    found = planted_before(tmp_path)  # the newest plant of each kind: sinks re-targeted, recency kept
+    assert found["planted_sinks"]["target"] == info["target"] and found["planted_recency"] == recency
     assert planted_before(tmp_path.parent) == {}
