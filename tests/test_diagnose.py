@@ -70,3 +70,8 @@ def test_diagnose_pruning_checks_answer_every_cell(basic_items, model_dirs):
     assert set(out["pruning"]["accuracy"]) == {"none r=1.0 K=2", "fastv r=0.5 K=2", "fastv r=0.15 K=2",
                                                "fastv r=0.15 K=3"}
     assert sum("FastV" in name for name in checks) == 3
+    items = [json.loads(line) for line in basic_items.read_text().splitlines()[:2]]
+    by = out["pruning"]["by_category"]  # each task's own, and together the overall accuracy
+    assert set(by) == {i["category"] for i in items} and sum(c["questions"] for c in by.values()) == 2
+    for cell, overall in out["pruning"]["accuracy"].items():
+        assert sum(c[cell] * c["questions"] for c in by.values()) / 2 == overall

@@ -88,20 +88,28 @@ def pruning_checks(loaded, items_and_clips, prune_layer: int, deep_layer: int, r
     low = min(ratios)
     cells = [("none", 1.0, prune_layer)] + [("fastv", r, prune_layer) for r in ratios] + [("fastv", low, deep_layer)]
     right = {c: 0 for c in cells}
+    per_category: dict[str, dict] = {}  # where the checks' accuracy comes from: needle tasks or coverage ones
     count = 0
     for item, clip in items_and_clips:
         if not item.options or item.answer is None:
             continue
         count += 1
+        mine = per_category.setdefault(item.category or "-", {"questions": 0, **{c: 0 for c in cells}})
+        mine["questions"] += 1
         prompt = build_prompt(item.question, item.options)
         for method, ratio, layer in cells:
             cfg = loaded.resolve_prune(PruneConfig(method=method, ratio=ratio, layer=layer))
             out = answer_mod.ask(loaded, clip, prompt, cfg, max_new_tokens=max_new_tokens,
                                  max_pixels=max_pixels, store=store)
-            right[(method, ratio, layer)] += parse_letter(out.text, item.options) == item.answer
+            correct = parse_letter(out.text, item.options) == item.answer
+            right[(method, ratio, layer)] += correct
+            mine[(method, ratio, layer)] += correct
     if not count:
         return {}, []
     acc = {f"{m} r={r} K={k}": right[(m, r, k)] / count for m, r, k in cells}
+    by_category = {name: {"questions": n["questions"],
+                          **{f"{m} r={r} K={k}": n[(m, r, k)] / n["questions"] for m, r, k in cells}}
+                   for name, n in sorted(per_category.items())}
     none = acc[f"none r=1.0 K={prune_layer}"] or 1e-9
     checks = []
     for r in ratios:
@@ -114,7 +122,7 @@ def pruning_checks(loaded, items_and_clips, prune_layer: int, deep_layer: int, r
     loss_deep = acc[f"none r=1.0 K={prune_layer}"] - acc[f"fastv r={low} K={deep_layer}"]
     checks.append(_check(f"FastV r={low}: loss at K={prune_layer} minus loss at K={deep_layer}", loss_k - loss_deep,
                          ">", 0.0))
-    return {"questions": count, "accuracy": acc}, checks
+    return {"questions": count, "accuracy": acc, "by_category": by_category}, checks
 
 
 def _check(name: str, value: float, op: str, threshold: float) -> dict:
