@@ -12,5 +12,5 @@
 # .whl-test (pytest, pluggy, iniconfig): the suite's CUDA-only tests on the GPU (research/gpu-notes.md).
 [ -d .whl-test ] && python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl-test/*.whl
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 COLUMNS=220 SHARP_CACHE_DIR=/tmp/sharpcache
-export TRANSFORMERS_VERBOSITY=error HF_HUB_OFFLINE=1 USE_HUB_KERNELS=0
+export TRANSFORMERS_VERBOSITY=error HF_HUB_OFFLINE=1 USE_HUB_KERNELS=0 SHARP_SETUP_DONE=1
 set -o pipefail

@@ -9,7 +9,9 @@
 # e.g. bash research/gpu_train_small.sh $OUT s1 "3.5 --language 1.0" "4.5 --language 0.3"
 # A stage "lm MINUTES ARGS..." pretrains the language model alone (scripts.pretrain_small_lm).
 out=${1:?}; name=${2:?}; shift 2
-source research/gpu_setup.sh
+# Sourced once per call: runs side by side (`... & ... & wait`) after one `source research/gpu_setup.sh` skip it,
+# so neither reinstalls the wheels under the other.
+[ -n "${SHARP_SETUP_DONE:-}" ] || source research/gpu_setup.sh
 init=${INIT:-}
 [ -z "$init" ] && [ -f ckpt/init/training.json ] && init=ckpt/init
 [ "$init" = none ] && init=""
