@@ -250,7 +250,7 @@ def sharp_child(args) -> dict:
     return result
 
 
-def sharp_question(loaded, cfg, args) -> float:
+def sharp_question(loaded, cfg, args) -> tuple[float, dict]:
     from sharp_cli import answer
     from sharp_cli.bench import synthetic_clip
     from sharp_cli.prune.prior import PriorStore

@@ -53,9 +53,10 @@ from pathlib import Path
 
 import torch
 
-from scripts.small_checks import language_check_rows
-from scripts.small_data import CHECK_SEED, TASKS, Items, build_processor
+from scripts.small_checks import inputs_of, language_check_rows, to_device
+from scripts.small_data import CHECK_SEED, TASKS, Batcher, Items, build_processor, pack, unpack
 from scripts.train_sharp_small import history_of, planted_before
+from sharp_cli.evaluate import diagnose
 
 SINK_TOKEN = "system"
 MASSIVE = 16384.0
@@ -141,10 +142,6 @@ def plant_recency(model, layers, pair: int, slope: float, positions_per_frame: f
 
 def sink_shares(model, rows, sink_id: int) -> torch.Tensor:
     """(layers, heads): the mean share of the last prompt token's attention on the sink token."""
-    from scripts.small_checks import inputs_of, to_device
-    from scripts.small_data import Batcher, pack, unpack
-    from sharp_cli.evaluate import diagnose
-
     lm, tc = text_parts(model)
     layers = list(range(tc.num_hidden_layers))
     batcher = Batcher(model.config, answers=False, device=torch.device("cpu"))
@@ -183,11 +180,11 @@ def calibrate_sinks(model, rows, info: dict, rounds: int = 4) -> list[list[float
     scaling = hd ** -0.5
     layers = range(info["from_layer"], tc.num_hidden_layers)
     key = {n: planted_key(model, info, n).repeat_interleave(group) * scaling for n in layers}  # (heads,)
-    bias = {n: lm.layers[n].self_attn.q_proj.bias[torch.arange(tc.num_attention_heads) * hd + p] for n in layers}
-    logit = {n: bias[n].float() * key[n] for n in layers}
+    rows_p = torch.arange(tc.num_attention_heads) * hd + p  # each query head's dim p
+    logit = {n: lm.layers[n].self_attn.q_proj.bias[rows_p].float() * key[n] for n in layers}
     for round_ in range(rounds + 1):
         for n in layers:
-            lm.layers[n].self_attn.q_proj.bias[torch.arange(tc.num_attention_heads) * hd + p] = logit[n] / key[n]
+            lm.layers[n].self_attn.q_proj.bias[rows_p] = logit[n] / key[n]
         share = sink_shares(model, rows, info["token_id"]).clamp(1e-4, 1 - 1e-4)
         if round_ < rounds:
             for n in layers:

@@ -171,8 +171,9 @@ def planted_before(folder: Path) -> dict:
 
 
 def held_entries(model, planted: dict) -> list:
-    """[(parameter, mask, values)]: the planted circuits' entries as they are now, for --hold-planted
-    to put back after every optimizer step (AdamW's weight decay and the gradients move them)."""
+    """[(parameter, flat indices, values)]: the planted circuits' entries as they are now, for
+    --hold-planted to put back after every optimizer step (AdamW's weight decay and the gradients move
+    them). Indices, not masks: a boolean-mask write asks the GPU how many entries are set (a sync)."""
     lm, tc = model.model.language_model, model.config.text_config
     hd, heads, kv = tc.hidden_size // tc.num_attention_heads, tc.num_attention_heads, tc.num_key_value_heads
     masks: dict = {}
@@ -202,7 +203,11 @@ def held_entries(model, planted: dict) -> list:
     for recency in planted.get("planted_recency", []):
         for n in recency["layers"]:
             mark_pair(lm.layers[n].self_attn, recency["rotary_pair"])
-    return [(param, mask, param.detach()[mask].clone()) for param, mask in masks.items()]
+    held = []
+    for param, mask in masks.items():
+        index = mask.reshape(-1).nonzero().squeeze(1)  # once, at the start
+        held.append((param, index, param.detach().reshape(-1)[index].clone()))
+    return held
 
 
 def lr_at(progress: float, peak: float, warmup: float) -> float:
@@ -374,8 +379,8 @@ def main(argv=None):
         if total.requires_grad and torch.isfinite(torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)):
             opt.step()
             with torch.no_grad():
-                for param, mask, values in held:
-                    param[mask] = values
+                for param, index, values in held:
+                    param.view(-1).index_copy_(0, index, values)
         else:
             skipped += 1
         sync()
