@@ -1,6 +1,6 @@
 """Where a process's GPU memory grows over many questions of different lengths (CUDA).
 
-cuda_check.py's bounded-memory check asks 14 questions of 4..24 frames and watches
+cuda_check.py's bounded-memory check asks questions of 4..24 frames and watches
 torch.cuda.memory_allocated(); this asks the same questions and, after each, also measures it after a
 full garbage collection, then at the end after dropping the KV pool and the prefill graphs, and
 lists the largest live CUDA tensors by shape: what is holding the memory.
