@@ -119,3 +119,21 @@ def test_held_circuits_stay_as_planted_while_the_rest_learns(tmp_path):
         assert torch.equal(after_params[named[id(param)]].detach().reshape(-1)[index], values), named[id(param)]
     moved = [name for name, p in before.named_parameters() if not torch.equal(p, after_params[name])]
     assert any(name.endswith("q_proj.weight") for name in moved)  # the rest of the same tensors learns
+
+
+def test_frozen_query_key_layers_keep_where_they_look(tmp_path):
+    """--freeze-qk-layers 1: layer 1's query and key projections (and biases) come out as they went
+    in, weight decay included, while its values and the other layers' queries learn."""
+    from transformers import AutoModelForImageTextToText
+
+    first, second = tmp_path / "first", tmp_path / "second"
+    train.main(TINY + ["--steps", "1", "--out", str(first)])
+    train.main(TINY + ["--steps", "2", "--out", str(second), "--init-from", str(first), "--freeze-qk-layers", "1",
+                       "--weight-decay", "0.5", "--lr", "1e-2"])
+    assert json.loads((second / "training.json").read_text())["freeze_qk_layers"] == [1]
+    before, after = (AutoModelForImageTextToText.from_pretrained(f).state_dict() for f in (first, second))
+    moved = {name for name in before if not torch.equal(before[name], after[name])}
+    frozen = [n for n in before if ".layers.1.self_attn." in n and ("q_proj" in n or "k_proj" in n)]
+    assert len(frozen) == 4 and not moved & set(frozen)
+    assert "model.language_model.layers.1.self_attn.v_proj.weight" in moved
+    assert "model.language_model.layers.0.self_attn.q_proj.weight" in moved
