@@ -213,7 +213,8 @@ def held_entries(model, planted: dict) -> list:
                 mark(proj.weight, (slice(None), j))
             if n >= sinks["from_layer"]:
                 mark_pair(layer.self_attn, sinks["rotary_pair"])
-    for recency in planted.get("planted_recency", []):
+    recencies = planted.get("planted_recency", [])
+    for recency in [recencies] if isinstance(recencies, dict) else recencies:  # p1's record: one dict
         for n in recency["layers"]:
             mark_pair(lm.layers[n].self_attn, recency["rotary_pair"])
     held = []
