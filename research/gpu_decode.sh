@@ -35,6 +35,7 @@ step memory-growth python3 -m research.memory_growth
 step check-bf16 python3 -m scripts.cuda_check --frames 8
 step bench-128-compile "${bench[@]}" --quant none --compile --frames 128 --max-pixels 307328 --methods none,sharp --iters 3 --warmup 1 --output-json "$out/$gpu-e2e-compiled-25088.json"
 step profile-vision python3 -m scripts.profiler vision --compile
+step profile-vision-default python3 -m scripts.profiler vision  # the default tower (kernels on), eager: where its 93 ms go
 step profile-questions python3 -m scripts.profiler questions
 step profile-compile python3 -m scripts.profiler decode --quant none --compile
 step profile-bf16 python3 -m scripts.profiler decode --quant none
