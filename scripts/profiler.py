@@ -39,6 +39,7 @@ import torch
 from sharp_cli import answer, engine, loading, measure
 from sharp_cli.bench import synthetic_clip
 from sharp_cli.decode import Step, capture_step
+from sharp_cli.models import fused_vision
 from sharp_cli.prune import PruneConfig
 from sharp_cli.sampling import rules_for
 from sharp_cli.video_cache import VideoCache
@@ -197,7 +198,8 @@ def profile_vision(args) -> None:
         with torch.inference_mode():
             loaded.adapter.vision(loaded.model, inputs)
 
-    report("packed attention, padded MLPs, gate and up as one product (sharp)", run, flops)
+    kernels = "on" if fused_vision.available(loaded.device) else "off"
+    report(f"sharp's default: packed attention, fused vision kernels {kernels}", run, flops)
     if torch.cuda.is_available():  # SHARP_VISION_GRAPHS=1's path: the tower replayed from a graph per shape
         from sharp_cli.models.vision_graphs import VisionGraphs
 
