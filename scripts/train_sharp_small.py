@@ -180,6 +180,8 @@ def planted_before(folder: Path) -> dict:
         for kind in ("planted_sinks", "planted_recency"):
             if kind in entry and kind not in found:
                 found[kind] = entry[kind]
+    if isinstance(found.get("planted_recency"), dict):  # p1's record (an older plant_priors): one dict
+        found["planted_recency"] = [found["planted_recency"]]
     return found
 
 
@@ -213,8 +215,7 @@ def held_entries(model, planted: dict) -> list:
                 mark(proj.weight, (slice(None), j))
             if n >= sinks["from_layer"]:
                 mark_pair(layer.self_attn, sinks["rotary_pair"])
-    recencies = planted.get("planted_recency", [])
-    for recency in [recencies] if isinstance(recencies, dict) else recencies:  # p1's record: one dict
+    for recency in planted.get("planted_recency", []):
         for n in recency["layers"]:
             mark_pair(lm.layers[n].self_attn, recency["rotary_pair"])
     held = []

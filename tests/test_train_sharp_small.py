@@ -139,14 +139,14 @@ def test_frozen_query_key_layers_keep_where_they_look(tmp_path):
     assert "model.language_model.layers.0.self_attn.q_proj.weight" in moved
 
 
-def test_a_recency_record_of_one_dict_is_held_like_a_list_of_one():
+def test_a_recency_record_of_one_dict_reads_as_a_list_of_one(tmp_path):
     """p1's record (an older plant_priors) keeps planted_recency as one dict, not a list of them: the
-    first --hold-planted run on the GPU stopped on it with a TypeError."""
+    first --hold-planted run on the GPU stopped on it with a TypeError in held_entries."""
     from transformers import AutoModelForImageTextToText
 
-    config = small_config(hidden=64, layers=3, mrope_section=(2, 1, 1))
-    model = AutoModelForImageTextToText.from_config(config, dtype=torch.float32)
     recency = {"layers": [1, 2], "rotary_pair": 1}
-    as_dict, as_list = (train.held_entries(model, {"planted_recency": r}) for r in (recency, [recency]))
-    assert len(as_dict) == 8  # q and k, weight and bias, of layers 1 and 2
-    assert all(torch.equal(a[1], b[1]) for a, b in zip(as_dict, as_list, strict=True))
+    (tmp_path / "training.json").write_text(json.dumps({"history": [{"planted_recency": recency}]}))
+    planted = train.planted_before(tmp_path)
+    assert planted == {"planted_recency": [recency]}
+    model = AutoModelForImageTextToText.from_config(small_config(hidden=64, layers=3, mrope_section=(2, 1, 1)))
+    assert len(train.held_entries(model, planted)) == 8  # q and k, weight and bias, of layers 1 and 2
