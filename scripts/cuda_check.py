@@ -168,7 +168,9 @@ def reference(loaded, clip, sharp, tokens: int, skip: set, runs: dict) -> dict |
         if loaded.quant == "int8" or not dequantize_4bit_in_place(loaded.model):
             return None
         loaded.quant = "none"  # what the model now is
-    loaded.model.float()
+    # nn.Module's own float(): transformers' override refuses any model loaded quantized, even once
+    # every 4-bit layer has been swapped for a float32 one (H100, 2026-12-05).
+    torch.nn.Module.float(loaded.model)
     loaded.dtype = torch.float32
     loaded.kv_pool.clear()
     loaded.use_cuda_graphs(False)

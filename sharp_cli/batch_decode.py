@@ -114,15 +114,17 @@ class _BatchStep:
         self.rules = slots.rules.rows(0, batch)
         self.whole_state = [slots.token, slots.seen, cache.step, *cache.valid]  # what a step changes, all slots
         self.replay, self.mode, self.note = None, "eager", None
+        self._compiled = None  # the unbound function: a bound method on self is a cycle (decode.Step)
         if loaded.compiled:
             from sharp_cli.decode import compiled
 
-            self.run = compiled(self.advance)
-        else:
-            self.run = self.advance
+            self._compiled = compiled(type(self).advance)
 
     def __call__(self) -> None:
-        self.run()
+        if self._compiled is not None:
+            self._compiled(self)
+        else:
+            self.advance()
 
     def advance(self) -> None:
         embeds = self.adapter.embed(self.model, self.token)  # (B, 1, D)

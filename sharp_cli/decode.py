@@ -63,7 +63,10 @@ class Step:
         self.logits = torch.zeros(keep_logits, vocab, device=device) if keep_logits else None
         self.valid = cache.valid_rows()
         self.cache_kwargs = cache_kwargs(self.text, cache)
-        self.run = compiled(self.advance) if loaded.compiled else self.advance
+        # The unbound function, not self.advance: a bound method kept on self is a reference cycle,
+        # and the cycle would hold this step's cache (tens of MB of KV rows) after the pool evicted
+        # it, until a full garbage collection (cuda_check's bounded-memory check, H100 2026-12-05).
+        self._compiled = compiled(Step.advance) if loaded.compiled else None
 
     def start(self, logits: torch.Tensor, prompt_ids: torch.Tensor, next_position: torch.Tensor) -> None:
         """The first token, from the prefill logits, under the same rules as every later one."""
@@ -78,7 +81,10 @@ class Step:
         self.cache.start_decoding()
 
     def __call__(self) -> None:
-        self.run()
+        if self._compiled is not None:
+            self._compiled(self)
+        else:
+            self.advance()
 
     def advance(self) -> None:
         embeds = self.loaded.adapter.embed(self.loaded.model, self.token)

@@ -282,3 +282,37 @@ def test_kv_pool_evicts_the_least_recently_used_cache_not_the_oldest():
     pool.acquire([3 * BUCKET, 10], 2, 8, torch.float32, "cpu")  # a third size: one must go
     assert pool.acquire([BUCKET, 10], 2, 8, torch.float32, "cpu") is first
     assert pool.acquire([2 * BUCKET, 10], 2, 8, torch.float32, "cpu") is not second
+
+
+def _tensors_left_in_cycles(work) -> list:
+    """Tensors that only a garbage collection frees after work(): held by a reference cycle. In a
+    server such a cycle keeps an evicted KV cache (tens of MB) allocated until a full collection."""
+    import gc
+
+    gc.collect()
+    gc.set_debug(gc.DEBUG_SAVEALL)
+    try:
+        work()
+        gc.collect()
+        found = [o for o in gc.garbage if isinstance(o, torch.Tensor)]
+    finally:
+        gc.garbage.clear()
+        gc.set_debug(0)
+    return found
+
+
+@pytest.mark.parametrize("method", ["none", "sharp"])
+def test_an_answer_leaves_no_tensor_in_a_reference_cycle(tiny, clip, method):
+    cfg = tiny.resolve_prune(PruneConfig(method=method, ratio=0.5, layer=2))
+    ask(tiny, clip, QUESTION, cfg, max_new_tokens=4, max_pixels=PIXELS)  # the pool's cache exists
+    left = _tensors_left_in_cycles(lambda: ask(tiny, clip, QUESTION, cfg, max_new_tokens=4, max_pixels=PIXELS))
+    assert left == [], [tuple(t.shape) for t in left]
+
+
+def test_batched_answers_leave_no_tensor_in_a_reference_cycle(tiny):
+    from sharp_cli.scheduler import Request, Scheduler
+
+    reqs = [Request(make_clip(frames=2 + 2 * i, seed=i), QUESTION, tiny.resolve_prune(PruneConfig(ratio=0.5, layer=2)),
+                    max_new_tokens=4, max_pixels=PIXELS, tag=i) for i in range(3)]
+    left = _tensors_left_in_cycles(lambda: list(Scheduler(tiny).run(reqs)))
+    assert left == [], [tuple(t.shape) for t in left]
