@@ -158,10 +158,10 @@ def dequantize_4bit_in_place(model) -> int:
 
 def reference(loaded, clip, sharp, tokens: int, skip: set, runs: dict) -> dict | None:
     """The same model's weights in float32 (upcast in place, after every bf16 run), eager: the
-    exact answer both paths approximate. Quantized weights cannot be upcast, and where sharp runs
-    bitsandbytes' own products its tokens must equal generate()'s (None: exact); with sharp's
-    4-bit kernel on (SHARP_GEMV_NF4=1) the products differ from bitsandbytes' by rounding, so the
-    reference is bitsandbytes' dequantized weights in float32."""
+    exact answer both paths approximate. Quantized weights cannot be upcast: with sharp's 4-bit
+    kernel (the default) the products differ from bitsandbytes' by rounding, so the reference is
+    bitsandbytes' dequantized weights in float32 layers; LLM.int8 has none (None: tokens must then
+    equal generate()'s)."""
     if loaded.dtype == torch.float32:
         return None
     if loaded.quant != "none":

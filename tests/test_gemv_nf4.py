@@ -156,8 +156,8 @@ def test_a_4bit_layer_compiles_into_one_graph():
 
 
 def test_the_switches(monkeypatch):
-    """Off by default until the GPU check has passed; SHARP_GEMV_NF4=1 turns it on for CUDA
-    models only; SHARP_GEMV=0 turns both kernels off."""
+    """On by default for CUDA models only (since cuda_check --quant nf4 passed with it, H200
+    2026-12-05); SHARP_GEMV_NF4=0 turns it off; SHARP_GEMV=0 turns both kernels off."""
     import torch
 
     from sharp_cli.models import gemv_nf4
@@ -166,9 +166,10 @@ def test_the_switches(monkeypatch):
     monkeypatch.delenv("SHARP_GEMV", raising=False)
     monkeypatch.delenv("SHARP_GEMV_NF4", raising=False)
     monkeypatch.setattr(gemv_nf4, "INTERPRETED", False)
-    assert gemv_nf4.available(cuda) is (gemv_nf4.DEFAULT_4BIT == "1")
-    monkeypatch.setenv("SHARP_GEMV_NF4", "1")
     assert gemv_nf4.available(cuda) and not gemv_nf4.available(cpu)
+    monkeypatch.setenv("SHARP_GEMV_NF4", "0")
+    assert not gemv_nf4.available(cuda)
+    monkeypatch.setenv("SHARP_GEMV_NF4", "1")
     monkeypatch.setenv("SHARP_GEMV", "0")
     assert not gemv_nf4.available(cuda)
 

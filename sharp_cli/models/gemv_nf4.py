@@ -44,9 +44,11 @@ dequantized once per row and re-read from L2; the layers take the kernel for one
 `use_gemv_4bit(modules)` swaps each bitsandbytes Linear4bit among `modules` for a subclass (same
 parameters, same state dict) whose forward takes the kernel for one token on CUDA and calls
 bitsandbytes for everything else (prefill, other devices). Inside torch.compile and CUDA graphs
-the kernel is one opaque custom op. Off unless SHARP_GEMV_NF4=1 (and SHARP_GEMV=0 turns it off
-with the bf16 kernel) until scripts/kernel_bench.py --nf4 has checked it on the GPU; its first
-GPU runs were wrong (a layout conversion moved the code table between threads, docs/benchmarks.md).
+the kernel is one opaque custom op. On by default on CUDA since scripts/kernel_bench.py --nf4 and
+scripts/cuda_check.py --quant nf4 passed with it on the GPU (docs/benchmarks.md, "The 4-bit
+kernel"); SHARP_GEMV_NF4=0 leaves the products to bitsandbytes, and SHARP_GEMV=0 turns it off with
+the bf16 kernel. Its first GPU runs were wrong (a layout conversion moved the code table between
+threads), which is why it stayed off until both checks passed.
 """
 
 from __future__ import annotations
@@ -59,8 +61,8 @@ import torch
 
 from sharp_cli.models.gemv import HALF, INTERPRETED, SWITCH
 
-SWITCH_4BIT = "SHARP_GEMV_NF4"  # =1 routes Linear4bit's one-token products through the kernel
-DEFAULT_4BIT = "0"  # becomes "1" once the GPU check (scripts/kernel_bench.py --nf4) has passed
+SWITCH_4BIT = "SHARP_GEMV_NF4"  # =0 leaves Linear4bit's one-token products to bitsandbytes
+DEFAULT_4BIT = "1"  # on since scripts/kernel_bench.py --nf4 and scripts/cuda_check.py --quant nf4 passed
 
 
 def available(device: torch.device) -> bool:
