@@ -178,11 +178,23 @@ def model_config(name: str, *, random_weights: bool = False, trust_remote_code: 
 def load(name: str = DEFAULT_MODEL, *, device: str = "auto", quant: str = "auto", dtype: str = "auto",
          random_weights: bool = False, trust_remote_code: bool = False) -> Loaded:
     """from_pretrained on a hub id or local folder; or, with random_weights, the same architecture
-    built from a shipped config (quantized runs go through a saved folder and from_pretrained)."""
+    built from a shipped config (quantized runs go through a saved folder and from_pretrained).
+    Triton's per-process set-up runs beside it (models/kernel_warmup.py)."""
+    from sharp_cli.models import kernel_warmup
+
+    dev = resolve_device(device)
+    warming = kernel_warmup.start(dev)
+    try:
+        return _load_weights(name, dev, quant, dtype, random_weights, trust_remote_code)
+    finally:
+        kernel_warmup.finish(warming)
+
+
+def _load_weights(name: str, dev: torch.device, quant: str, dtype: str, random_weights: bool,
+          trust_remote_code: bool) -> Loaded:
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     requested, name = name, model_path(name)  # reported as given, not as the folder it resolves to
-    dev = resolve_device(device)
     qmode = resolve_quant(quant, dev, requested)
     tdtype = resolve_dtype(dtype, dev)
     if random_weights:
@@ -306,7 +318,7 @@ def ready(loaded: Loaded) -> Loaded:
     and with SHARP_VISION_GRAPHS=1 on CUDA the tower replayed from a CUDA graph per input shape
     (models/vision_graphs.py); on CUDA the text model's one-token
     products through sharp's matrix-vector kernels (models/gemv.py; bitsandbytes' 4-bit layers
-    through models/gemv_nf4.py when SHARP_GEMV_NF4=1), and (unless SHARP_FUSED_STEP=0) its one-token
+    through models/gemv_nf4.py unless SHARP_GEMV_NF4=0), and (unless SHARP_FUSED_STEP=0) its one-token
     norms, rotary embedding and activation through one Triton kernel each (models/fused_step.py)."""
     from sharp_cli.models import fused_step, gemv, gemv_nf4, quant_check, vision_attention
 
