@@ -19,6 +19,12 @@ there), at a first-call compile; these kernels fuse them with no compile:
 
 Qwen2-VL's and Qwen3-VL's blocks use LayerNorm, left to PyTorch (one kernel already).
 
+With them, the patch embedding (all three towers): a Conv3d whose kernel equals its stride, i.e. one
+matrix product of the patches (N, C*T*P*P) with the weight viewed (E, C*T*P*P). cuDNN ran it as an
+implicit-GEMM float32 convolution, 3.10 ms of an 83.7 ms 32-frame tower on an H100
+(`scripts.profiler vision`, research/results/h100-decode-s7.log); as a product it is ~75 GFLOP of
+tensor-core work. Same numbers up to the sums' order.
+
 Swaps as fused_step does: the attention modules (a subclass marks their calls, and the modelling
 module's `apply_rotary_pos_emb_vision` is replaced once by a dispatcher that calls the original
 otherwise) and the norms (a subclass per stock class; gemv.stock_linears and `stock_modules` swap
@@ -42,6 +48,7 @@ SWITCH = "SHARP_FUSED_VISION"  # =1 swaps the kernels into the vision tower at l
 DEFAULT = "1"  # research/vision_check.py's kernels row passed and paid on an H100 (docs/benchmarks.md); =0 off
 NORMS = {"Qwen2_5_VLRMSNorm"}  # vision RMSNorm classes (transformers 5.x)
 MLPS = {"Qwen2_5_VLMLP"}  # gated vision MLPs: down_proj(act_fn(gate_proj(x)) * up_proj(x))
+PATCH_EMBEDS = {"PatchEmbed", "Qwen2_5_VisionPatchEmbed", "Qwen3VLVisionPatchEmbed"}  # Conv3d, kernel = stride
 ATTENTIONS = {"VisionAttention", "Qwen2_5_VLVisionAttention", "Qwen3VLVisionAttention"}
 
 _IN_VISION_ATTENTION: ContextVar[bool] = ContextVar("sharp_fused_vision_attention", default=False)
@@ -106,12 +113,33 @@ class _FusedVisionMLP:
         return super().forward(hidden_state)
 
 
+class _PatchEmbedProduct:
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """hidden_states (patches, C * T * P * P) -> (patches, embed_dim), as the stock Conv3d."""
+        weight = self.proj.weight  # (E, C, T, P, P); the pixels come in float32, so the weight says where
+        width = weight[0].numel()
+        if not (fused_step.served(weight) and _is_a_product(self.proj) and hidden_states.shape[-1] == width):
+            return super().forward(hidden_states)
+        x = hidden_states.reshape(-1, width).to(weight.dtype)
+        return torch.nn.functional.linear(x, weight.reshape(weight.shape[0], -1), self.proj.bias)
+
+
+def _is_a_product(conv) -> bool:
+    """A Conv3d that is one matrix product per patch: kernel = stride, no padding, dilation or groups."""
+    if not isinstance(conv, torch.nn.Conv3d):
+        return False
+    padding = conv.padding
+    unpadded = padding == "valid" or (isinstance(padding, tuple) and not any(padding))
+    return (tuple(conv.kernel_size) == tuple(conv.stride) and unpadded and set(conv.dilation) == {1}
+            and conv.groups == 1)
+
+
 _FusedVisionAttention = fused_step.marking(_IN_VISION_ATTENTION)
 
 
 def use_fused_vision(visual) -> int:
-    """Swaps the tower's RMSNorms, gated MLPs and attention modules for their fused subclasses;
-    returns how many."""
+    """Swaps the tower's RMSNorms, gated MLPs, attention modules and patch embedding for their fused
+    subclasses; returns how many."""
     def mixin_for(module):
         name = type(module).__name__
         if name in NORMS:
@@ -121,6 +149,8 @@ def use_fused_vision(visual) -> int:
         if name in ATTENTIONS and fused_step.install_dispatcher(type(module), "apply_rotary_pos_emb_vision",
                                                                  _rotary_dispatcher):
             return _FusedVisionAttention
+        if name in PATCH_EMBEDS and _is_a_product(getattr(module, "proj", None)):
+            return _PatchEmbedProduct
         return None
 
     return fused_step.swap_modules(visual, mixin_for)
@@ -129,4 +159,5 @@ def use_fused_vision(visual) -> int:
 def stock_modules(visual):
     """A context: the tower's fused modules back to their stock classes for the duration (the other
     swapped classes, the padded MLPs', stay): research/vision_check.py's row without the kernels."""
-    return gemv.stock_linears(visual, only=(_FusedVisionNorm, _FusedVisionMLP, _FusedVisionAttention))
+    return gemv.stock_linears(visual, only=(_FusedVisionNorm, _FusedVisionMLP, _FusedVisionAttention,
+                                            _PatchEmbedProduct))
