@@ -42,8 +42,10 @@ step profile-bf16 python3 -m scripts.profiler decode --quant none
 step bench-static "${bench[@]}" --quant none --methods transformers-static,none,sharp --output-json "$out/$gpu-e2e-static-6272.json"
 step bench-nf4 "${bench[@]}" --quant nf4 --methods transformers,none,fastv,random,sharp --output-json "$out/$gpu-e2e-nf4-6272.json"
 step profile-nf4 python3 -m scripts.profiler decode --quant nf4
-# sharp's 4-bit kernel (models/gemv_nf4.py, off by default until these pass): products against
-# bitsandbytes per shape and a whole step, then graph == eager == generate() with it, the bench, the profile
+# sharp's 4-bit kernel (models/gemv_nf4.py, on by default since these passed on an H200, 2026-12-05): products
+# against bitsandbytes per shape and a whole step, then graph == eager == generate() with it, the bench, the
+# profile; bench-nf4-bnb is the same bench with bitsandbytes' own products (the A/B, run in the same call)
+step bench-nf4-bnb env SHARP_GEMV_NF4=0 "${bench[@]}" --quant nf4 --methods none,sharp --output-json "$out/$gpu-e2e-nf4-6272-bnb.json"
 step gemv-nf4 python3 -m scripts.kernel_bench --nf4 --json "$out/$gpu-gemv-nf4.json"
 step check-nf4-kernel env SHARP_GEMV_NF4=1 python3 -m scripts.cuda_check --frames 8 --quant nf4
 step bench-nf4-kernel env SHARP_GEMV_NF4=1 "${bench[@]}" --quant nf4 --methods none,sharp --output-json "$out/$gpu-e2e-nf4-6272-kernel.json"

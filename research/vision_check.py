@@ -16,6 +16,8 @@ a small clip (4 frames) where launch gaps weigh more. Rows, one tower switched b
 - kernels: fused, with the norms and rotary embedding as Triton kernels (models/fused_vision.py,
   SHARP_FUSED_VISION=1; its SiLU * up kernel takes only MLPs whose gate and up are two products,
   sharp's default, so this row, built on the fused MLPs, runs without it);
+- varlen: kernels, with each block's attention one varlen flash call (models/vision_attention.py,
+  SHARP_VISION_VARLEN=1: no gather of the windows, no copy back);
 - graphed: kernels, replayed from a CUDA graph per shape (models/vision_graphs.py, SHARP_VISION_GRAPHS=1).
 
 Features (the merger's output, what the LLM gets) of each row against stock: max |diff| and cosine;
@@ -126,6 +128,20 @@ def reference_fp32(visual, x, grid) -> torch.Tensor:
     return out
 
 
+@contextmanager
+def switched(name: str):
+    """The environment switch `name` on for the duration (read at call time: vision_attention's varlen)."""
+    saved = os.environ.get(name)
+    os.environ[name] = "1"
+    try:
+        yield
+    finally:
+        if saved is None:
+            del os.environ[name]
+        else:
+            os.environ[name] = saved
+
+
 def reserved() -> int:
     return torch.cuda.memory_reserved() if torch.cuda.is_available() else 0
 
@@ -135,7 +151,7 @@ def run_shape(visual, graphs: VisionGraphs, frames: int, args, check: bool) -> d
     x, grid = pixels(visual, frames, args.height, args.width, args.device)
     call = lambda: visual(x, grid_thw=grid)  # noqa: E731
     rows = {"stock": stock(visual), "padded": gemv.stock_linears(visual), "fused": fused_vision.stock_modules(visual),
-            "kernels": nullcontext()}
+            "kernels": nullcontext(), "varlen": switched(vision_attention.VARLEN_SWITCH)}
     result = {"frames": frames, "grid": grid[0].tolist(), "patches": int(x.shape[0]), "rows": {}}
     outs = {}
     with torch.inference_mode():
@@ -153,7 +169,7 @@ def run_shape(visual, graphs: VisionGraphs, frames: int, args, check: bool) -> d
             result["rows"]["graphed"] = {"ms": timed_wall(call, iters), "first_call_ms": first_ms,
                                          "reserved_growth_gib": (reserved() - before) / 2**30,
                                          "counts": dict(graphs.counts), "failed": list(graphs.failed.values())}
-    for name in ("padded", "fused", "kernels", "graphed"):
+    for name in ("padded", "fused", "kernels", "varlen", "graphed"):
         result["rows"][name]["vs_stock"] = compare(outs[name], outs["stock"])
     result["graphed_vs_kernels_max_abs"] = compare(outs["graphed"], outs["kernels"])["max_abs"]
     ok = not graphs.failed and graphs.counts["replays"] > 0  # captured, checked against eager, replayed
@@ -161,7 +177,7 @@ def run_shape(visual, graphs: VisionGraphs, frames: int, args, check: bool) -> d
         ref = reference_fp32(visual, x, grid)
         floor = compare(outs["stock"], ref)
         result["stock_vs_fp32"] = floor
-        for name in ("padded", "fused", "kernels", "graphed"):
+        for name in ("padded", "fused", "kernels", "varlen", "graphed"):
             mine = compare(outs[name], ref)
             result["rows"][name]["vs_fp32"] = mine
             ok &= mine["rms"] <= SLACK * floor["rms"] and mine["max_abs"] <= 2 * SLACK * floor["max_abs"]

@@ -86,3 +86,42 @@ def test_compiled_vision_blocks_give_the_eager_features_and_leave_the_model_plai
     for inputs, reference in zip(shapes, eager):
         torch.testing.assert_close(engine.encode(loaded, inputs)[0].inputs_embeds, reference, rtol=1e-5, atol=1e-5)
     assert list(blocks) == plain and loaded.compiled
+
+
+def test_the_varlen_kernel_gets_the_packed_rows_and_the_nonempty_bounds(monkeypatch):
+    """With SHARP_VISION_VARLEN's kernel (CUDA only) in place, a block is one call handed (T, H, d)
+    rows, int32 bounds without the empty chunks and the longest chunk; a reference kernel made of
+    per-chunk SDPA then gives the per-chunk answer. Without the switch, no call."""
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 4, 40, 8) for _ in range(3))
+    cu = torch.tensor([0, 8, 8, 16, 19, 27, 35, 40], dtype=torch.int32)  # an empty chunk, lengths 8, 8, 3, 8, 8, 5
+    calls = []
+
+    def reference(query, key, value, cu_q, cu_k, max_q, max_k):
+        calls.append((tuple(query.shape), cu_q.dtype, cu_q.tolist(), max_q))
+        assert cu_k is cu_q and max_k == max_q
+        rows = lambda t: t.transpose(0, 1).unsqueeze(0)  # noqa: E731  (T, H, d) -> (1, H, T, d)
+        return per_chunk(rows(query), rows(key), rows(value), cu_q, None)[0]  # (T, H, d)
+
+    monkeypatch.setattr(vision_attention, "varlen_kernel", lambda query: reference)
+    out, _ = vision_attention.packed_attention(None, q, k, v, cu_seq_lens_q=cu, cu_seq_lens_k=cu,
+                                               scaling=8 ** -0.5)
+    assert calls == [((40, 4, 8), torch.int32, [0, 8, 16, 19, 27, 35, 40], 8)]
+    torch.testing.assert_close(out, per_chunk(q, k, v, cu, None))
+    calls.clear()
+    vision_attention.packed_attention(None, q, k, v, cu_seq_lens_q=cu, cu_seq_lens_k=cu, scaling=0.3)
+    assert calls == []  # another scale than the kernel's: the grouped SDPA path
+
+
+def test_the_varlen_switch_is_off_by_default_and_cuda_only(monkeypatch):
+    from types import SimpleNamespace
+
+    from torch.nn.attention.varlen import varlen_attn
+
+    cuda = SimpleNamespace(is_cuda=True, dtype=torch.bfloat16)  # what varlen_kernel reads of a query
+    monkeypatch.delenv(vision_attention.VARLEN_SWITCH, raising=False)
+    assert vision_attention.varlen_kernel(cuda) is None
+    monkeypatch.setenv(vision_attention.VARLEN_SWITCH, "1")
+    assert vision_attention.varlen_kernel(cuda) is varlen_attn
+    assert vision_attention.varlen_kernel(SimpleNamespace(is_cuda=True, dtype=torch.float32)) is None
+    assert vision_attention.varlen_kernel(torch.zeros(1, 1, 1, 8, dtype=torch.bfloat16)) is None  # the CPU

@@ -16,12 +16,56 @@ read back.
 
 transformers hands cu_seqlens only to attention functions whose name contains "flash"; hence the
 name. The result is exact attention, the same as the per-chunk loop.
+
+With SHARP_VISION_VARLEN=1 on CUDA in bf16/fp16, where this torch has `torch.nn.attention.varlen`,
+a block is one varlen flash call over the packed sequence instead: no gather of the chunks and no
+copy back. The gathers and copies took 7.0 ms of an 83.7 ms 32-frame Qwen2.5-VL-7B tower on an H100
+(`scripts.profiler vision`, research/results/h100-decode-s7.log: index_select 4.08 ms, index_copy
+2.96 ms). Off until research/vision_check.py's varlen row has matched the stock tower and paid on a
+GPU (the CPU tests check what it is handed, with a reference in its place).
 """
 
 from __future__ import annotations
 
+import math
+import os
+
 NAME = "sharp_flash_varlen_sdpa"
 _PLAN = "_sharp_window_plan"  # the attribute of a cu_seqlens tensor that holds its plan
+_BOUNDS = "_sharp_varlen_bounds"  # and the one that holds its varlen bounds
+VARLEN_SWITCH = "SHARP_VISION_VARLEN"  # =1: one varlen flash call a block (CUDA, bf16/fp16, torch with it)
+VARLEN_DEFAULT = "0"  # becomes "1" once research/vision_check.py's varlen row passes and pays on a GPU
+
+
+def varlen_kernel(query):
+    """torch's varlen_attn for `query` (1, H, T, d), or None: switched off, not CUDA bf16/fp16, or a
+    torch without it (added in torch 2.9)."""
+    import torch
+
+    if os.environ.get(VARLEN_SWITCH, VARLEN_DEFAULT) != "1" or not query.is_cuda \
+            or query.dtype not in (torch.bfloat16, torch.float16):
+        return None
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    return varlen_attn
+
+
+def varlen_bounds(cu_seqlens, device):
+    """(bounds, longest, (first, last)): cu_seqlens without its empty chunks, int32 on `device` (what
+    flash's varlen kernel takes), the longest chunk, and the span the chunks cover. One host read per
+    tensor, cached on it like window_plan."""
+    import torch
+
+    found = getattr(cu_seqlens, _BOUNDS, None)
+    if found is None:
+        bounds = cu_seqlens.tolist()
+        kept = bounds[:1] + [b for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
+        longest = max((b - a for a, b in zip(kept[:-1], kept[1:])), default=0)
+        found = (torch.tensor(kept, dtype=torch.int32, device=device), longest, (kept[0], kept[-1]))
+        setattr(cu_seqlens, _BOUNDS, found)
+    return found
 
 
 def window_plan(cu_seqlens, device):
@@ -63,6 +107,13 @@ def packed_attention(module, query, key, value, attention_mask=None, scaling=Non
         return ALL_ATTENTION_FUNCTIONS["sdpa"](module, query, key, value, attention_mask, scaling=scaling,
                                                dropout=dropout, is_causal=is_causal, **kwargs)
     _, heads, total, dim = query.shape
+    varlen = varlen_kernel(query)
+    if varlen is not None and not is_causal and (scaling is None or math.isclose(scaling, dim ** -0.5, rel_tol=1e-6)):
+        bounds, longest, covered = varlen_bounds(cu_seq_lens_q, query.device)
+        if covered == (0, total):  # the chunks tile the whole sequence, as the towers' do
+            rows = lambda t: t[0].transpose(0, 1)  # noqa: E731  (1, H, T, d) -> (T, H, d), a view
+            out = varlen(rows(query), rows(key), rows(value), bounds, bounds, longest, longest)  # (T, H, d)
+            return out.unsqueeze(0), None
     plan = window_plan(cu_seq_lens_q, query.device)
     if plan[0][2] is None and plan[0][0] * plan[0][1] == total:  # (1, H, T, d) -> (count, H, length, d)
         length, count, _ = plan[0]
