@@ -140,6 +140,51 @@ def plant_recency(model, layers, pair: int, slope: float, positions_per_frame: f
             "slope_per_frame": slope, "query": round(c, 4), "key": key}
 
 
+def hinge_terms(thetas: list[float], slope: float, positions_per_frame: float = 2.0, span=(-70, 30),
+                ridge: float = 0.01) -> list[tuple[float, float]]:
+    """[(a, b)] per rotary frequency: sum_i a_i cos(theta_i d) + b_i sin(theta_i d) ~ slope / positions_per_frame
+    * max(0, d) over key-minus-query positions d in `span` (a constant aside): flat before the query,
+    rising by `slope` logits a token frame after it. Least squares with a small ridge (slow
+    frequencies are nearly collinear: unridged, they cancel at amplitudes of 10^6 logits)."""
+    d = torch.arange(span[0], span[1] + 1, dtype=torch.float64)
+    target = slope / positions_per_frame * d.clamp_min(0)
+    columns = [torch.ones_like(d)] + [f(t * d) for t in thetas for f in (torch.cos, torch.sin)]
+    x = torch.stack(columns, 1)
+    penalty = ridge * torch.eye(x.shape[1], dtype=torch.float64)
+    penalty[0, 0] = 0  # the constant is free: softmax ignores it
+    w = torch.linalg.solve(x.T @ x + penalty, x.T @ target)
+    return [(float(w[1 + 2 * i]), float(w[2 + 2 * i])) for i in range(len(thetas))]
+
+
+@torch.no_grad()
+def plant_hinge(model, layers, pairs: list[int], slope: float, key: float = 8.0) -> list[dict]:
+    """Recency shaped as a hinge on the query's position (module docstring): in each rotary pair of
+    `pairs` (temporal band) every key is the constant (key, 0) and every query the constant (qx, qy),
+    which adds key * scaling * (qx cos(theta d) + qy sin(theta d)) to the logit of a key d positions
+    after the query; the pairs' terms together are hinge_terms'. One record per (layer, pair)."""
+    lm, tc = text_parts(model)
+    heads, kv = tc.num_attention_heads, tc.num_key_value_heads
+    hd = tc.hidden_size // heads
+    section = tc.rope_parameters["mrope_section"]
+    if not all(0 <= p < section[0] for p in pairs):
+        raise ValueError(f"rotary pairs {pairs} are not all in the temporal band (the first {section[0]})")
+    thetas = [tc.rope_parameters["rope_theta"] ** (-2 * p / hd) for p in pairs]
+    scale = key * hd ** -0.5
+    records = []
+    for pair, theta, (a, b) in zip(pairs, thetas, hinge_terms(thetas, slope)):
+        for n in layers:
+            att = lm.layers[n].self_attn
+            for proj, count, value in ((att.k_proj, kv, (key, 0.0)), (att.q_proj, heads, (a / scale, b / scale))):
+                for g in range(count):
+                    for dim, v in zip((g * hd + pair, g * hd + pair + hd // 2), value):
+                        proj.weight[dim] = 0
+                        proj.bias[dim] = v
+            records.append({"layers": [n], "rotary_pair": pair, "shape": "hinge", "slope_per_frame": slope,
+                            "radians_per_position": float(f"{theta:.4g}"), "cos_sin_logits": [round(a, 4), round(b, 4)],
+                            "key": key})
+    return records
+
+
 def sink_shares(model, rows, sink_id: int) -> torch.Tensor:
     """(layers, heads): the mean share of the last prompt token's attention on the sink token."""
     lm, tc = text_parts(model)
@@ -206,6 +251,8 @@ def main(argv=None):
     ap.add_argument("--slope", default="0.5", help="Recency: logits a token frame at the query, one for all "
                     "--recency-layers or one each (0 takes a layer's slope away).")
     ap.add_argument("--recency-pair", type=int, default=5, help="Recency: the temporal rotary pair used.")
+    ap.add_argument("--hinge-pairs", default="", help="Recency as a hinge instead of a line (e.g. 2,3,4): flat "
+                    "before the query's position, --slope logits a token frame after it, from these temporal pairs.")
     ap.add_argument("--rows", type=int, default=6, help="Calibration rows of each kind (video, language).")
     a = ap.parse_args(argv)
     torch.manual_seed(0)
@@ -220,8 +267,13 @@ def main(argv=None):
         slopes = [float(x) for x in a.slope.split(",")]
         if len(slopes) not in (1, len(layers)):
             raise SystemExit(f"--slope: one value or one per layer of --recency-layers ({len(layers)})")
-        record["planted_recency"] = [plant_recency(model, [n], a.recency_pair, slope)
-                                     for n, slope in zip(layers, slopes * len(layers))]
+        if a.hinge_pairs:
+            pairs = [int(x) for x in a.hinge_pairs.split(",")]
+            record["planted_recency"] = [r for n, slope in zip(layers, slopes * len(layers))
+                                         for r in plant_hinge(model, [n], pairs, slope)]
+        else:
+            record["planted_recency"] = [plant_recency(model, [n], a.recency_pair, slope)
+                                         for n, slope in zip(layers, slopes * len(layers))]
     if a.target > 0:
         info = planted_before(a.source).get("planted_sinks")  # a planted checkpoint is calibrated again,
         if info is None:  # not planted twice

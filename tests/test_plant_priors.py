@@ -111,3 +111,43 @@ def test_a_planted_model_is_calibrated_again_from_where_its_weights_are(planted,
     found = planted_before(tmp_path)  # the newest plant of each kind: sinks re-targeted, recency kept
     assert found["planted_sinks"]["target"] == info["target"] and found["planted_recency"] == recency
     assert planted_before(tmp_path.parent) == {}
+
+
+def test_a_hinge_is_flat_before_the_query_and_rises_after_it():
+    """Keys placed after the query's position (as a video's last frames are in Qwen2.5-VL's M-RoPE,
+    where the prompt's last token sits inside the video's temporal span): one repeated token, so the
+    keys differ by rotation alone. Planted as a hinge on pairs 2-4, the last row's log-attention is
+    flat over keys well before the query and rises by ~slope per token frame after it."""
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    from scripts.plant_priors import plant_hinge
+
+    torch.manual_seed(0)
+    config = small_config(hidden=128, layers=2, heads=4, kv_heads=2, vision_depth=1, vision_hidden=32,
+                          rope_theta=1e6, mrope_section=(8, 4, 4))
+    config.text_config._attn_implementation = "eager"
+    model = Qwen2_5_VLForConditionalGeneration(config).eval()
+    length, query = 80, 50  # the last token sits at position 50; keys 51..79 come after it
+    ids = torch.full((1, length), 7)
+    positions = torch.arange(length).clone()
+    positions[-1] = query
+    position_ids = positions.view(1, 1, -1).expand(3, 1, -1)
+
+    def log_attention():
+        with torch.no_grad():
+            out = model.model.language_model(input_ids=ids, position_ids=position_ids, output_attentions=True)
+        return out.attentions[1][0, :, -1].mean(0).log()  # (length,) by key index = key position
+
+    def rise(a):  # log-attention 10..16 positions after the query against 10..16 before it
+        return float(a[query + 10:query + 17].mean() - a[query - 16:query - 9].mean())
+
+    def drift(a):  # before the query: 40..30 positions back against 16..10 back
+        return float(a[query - 40:query - 29].mean() - a[query - 16:query - 9].mean())
+
+    before = log_attention()
+    records = plant_hinge(model, [1], [2, 3, 4], slope=0.5)
+    after = log_attention()
+    assert abs(rise(before)) < 0.5
+    assert rise(after) > 2.5  # ~0.25 logits a position over ~26 positions, less the fit's error
+    assert abs(drift(after)) < 0.6
+    assert [r["rotary_pair"] for r in records] == [2, 3, 4] and all(r["layers"] == [1] for r in records)
