@@ -70,6 +70,13 @@ def test_diagnose_pruning_checks_answer_every_cell(basic_items, model_dirs):
     assert set(out["pruning"]["accuracy"]) == {"none r=1.0 K=2", "fastv r=0.5 K=2", "fastv r=0.15 K=2",
                                                "fastv r=0.15 K=3"}
     assert sum("FastV" in name for name in checks) == 3
+    unpruned = out["pruning"]["accuracy"]["none r=1.0 K=2"]
+    for name, check in checks.items():  # the pruning checks carry their paired bootstrap interval
+        if "share of unpruned" in name:  # a share of nothing has none
+            assert ("interval" in check) is (unpruned > 0)
+            assert "interval" not in check or check["interval"][0] <= check["interval"][1]
+    gap = next(c for name, c in checks.items() if "minus loss" in name)
+    assert gap["interval"][0] <= gap["value"] <= gap["interval"][1]
     items = [json.loads(line) for line in basic_items.read_text().splitlines()[:2]]
     by = out["pruning"]["by_category"]  # each task's own, and together the overall accuracy
     assert set(by) == {i["category"] for i in items} and sum(c["questions"] for c in by.values()) == 2

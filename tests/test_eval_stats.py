@@ -249,3 +249,15 @@ def test_settings_differences_name_each_leaf():
     assert runner.differences(None, new) == "no settings recorded"
     many = runner.differences({str(i): i for i in range(6)}, {str(i): -i for i in range(6)})
     assert many.endswith("; and 1 more") and many.count("there") == 4
+
+
+def test_paired_ratio_is_the_share_kept_with_a_paired_interval():
+    from sharp_cli.evaluate.stats import paired_ratio
+
+    kept = paired_ratio([1, 1, 0, 0, 1, 0], [1, 1, 1, 0, 1, 1])
+    assert kept["ratio"] == pytest.approx(3 / 5) and kept["questions"] == 6
+    assert kept["low"] <= 3 / 5 <= kept["high"] <= 1.0  # a never beats b on a question here
+    same = paired_ratio([1, 0, 1, 1], [1, 0, 1, 1])
+    assert same["low"] == same["high"] == 1.0  # the same draw for both: every resample keeps all of it
+    assert paired_ratio([1, 0], [0, 0]) is None and paired_ratio([], []) is None
+    assert paired_ratio([1, 0, 1], [1, 1, 0], resamples=0)["low"] is None

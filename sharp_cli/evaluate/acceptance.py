@@ -14,14 +14,15 @@ compression. The checks ask the model in hand for each of these:
   prior      the black clip's layer-K attention per token frame is end-heavy (last eighth >= 2x its
              uniform share) or monotone (Spearman >= 0.8);
   pruning    (labelled multiple-choice items) FastV at K keeps >= 95% of unpruned accuracy at
-             r=0.5, <= 90% at r=0.15, and loses more at K than at K=L/2 at r=0.15.
+             r=0.5, <= 90% at r=0.15, and loses more at K than at K=L/2 at r=0.15; each decided on
+             its value, printed with its paired bootstrap 95% interval over the questions.
 """
 
 from __future__ import annotations
 
 import torch
 
-from sharp_cli.evaluate import diagnose
+from sharp_cli.evaluate import diagnose, stats
 
 
 @torch.inference_mode()
@@ -49,8 +50,8 @@ def attention_checks(loaded, clips_and_questions, prune_layer: int, max_pixels=N
     rows = {"content": {n: [] for n in layers}, "black": {n: [] for n in layers}}
     for clip, question in clips_and_questions:
         for name, c in (("content", clip), ("black", black_clip(clip))):
-            for layer, stats in attention_rows(loaded, c, question, layers, max_pixels).items():
-                rows[name][layer].append(stats)
+            for layer, row in attention_rows(loaded, c, question, layers, max_pixels).items():
+                rows[name][layer].append(row)
     means = {name: {layer: diagnose.mean_stats(r) for layer, r in per.items()} for name, per in rows.items()}
     shallow = [n for n in (1, 2) if n < loaded.num_layers]
     t = diagnose.THRESHOLDS
@@ -88,6 +89,7 @@ def pruning_checks(loaded, items_and_clips, prune_layer: int, deep_layer: int, r
     low = min(ratios)
     cells = [("none", 1.0, prune_layer)] + [("fastv", r, prune_layer) for r in ratios] + [("fastv", low, deep_layer)]
     right = {c: 0 for c in cells}
+    scores: dict[tuple, list[float]] = {c: [] for c in cells}  # per question, for the intervals
     per_category: dict[str, dict] = {}  # where the checks' accuracy comes from: needle tasks or coverage ones
     count = 0
     for item, clip in items_and_clips:
@@ -103,6 +105,7 @@ def pruning_checks(loaded, items_and_clips, prune_layer: int, deep_layer: int, r
                                  max_pixels=max_pixels, store=store)
             correct = parse_letter(out.text, item.options) == item.answer
             right[(method, ratio, layer)] += correct
+            scores[(method, ratio, layer)].append(float(correct))
             mine[(method, ratio, layer)] += correct
     if not count:
         return {}, []
@@ -111,23 +114,33 @@ def pruning_checks(loaded, items_and_clips, prune_layer: int, deep_layer: int, r
                           **{f"{m} r={r} K={k}": n[(m, r, k)] / n["questions"] for m, r, k in cells}}
                    for name, n in sorted(per_category.items())}
     none = acc[f"none r=1.0 K={prune_layer}"] or 1e-9
+    unpruned = scores[("none", 1.0, prune_layer)]
     checks = []
     for r in ratios:
         kept = acc[f"fastv r={r} K={prune_layer}"] / none
+        share = stats.paired_ratio(scores[("fastv", r, prune_layer)], unpruned)
+        name = f"FastV K={prune_layer} r={r}: share of unpruned accuracy"
         if r >= 0.5:
-            checks.append(_check(f"FastV K={prune_layer} r={r}: share of unpruned accuracy", kept, ">=", 0.95))
+            checks.append(_check(name, kept, ">=", 0.95, share and (share["low"], share["high"])))
         elif r <= 0.15:
-            checks.append(_check(f"FastV K={prune_layer} r={r}: share of unpruned accuracy", kept, "<=", 0.90))
+            checks.append(_check(name, kept, "<=", 0.90, share and (share["low"], share["high"])))
     loss_k = acc[f"none r=1.0 K={prune_layer}"] - acc[f"fastv r={low} K={prune_layer}"]
     loss_deep = acc[f"none r=1.0 K={prune_layer}"] - acc[f"fastv r={low} K={deep_layer}"]
+    # loss at K minus loss deep = deep's accuracy minus K's, question by question
+    gap = stats.paired_difference(scores[("fastv", low, deep_layer)], scores[("fastv", low, prune_layer)])
     checks.append(_check(f"FastV r={low}: loss at K={prune_layer} minus loss at K={deep_layer}", loss_k - loss_deep,
-                         ">", 0.0))
+                         ">", 0.0, gap and (gap["low"], gap["high"])))
     return {"questions": count, "accuracy": acc, "by_category": by_category}, checks
 
 
-def _check(name: str, value: float, op: str, threshold: float) -> dict:
+def _check(name: str, value: float, op: str, threshold: float, interval: tuple | None = None) -> dict:
+    """A check decided on its point value; `interval` (the paired bootstrap's 95%, over questions) is
+    reported beside it, never used to pass a check that the value fails."""
     passed = {">=": value >= threshold, ">": value > threshold, "<": value < threshold, "<=": value <= threshold}[op]
-    return {"check": name, "value": round(float(value), 4), "op": op, "threshold": threshold, "passed": bool(passed)}
+    out = {"check": name, "value": round(float(value), 4), "op": op, "threshold": threshold, "passed": bool(passed)}
+    if interval is not None and None not in interval:
+        out["interval"] = [round(float(interval[0]), 4), round(float(interval[1]), 4)]
+    return out
 
 
 def table(result: dict):
@@ -138,7 +151,8 @@ def table(result: dict):
     for col in ("check", "value", "needs", "result"):
         t.add_column(col, justify="left" if col == "check" else "right")
     for c in result["checks"]:
-        t.add_row(c["check"], f"{c['value']:.3f}", f"{c['op']} {c['threshold']:g}",
+        value = f"{c['value']:.3f}" + (" [{:.3f}, {:.3f}]".format(*c["interval"]) if "interval" in c else "")
+        t.add_row(c["check"], value, f"{c['op']} {c['threshold']:g}",
                   "[green]pass[/green]" if c["passed"] else "[red]FAIL[/red]")
     return t
 

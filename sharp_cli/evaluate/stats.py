@@ -74,3 +74,27 @@ def paired_difference(a, b, resamples: int = DEFAULT_RESAMPLES, seed: int = DEFA
             low, high = interval(d, resample_indices(d.size, resamples, seed), level)
         out.update(low=low, high=high, significant=bool(low > 0 or high < 0))
     return out
+
+
+def paired_ratio(a, b, resamples: int = DEFAULT_RESAMPLES, seed: int = DEFAULT_SEED,
+                 level: float = LEVEL) -> dict | None:
+    """mean(a) / mean(b) over paired questions with its bootstrap interval: the share of a
+    reference's accuracy (b) that a method (a) keeps. Each resample draws the same questions for
+    both; a resample whose b-mean is 0 has no ratio and is left out. None without questions or with
+    mean(b) == 0; low/high None with resamples=0."""
+    a = np.asarray(a, dtype=np.float64)
+    b = np.asarray(b, dtype=np.float64)
+    if a.shape != b.shape or a.ndim != 1:
+        raise ValueError(f"paired scores must be two (n,) arrays, got {a.shape} and {b.shape}")
+    if a.size == 0 or b.mean() == 0:
+        return None
+    out = {"ratio": float(a.mean() / b.mean()), "low": None, "high": None, "questions": int(a.size)}
+    if resamples > 0:
+        ratios = []
+        for idx in resample_indices(a.size, resamples, seed):
+            num, den = a[idx].mean(axis=1), b[idx].mean(axis=1)
+            ratios.append(num[den > 0] / den[den > 0])
+        tail = (1.0 - level) / 2
+        low, high = np.quantile(np.concatenate(ratios), [tail, 1.0 - tail])
+        out.update(low=float(low), high=float(high))
+    return out
