@@ -115,6 +115,17 @@ def plant_sinks(model, token_id: int, target: float, from_layer: int, key_scale:
             "target": target, "from_layer": from_layer, "rotary_pair": p, "key": key_scale}
 
 
+def constant_pair(att, pair: int, key: tuple, query: tuple, heads: int, kv: int, hd: int) -> None:
+    """Every key and every query of `att` constant in rotary pair `pair` (dims pair, pair + hd/2):
+    the projections' weight rows zeroed and their biases set to `key` (each KV head) and `query`
+    (each query head), so the pair adds a function of the key-minus-query position alone."""
+    for proj, count, value in ((att.k_proj, kv, key), (att.q_proj, heads, query)):
+        for g in range(count):
+            for dim, v in zip((g * hd + pair, g * hd + pair + hd // 2), value):
+                proj.weight[dim] = 0
+                proj.bias[dim] = v
+
+
 @torch.no_grad()
 def plant_recency(model, layers, pair: int, slope: float, positions_per_frame: float = 2.0,
                   key: float = 8.0) -> dict:
@@ -130,12 +141,7 @@ def plant_recency(model, layers, pair: int, slope: float, positions_per_frame: f
     theta = tc.rope_parameters["rope_theta"] ** (-2 * pair / hd)
     c = slope / (key * theta * positions_per_frame * hd**-0.5)
     for n in layers:
-        att = lm.layers[n].self_attn
-        for proj, count, value in ((att.k_proj, kv, (key, 0.0)), (att.q_proj, heads, (0.0, c))):
-            for g in range(count):
-                for dim, v in zip((g * hd + pair, g * hd + pair + hd // 2), value):
-                    proj.weight[dim] = 0
-                    proj.bias[dim] = v
+        constant_pair(lm.layers[n].self_attn, pair, (key, 0.0), (0.0, c), heads, kv, hd)
     return {"layers": list(layers), "rotary_pair": pair, "radians_per_position": float(f"{theta:.4g}"),
             "slope_per_frame": slope, "query": round(c, 4), "key": key}
 
@@ -173,12 +179,7 @@ def plant_hinge(model, layers, pairs: list[int], slope: float, key: float = 8.0)
     records = []
     for pair, theta, (a, b) in zip(pairs, thetas, hinge_terms(thetas, slope)):
         for n in layers:
-            att = lm.layers[n].self_attn
-            for proj, count, value in ((att.k_proj, kv, (key, 0.0)), (att.q_proj, heads, (a / scale, b / scale))):
-                for g in range(count):
-                    for dim, v in zip((g * hd + pair, g * hd + pair + hd // 2), value):
-                        proj.weight[dim] = 0
-                        proj.bias[dim] = v
+            constant_pair(lm.layers[n].self_attn, pair, (key, 0.0), (a / scale, b / scale), heads, kv, hd)
             records.append({"layers": [n], "rotary_pair": pair, "shape": "hinge", "slope_per_frame": slope,
                             "radians_per_position": float(f"{theta:.4g}"), "cos_sin_logits": [round(a, 4), round(b, 4)],
                             "key": key})

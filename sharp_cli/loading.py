@@ -191,7 +191,7 @@ def load(name: str = DEFAULT_MODEL, *, device: str = "auto", quant: str = "auto"
 
 
 def _load_weights(name: str, dev: torch.device, quant: str, dtype: str, random_weights: bool,
-          trust_remote_code: bool) -> Loaded:
+                  trust_remote_code: bool) -> Loaded:
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     requested, name = name, model_path(name)  # reported as given, not as the folder it resolves to

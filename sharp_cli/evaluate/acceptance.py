@@ -88,8 +88,7 @@ def pruning_checks(loaded, items_and_clips, prune_layer: int, deep_layer: int, r
     store = PriorStore(use_disk=False)
     low = min(ratios)
     cells = [("none", 1.0, prune_layer)] + [("fastv", r, prune_layer) for r in ratios] + [("fastv", low, deep_layer)]
-    right = {c: 0 for c in cells}
-    scores: dict[tuple, list[float]] = {c: [] for c in cells}  # per question, for the intervals
+    scores: dict[tuple, list[float]] = {c: [] for c in cells}  # 1.0/0.0 per question: accuracy and intervals
     per_category: dict[str, dict] = {}  # where the checks' accuracy comes from: needle tasks or coverage ones
     count = 0
     for item, clip in items_and_clips:
@@ -104,12 +103,11 @@ def pruning_checks(loaded, items_and_clips, prune_layer: int, deep_layer: int, r
             out = answer_mod.ask(loaded, clip, prompt, cfg, max_new_tokens=max_new_tokens,
                                  max_pixels=max_pixels, store=store)
             correct = parse_letter(out.text, item.options) == item.answer
-            right[(method, ratio, layer)] += correct
             scores[(method, ratio, layer)].append(float(correct))
             mine[(method, ratio, layer)] += correct
     if not count:
         return {}, []
-    acc = {f"{m} r={r} K={k}": right[(m, r, k)] / count for m, r, k in cells}
+    acc = {f"{m} r={r} K={k}": sum(scores[(m, r, k)]) / count for m, r, k in cells}
     by_category = {name: {"questions": n["questions"],
                           **{f"{m} r={r} K={k}": n[(m, r, k)] / n["questions"] for m, r, k in cells}}
                    for name, n in sorted(per_category.items())}

@@ -111,8 +111,8 @@ def packed_attention(module, query, key, value, attention_mask=None, scaling=Non
     if varlen is not None and not is_causal and (scaling is None or math.isclose(scaling, dim ** -0.5, rel_tol=1e-6)):
         bounds, longest, covered = varlen_bounds(cu_seq_lens_q, query.device)
         if covered == (0, total):  # the chunks tile the whole sequence, as the towers' do
-            rows = lambda t: t[0].transpose(0, 1)  # noqa: E731  (1, H, T, d) -> (T, H, d), a view
-            out = varlen(rows(query), rows(key), rows(value), bounds, bounds, longest, longest)  # (T, H, d)
+            out = varlen(_token_rows(query), _token_rows(key), _token_rows(value), bounds, bounds, longest,
+                         longest)  # (T, H, d)
             return out.unsqueeze(0), None
     plan = window_plan(cu_seq_lens_q, query.device)
     if plan[0][2] is None and plan[0][0] * plan[0][1] == total:  # (1, H, T, d) -> (count, H, length, d)
@@ -125,16 +125,20 @@ def packed_attention(module, query, key, value, attention_mask=None, scaling=Non
     # transposed view) and take back: one H * d row a token instead of H pieces of d, and no copy of
     # the output into (1, T, H, d) at the end. Index kernels took 15.2 ms of a 32-frame tower's
     # kernel time on an H200 with the piecewise gather (research/results/h200-decode-profiles-compile.log).
-    rows_of = lambda t: t[0].transpose(0, 1)  # noqa: E731  (1, H, T, d) -> (T, H, d), a view
     out = query.new_empty(total, heads, dim)
     for length, count, rows in plan:
         if rows is None:  # one length, but not covering this sequence: gather it like the others
             rows = torch.arange(length * count, device=query.device)
-        gather = lambda t: rows_of(t).index_select(0, rows).view(count, length, heads, dim).transpose(1, 2)  # noqa: E731
+        gather = lambda t: _token_rows(t).index_select(0, rows).view(count, length, heads, dim).transpose(1, 2)  # noqa: E731
         o = F.scaled_dot_product_attention(gather(query), gather(key), gather(value), scale=scaling,
                                            is_causal=is_causal)  # (count, H, length, d)
         out.index_copy_(0, rows, o.transpose(1, 2).reshape(count * length, heads, dim))
     return out.unsqueeze(0), None
+
+
+def _token_rows(t):
+    """(1, H, T, d) -> (T, H, d), a view: the towers' layout, one H * d row a token."""
+    return t[0].transpose(0, 1)
 
 
 def vision_tower(model):
