@@ -113,15 +113,16 @@ def test_the_varlen_kernel_gets_the_packed_rows_and_the_nonempty_bounds(monkeypa
     assert calls == []  # another scale than the kernel's: the grouped SDPA path
 
 
-def test_the_varlen_switch_is_off_by_default_and_cuda_only(monkeypatch):
+def test_the_varlen_switch_is_on_by_default_and_cuda_only(monkeypatch):
     from types import SimpleNamespace
 
     from torch.nn.attention.varlen import varlen_attn
 
     cuda = SimpleNamespace(is_cuda=True, dtype=torch.bfloat16)  # what varlen_kernel reads of a query
     monkeypatch.delenv(vision_attention.VARLEN_SWITCH, raising=False)
+    assert vision_attention.varlen_kernel(cuda) is varlen_attn
+    monkeypatch.setenv(vision_attention.VARLEN_SWITCH, "0")
     assert vision_attention.varlen_kernel(cuda) is None
     monkeypatch.setenv(vision_attention.VARLEN_SWITCH, "1")
-    assert vision_attention.varlen_kernel(cuda) is varlen_attn
     assert vision_attention.varlen_kernel(SimpleNamespace(is_cuda=True, dtype=torch.float32)) is None
     assert vision_attention.varlen_kernel(torch.zeros(1, 1, 1, 8, dtype=torch.bfloat16)) is None  # the CPU

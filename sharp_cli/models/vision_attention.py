@@ -17,12 +17,11 @@ read back.
 transformers hands cu_seqlens only to attention functions whose name contains "flash"; hence the
 name. The result is exact attention, the same as the per-chunk loop.
 
-With SHARP_VISION_VARLEN=1 on CUDA in bf16/fp16, where this torch has `torch.nn.attention.varlen`,
-a block is one varlen flash call over the packed sequence instead: no gather of the chunks and no
-copy back. The gathers and copies took 7.0 ms of an 83.7 ms 32-frame Qwen2.5-VL-7B tower on an H100
-(`scripts.profiler vision`, research/results/h100-decode-s7.log: index_select 4.08 ms, index_copy
-2.96 ms). Off until research/vision_check.py's varlen row has matched the stock tower and paid on a
-GPU (the CPU tests check what it is handed, with a reference in its place).
+On CUDA in bf16/fp16, where this torch has `torch.nn.attention.varlen`, a block is one varlen flash
+call over the packed sequence instead (SHARP_VISION_VARLEN=0 turns it off): no gather of the chunks
+and no copy back. Those gathers and copies took 7.0 ms of a 32-frame Qwen2.5-VL-7B tower on an H100;
+research/vision_check.py's varlen row matches the grouped path's features and is faster on an H100
+(docs/benchmarks.md). The CPU tests check what it is handed, with a reference in its place.
 """
 
 from __future__ import annotations
@@ -33,8 +32,8 @@ import os
 NAME = "sharp_flash_varlen_sdpa"
 _PLAN = "_sharp_window_plan"  # the attribute of a cu_seqlens tensor that holds its plan
 _BOUNDS = "_sharp_varlen_bounds"  # and the one that holds its varlen bounds
-VARLEN_SWITCH = "SHARP_VISION_VARLEN"  # =1: one varlen flash call a block (CUDA, bf16/fp16, torch with it)
-VARLEN_DEFAULT = "0"  # becomes "1" once research/vision_check.py's varlen row passes and pays on a GPU
+VARLEN_SWITCH = "SHARP_VISION_VARLEN"  # =0: the grouped SDPA calls instead of one varlen flash call a block
+VARLEN_DEFAULT = "1"
 
 
 def varlen_kernel(query):
