@@ -5,9 +5,10 @@ Qwen2.5-VL's own classes at ~17M parameters (16 decoder layers, 8 query / 2 KV h
 stage first (`--language 1.0`: documents of a bigram language, copying, recall, counting; every
 sequence behind the same system prompt), then video and language mixed (`--language 0.3`). Losses:
 next-token loss on the supervised tokens (scripts/small_data.py), a per-visual-token loss (what each
-token shows, from the renderer: a stand-in for a vision encoder trained on real data) and, on the
-last decoder layer only, a retrieval loss (the answer position's attention mass on the tokens that
-show the answer). No loss touches the shallow layers' attention (issue 24: none on layers <= K+2).
+token shows, from the renderer: a stand-in for a vision encoder trained on real data) and, on one
+decoder layer (`--retrieval-layer`, the last by default), a retrieval loss (the answer position's
+attention mass on the tokens that show the answer). No loss touches the shallow layers' attention
+(issue 24: none on layers <= K+2, K=2; the option refuses them).
 Weight decay 0.1 keeps norms in check. Training runs without pruning: ShaRP is training-free.
 
 Every `--eval-every` steps it prints the progress check (seed 999, never trained on): teacher-forced
@@ -52,8 +53,11 @@ from scripts.small_data import (
 OUT = Path(__file__).resolve().parent.parent / "sharp_cli" / "models" / "sharp_small"
 
 
-class LastLayerRetrieval(Retrieval):
-    """The answer-predicting row's attention in the last decoder layer, with its gradient: the
+RETRIEVAL_FLOOR = 5  # the shallowest layer the retrieval loss may train: above K+2 for K=2 (issue 24)
+
+
+class LayerRetrieval(Retrieval):
+    """The answer-predicting row's attention in one decoder layer, with its gradient: the
     retrieval loss is -log of its mass on the tokens that show the answer. The capture (an
     attention function beside SDPA) is sharp-tiny's; the rows and the needle come from this
     script's batches."""
@@ -98,16 +102,18 @@ def losses(logits, batch, video_token_id: int, none_id: int):
     return lm, token
 
 
-def compile_layers(model, backend: str = "inductor") -> int:
-    """Compiles each text decoder layer but the last (where the retrieval loss's capture runs) on its
-    own, with dynamic shapes: one graph serves every layer and every batch's length (regional
+def compile_layers(model, backend: str = "inductor", skip: int = -1) -> int:
+    """Compiles each text decoder layer but `skip` (where the retrieval loss's capture runs; the last by
+    default) on its own, with dynamic shapes: one graph serves every layer and every batch's length (regional
     compilation), and the norms, rotary embedding, activation and residual adds of forward and
     backward become a few fused kernels. Why: on the H200 a step was ~4,200 kernel launches, half of
     its GPU time elementwise work and autocast copies (research/results/h200-sharp-small-r2.log's
     profile). Returns how many layers it compiled."""
     layers = model.model.language_model.layers
-    for layer in layers[:-1]:
-        layer.compile(backend=backend, dynamic=True)
+    skip %= len(layers)
+    for n, layer in enumerate(layers):
+        if n != skip:
+            layer.compile(backend=backend, dynamic=True)
     return len(layers) - 1
 
 
@@ -263,7 +269,10 @@ def parse_args(argv=None):
     p.add_argument("--bare", type=float, default=0.3, help="Share of video questions asked bare (no options).")
     p.add_argument("--tasks", default=",".join(TASKS))
     p.add_argument("--token-loss", type=float, default=0.5)
-    p.add_argument("--retrieval-loss", type=float, default=0.25, help="On the last decoder layer only (0: off).")
+    p.add_argument("--retrieval-loss", type=float, default=0.25, help="On --retrieval-layer only (0: off).")
+    p.add_argument("--retrieval-layer", type=int, default=-1,
+                   help=f"The decoder layer the retrieval loss trains (-1: the last; >= {RETRIEVAL_FLOOR}). A real "
+                   "VLM moves what it reads from the video into the text rows in its middle layers.")
     p.add_argument("--hidden", type=int, default=256)
     p.add_argument("--layers", type=int, default=16)
     p.add_argument("--rope-theta", type=float, default=10000.0, help="From scratch only: RoPE theta.")
@@ -308,11 +317,16 @@ def main(argv=None):
     model.model.visual.config._attn_implementation = vision_attention.register()
     processor = build_processor(config)
     none_id = processor.tokenizer.convert_tokens_to_ids(NONE)
-    retrieval = LastLayerRetrieval(config.text_config.num_hidden_layers - 1)
+    last = config.text_config.num_hidden_layers - 1
+    retrieval_layer = a.retrieval_layer % (last + 1)
+    if retrieval_layer != last and retrieval_layer < RETRIEVAL_FLOOR:
+        raise SystemExit(f"--retrieval-layer {a.retrieval_layer}: the retrieval loss may train layer "
+                         f"{RETRIEVAL_FLOOR} or deeper (none on layers <= K+2)")
+    retrieval = LayerRetrieval(retrieval_layer)
     if a.retrieval_loss:
         retrieval.register(model)
     if a.compile:
-        print(f"compiling {compile_layers(model, a.compile)} decoder layers ({a.compile}, dynamic shapes)", flush=True)
+        print(f"compiling {compile_layers(model, a.compile, retrieval_layer)} decoder layers ({a.compile}, dynamic shapes)", flush=True)
     autocast = autocast_for(device)
     params = sum(p.numel() for p in model.parameters())
     print(f"sharp-small: {params / 1e6:.2f}M parameters, language share {a.language}, tasks {','.join(tasks)}, "
@@ -345,7 +359,7 @@ def main(argv=None):
         return {"parameters": params, "steps": step, "items": seen, "batch": a.batch, "lr": a.lr, "warmup": a.warmup,
                 "warmup_steps": a.warmup_steps,
                 "weight_decay": a.weight_decay, "language": a.language, "bare": a.bare, "token_loss": a.token_loss,
-                "retrieval_loss": a.retrieval_loss, "retrieval_layers": [config.text_config.num_hidden_layers - 1],
+                "retrieval_loss": a.retrieval_loss, "retrieval_layers": [retrieval_layer],
                 "tasks": list(tasks), "seed": a.seed, "compile": a.compile, "freeze_language": a.freeze_language,
                 "hold_planted": a.hold_planted, "freeze_qk_layers": frozen_qk,
                 "hidden": config.text_config.hidden_size,

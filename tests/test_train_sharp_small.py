@@ -54,7 +54,7 @@ def test_compiled_layers_give_the_eager_losses_and_gradients():
     model = AutoModelForImageTextToText.from_config(config, dtype=torch.float32)
     model.model.visual.config._attn_implementation = vision_attention.register()
     none_id = build_processor(config).tokenizer.convert_tokens_to_ids(NONE)
-    retrieval = train.LastLayerRetrieval(3)
+    retrieval = train.LayerRetrieval(3)
     retrieval.register(model)
 
     def step(rows):
@@ -87,6 +87,25 @@ def test_compiled_layers_give_the_eager_losses_and_gradients():
             assert (e is None) == (c is None)
             if e is not None:
                 assert torch.allclose(e, c, atol=1e-5, rtol=1e-4)
+
+
+def test_the_retrieval_loss_trains_the_layer_asked_for_and_never_a_shallow_one(tmp_path):
+    """--retrieval-layer moves the loss's capture (and the one eager layer under --compile) to a middle
+    layer; a layer <= K+2 is refused before any training."""
+    from transformers import AutoModelForImageTextToText
+
+    with pytest.raises(SystemExit, match="layer 5 or deeper"):
+        train.main(TINY + ["--steps", "1", "--out", str(tmp_path / "x"), "--retrieval-layer", "1"])
+    out = tmp_path / "middle"
+    train.main(TINY + ["--layers", "7", "--steps", "1", "--out", str(out), "--retrieval-layer", "5"])
+    assert json.loads((out / "training.json").read_text())["retrieval_layers"] == [5]
+
+    model = AutoModelForImageTextToText.from_pretrained(out)
+    train.LayerRetrieval(5).register(model)
+    layers = model.model.language_model.layers
+    assert [layer.self_attn.sharp_retrieval_capture for layer in layers] == [n == 5 for n in range(7)]
+    assert train.compile_layers(model, "eager", skip=5) == 6
+    assert [layer._compiled_call_impl is None for layer in layers] == [n == 5 for n in range(7)]
 
 
 @pytest.mark.parametrize("bad", [["--mrope-section", "4,6,6"]])
