@@ -10,6 +10,7 @@ import json
 import pytest
 import torch
 
+from scripts import small_losses
 from scripts import train_sharp_small as train
 from scripts.small_data import NONE, TASKS, Batcher, Items, build_processor, pack, small_config, unpack
 
@@ -54,14 +55,14 @@ def test_compiled_layers_give_the_eager_losses_and_gradients():
     model = AutoModelForImageTextToText.from_config(config, dtype=torch.float32)
     model.model.visual.config._attn_implementation = vision_attention.register()
     none_id = build_processor(config).tokenizer.convert_tokens_to_ids(NONE)
-    retrieval = train.LayerRetrieval(3)
+    retrieval = small_losses.LayerRetrieval(3)
     retrieval.register(model)
 
     def step(rows):
         batch = Batcher(config)(unpack(pack(rows), "cpu"))
         retrieval.arm(batch, config.video_token_id)
         logits = model(**train.inputs_of(batch), use_cache=False).logits  # as the script runs it
-        lm, token = train.losses(logits, batch, config.video_token_id, none_id)
+        lm, token = small_losses.losses(logits, batch, config.video_token_id, none_id)
         fetch = retrieval.loss(batch, config.video_token_id)
         model.zero_grad()
         (lm + token + fetch).backward()
@@ -101,7 +102,7 @@ def test_the_retrieval_loss_trains_the_layer_asked_for_and_never_a_shallow_one(t
     assert json.loads((out / "training.json").read_text())["retrieval_layers"] == [5]
 
     model = AutoModelForImageTextToText.from_pretrained(out)
-    train.LayerRetrieval(5).register(model)
+    small_losses.LayerRetrieval(5).register(model)
     layers = model.model.language_model.layers
     assert [layer.self_attn.sharp_retrieval_capture for layer in layers] == [n == 5 for n in range(7)]
     assert train.compile_layers(model, "eager", skip=5) == 6
