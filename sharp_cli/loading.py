@@ -179,19 +179,20 @@ def load(name: str = DEFAULT_MODEL, *, device: str = "auto", quant: str = "auto"
          random_weights: bool = False, trust_remote_code: bool = False) -> Loaded:
     """from_pretrained on a hub id or local folder; or, with random_weights, the same architecture
     built from a shipped config (quantized runs go through a saved folder and from_pretrained).
-    Triton's per-process set-up runs beside it (models/kernel_warmup.py)."""
+    Triton's per-process set-up and sharp's kernels' first launches run beside it
+    (models/kernel_warmup.py)."""
     from sharp_cli.models import kernel_warmup
 
     dev = resolve_device(device)
     warming = kernel_warmup.start(dev)
     try:
-        return _load_weights(name, dev, quant, dtype, random_weights, trust_remote_code)
+        return _load_weights(name, dev, quant, dtype, random_weights, trust_remote_code, warming)
     finally:
         kernel_warmup.finish(warming)
 
 
 def _load_weights(name: str, dev: torch.device, quant: str, dtype: str, random_weights: bool,
-                  trust_remote_code: bool) -> Loaded:
+                  trust_remote_code: bool, warming=None) -> Loaded:
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     requested, name = name, model_path(name)  # reported as given, not as the folder it resolves to
@@ -203,12 +204,16 @@ def _load_weights(name: str, dev: torch.device, quant: str, dtype: str, random_w
         config = random_init.load_config(name)
         generation = random_init.load_generation_config(name)
         if qmode == "none":
+            if warming is not None:
+                warming.shapes(config, tdtype)
             model, processor = random_init.build_random(config, dtype=tdtype, device=dev, generation_config=generation)
             return ready(Loaded(model, processor, adapter_for(config), name, dev, tdtype, qmode, True))
         name = str(_random_folder(name, config, dev, generation))
     config = read_config(name, trust_remote_code)
     adapter = adapter_for(config)
     _refuse_pickles(name)
+    if warming is not None:  # its kernels warm while the weights load
+        warming.shapes(config, tdtype)
     # use_kernels=False: with the `kernels` package installed, transformers >= 5.2x would replace layers
     # with kernels fetched from the hub (a download; offline, an error) unless told not to.
     kwargs = dict(dtype=tdtype, attn_implementation="sdpa", trust_remote_code=trust_remote_code,
