@@ -39,6 +39,11 @@ step profile-vision-default python3 -m scripts.profiler vision  # the default to
 step profile-questions python3 -m scripts.profiler questions
 step profile-compile python3 -m scripts.profiler decode --quant none --compile
 step profile-bf16 python3 -m scripts.profiler decode --quant none
+# q/k/v and gate/up as one product each (models/gemv_groups.py, off by default): the check, the same bench's
+# sharp rows and the step's profile with it on, beside bench-bf16 and profile-bf16 of the same call
+step check-bf16-groups env SHARP_GEMV_GROUPS=1 python3 -m scripts.cuda_check --frames 8
+step bench-bf16-groups env SHARP_GEMV_GROUPS=1 "${bench[@]}" --quant none --methods none,sharp --output-json "$out/$gpu-e2e-bf16-6272-groups.json"
+step profile-bf16-groups env SHARP_GEMV_GROUPS=1 python3 -m scripts.profiler decode --quant none
 step bench-static "${bench[@]}" --quant none --methods transformers-static,none,sharp --output-json "$out/$gpu-e2e-static-6272.json"
 step bench-nf4 "${bench[@]}" --quant nf4 --methods transformers,none,fastv,random,sharp --output-json "$out/$gpu-e2e-nf4-6272.json"
 step profile-nf4 python3 -m scripts.profiler decode --quant nf4

@@ -322,10 +322,11 @@ def ready(loaded: Loaded) -> Loaded:
     its MLPs padded to aligned widths where that pays (models/vision_mlp.py),
     and with SHARP_VISION_GRAPHS=1 on CUDA the tower replayed from a CUDA graph per input shape
     (models/vision_graphs.py); on CUDA the text model's one-token
-    products through sharp's matrix-vector kernels (models/gemv.py; bitsandbytes' 4-bit layers
+    products through sharp's matrix-vector kernels (models/gemv.py; with SHARP_GEMV_GROUPS=1 q/k/v
+    and gate/up as one product each, models/gemv_groups.py; bitsandbytes' 4-bit layers
     through models/gemv_nf4.py unless SHARP_GEMV_NF4=0), and (unless SHARP_FUSED_STEP=0) its one-token
     norms, rotary embedding and activation through one Triton kernel each (models/fused_step.py)."""
-    from sharp_cli.models import fused_step, gemv, gemv_nf4, quant_check, vision_attention
+    from sharp_cli.models import fused_step, gemv, gemv_groups, gemv_nf4, quant_check, vision_attention
 
     name = attention.register()
     text = loaded.adapter.text_model(loaded.model)
@@ -335,6 +336,8 @@ def ready(loaded: Loaded) -> Loaded:
         loaded.vision_graphs = ready_vision(visual, loaded.device, loaded.dtype)
     if gemv.available(loaded.device):
         gemv.use_gemv([text, loaded.adapter.lm_head(loaded.model)])
+        if gemv_groups.on():
+            gemv_groups.group_products(text)
     if loaded.quant == "nf4" and loaded.device.type == "cuda":
         # Before sharp's kernel replaces the one-row products: this judges bitsandbytes' own.
         line = quant_check.warning(loaded.model)

@@ -68,8 +68,8 @@ def test_load_starts_the_warm_up_before_the_weights_and_waits_for_it(tiny_dir, m
 
 
 def test_the_warm_up_launches_every_specialization_a_first_question_launches():
-    """Every kernel launch of a real question (a tiny Qwen2.5-VL and Qwen3-VL in bf16, vision tower
-    and decode steps through the kernels) is recorded as Triton specializes it (argument dtypes and
+    """Every kernel launch of a real question (a tiny Qwen2.5-VL and, with SHARP_GEMV_GROUPS=1, Qwen3-VL
+    in bf16, vision tower and decode steps through the kernels) is recorded as Triton specializes it (argument dtypes and
     16-byte alignment, integers as 1 / divisible by 16 / other, the constexprs and launch options),
     and so is every launch of warm_kernels on the same config: the question's must be among the
     warm-up's, for each of the kernels. A warm-up that misses a width, a stride or a dtype fails."""
@@ -108,8 +108,12 @@ def test_the_warm_up_launches_every_specialization_a_first_question_launches():
         rotary, product = Recorded("vision_rotary", fused_vision._kernel()), Recorded("gemv", gemv._kernel())
         fused_step._kernels, fused_vision._kernel, gemv._kernel = (lambda: step), (lambda: rotary), (lambda: product)
 
-        for family in ("qwen2.5-vl", "qwen3-vl"):
+        import os
+        for family, groups in (("qwen2.5-vl", "0"), ("qwen3-vl", "1")):  # the default; and grouped products
+            os.environ["SHARP_GEMV_GROUPS"] = groups
             config = tiny_config(family, layers=3)
+            if groups == "1":  # gate/up grouped past 4,096 rows: block sizes of their own (gemv.block_sizes)
+                config.text_config.intermediate_size = 2560
             model, processor = build_random(config, dtype="bfloat16")
             loaded = loading.ready(loading.Loaded(model, processor, adapter_for(config), "tiny", torch.device("cpu"),
                                                   torch.bfloat16, "none", True))

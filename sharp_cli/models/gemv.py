@@ -118,10 +118,16 @@ class GemvLinear(nn.Linear):
     stock_class = nn.Linear  # what stock_linears swaps back to
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.numel() == x.shape[-1] and x.dtype == self.weight.dtype and self.weight.is_contiguous() \
-                and ((x.is_cuda and x.dtype in HALF) or INTERPRETED):
+        if takes_one_token(x, self.weight):
             return gemv_op(x, self.weight, self.bias)
         return F.linear(x, self.weight, self.bias)
+
+
+def takes_one_token(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """x is one token (one row in all) that the kernel takes with `weight`: CUDA bf16/fp16 (any dtype
+    under the interpreter), the weight's dtype, a contiguous weight."""
+    return x.numel() == x.shape[-1] and x.dtype == weight.dtype and weight.is_contiguous() \
+        and ((x.is_cuda and x.dtype in HALF) or INTERPRETED)
 
 
 def use_gemv(modules) -> int:

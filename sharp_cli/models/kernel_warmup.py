@@ -91,7 +91,7 @@ def warm_kernels(config, device, dtype) -> int:
     SiLU(gate) * up, and the rotary embedding of q and k as views of the qkv product, on 16 rows."""
     import torch
 
-    from sharp_cli.models import fused_step, fused_vision, gemv
+    from sharp_cli.models import fused_step, fused_vision, gemv, gemv_groups
 
     text = getattr(config, "text_config", config)
     width, heads = text.hidden_size, text.num_attention_heads
@@ -114,6 +114,8 @@ def warm_kernels(config, device, dtype) -> int:
         products = {(heads * head_dim, width, bias), (kv_heads * head_dim, width, bias),
                     (width, heads * head_dim, False), (inner, width, False), (width, inner, False),
                     (vocab, width, False)}
+        if gemv_groups.on():  # q, k, v and gate, up as one product each
+            products |= {((heads + 2 * kv_heads) * head_dim, width, bias), (2 * inner, width, False)}
         for n, k_in, has_bias in sorted(products):
             rows = n if n % 16 else 16  # Triton specializes integers divisible by 16, not their size
             gemv.gemv(zeros(1, 1, k_in), zeros(rows, k_in), zeros(rows) if has_bias else None,
