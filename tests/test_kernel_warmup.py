@@ -68,9 +68,10 @@ def test_load_starts_the_warm_up_before_the_weights_and_waits_for_it(tiny_dir, m
 
 
 def test_the_warm_up_launches_every_specialization_a_first_question_launches():
-    """Every kernel launch of a real question (a tiny Qwen2.5-VL and, with SHARP_GEMV_GROUPS=1, Qwen3-VL
-    in bf16, vision tower and decode steps through the kernels) is recorded as Triton specializes it (argument dtypes and
-    16-byte alignment, integers as 1 / divisible by 16 / other, the constexprs and launch options),
+    """Every kernel launch of a real question (a tiny Qwen2.5-VL and, with SHARP_GEMV_GROUPS=1,
+    Qwen3-VL in bf16, vision tower and decode steps through the kernels) is recorded as Triton
+    specializes it (argument dtypes and 16-byte alignment, integers as 1 / divisible by 16 / other,
+    the constexprs and launch options),
     and so is every launch of warm_kernels on the same config: the question's must be among the
     warm-up's, for each of the kernels. A warm-up that misses a width, a stride or a dtype fails."""
     out = triton_interpreted("""
