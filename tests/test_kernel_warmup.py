@@ -133,3 +133,27 @@ def test_the_warm_up_launches_every_specialization_a_first_question_launches():
     assert out.strip().endswith("ok")
     families = dict(line.split(" ", 1) for line in out.splitlines()[:2])
     assert all(name in families["qwen2.5-vl"] for name in ("rms_norm", "rotary", "silu_mul", "gemv", "vision_rotary"))
+
+
+def test_the_kernels_warm_on_the_loading_threads_device(monkeypatch):
+    """A device without an index means the caller's current one (a sharded eval's rank sets it): the
+    warm-up thread launches there, under that device's context, never on its own default GPU 0."""
+    from contextlib import contextmanager
+
+    entered, warmed = [], []
+
+    @contextmanager
+    def device_context(index):
+        entered.append(index)
+        yield
+
+    monkeypatch.setattr(kernel_warmup, "_uses_triton", lambda device: True)
+    monkeypatch.setattr(kernel_warmup, "_key_function", lambda: lambda: None)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
+    monkeypatch.setattr(torch.cuda, "device", device_context)
+    monkeypatch.setattr(kernel_warmup, "warm_kernels",
+                        lambda config, device, dtype: warmed.append((config, device, dtype, list(entered))) or 7)
+    warmup = kernel_warmup.start(torch.device("cuda"))
+    warmup.shapes("config", torch.bfloat16)
+    kernel_warmup.finish(warmup)
+    assert warmed == [("config", torch.device("cuda", 3), torch.bfloat16, [3])] and warmup.launches == 7

@@ -55,19 +55,24 @@ class Warmup:
             return
         if item is not None:
             try:
-                self.launches = warm_kernels(item[0], self.device, item[1])
+                self.launches = _on_device(self.device, warm_kernels, item[0], self.device, item[1])
             except Exception:  # noqa: BLE001 - a warm-up: the first question launches them instead
                 pass
 
 
 def start(device) -> Warmup | None:
     """A started Warmup when sharp will launch Triton kernels on `device` (CUDA, a kernel switched
-    on); None otherwise."""
+    on); None otherwise. A device without an index is the calling thread's current one (a sharded
+    eval sets it per rank): the thread launches there, not on its own default, GPU 0."""
     if device.type != "cuda" or not _uses_triton(device):
         return None
     key_function = _key_function()
     if key_function is None:
         return None
+    if device.index is None:
+        import torch
+
+        device = torch.device("cuda", torch.cuda.current_device())
     warmup = Warmup(device, key_function)
     warmup.thread.start()
     return warmup
@@ -133,6 +138,17 @@ def warm_kernels(config, device, dtype) -> int:
         fused_vision.vision_rotary(qkv[:, 0], qkv[:, 1], cos, cos)
         launches += 3
     return launches
+
+
+def _on_device(device, function, *args):
+    """function(*args) with `device` the thread's current CUDA device (Triton launches on the current
+    one; each thread starts on GPU 0)."""
+    if device.type != "cuda":
+        return function(*args)
+    import torch
+
+    with torch.cuda.device(device.index):
+        return function(*args)
 
 
 def _key_function():
