@@ -125,4 +125,8 @@ def test_the_varlen_switch_is_on_by_default_and_cuda_only(monkeypatch):
     assert vision_attention.varlen_kernel(cuda) is None
     monkeypatch.setenv(vision_attention.VARLEN_SWITCH, "1")
     assert vision_attention.varlen_kernel(SimpleNamespace(is_cuda=True, dtype=torch.float32)) is None
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)  # --compile's blocks: the grouped path
+    assert vision_attention.varlen_kernel(cuda) is None
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: False)
+    assert vision_attention.varlen_kernel(cuda) is varlen_attn
     assert vision_attention.varlen_kernel(torch.zeros(1, 1, 1, 8, dtype=torch.bfloat16)) is None  # the CPU

@@ -37,12 +37,13 @@ VARLEN_DEFAULT = "1"
 
 
 def varlen_kernel(query):
-    """torch's varlen_attn for `query` (1, H, T, d), or None: switched off, not CUDA bf16/fp16, or a
+    """torch's varlen_attn for `query` (1, H, T, d), or None: switched off, not CUDA bf16/fp16, inside
+    torch.compile (`--compile`'s vision blocks keep the grouped path they were measured with), or a
     torch without it (added in torch 2.9)."""
     import torch
 
     if os.environ.get(VARLEN_SWITCH, VARLEN_DEFAULT) != "1" or not query.is_cuda \
-            or query.dtype not in (torch.bfloat16, torch.float16):
+            or query.dtype not in (torch.bfloat16, torch.float16) or torch.compiler.is_compiling():
         return None
     try:
         from torch.nn.attention.varlen import varlen_attn
