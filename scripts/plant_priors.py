@@ -54,8 +54,9 @@ from pathlib import Path
 import torch
 
 from scripts.small_checks import inputs_of, language_check_rows, to_device
+from scripts.small_circuits import planted_before
 from scripts.small_data import CHECK_SEED, TASKS, Batcher, Items, build_processor, pack, unpack
-from scripts.train_sharp_small import history_of, planted_before
+from scripts.train_sharp_small import history_of
 from sharp_cli.evaluate import diagnose
 
 SINK_TOKEN = "system"

@@ -35,6 +35,7 @@ from pathlib import Path
 import torch
 
 from scripts.small_checks import check, inputs_of, to_device
+from scripts.small_circuits import freeze_language, freeze_query_key, held_entries, planted_before
 from scripts.small_data import (
     CHECK_SEED,
     NONE,
@@ -66,27 +67,6 @@ def compile_layers(model, backend: str = "inductor", skip: int = -1) -> int:
         if n != skip:
             layer.compile(backend=backend, dynamic=True)
     return len(layers) - 1
-
-
-def freeze_language(model) -> None:
-    """Only the vision tower and its merger learn; the language model (embeddings, decoder, head)
-    keeps what the language stage made, as a real VLM's first stage trains the projector alone
-    (LLaVA): its heads' habits, attention sinks among them, are then the language model's own."""
-    for name, param in model.named_parameters():
-        param.requires_grad = name.startswith("model.visual.")
-
-
-def freeze_query_key(model, layers: list[int]) -> None:
-    """The query and key projections of `layers` (weights and biases) stop learning: those layers
-    keep where they look as --init-from has it (a language-trained model's broad shallow attention)
-    while their values, outputs and MLPs still learn. Why: every run that trained on the video tasks
-    narrowed layers 1-2 (entropy 0.66 -> 0.49, top-1 0.14 -> 0.25 from r2 to p1), where a real VLM's
-    shallow attention stays broad and the task's retrieval is done deeper."""
-    for n in layers:
-        attention = model.model.language_model.layers[n].self_attn
-        for proj in (attention.q_proj, attention.k_proj):
-            for param in proj.parameters():
-                param.requires_grad = False
 
 
 def load_model(init_from: Path | None, device, **config_kwargs):
@@ -125,61 +105,6 @@ def history_of(previous: dict | None) -> list:
     if not previous:
         return []
     return previous.get("history", []) + [{k: v for k, v in previous.items() if k not in ("log", "history")}]
-
-
-def planted_before(folder: Path) -> dict:
-    """The circuits scripts.plant_priors built into a checkpoint or one it continues, from its
-    training.json: {"planted_sinks": {...}, "planted_recency": [{...}, ...]} (empty if none)."""
-    path = Path(folder) / "training.json"
-    record = json.loads(path.read_text()) if path.exists() else {}
-    found: dict = {}
-    for entry in [record] + record.get("history", [])[::-1]:  # newest first: a later plant wins
-        for kind in ("planted_sinks", "planted_recency"):
-            if kind in entry and kind not in found:
-                found[kind] = entry[kind]
-    if isinstance(found.get("planted_recency"), dict):  # p1's record (an older plant_priors): one dict
-        found["planted_recency"] = [found["planted_recency"]]
-    return found
-
-
-def held_entries(model, planted: dict) -> list:
-    """[(parameter, flat indices, values)]: the planted circuits' entries as they are now, for
-    --hold-planted to put back after every optimizer step (AdamW's weight decay and the gradients move
-    them). Indices, not masks: a boolean-mask write asks the GPU how many entries are set (a sync)."""
-    lm, tc = model.model.language_model, model.config.text_config
-    hd, heads, kv = tc.hidden_size // tc.num_attention_heads, tc.num_attention_heads, tc.num_key_value_heads
-    masks: dict = {}
-
-    def mark(param, index):
-        masks.setdefault(param, torch.zeros_like(param, dtype=torch.bool))[index] = True
-
-    def mark_pair(att, pair):
-        for proj, count in ((att.q_proj, heads), (att.k_proj, kv)):
-            rows = [g * hd + d for g in range(count) for d in (pair, pair + hd // 2)]
-            mark(proj.weight, rows)
-            mark(proj.bias, rows)
-
-    sinks = planted.get("planted_sinks")
-    if sinks:
-        j = sinks["dimension"]
-        mark(lm.embed_tokens.weight, (slice(None), j))
-        mark(model.model.visual.merger.mlp[-1].weight, j)
-        for n, layer in enumerate(lm.layers):
-            for proj in (layer.self_attn.o_proj, layer.mlp.down_proj):
-                mark(proj.weight, j)
-            for proj in (layer.mlp.gate_proj, layer.mlp.up_proj, layer.self_attn.q_proj, layer.self_attn.k_proj,
-                         layer.self_attn.v_proj):
-                mark(proj.weight, (slice(None), j))
-            if n >= sinks["from_layer"]:
-                mark_pair(layer.self_attn, sinks["rotary_pair"])
-    for recency in planted.get("planted_recency", []):
-        for n in recency["layers"]:
-            mark_pair(lm.layers[n].self_attn, recency["rotary_pair"])
-    held = []
-    for param, mask in masks.items():
-        index = mask.reshape(-1).nonzero().squeeze(1)  # once, at the start
-        held.append((param, index, param.detach().reshape(-1)[index].clone()))
-    return held
 
 
 def lr_at(progress: float, peak: float, warmup: float) -> float:
@@ -224,6 +149,10 @@ def parse_args(argv=None):
     p.add_argument("--retrieval-layer", type=int, default=-1,
                    help=f"The decoder layer the retrieval loss trains (-1: the last; >= {RETRIEVAL_FLOOR}). A real "
                    "VLM moves what it reads from the video into the text rows in its middle layers.")
+    p.add_argument("--drop-visual-share", type=float, default=0.0, help="Share of video rows whose text sees no "
+                   "visual token from --drop-visual-from on (0: off; needs the retrieval loss's attention function).")
+    p.add_argument("--drop-visual-from", type=int, default=8, help="The first decoder layer of the visual drop "
+                   "(deeper than --retrieval-layer; 8: L/2, where FastV's deep pruning should cost little).")
     p.add_argument("--hidden", type=int, default=256)
     p.add_argument("--layers", type=int, default=16)
     p.add_argument("--rope-theta", type=float, default=10000.0, help="From scratch only: RoPE theta.")
@@ -273,7 +202,10 @@ def main(argv=None):
     if retrieval_layer != last and retrieval_layer < RETRIEVAL_FLOOR:
         raise SystemExit(f"--retrieval-layer {a.retrieval_layer}: the retrieval loss may train layer "
                          f"{RETRIEVAL_FLOOR} or deeper (none on layers <= K+2)")
-    retrieval = LayerRetrieval(retrieval_layer)
+    if a.drop_visual_share and not (a.retrieval_loss and retrieval_layer < a.drop_visual_from <= last):
+        raise SystemExit(f"--drop-visual-from {a.drop_visual_from}: a layer after the retrieval loss's "
+                         f"({retrieval_layer}, whose loss reads the visual tokens) up to {last}, with the loss on")
+    retrieval = LayerRetrieval(retrieval_layer, a.drop_visual_from, a.drop_visual_share)
     if a.retrieval_loss:
         retrieval.register(model)
     if a.compile:
@@ -312,6 +244,7 @@ def main(argv=None):
                 "warmup_steps": a.warmup_steps,
                 "weight_decay": a.weight_decay, "language": a.language, "bare": a.bare, "token_loss": a.token_loss,
                 "retrieval_loss": a.retrieval_loss, "retrieval_layers": [retrieval_layer],
+                "drop_visual_share": a.drop_visual_share, "drop_visual_from": a.drop_visual_from,
                 "tasks": list(tasks), "seed": a.seed, "compile": a.compile, "freeze_language": a.freeze_language,
                 "hold_planted": a.hold_planted, "freeze_qk_layers": frozen_qk,
                 "hidden": config.text_config.hidden_size,

@@ -95,7 +95,7 @@ def test_a_planted_model_is_calibrated_again_from_where_its_weights_are(planted,
     import copy
     import json
 
-    from scripts.train_sharp_small import planted_before
+    from scripts.small_circuits import planted_before
 
     model, config, sink, info, rows = planted
     model = copy.deepcopy(model)

@@ -10,7 +10,7 @@ import json
 import pytest
 import torch
 
-from scripts import small_losses
+from scripts import small_circuits, small_losses
 from scripts import train_sharp_small as train
 from scripts.small_data import NONE, TASKS, Batcher, Items, build_processor, pack, small_config, unpack
 
@@ -126,13 +126,13 @@ def test_held_circuits_stay_as_planted_while_the_rest_learns(tmp_path):
     train.main(TINY + ["--steps", "1", "--out", str(first)])
     plant_priors.main([str(first), str(planted), "--target", "0.7", "--recency-layers", "1", "--recency-pair", "1",
                        "--rows", "1"])
-    circuits = train.planted_before(planted)
+    circuits = small_circuits.planted_before(planted)
     assert circuits["planted_sinks"]["dimension"] >= 0 and circuits["planted_recency"][0]["layers"] == [1]
     train.main(TINY + ["--steps", "2", "--out", str(third), "--init-from", str(planted), "--hold-planted",
                        "--weight-decay", "0.5", "--lr", "1e-2"])
-    assert train.planted_before(third) == circuits  # found through the continued run's history
+    assert small_circuits.planted_before(third) == circuits  # found through the continued run's history
     before, after = (AutoModelForImageTextToText.from_pretrained(f, dtype=torch.float32) for f in (planted, third))
-    held = train.held_entries(before, circuits)
+    held = small_circuits.held_entries(before, circuits)
     named = {id(p): name for name, p in before.named_parameters()}
     after_params = dict(after.named_parameters())
     for param, index, values in held:
@@ -166,7 +166,69 @@ def test_a_recency_record_of_one_dict_reads_as_a_list_of_one(tmp_path):
 
     recency = {"layers": [1, 2], "rotary_pair": 1}
     (tmp_path / "training.json").write_text(json.dumps({"history": [{"planted_recency": recency}]}))
-    planted = train.planted_before(tmp_path)
+    planted = small_circuits.planted_before(tmp_path)
     assert planted == {"planted_recency": [recency]}
     model = AutoModelForImageTextToText.from_config(small_config(hidden=64, layers=3, mrope_section=(2, 1, 1)))
-    assert len(train.held_entries(model, planted)) == 8  # q and k, weight and bias, of layers 1 and 2
+    assert len(small_circuits.held_entries(model, planted)) == 8  # q and k, weight and bias, of layers 1 and 2
+
+
+def test_the_visual_drop_hides_the_video_from_the_deep_layers_text_only(tmp_path):
+    """--drop-visual-share 1: from --drop-visual-from on, the text after the video reads nothing of the
+    visual tokens (a change to their hidden states there moves no text logit), while the visual rows'
+    own logits stay as they were (the per-token loss is unchanged) and the layers before still read
+    the video. Share 0 is the model as it was."""
+    from transformers import AutoModelForImageTextToText
+
+    from sharp_cli.models import vision_attention
+
+    torch.manual_seed(0)
+    config = small_config(hidden=64, layers=4, mrope_section=(2, 1, 1))
+    config._attn_implementation = "sdpa"
+    model = AutoModelForImageTextToText.from_config(config, dtype=torch.float32).eval()
+    model.model.visual.config._attn_implementation = vision_attention.register()
+    items = Items(1000, TASKS, 0.0, 0.3)
+    batch = Batcher(config)(unpack(pack([items[0], items[1]]), "cpu"))
+    ids = batch["input_ids"]
+    visual = ids == config.video_token_id
+    positions = torch.arange(ids.shape[1])
+    last = torch.where(visual, positions, -1).amax(1, keepdim=True)
+    text = (positions > last) & batch["attention_mask"].bool()  # the question and answer after the video
+
+    def logits(share, nudged_layer=None):
+        retrieval = small_losses.LayerRetrieval(1, drop_from=2, drop_share=share)
+        retrieval.register(model)
+        retrieval.arm(batch, config.video_token_id)
+
+        def nudge(module, args, kwargs):  # the visual tokens' hidden states, changed at this layer's input
+            hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+            hidden = hidden + 3.0 * visual.unsqueeze(-1)
+            if "hidden_states" in kwargs:
+                return args, {**kwargs, "hidden_states": hidden}
+            return (hidden, *args[1:]), kwargs
+
+        layers = model.model.language_model.layers
+        hook = layers[nudged_layer].register_forward_pre_hook(nudge, with_kwargs=True) if nudged_layer else None
+        try:
+            with torch.no_grad():
+                return model(**train.inputs_of(batch), use_cache=False).logits
+        finally:
+            if hook:
+                hook.remove()
+
+    def moved(a, b, where):
+        return (a[where] - b[where]).abs().max().item()
+
+    plain, dropped = logits(0.0), logits(1.0)
+    assert moved(plain, dropped, ~text) < 1e-5 and moved(plain, dropped, text) > 1e-3
+    assert moved(dropped, logits(1.0, nudged_layer=2), text) < 1e-5  # the deep text sees no visual state
+    assert moved(dropped, logits(1.0, nudged_layer=1), text) > 1e-3  # layer 1 still reads the video
+    assert moved(plain, logits(0.0, nudged_layer=2), text) > 1e-3  # without the drop, layer 2 does too
+
+    with pytest.raises(SystemExit, match="--drop-visual-from 2"):  # at the retrieval layer: refused
+        train.main(TINY + ["--steps", "1", "--out", str(tmp_path / "x"), "--drop-visual-share", "0.5",
+                           "--drop-visual-from", "2"])
+    out = tmp_path / "drop"
+    train.main(TINY + ["--layers", "7", "--steps", "1", "--out", str(out), "--retrieval-layer", "5",
+                       "--drop-visual-share", "0.5", "--drop-visual-from", "6"])
+    record = json.loads((out / "training.json").read_text())
+    assert (record["drop_visual_share"], record["drop_visual_from"]) == (0.5, 6)
