@@ -7,7 +7,6 @@ Answers go to stdout, tables and progress to stderr. Errors are one line on stde
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 from typing import Annotated, Optional
@@ -38,6 +37,7 @@ from sharp_cli.options import (
     TopK,
     TopP,
     TrustRemoteCode,
+    check_output_file,
     prune_options,
     quiet_transformers,
     sampling,
@@ -257,6 +257,8 @@ def bench(
     from sharp_cli.prune.config import METHODS
 
     method_list = split_list([methods], str, "--methods")
+    if not method_list:
+        raise UsageError("--methods: give at least one method")
     for m in method_list:
         if m not in (*METHODS, *PEERS):
             raise UsageError(f"--methods: unknown method '{m}'; choose from {', '.join((*METHODS, *PEERS))}")
@@ -270,9 +272,8 @@ def bench(
         raise UsageError("--iters must be >= 1, --warmup and --decode-tokens >= 0")
     if frames < 1 or height < 28 or width < 28:
         raise UsageError("--frames must be >= 1 and --height/--width >= 28")
-    for path in (output_json, plot):
-        if path and os.path.isdir(path):
-            raise UsageError(f"'{path}' is a directory")
+    check_output_file(output_json, "--output-json")
+    check_output_file(plot, "--plot")
     if any(m in METHODS and m != "none" for m in method_list):  # --layer against its depth, before torch loads
         from sharp_cli import model_files
 

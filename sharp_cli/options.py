@@ -8,6 +8,7 @@ the command modules imports another; the pruning options come from PruneConfig's
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
@@ -30,7 +31,8 @@ TrustRemoteCode = Annotated[bool, typer.Option("--trust-remote-code",
 Frames = Annotated[int, typer.Option(help="Frames sampled uniformly over the video.")]
 Fps = Annotated[Optional[float], typer.Option(
     help="Sample this many frames per second instead (capped by --max-frames).")]
-MaxFrames = Annotated[int, typer.Option(help="Upper bound on frames sampled with --fps.")]
+MaxFrames = Annotated[int, typer.Option(help="Upper bound on frames sampled, with --fps or --frames (a note says "
+                                                "when it cut --frames).")]
 MaxPixels = Annotated[Optional[int], typer.Option(
     help="Upper bound on pixels per frame (so on visual tokens per frame), replacing the model family's "
          "reference budget (docs/video.md).", show_default=False)]
@@ -158,6 +160,21 @@ def split_list(values: list[str] | None, cast, name: str) -> list:
                 except ValueError:
                     raise UsageError(f"{name}: cannot read '{part.strip()}'") from None
     return out
+
+
+def check_output_file(path, flag: str) -> None:
+    """Before any work (a model load, a bench): UsageError unless `path` can be written as a file, so a
+    typo in an output path costs a line, not the run it would have held."""
+    if path is None:
+        return
+    target = Path(path).expanduser()
+    if target.is_dir():
+        raise UsageError(f"{flag} '{path}' is a folder, not a file")
+    folder = target.parent
+    if not folder.is_dir():
+        raise UsageError(f"{flag} '{path}': the folder '{folder}' does not exist")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise UsageError(f"{flag} '{path}': cannot write in '{folder}'")
 
 
 def write_atomic(path: str, text: str) -> None:

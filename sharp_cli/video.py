@@ -91,9 +91,12 @@ def load_video(path: str | os.PathLike, *, frames: int | None = 32, fps: float |
     path = _check_path(path)
     clip = _load(path, dict(frames=frames, fps=fps, max_frames=max_frames), max_pixels, backend, size)
     clip.sized = size is not None
-    asked = min(frames, max_frames) if fps is None and frames is not None else None
-    if asked is not None and len(clip.indices) < asked:  # said, not done silently
-        clip.notes.append(f"the video has {len(clip.indices)} frames: all are used, fewer than the {asked} asked for")
+    used = len(clip.indices)
+    if fps is None and frames is not None:  # said, not done silently
+        if used < min(frames, max_frames):
+            clip.notes.append(f"the video has {used} frames: all are used, fewer than the {frames} asked for")
+        elif frames > max_frames:
+            clip.notes.append(f"{frames} frames asked for, {used} used: --max-frames is {max_frames}")
     return clip
 
 

@@ -210,6 +210,14 @@ def test_fewer_frames_than_asked_is_said_and_one_token_is_singular(model_dirs, v
                                                           "64 asked for"]
 
 
+def test_frames_cut_by_max_frames_are_said(model_dirs, video):
+    """--frames above --max-frames samples --max-frames, and the note gives both numbers."""
+    record = json.loads(sharp("ask", video, "what?", "-m", model_dirs["qwen2.5-vl"], "--frames", "20",
+                              "--max-frames", "8", "--max-pixels", str(56 * 56 * 4), "--max-new-tokens", "1",
+                              "--json").stdout)
+    assert record["frames"] == 8 and record["notes"] == ["20 frames asked for, 8 used: --max-frames is 8"]
+
+
 def test_synth_says_how_to_evaluate_offline(tmp_path):
     result = sharp("synth", str(tmp_path / "s"), "--n", "1", "--frames", "8", "--size", "64")
     assert result.exit_code == 0, result.stderr
@@ -325,6 +333,18 @@ def test_bench_rows_and_consistency(model_dirs, tmp_path):
 def test_bench_rejects_unknown_methods(model_dirs):
     result = sharp("bench", "-m", model_dirs["qwen2.5-vl"], "--methods", "none,warp")
     assert result.exit_code == 2 and "unknown method 'warp'" in result.stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--methods", ""], "--methods: give at least one method"),
+    (["--methods", ","], "--methods: give at least one method"),
+    (["--output-json", "/no/such/folder/x.json"], "the folder '/no/such/folder' does not exist"),
+    (["--plot", "/no/such/folder/x.png"], "the folder '/no/such/folder' does not exist"),
+])
+def test_bench_refuses_what_it_could_not_do_before_any_work(args, message):
+    """Checked before the model: a model that does not exist would otherwise be the error."""
+    result = sharp("bench", "-m", "nobody/no-such-model-xyz", *args)
+    assert result.exit_code == 2 and message in result.stderr and len(result.stderr.splitlines()) == 1
 
 
 def test_bench_refuses_a_layout_over_max_visual_tokens_before_loading():

@@ -186,3 +186,7 @@ def test_eval_output_refuses_a_file_that_is_not_ours_before_loading(model_dirs, 
     assert result.exit_code == 2, result.output
     assert result.stderr.count("\n") == 1 and "is not a results file of sharp's (line 1" in result.stderr
     assert copy.read_bytes() == before
+
+    missing = cli.invoke(app, ["eval", str(items), "-m", str(model_dirs["qwen2.5-vl"]), "-o",
+                               str(tmp_path / "no-such-folder" / "results.jsonl")])
+    assert missing.exit_code == 2 and missing.stderr.count("\n") == 1 and "does not exist" in missing.stderr

@@ -64,6 +64,34 @@ def test_synth_command(tmp_path):
     assert bad.exit_code == 2 and "unknown task 'smell'" in bad.stderr
 
 
+def test_synth_never_overwrites_what_it_did_not_write(tmp_path):
+    """A folder holding the user's items.jsonl or a video under a name the set would use is refused and
+    left byte for byte; synth's own folder is written again (the README's command run twice); a file
+    or an unwritable place as OUT is one line."""
+    mine = tmp_path / "mine"
+    (mine / "videos").mkdir(parents=True)
+    (mine / "items.jsonl").write_text('{"my": "own data"}\n')
+    (mine / "videos" / "count-0000.mp4").write_bytes(b"my video")
+    result = sharp("synth", mine, "--n", 1, "--frames", 8, "--size", 64, "--tasks", "count")
+    assert result.exit_code == 2 and "sharp synth did not write" in result.stderr
+    assert (mine / "items.jsonl").read_text() == '{"my": "own data"}\n'
+    assert (mine / "videos" / "count-0000.mp4").read_bytes() == b"my video"
+    (mine / "items.jsonl").unlink()  # the video alone is refused too
+    assert sharp("synth", mine, "--n", 1, "--frames", 8, "--size", 64, "--tasks", "count").exit_code == 2
+    assert (mine / "videos" / "count-0000.mp4").read_bytes() == b"my video"
+
+    ours = tmp_path / "ours"
+    for n in (2, 1):
+        again = sharp("synth", ours, "--n", n, "--frames", 8, "--size", 64, "--tasks", "count")
+        assert again.exit_code == 0, again.stderr
+    assert len(read_jsonl(ours / "items.jsonl")) == 1 and not list(ours.rglob("*.part"))
+
+    (tmp_path / "file").write_text("x")
+    for out, message in ((tmp_path / "file", "is a file"), ("/proc/no-such-folder", "cannot write in")):
+        bad = sharp("synth", out, "--n", 1, "--frames", 8, "--size", 64)
+        assert bad.exit_code == 2 and message in bad.stderr and len(bad.stderr.splitlines()) == 1
+
+
 def test_synth_task_names_agree_with_the_command():
     from sharp_cli.evaluate import commands
 

@@ -225,13 +225,11 @@ def default_output(output, data_name: str, model: str):
     import re
     from pathlib import Path
 
-    from sharp_cli.errors import UsageError
-
     if output:
-        if os.path.isdir(output):
-            raise UsageError(f"--output '{output}' is a directory")
         from sharp_cli import jsonl
+        from sharp_cli.options import check_output_file
 
+        check_output_file(output, "--output")
         jsonl.check_ours(Path(output), jsonl.is_eval_record)  # before the model loads; nothing else is appended to
         return Path(output).absolute()
     slug = Path(model.rstrip("/")).name if os.path.isdir(model) else model.replace("/", "--")
@@ -258,9 +256,10 @@ def synth_command(
     from sharp_cli.options import split_list, stderr_console
 
     console = stderr_console(quiet)
+    names = synth.prepare(out, n, seed, frames=frames, size=size, tasks=tuple(split_list([tasks], str, "--tasks")))
     with Progress(console=console, transient=True) as progress:
         task = progress.add_task("writing clips", total=n)
-        items = synth.write(out, n, seed, frames=frames, size=size, tasks=tuple(split_list([tasks], str, "--tasks")),
+        items = synth.write(out, n, seed, frames=frames, size=size, tasks=names,
                             progress=lambda: progress.advance(task))
     typer.echo(str(items))
     console.print(f"{n} question{'' if n == 1 else 's'} in {items}; evaluate with: "

@@ -62,6 +62,28 @@ def expand_tasks(names) -> tuple[str, ...]:
 def write(out: str | Path, n: int, seed: int = 0, *, frames: int = 32, size: int = 128, fps: float = 8.0,
           tasks: tuple[str, ...] = BASIC, progress=None) -> Path:
     """Write n clips under OUT/videos and their questions to OUT/items.jsonl; returns that file."""
+    tasks = prepare(out, n, seed, frames=frames, size=size, tasks=tasks)
+    out = Path(out)
+    lines = []
+    for i in range(n):
+        clip, item = make_item(seed, i, tasks, frames, size)
+        video = out / "videos" / f"{item['id']}.mp4"
+        write_mp4(clip, video.with_name(video.name + ".part"), fps)  # a whole file or none under its name
+        video.with_name(video.name + ".part").replace(video)
+        rest = {k: v for k, v in item.items() if k != "id"}
+        lines.append({"id": item["id"], "video": f"videos/{item['id']}.mp4", **rest})
+        if progress is not None:
+            progress()
+    items = out / "items.jsonl"
+    part = out / "items.jsonl.part"
+    part.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    part.replace(items)
+    return items
+
+
+def prepare(out: str | Path, n: int, seed: int = 0, *, frames: int = 32, size: int = 128,
+            tasks: tuple[str, ...] = BASIC) -> tuple[str, ...]:
+    """Check the arguments and claim OUT (below) before any clip is made; returns the tasks by name."""
     if n < 1:
         raise UsageError(f"--n must be >= 1, got {n}")
     tasks = expand_tasks(tasks)
@@ -71,18 +93,43 @@ def write(out: str | Path, n: int, seed: int = 0, *, frames: int = 32, size: int
     if size < 64 or size % 2:
         raise UsageError(f"--size must be even and >= 64, got {size}")
     out = Path(out)
-    (out / "videos").mkdir(parents=True, exist_ok=True)
-    lines = []
-    for i in range(n):
-        clip, item = make_item(seed, i, tasks, frames, size)
-        write_mp4(clip, out / "videos" / f"{item['id']}.mp4", fps)
-        rest = {k: v for k, v in item.items() if k != "id"}
-        lines.append({"id": item["id"], "video": f"videos/{item['id']}.mp4", **rest})
-        if progress is not None:
-            progress()
-    items = out / "items.jsonl"
-    items.write_text("".join(json.dumps(line) + "\n" for line in lines))
-    return items
+    claim(out, [out / "videos" / f"{make_id(seed, i, tasks)}.mp4" for i in range(n)])
+    return tasks
+
+
+MARK = ".sharp-synth"  # in a folder sharp synth writes: its files there may be written again
+
+
+def claim(out: Path, videos: list[Path]) -> None:
+    """Make `out` sharp synth's folder, or refuse in one line: a file of the user's (an items.jsonl or
+    a video under a name this set would write, in a folder synth did not make) is never overwritten."""
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"'{out}' is a file; sharp synth writes a folder (videos/ and items.jsonl)")
+    if not (out / MARK).exists() and not _written_by_synth(out / "items.jsonl"):
+        taken = [p for p in [out / "items.jsonl", *videos] if p.exists()]
+        if taken:
+            raise UsageError(f"'{out}' already holds {taken[0]}{' and more' if len(taken) > 1 else ''}, which sharp "
+                             "synth did not write; choose a new or empty folder")
+    try:
+        (out / "videos").mkdir(parents=True, exist_ok=True)
+        (out / MARK).write_text("written by sharp synth: its files here may be rewritten\n")
+    except OSError as e:
+        raise UsageError(f"cannot write in '{out}': {e.strerror or e}") from None
+
+
+def _written_by_synth(items: Path) -> bool:
+    """An items.jsonl of an earlier sharp synth (before the mark): its first line has synth's fields."""
+    try:
+        with items.open() as fh:
+            first = json.loads(fh.readline())
+    except (OSError, ValueError):
+        return False
+    return isinstance(first, dict) and {"id", "video", "question", "options", "answer", "needle_frames"} <= set(first)
+
+
+def make_id(seed: int, i: int, tasks: tuple[str, ...]) -> str:
+    """Item i's id (and its video's name): its task and number, the same for every seed."""
+    return f"{tasks[i % len(tasks)]}-{i:04d}"
 
 
 def make_item(seed: int, i: int, tasks: tuple[str, ...] = BASIC, frames: int = 32, size: int = 128):
@@ -108,7 +155,7 @@ def make_item(seed: int, i: int, tasks: tuple[str, ...] = BASIC, frames: int = 3
     part = None
     if task in ("colour", "flash") and moved:
         part = ("start", "middle", "end")[min(2, 3 * moved[0] // len(clip))]
-    item = {"id": f"{task}-{i:04d}", "question": question, "options": options,
+    item = {"id": make_id(seed, i, tasks), "question": question, "options": options,
             "answer": LETTERS[options.index(str(correct))], "category": task,
             "needle_frames": moved, "needle_part": part, "needle_boxes": boxes}
     if task in HARD:
@@ -236,7 +283,7 @@ def write_mp4(clip: np.ndarray, path: Path, fps: float) -> None:
     """H.264, near-lossless, single-threaded (so the bytes depend on the frames alone)."""
     import av
 
-    with av.open(str(path), "w") as out:
+    with av.open(str(path), "w", format="mp4") as out:  # the format named: the file may be NAME.mp4.part
         stream = out.add_stream("libx264", rate=Fraction(fps).limit_denominator(1001),
                                 options={"preset": "ultrafast", "crf": "12", "threads": "1"})
         stream.width, stream.height, stream.pix_fmt = clip.shape[2], clip.shape[1], "yuv420p"
