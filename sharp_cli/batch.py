@@ -1,10 +1,13 @@
 """`sharp batch FILE`: many questions, one loaded model, JSON lines in and out.
 
-Each input line is {"video", "question", "id"?, options?} (the options are the fields a `sharp
-serve` request may add: method, ratio, layer, frames, fps, max_pixels, max_tokens, temperature,
-top_p, top_k, seed). Each answer is one output line as soon as it is ready: the `sharp ask --json`
-object plus "id" (the line number when the item has none). A bad item (not JSON, a missing video,
-a bad option) is an {"id", "error"} line and the run goes on; the exit code is 1 if any item failed.
+Each input line is {"video", "question", "id"?, "options"?, settings?}: "options" are multiple-choice
+answers, asked as `sharp eval` asks them (batch_items.prompt_of); the settings are the fields a `sharp
+serve` request may add: method, ratio, layer, frames, fps, max_pixels, max_tokens, temperature, top_p,
+top_k, seed. The other fields of a `sharp eval` / `sharp synth` item are ignored (evaluate/items.py's
+ITEM_FIELDS). Each answer is one output line as soon as it is ready: the `sharp ask --json` object
+plus "id" (the line number when the item has none) and, with options, "prediction". A bad item (not
+JSON, an unknown field, a missing video, a bad option) is an {"id", "error"} line and the run goes
+on; the exit code is 1 if any item failed.
 
 With --output the lines are appended to that file, and a rerun skips the ids it already answered
 (failed ones are tried again); an unfinished last line from an interrupted run is cut off and redone.
@@ -47,7 +50,8 @@ from sharp_cli.options import (
 )
 from sharp_cli.prune.config import PruneConfig
 
-InputFile = Annotated[str, typer.Argument(help="JSON lines of {video, question, id?, options?}; '-' reads stdin.")]
+InputFile = Annotated[str, typer.Argument(
+    help="JSON lines of {video, question, id?, options?, settings?} (see above); '-' reads stdin.")]
 Output = Annotated[Optional[str], typer.Option(
     "--output", "-o", help="Append the lines to this file instead of stdout; a rerun skips the ids answered there.")]
 VideoDir = Annotated[Optional[str], typer.Option(
@@ -70,9 +74,18 @@ def batch_command(
     cache_gb: CacheGb = 4.0,
     max_batch: MaxBatch = None, kv_gb: KvGb = None, quiet: Quiet = False,
 ):
-    """Answer a JSON-lines file of questions, one JSON line per answer (resumable with --output)."""
+    """Answer a JSON-lines file of questions, one JSON line per answer (resumable with --output).
+
+    Each line is {"video": ..., "question": ...} with, optionally, "id", "options" (2 to 26 answer
+    texts: the question is asked as `sharp eval` asks it, "A. ..." lines and an instruction to answer
+    with the letter; the line then adds "prediction", the letter read from the answer) and settings
+    of that question: method, ratio, layer, frames, fps, max_pixels, max_tokens, temperature, top_p,
+    top_k, seed. The other fields of a `sharp eval` or `sharp synth` item (answer, category,
+    needle_boxes, needle_frames, needle_part, camera, scene_starts) are ignored; any other field is
+    that item's error, as is a bad value (true or false where a number belongs, too).
+    """
     from sharp_cli.errors import UsageError
-    from sharp_cli.options import check_kv_gb, max_batch_for, quiet_transformers
+    from sharp_cli.options import check_kv_gb, check_output_file, max_batch_for, quiet_transformers
     from sharp_cli.overrides import MAX_TOKENS_LIMIT, Defaults
 
     cfg = prune.validate()
@@ -82,8 +95,7 @@ def batch_command(
         raise UsageError("--frames, --max-frames and --max-pixels must be >= 1, --fps > 0")
     if file != "-" and not os.path.isfile(file):
         raise UsageError(f"no such file: {file}" if not os.path.exists(file) else f"not a file: {file}")
-    if output is not None and os.path.isdir(output):
-        raise UsageError(f"--output is a folder: {output}")
+    check_output_file(output, "--output")
     if output is not None and file != "-" and os.path.exists(output) and os.path.samefile(output, file):
         raise UsageError("--output is the input file; the answers would be appended to the questions")
     if output is not None:  # only a results file of ours is appended to, before the model loads
@@ -182,6 +194,7 @@ def parse_item(raw: str, number: int):
 
     from pydantic import ValidationError
 
+    from sharp_cli.evaluate.items import ITEM_FIELDS
     from sharp_cli.overrides import BatchItem, validation_message
 
     if isinstance(raw, bytes):
@@ -199,6 +212,8 @@ def parse_item(raw: str, number: int):
         return number, None, f"line {number} is not a JSON object"
     given = data.get("id")
     item_id = given if isinstance(given, (str, int)) and not isinstance(given, bool) else number
+    # A `sharp eval` / `sharp synth` item (answer, category, needle_*, ...) is a batch item too.
+    data = {key: value for key, value in data.items() if key in BatchItem.model_fields or key not in ITEM_FIELDS}
     try:
         return item_id, BatchItem.model_validate(data), None
     except ValidationError as exc:

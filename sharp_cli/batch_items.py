@@ -50,18 +50,37 @@ def outcome(progress: Progress, item_id, record: dict | None, error: str | None,
 def answer_item(loaded, item, defaults, base: Path, store, progress: Progress, cache=None):
     """(the ask --json record, None) or (None, the one-line error)."""
     from sharp_cli import answer as answer_mod
-    from sharp_cli import report
 
     failure = None
     try:
         plan, clip, video_s = prepare_item(loaded, item, defaults, base, progress, cache)
-        answer = answer_mod.ask(loaded, clip, item.question, plan.cfg, max_new_tokens=plan.max_new_tokens,
+        answer = answer_mod.ask(loaded, clip, prompt_of(item), plan.cfg, max_new_tokens=plan.max_new_tokens,
                                 max_pixels=plan.video.get("max_pixels"), store=store, sampling=plan.sampling,
                                 cache=cache)
-        return {**report.ask_record(loaded, clip, plan.cfg, answer), "video_seconds": video_s}, None
+        return answer_record(loaded, item, clip, plan, answer, video_s), None
     except Exception as exc:  # noqa: BLE001 - one item's failure must not end the run
         failure = exc
     return None, error_line(failure)
+
+
+def prompt_of(item) -> str:
+    """What the model is asked: the question, or with options the multiple-choice prompt `sharp eval`
+    asks in our own format (the question, "A. option" lines, the instruction to answer with a letter)."""
+    from sharp_cli.evaluate.letters import build_prompt
+
+    return build_prompt(item.question, item.options) if item.options else item.question
+
+
+def answer_record(loaded, item, clip, plan, answer, video_s: float) -> dict:
+    """The item's output line (less its id): the ask --json object, and for an item with options the
+    letter its answer gives beside it ("prediction", as `sharp eval` reads it; None when it names none)."""
+    from sharp_cli import report
+    from sharp_cli.evaluate.letters import parse_letter
+
+    record = report.ask_record(loaded, clip, plan.cfg, answer)
+    if item.options:
+        record = {"answer": record.pop("answer"), "prediction": parse_letter(answer.text, item.options), **record}
+    return {**record, "video_seconds": video_s}
 
 
 def prepare_item(loaded, item, defaults, base: Path, progress, cache=None):
@@ -74,7 +93,7 @@ def prepare_item(loaded, item, defaults, base: Path, progress, cache=None):
 
     plan = resolve(item, defaults, loaded)
     path, started = base / os.path.expanduser(item.video), time.perf_counter()
-    fit, limits = ClipBudget.of(loaded), dict(question=item.question, max_new_tokens=plan.max_new_tokens)
+    fit, limits = ClipBudget.of(loaded), dict(question=prompt_of(item), max_new_tokens=plan.max_new_tokens)
     info = probe(path)
     video = fit.plan(info, plan.video, **limits)
     clip = cache.load_video(path, **video) if cache is not None else load_video(path, **video)

@@ -12,7 +12,7 @@ most the answers in flight wait), so the output reads like a one-at-a-time run's
 from __future__ import annotations
 
 from sharp_cli import jsonl
-from sharp_cli.batch_items import error_line, outcome, prepare_item
+from sharp_cli.batch_items import answer_record, error_line, outcome, prepare_item, prompt_of
 
 PREFETCH_DEPTH = 8  # videos prepared ahead of the scheduler (bounded: their frames and pixels are in memory)
 PREFETCH_WORKERS = 2
@@ -20,7 +20,7 @@ PREFETCH_WORKERS = 2
 
 def run(loaded, entries, defaults, base, sink, progress, store, cache, max_batch: int, kv_gb: float | None) -> None:
     """Answer every (id, item, error) of `entries`, writing each line to `sink` in order."""
-    from sharp_cli import answer, prefetch, report
+    from sharp_cli import answer, prefetch
     from sharp_cli.scheduler import Request, Scheduler
 
     scheduler = Scheduler(loaded, max_batch=max_batch, kv_bytes=int(kv_gb * 2**30) if kv_gb else None,
@@ -32,7 +32,7 @@ def run(loaded, entries, defaults, base, sink, progress, store, cache, max_batch
         if error is not None:
             return None
         plan, clip, video_s = prepare_item(loaded, item, defaults, base, progress, cache)
-        inputs = answer.inputs_ahead(loaded, clip, item.question, plan.video.get("max_pixels"), cache)
+        inputs = answer.inputs_ahead(loaded, clip, prompt_of(item), plan.video.get("max_pixels"), cache)
         return plan, clip, video_s, inputs
 
     def requests():
@@ -45,16 +45,16 @@ def run(loaded, entries, defaults, base, sink, progress, store, cache, max_batch
                 lines.done(index, None, error, 0.0)
                 continue
             plan, clip, video_s, inputs = prepared
-            yield Request(clip, item.question, plan.cfg, max_new_tokens=plan.max_new_tokens,
+            yield Request(clip, prompt_of(item), plan.cfg, max_new_tokens=plan.max_new_tokens,
                           max_pixels=plan.video.get("max_pixels"), sampling=plan.sampling,
-                          tag=(index, clip, plan, video_s), inputs=inputs)
+                          tag=(index, item, clip, plan, video_s), inputs=inputs)
 
     for done in scheduler.run(requests()):
-        index, clip, plan, video_s = done.request.tag
+        index, item, clip, plan, video_s = done.request.tag
         if done.error is not None:
             lines.done(index, None, error_line(done.error), 0.0)
         else:
-            record = {**report.ask_record(loaded, clip, plan.cfg, done.answer), "video_seconds": video_s}
+            record = answer_record(loaded, item, clip, plan, done.answer, video_s)
             lines.done(index, record, None, video_s + done.answer.seconds)
         lines.flush()
     lines.flush()

@@ -11,7 +11,8 @@ import re
 from dataclasses import dataclass, field, replace
 from typing import Optional, Union
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
+from pydantic_core import PydanticCustomError
 
 from sharp_cli.errors import UsageError, one_line
 from sharp_cli.sampling import Sampling
@@ -40,13 +41,50 @@ class OptionFields(BaseModel):
     top_k: Optional[int] = None
     seed: Optional[int] = None
 
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_booleans_for_numbers(cls, value, info):
+        """JSON's true/false is not a number here (pydantic would read true as 1): a 400, an error line."""
+        if isinstance(value, bool) and _is_number(cls.model_fields[info.field_name].annotation):
+            raise PydanticCustomError("number_type", "expected a number, got {value}",
+                                      {"value": "true" if value else "false"})
+        return value
+
+
+_NUMBERS = ({int}, {float}, {int, type(None)}, {float, type(None)})
+
+
+def _is_number(annotation) -> bool:
+    """int, float, or Optional of one."""
+    return set(getattr(annotation, "__args__", (annotation,))) in _NUMBERS
+
 
 class BatchItem(OptionFields):
-    """One line of `sharp batch` input."""
+    """One line of `sharp batch` input: the item fields, the per-question options, and `options`, the
+    multiple-choice answers (asked as `sharp eval` asks them; batch_items.prompt_of)."""
 
     video: str
     question: str
     id: Optional[Union[int, str]] = None
+    options: Optional[list[str]] = None
+
+    @field_validator("options", mode="before")
+    @classmethod
+    def _choices(cls, value):
+        """2 to 26 texts (numbers are read as text, as `sharp eval` reads them; "A. red" loses its
+        prefix); an empty list or null: an open question, as in `sharp eval`."""
+        from sharp_cli.evaluate.letters import LETTERS, strip_letter_prefixes
+
+        if value is None:
+            return None
+        if not isinstance(value, list) or any(isinstance(o, bool) or not isinstance(o, (str, int, float))
+                                              for o in value):
+            raise PydanticCustomError("options_type", "expected a list of 2 to {most} answer texts",
+                                      {"most": len(LETTERS)})
+        if value and not 2 <= len(value) <= len(LETTERS):
+            raise PydanticCustomError("options_count", "expected a list of 2 to {most} answer texts, got {count}",
+                                      {"most": len(LETTERS), "count": len(value)})
+        return strip_letter_prefixes(value) or None
 
 
 @dataclass(frozen=True)

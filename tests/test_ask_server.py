@@ -92,6 +92,17 @@ def test_what_the_server_cannot_take_is_one_line(server, media, args, code, mess
     assert len(lines) == 1 and message in lines[0]
 
 
+def test_a_video_the_server_cannot_read_exits_as_a_local_ask_would(server, tmp_path):
+    """Not a video (the server says invalid_video): exit 1 and the server's line, as `sharp ask` without
+    --server says it, not exit 2 (a bad flag)."""
+    fake = tmp_path / "notes.mp4"
+    fake.write_text("not a video at all")
+    result = sharp("ask", fake, QUESTION, "--server", server.url)
+    assert result.exit_code == 1, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "cannot read video" in lines[0]
+
+
 def test_a_missing_video_is_said_before_asking(server, tmp_path):
     result = sharp("ask", tmp_path / "nowhere.mp4", QUESTION, "--server", server.url)
     assert result.exit_code == 1 and "file not found" in result.stderr

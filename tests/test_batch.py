@@ -149,7 +149,8 @@ def test_duplicate_ids_are_errors(model_dirs, folder, tmp_path):
 @pytest.mark.parametrize("args, message", [
     (["nowhere.jsonl"], "no such file: nowhere.jsonl"),
     (["ITEMS", "--ratio", "0"], "--ratio must be in (0, 1]"),
-    (["ITEMS", "--output", "FOLDER"], "--output is a folder"),
+    (["ITEMS", "--output", "FOLDER"], "is a folder, not a file"),
+    (["ITEMS", "--output", "/no/such/folder/out.jsonl"], "the folder '/no/such/folder' does not exist"),
     (["ITEMS", "--video-dir", "/no/such/dir"], "--video-dir is not a folder"),
     (["ITEMS", "--output", "ITEMS"], "--output is the input file"),
 ])
@@ -302,3 +303,103 @@ def test_an_items_frame_count_turns_off_the_default_fps(model_dirs, folder, tmp_
                    "--video-dir", folder, "-q")
     assert result.exit_code == 0, result.stderr
     assert [r["frames"] for r in lines(result.stdout)] == [4, 6]  # a.mp4: 24 frames at 8 fps, 3 s
+
+
+# -- multiple-choice items, and the item files of `sharp eval` and `sharp synth` -------------------
+QUESTION = "What colour is the ball?"
+CHOICES = ["red", "blue", "green"]
+
+
+def test_options_ask_evals_multiple_choice_prompt_and_give_the_letter(model_dirs, folder, tmp_path, monkeypatch):
+    """An item's options make the prompt `sharp eval` asks (the "A. red" lines, the instruction), one at
+    a time and decoded together alike; the line adds the letter eval reads from the answer."""
+    from sharp_cli import answer
+    from sharp_cli.evaluate.letters import INSTRUCTION, build_prompt, parse_letter
+
+    model = model_dirs["qwen2.5-vl"]
+    items = write_items(tmp_path / "items.jsonl", [
+        {"id": "mc", "video": "a.mp4", "question": QUESTION, "options": ["A. red", "B. blue", "C. green"]},
+        {"id": "bare", "video": "a.mp4", "question": QUESTION},
+        {"id": "open", "video": "a.mp4", "question": QUESTION, "options": []},  # as in eval: the bare question
+    ])
+    asked, real = [], answer.ask
+    monkeypatch.setattr(answer, "ask", lambda loaded, clip, question, *a, **k: asked.append(question)
+                        or real(loaded, clip, question, *a, **k))
+    result = sharp("batch", items, "-m", model, *SMALL, "--video-dir", folder, "-q")
+    assert result.exit_code == 0, result.stderr
+    prompt = build_prompt(QUESTION, CHOICES)
+    assert prompt == f"{QUESTION}\nA. red\nB. blue\nC. green\n{INSTRUCTION}"
+    assert asked == [prompt, QUESTION, QUESTION]
+    mc, bare, open_ = lines(result.stdout)
+    assert list(mc)[:3] == ["id", "answer", "prediction"]
+    assert mc["prediction"] == parse_letter(mc["answer"], CHOICES)
+    assert "prediction" not in bare and "prediction" not in open_
+    assert mc["sequence_tokens"] > bare["sequence_tokens"] == open_["sequence_tokens"]
+    monkeypatch.setattr(answer, "ask", real)
+    together = lines(sharp("batch", items, "-m", model, *SMALL, "--video-dir", folder, "-q", "--max-batch", "3").stdout)
+    for a, b in zip([mc, bare, open_], together):
+        assert {k: a.get(k) for k in ("id", "answer", "prediction", "sequence_tokens")} == \
+            {k: b.get(k) for k in ("id", "answer", "prediction", "sequence_tokens")}
+    assert "prediction" in together[0] and "prediction" not in together[1]
+
+
+def test_a_sharp_synth_items_file_runs_as_it_is(model_dirs, tmp_path, monkeypatch):
+    """synth's items (answer, category, needle_* besides video, question, options) are batch items;
+    a field neither format has is still that item's error."""
+    from sharp_cli import answer
+    from sharp_cli.evaluate import synth
+    from sharp_cli.evaluate.letters import build_prompt
+
+    items = synth.write(tmp_path / "s", 2, seed=5, frames=8, size=64)
+    written = [json.loads(line) for line in items.read_text().splitlines()]
+    with open(items, "a") as handle:
+        handle.write(json.dumps({**written[0], "id": "typo", "questoin": "what?"}) + "\n")
+    asked, real = [], answer.ask
+    monkeypatch.setattr(answer, "ask", lambda loaded, clip, question, *a, **k: asked.append(question)
+                        or real(loaded, clip, question, *a, **k))
+    result = sharp("batch", items, "-m", model_dirs["qwen2.5-vl"], *SMALL)
+    assert result.exit_code == 1, result.stderr
+    first, second, typo = lines(result.stdout)
+    assert [first["id"], second["id"]] == [w["id"] for w in written] and "prediction" in first and "answer" in second
+    assert asked == [build_prompt(w["question"], w["options"]) for w in written]
+    assert typo == {"id": "typo", "error": "questoin: unknown field"}
+    assert "2 answered, 1 failed" in result.stderr
+
+
+def test_every_field_synth_writes_is_one_batch_knows():
+    from sharp_cli.evaluate import synth
+    from sharp_cli.evaluate.items import ITEM_FIELDS
+
+    for i, task in enumerate(synth.TASKS):
+        _, item = synth.make_item(0, i, synth.TASKS)
+        assert set(item) | {"video"} <= set(ITEM_FIELDS), task
+
+
+@pytest.mark.parametrize("fields, error", [
+    ({"options": ["only one"]}, "options: expected a list of 2 to 26 answer texts, got 1"),
+    ({"options": "red or blue"}, "options: expected a list of 2 to 26 answer texts"),
+    ({"options": ["red", None]}, "options: expected a list of 2 to 26 answer texts"),
+    ({"options": [f"o{i}" for i in range(27)]}, "options: expected a list of 2 to 26 answer texts, got 27"),
+    ({"questoin": "what?"}, "questoin: unknown field"),
+    ({"frames": True}, "frames: expected a number, got true"),
+    ({"ratio": False}, "ratio: expected a number, got false"),
+    ({"max_tokens": True}, "max_tokens: expected a number, got true"),
+    ({"options": ["red", "blue"], "answer": "B", "category": "colour", "needle_boxes": [[0, 1, 2, 3, 4]],
+      "needle_frames": [0], "needle_part": "start", "camera": "pan", "scene_starts": [0]}, None),
+    ({"options": [1, 2, 3]}, None),  # counts: read as text, as eval reads them
+])
+def test_item_fields_are_checked_one_line_each(fields, error):
+    from sharp_cli.batch import parse_item
+
+    item_id, item, message = parse_item(json.dumps({"id": "x", "video": "a.mp4", "question": "q?", **fields}), 3)
+    assert item_id == "x" and message == error
+    if error is None:
+        assert item.options == [str(o) for o in fields["options"]]
+
+
+def test_help_says_which_fields_an_item_may_have():
+    from sharp_cli.evaluate.items import ITEM_FIELDS
+    from sharp_cli.overrides import BatchItem
+
+    text = " ".join(sharp("batch", "--help").stdout.split())
+    assert all(name in text for name in (*ITEM_FIELDS, *BatchItem.model_fields)), text

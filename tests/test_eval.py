@@ -152,6 +152,23 @@ def test_eval_missing_data_and_videos(model_dirs, tmp_path):
     assert result.exit_code == 1 and "videos not found" in result.stderr and "--video-dir" in result.stderr
 
 
+def test_a_jsonl_line_that_is_not_json_is_named_by_its_line_in_the_file(model_dirs, tmp_path):
+    """Each line is parsed alone: the message names the file's line (blank lines counted), not line 1
+    of that one line, as `sharp batch` names it."""
+    good = json.dumps({"video": "a.mp4", "question": "q?", "options": ["a", "b"], "answer": "A"})
+    data = tmp_path / "qa.jsonl"
+    data.write_text(f"{good}\n\n{{not json\n{good}\n")
+    result = sharp("eval", data, "-m", model_dirs["qwen2.5-vl"])
+    assert result.exit_code == 1 and result.stderr.count("\n") == 1, result.stderr
+    assert result.stderr.strip() == f"sharp: error: cannot read {data}: line 3 is not JSON " \
+        "(Expecting property name enclosed in double quotes)"
+    data.write_text(f"{good}\n" + "[" * 100_000 + "]" * 100_000 + "\n")
+    result = sharp("eval", data, "-m", model_dirs["qwen2.5-vl"])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert result.stderr.strip() == f"sharp: error: cannot read {data}: line 2 is not JSON this program reads " \
+        "(nested too deeply)"
+
+
 def test_help_lists_eval_and_synth_without_importing_torch():
     out = subprocess.run([sys.executable, "-X", "importtime", "-m", "sharp_cli", "eval", "--help"],
                          capture_output=True, text=True, timeout=60)

@@ -183,6 +183,30 @@ def test_seed_and_max_pixels_bounds_are_named(server):
         "the request body is nested too deeply"
 
 
+NUMBERS = ("ratio", "layer", "frames", "fps", "max_pixels", "max_tokens", "max_completion_tokens", "temperature",
+           "top_p", "top_k", "seed")
+
+
+def test_true_or_false_is_not_a_number(server):
+    """pydantic reads true as 1: `"frames": true` was 1 frame and a 200. Every number of the request
+    refuses it, and the standard fields checked for their neutral value (`"n": true` is not `"n": 1`)."""
+    from sharp_cli.overrides import _is_number
+    from sharp_cli.serve.schema import ChatRequest
+
+    assert {name for name, f in ChatRequest.model_fields.items() if _is_number(f.annotation)} == set(NUMBERS)
+    for name in NUMBERS:
+        for value, said in ((True, "true"), (False, "false")):
+            response = server.post(body(**{name: value}))
+            assert response.status_code == 400, (name, response.text)
+            assert response.json()["error"]["code"] == "invalid_value"
+            assert response.json()["error"]["message"] == f"{name}: expected a number, got {said}"
+    for name, value in (("n", True), ("presence_penalty", False), ("frequency_penalty", False),
+                        ("top_logprobs", False)):
+        response = server.post(body(**{name: value}))
+        assert response.status_code == 400 and response.json()["error"]["code"] == "unsupported_parameter", name
+    assert server.post(body(n=1, presence_penalty=0, logprobs=False, frames=2, max_tokens=1)).status_code == 200
+
+
 def test_a_large_video_is_decoded_at_the_models_pixel_budget(loaded, tmp_path, monkeypatch):
     """Without --max-pixels, 1080p frames become 560x1008 while decoding (what Qwen2.5-VL's processor
     keeps of them), not 1920x1080; the answer's grid is the reference's."""

@@ -10,6 +10,11 @@ from sharp_cli.errors import SharpError
 from sharp_cli.evaluate.letters import LETTERS
 
 VIDEO_SUFFIXES = (".mp4", ".MP4", ".mkv", ".webm", ".avi", ".mov")
+# The fields of an item in our own format: what formats._read_sharp reads (id, video, question, options,
+# answer, category, needle_boxes), then what `sharp synth` adds about its clip. `sharp batch` reads the
+# same files: it asks video, question and options and ignores the rest (batch.parse_item).
+ITEM_FIELDS = ("id", "video", "question", "options", "answer", "category", "needle_boxes",
+               "needle_frames", "needle_part", "camera", "scene_starts")
 
 
 @dataclass
@@ -95,13 +100,32 @@ def read_records(path: Path) -> list:
     try:
         text = path.read_text(encoding="utf-8")
         if path.suffix == ".jsonl":
-            return [json.loads(line) for line in text.splitlines() if line.strip()]
+            return _json_lines(path, text)
         data = json.loads(text)
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise SharpError(f"cannot read {path}: {exc}") from None
+    except RecursionError:
+        raise SharpError(f"cannot read {path}: it is not JSON this program reads (nested too deeply)") from None
     if not isinstance(data, list):
         raise SharpError(f"{path}: expected a JSON list of questions")
     return data
+
+
+def _json_lines(path: Path, text: str) -> list:
+    """The records of a JSON-lines file, blank lines skipped; a bad line is named by its number in the
+    file, as `sharp batch` names it."""
+    records = []
+    for number, line in enumerate(text.split("\n"), 1):  # numbered as an editor (and `sharp batch`) counts
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as exc:
+            raise SharpError(f"cannot read {path}: line {number} is not JSON ({exc.msg})") from None
+        except RecursionError:
+            raise SharpError(f"cannot read {path}: line {number} is not JSON this program reads "
+                             "(nested too deeply)") from None
+    return records
 
 
 def columns(path: Path) -> set[str]:

@@ -150,6 +150,8 @@ class _Refused(Exception):
         self.status, self.message, self.code = status, message, code
 
     def error(self) -> SharpError:
+        if self.code == "invalid_video":  # as a local `sharp ask` says it (exit 1), not a bad flag (2)
+            return VideoError(self.message)
         if self.status == 400:
             return UsageError(f"the server refused the question: {self.message}")
         return SharpError(f"sharp serve said: {self.message}")

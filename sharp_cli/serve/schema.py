@@ -70,6 +70,11 @@ class ChatRequest(OptionFields):
     stream_options: Optional[StreamOptions] = None
 
 
+def _neutral(value, neutral: tuple) -> bool:
+    """One of the neutral values, true/false only where they are (`"n": true` is not `"n": 1`)."""
+    return any(value == v and isinstance(value, bool) == isinstance(v, bool) for v in neutral)
+
+
 def _standard_field_names() -> tuple[str, ...]:
     return tuple(_NEUTRAL) + _IGNORED
 
@@ -88,7 +93,7 @@ def parse_request(raw: bytes) -> ChatRequest:
         if name not in data:
             continue
         value = data.pop(name)
-        if name in _NEUTRAL and value not in _NEUTRAL[name]:
+        if name in _NEUTRAL and not _neutral(value, _NEUTRAL[name]):
             raise ApiError(400, f"'{name}' is not supported by sharp serve", "unsupported_parameter", param=name)
     try:
         request = ChatRequest.model_validate(data)
