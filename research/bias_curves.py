@@ -41,7 +41,7 @@ import torch
 
 from sharp_cli import engine, loading, video
 from sharp_cli.evaluate import synth
-from sharp_cli.evaluate.letters import build_prompt
+from sharp_cli.letters import build_prompt
 from sharp_cli.models import adapter_for
 from sharp_cli.models.random_init import build_random, load_config
 from sharp_cli.prior_pass import positional_prior, score_pass

@@ -21,7 +21,7 @@ import numpy as np
 
 from sharp_cli import answer, loading, video
 from sharp_cli.evaluate import synth
-from sharp_cli.evaluate.letters import build_prompt, parse_letter
+from sharp_cli.letters import build_prompt, parse_letter
 from sharp_cli.prune import PruneConfig
 from sharp_cli.prune.prior import PriorStore
 

@@ -20,7 +20,7 @@ import numpy as np
 from research.dropped_tokens import needle_tokens
 from sharp_cli import answer, loading, video
 from sharp_cli.evaluate import synth
-from sharp_cli.evaluate.letters import build_prompt
+from sharp_cli.letters import build_prompt
 from sharp_cli.prune import PruneConfig
 from sharp_cli.prune import session as pruning
 from sharp_cli.prune.prior import PriorStore

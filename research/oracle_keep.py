@@ -25,7 +25,7 @@ import torch
 from research.dropped_tokens import held_out, needle_tokens
 from sharp_cli import answer, video
 from sharp_cli.evaluate import synth
-from sharp_cli.evaluate.letters import build_prompt, parse_letter
+from sharp_cli.letters import build_prompt, parse_letter
 from sharp_cli.prune import PruneConfig, keep_count
 from sharp_cli.prune.prior import PriorStore
 

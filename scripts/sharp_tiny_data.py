@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from sharp_cli.evaluate.letters import INSTRUCTION, build_prompt
 from sharp_cli.evaluate.synth import DIRECTIONS, PALETTE, make_item
+from sharp_cli.letters import INSTRUCTION, build_prompt
 from sharp_cli.models.qwen import QwenVLAdapter
 
 OUT = Path(__file__).resolve().parent.parent / "sharp_cli" / "models" / "sharp_tiny"

@@ -19,9 +19,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from sharp_cli.evaluate.letters import INSTRUCTION, build_prompt
 from sharp_cli.evaluate.scenes import PALETTE, SHAPES
 from sharp_cli.evaluate.synth import BASIC, DIRECTIONS, HARD, TASKS, make_item
+from sharp_cli.letters import INSTRUCTION, build_prompt
 from sharp_cli.models.qwen import QwenVLAdapter
 
 FRAMES, SIZE, FPS = 64, 168, 8.0

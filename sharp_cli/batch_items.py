@@ -66,7 +66,7 @@ def answer_item(loaded, item, defaults, base: Path, store, progress: Progress, c
 def prompt_of(item) -> str:
     """What the model is asked: the question, or with options the multiple-choice prompt `sharp eval`
     asks in our own format (the question, "A. option" lines, the instruction to answer with a letter)."""
-    from sharp_cli.evaluate.letters import build_prompt
+    from sharp_cli.letters import build_prompt
 
     return build_prompt(item.question, item.options) if item.options else item.question
 
@@ -75,7 +75,7 @@ def answer_record(loaded, item, clip, plan, answer, video_s: float) -> dict:
     """The item's output line (less its id): the ask --json object, and for an item with options the
     letter its answer gives beside it ("prediction", as `sharp eval` reads it; None when it names none)."""
     from sharp_cli import report
-    from sharp_cli.evaluate.letters import parse_letter
+    from sharp_cli.letters import parse_letter
 
     record = report.ask_record(loaded, clip, plan.cfg, answer)
     if item.options:

@@ -43,8 +43,8 @@ def sample_indices(total_frames: int, source_fps: float, *, frames: int | None =
 def check_counts(frames, fps, max_frames) -> None:
     """UsageError unless frames (None: every frame) and max_frames are >= 1 and fps (None: off) is > 0."""
     if frames is not None and frames < 1:
-        raise UsageError(f"frames must be at least 1 (got {frames})")
+        raise UsageError(f"--frames must be at least 1 (got {frames})")
     if fps is not None and not fps > 0:  # `not >` rejects NaN too
-        raise UsageError(f"fps must be greater than 0 (got {fps})")
+        raise UsageError(f"--fps must be greater than 0 (got {fps})")
     if max_frames < 1:
-        raise UsageError(f"max_frames must be at least 1 (got {max_frames})")
+        raise UsageError(f"--max-frames must be at least 1 (got {max_frames})")

@@ -73,7 +73,7 @@ class BatchItem(OptionFields):
     def _choices(cls, value):
         """2 to 26 texts (numbers are read as text, as `sharp eval` reads them; "A. red" loses its
         prefix); an empty list or null: an open question, as in `sharp eval`."""
-        from sharp_cli.evaluate.letters import LETTERS, strip_letter_prefixes
+        from sharp_cli.letters import LETTERS, strip_letter_prefixes
 
         if value is None:
             return None

@@ -314,7 +314,7 @@ def test_options_ask_evals_multiple_choice_prompt_and_give_the_letter(model_dirs
     """An item's options make the prompt `sharp eval` asks (the "A. red" lines, the instruction), one at
     a time and decoded together alike; the line adds the letter eval reads from the answer."""
     from sharp_cli import answer
-    from sharp_cli.evaluate.letters import INSTRUCTION, build_prompt, parse_letter
+    from sharp_cli.letters import INSTRUCTION, build_prompt, parse_letter
 
     model = model_dirs["qwen2.5-vl"]
     items = write_items(tmp_path / "items.jsonl", [
@@ -348,7 +348,7 @@ def test_a_sharp_synth_items_file_runs_as_it_is(model_dirs, tmp_path, monkeypatc
     a field neither format has is still that item's error."""
     from sharp_cli import answer
     from sharp_cli.evaluate import synth
-    from sharp_cli.evaluate.letters import build_prompt
+    from sharp_cli.letters import build_prompt
 
     items = synth.write(tmp_path / "s", 2, seed=5, frames=8, size=64)
     written = [json.loads(line) for line in items.read_text().splitlines()]

@@ -11,8 +11,8 @@ import pytest
 from conftest import read_jsonl
 from sharp_cli.errors import SharpError, UsageError
 from sharp_cli.evaluate import formats
-from sharp_cli.evaluate.letters import INSTRUCTION
 from sharp_cli.evaluate.records import prompt_for
+from sharp_cli.letters import INSTRUCTION
 
 
 # -- format readers (hand-written samples in each layout) ------------------------------------------

@@ -1,4 +1,4 @@
-"""Eval's letters (sharp_cli/evaluate/letters.py): reading an option letter back from an answer,
+"""Eval's letters (sharp_cli/letters.py): reading an option letter back from an answer,
 and the multiple-choice prompt."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sharp_cli.evaluate.letters import INSTRUCTION, build_prompt, parse_letter, strip_letter_prefixes
+from sharp_cli.letters import INSTRUCTION, build_prompt, parse_letter, strip_letter_prefixes
 
 # -- letters ---------------------------------------------------------------------------------------
 OPTIONS = ["red", "blue", "dark green", "green"]

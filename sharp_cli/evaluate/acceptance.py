@@ -81,7 +81,7 @@ def pruning_checks(loaded, items_and_clips, prune_layer: int, deep_layer: int, r
                    max_pixels=None, max_new_tokens: int = 8) -> tuple[dict, list[dict]]:
     """Accuracy of none, FastV at K for each ratio, and FastV at K=deep_layer for the smallest ratio."""
     from sharp_cli import answer as answer_mod
-    from sharp_cli.evaluate.letters import build_prompt, parse_letter
+    from sharp_cli.letters import build_prompt, parse_letter
     from sharp_cli.prune.config import PruneConfig
     from sharp_cli.prune.prior import PriorStore
 

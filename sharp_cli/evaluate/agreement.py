@@ -15,7 +15,7 @@ resuming; `sharp bench` can call `first_token` on the logits of its own runs.
 
 from __future__ import annotations
 
-from sharp_cli.evaluate.letters import parse_letter
+from sharp_cli.letters import parse_letter
 
 
 def first_token(reference, logits) -> dict:

@@ -48,7 +48,7 @@ def diagnose_command(
     deep = deep_layer if deep_layer is not None else max(cfg.layer + 1, loaded.num_layers // 2)
     if not cfg.layer < deep < loaded.num_layers:
         raise UsageError(f"--deep-layer must be between K={cfg.layer} and {loaded.num_layers - 1}, got {deep}")
-    from sharp_cli.evaluate.letters import build_prompt
+    from sharp_cli.letters import build_prompt
 
     with console.status(f"decoding {len(items)} videos"):
         clips = [video_mod.load_video(i.video, frames=frames, fps=fps, max_frames=max_frames, max_pixels=max_pixels,

@@ -25,8 +25,8 @@ from sharp_cli.errors import SharpError, UsageError
 from sharp_cli.evaluate import needles
 from sharp_cli.evaluate.items import Dataset, answer_letter, columns, field_of, make_item, read_records
 from sharp_cli.evaluate.items import Item as Item  # re-exported: callers build items as formats.Item
-from sharp_cli.evaluate.letters import strip_letter_prefixes
 from sharp_cli.evaluate.readers import lmms_cache, longvideobench, mlvu, mvbench, videomme
+from sharp_cli.letters import strip_letter_prefixes
 
 FORMATS = ("auto", "sharp", "videomme", "mvbench", "mlvu", "longvideobench")
 # Folder layouts, most specific first: MVBench's json/ names its tasks, MLVU's numbers them.

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from sharp_cli.errors import SharpError
-from sharp_cli.evaluate.letters import LETTERS
+from sharp_cli.letters import LETTERS
 
 VIDEO_SUFFIXES = (".mp4", ".MP4", ".mkv", ".webm", ".avi", ".mov")
 # The fields of an item in our own format: what formats._read_sharp reads (id, video, question, options,

@@ -20,7 +20,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import replace
 
-from sharp_cli.evaluate.letters import INSTRUCTION, LETTERS, PROMPT_VERSION, build_prompt
+from sharp_cli.letters import INSTRUCTION, LETTERS, PROMPT_VERSION, build_prompt
 
 VIDEOMME_HEAD = ("Select the best answer to the following multiple-choice question based on the video and the "
                  "subtitles. Respond with only the letter (A, B, C, or D) of the correct option.")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from dataclasses import replace
 
-from sharp_cli.evaluate.letters import build_prompt, parse_letter
+from sharp_cli.letters import build_prompt, parse_letter
 
 UNPRUNED = ("none", 1.0, 0)  # the reference cell: its logits are what pruned answers agree with
 

@@ -33,7 +33,7 @@ import numpy as np
 
 from sharp_cli.errors import UsageError
 from sharp_cli.evaluate import scenes
-from sharp_cli.evaluate.letters import LETTERS
+from sharp_cli.letters import LETTERS
 
 BASIC = ("colour", "direction", "order", "count")
 HARD = tuple(scenes.BUILDERS)  # moving camera, textures, cuts, coverage: scenes.py

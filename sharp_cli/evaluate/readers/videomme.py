@@ -15,7 +15,7 @@ from pathlib import Path
 
 from sharp_cli.errors import UsageError
 from sharp_cli.evaluate.items import Dataset, answer_letter, field_of, find_video, make_item, read_records
-from sharp_cli.evaluate.letters import strip_letter_prefixes
+from sharp_cli.letters import strip_letter_prefixes
 
 VIDEO_FOLDERS = ("data", "video", "videos")
 
