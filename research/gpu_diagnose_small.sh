@@ -25,12 +25,20 @@ if [ ! -f $dev/items.jsonl ]; then
 fi
 got=$(head -200 $dev/items.jsonl | sha256sum | cut -d' ' -f1)
 [ "$got" = "$want" ] || echo "WARNING: $dev/items.jsonl is not seed $seed's set of docs/eval.md ($got)"
+# The models side by side: each is a 17M-parameter model answering one item at a time, far from
+# filling the GPU, so two at once take about the time of one.
+start=$(date +%s)
 for model in "$@"; do
   name=$(basename "$model")
-  start=$(date +%s)
   python3 -m sharp_cli diagnose $dev/items.jsonl -m "$model" --device cuda --dtype float32 --quant none \
-    --n $n --frames 64 --json > "$out/diag-s$seed-n$n-$name.json" 2> "$out/diag-s$seed-n$n-$name.err"
-  echo "$name: exit $?, $(( $(date +%s) - start )) s"
+    --n $n --frames 64 --json > "$out/diag-s$seed-n$n-$name.json" 2> "$out/diag-s$seed-n$n-$name.err" &
+done
+wait
+echo "diagnosed $# models side by side in $(( $(date +%s) - start )) s"
+for model in "$@"; do
+  name=$(basename "$model")
+  echo "$name:"
+  [ -s "$out/diag-s$seed-n$n-$name.json" ] || { echo "  failed:"; tail -3 "$out/diag-s$seed-n$n-$name.err"; continue; }
   python3 - "$out/diag-s$seed-n$n-$name.json" <<'EOF'
 import json, sys
 d = json.load(open(sys.argv[1]))
