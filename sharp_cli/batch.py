@@ -82,7 +82,7 @@ def batch_command(
     of that question: method, ratio, layer, frames, fps, max_pixels, max_tokens, temperature, top_p,
     top_k, seed. The other fields of a `sharp eval` or `sharp synth` item (answer, category,
     needle_boxes, needle_frames, needle_part, camera, scene_starts) are ignored; any other field is
-    that item's error, as is a bad value (true or false where a number belongs, too).
+    that item's error, as is a bad value (true, false or a string where a number belongs, too).
     """
     from sharp_cli.errors import UsageError
     from sharp_cli.options import check_kv_gb, check_output_file, max_batch_for, quiet_transformers

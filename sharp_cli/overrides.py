@@ -43,11 +43,12 @@ class OptionFields(BaseModel):
 
     @field_validator("*", mode="before")
     @classmethod
-    def _no_booleans_for_numbers(cls, value, info):
-        """JSON's true/false is not a number here (pydantic would read true as 1): a 400, an error line."""
-        if isinstance(value, bool) and _is_number(cls.model_fields[info.field_name].annotation):
-            raise PydanticCustomError("number_type", "expected a number, got {value}",
-                                      {"value": "true" if value else "false"})
+    def _numbers_are_numbers(cls, value, info):
+        """JSON's true/false and strings are not numbers here (pydantic would read true as 1 and "0.5"
+        as 0.5): a 400, an error line, as a typed API answers a mistyped field."""
+        if isinstance(value, (bool, str)) and _is_number(cls.model_fields[info.field_name].annotation):
+            said = ("true" if value else "false") if isinstance(value, bool) else "a string"
+            raise PydanticCustomError("number_type", "expected a number, got {value}", {"value": said})
         return value
 
 

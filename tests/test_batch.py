@@ -384,6 +384,7 @@ def test_every_field_synth_writes_is_one_batch_knows():
     ({"frames": True}, "frames: expected a number, got true"),
     ({"ratio": False}, "ratio: expected a number, got false"),
     ({"max_tokens": True}, "max_tokens: expected a number, got true"),
+    ({"ratio": "0.5"}, "ratio: expected a number, got a string"),
     ({"options": ["red", "blue"], "answer": "B", "category": "colour", "needle_boxes": [[0, 1, 2, 3, 4]],
       "needle_frames": [0], "needle_part": "start", "camera": "pan", "scene_starts": [0]}, None),
     ({"options": [1, 2, 3]}, None),  # counts: read as text, as eval reads them

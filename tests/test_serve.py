@@ -188,14 +188,14 @@ NUMBERS = ("ratio", "layer", "frames", "fps", "max_pixels", "max_tokens", "max_c
 
 
 def test_true_or_false_is_not_a_number(server):
-    """pydantic reads true as 1: `"frames": true` was 1 frame and a 200. Every number of the request
-    refuses it, and the standard fields checked for their neutral value (`"n": true` is not `"n": 1`)."""
+    """pydantic reads true as 1: `"frames": true` was 1 frame and a 200 (and "1" was 1). Every number of
+    the request refuses both, and the standard fields checked for their neutral value (`"n": true` is not `"n": 1`)."""
     from sharp_cli.overrides import _is_number
     from sharp_cli.serve.schema import ChatRequest
 
     assert {name for name, f in ChatRequest.model_fields.items() if _is_number(f.annotation)} == set(NUMBERS)
     for name in NUMBERS:
-        for value, said in ((True, "true"), (False, "false")):
+        for value, said in ((True, "true"), (False, "false"), ("1", "a string")):
             response = server.post(body(**{name: value}))
             assert response.status_code == 400, (name, response.text)
             assert response.json()["error"]["code"] == "invalid_value"
