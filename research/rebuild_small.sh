@@ -33,10 +33,12 @@ where() {  # the folder of checkpoint $1: made on this machine, else carried
 
 steps() { [ "${PIN_STEPS:-1}" = 1 ] && echo " --steps $1"; }  # the recorded step count, when pinned
 
-report() {  # the new checkpoint's data range beside the lost one's (training.json's items_to)
+report() {  # the new checkpoint's data range beside the lost one's (training.json's items_to), into the
+  # stage's log (a call returns at most 8 files: two arms' 3 parts and a log each fill them)
+  local into="$out/$1.log"; [ -f "$into" ] || into="$out/$1.txt"
   $py -c "import json; d = json.load(open('/tmp/$1/training.json')); t = d.get('items_to')
 print('$1: items_to', t, '(lost: $2)', 'steps', d.get('steps'), '' if '$2' in ('-', str(t)) else 'DIFFERS')" \
-    | tee -a "$out/$1.txt"
+    | tee -a "$into"
 }
 
 train() {  # train NAME PARENT|none WORKERS VARLEN ITEMS_TO "MINUTES ARGS" ...
