@@ -182,7 +182,7 @@ def _relative(rows: list[dict], eos) -> None:
         row.update(speedup=None, flops_limit=None, efficiency=None, flops_limit_causal=None, efficiency_causal=None,
                    ttft_speedup=None, selection_share=None, kv_cache_share=None)
         if base is not None:
-            row["tokens_agree"] = _answer(row["tokens"], eos) == _answer(base["tokens"], eos) if row["tokens"] else None
+            row["tokens_agree"] = answers_agree(row["tokens"], base["tokens"], eos, row["method"] in peers.PEERS)
         if base is None or "prefill_flops" not in row:
             continue
         row["flops_limit"] = base["prefill_flops"] / row["prefill_flops"]
@@ -196,6 +196,18 @@ def _relative(rows: list[dict], eos) -> None:
         row.update(first_token(base["first_token_logits"], row["first_token_logits"]))
     for row in rows:
         row.pop("first_token_logits", None)
+
+
+def answers_agree(tokens: list[int], reference: list[int], eos: set, forced: bool) -> bool | None:
+    """Whether a row answers as the `none` row (reference) does, up to its first EOS. A stock row
+    (`forced`) ran generate() with min_new_tokens, which holds EOS back to time a fixed count: it
+    agrees when the reference's answer before its EOS starts its tokens."""
+    if not tokens:
+        return None
+    answer = _answer(reference, eos)
+    if forced and answer and answer[-1] in eos:
+        return tokens[:len(answer) - 1] == answer[:-1]
+    return _answer(tokens, eos) == answer
 
 
 def _answer(tokens: list[int], eos: set) -> list[int]:

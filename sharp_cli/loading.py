@@ -211,7 +211,7 @@ def _load_weights(name: str, dev: torch.device, quant: str, dtype: str, random_w
         name = str(_random_folder(name, config, dev, generation))
     config = read_config(name, trust_remote_code)
     adapter = adapter_for(config)
-    _refuse_pickles(name)
+    _check_weights_there(name)
     if warming is not None:  # its kernels warm while the weights load
         warming.shapes(config, tdtype)
     # use_kernels=False: with the `kernels` package installed, transformers >= 5.2x would replace layers
@@ -240,9 +240,10 @@ def _load_weights(name: str, dev: torch.device, quant: str, dtype: str, random_w
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 
-def _refuse_pickles(name: str) -> None:
-    """A local folder with pickled weights only: say so, instead of transformers' "no file named
-    model.safetensors" (use_safetensors=True already keeps the pickles from being opened)."""
+def _check_weights_there(name: str) -> None:
+    """A local folder without safetensors weights: say which case it is (pickled weights only, or no
+    weights at all), instead of transformers' "Error no file named model.safetensors found in
+    directory" (use_safetensors=True already keeps pickles from being opened)."""
     folder = Path(name)
     if not folder.is_dir() or any(folder.glob("*.safetensors")):
         return
@@ -250,6 +251,7 @@ def _refuse_pickles(name: str) -> None:
     if pickles:
         raise ModelError(f"cannot load local folder '{name}': its weights are pickled ({', '.join(pickles[:3])}), "
                          "and sharp loads safetensors only (unpickling can run code); convert them to safetensors")
+    raise ModelError(f"cannot load local folder '{name}': it has no weights (no *.safetensors file)")
 
 
 def check_prune_config(name: str, cfg: PruneConfig, *, random_weights: bool = False,

@@ -50,3 +50,24 @@ def test_a_rows_numbers_are_the_pipelines(tiny, passes):
         assert row["tokens_after_pruning"] == last.prefill.kept_len
         assert row["kv_cache_bytes"] == last.prefill.kv_cache_bytes
     assert rows["sharp"]["layer"] == 2 and rows["sharp"]["visual_tokens_kept"] < rows["none"]["visual_tokens_kept"]
+
+
+def test_a_stock_row_agrees_when_it_says_the_answer_before_the_eos_it_was_held_from():
+    """generate() runs with min_new_tokens (a fixed count to time), so it cannot stop where the answer
+    ends: sharp-tiny answers [64, EOS] and generate() [64, 47, ...]. That is agreement; a different
+    token before the EOS is not (the reference here is the `none` row, sharp's own decode)."""
+    import json
+
+    from conftest import sharp
+
+    result = sharp("bench", "-m", "sharp-tiny", "--iters", "1", "--warmup", "0", "--decode-tokens", "4",
+                   "--methods", "transformers,none", "--json")
+    assert result.exit_code == 0, result.stderr
+    rows = {r["method"]: r for r in json.loads(result.stdout)["rows"]}
+    eos = rows["none"]["tokens"][1]
+    assert rows["none"]["tokens"][0] == rows["transformers"]["tokens"][0]
+    assert eos not in rows["transformers"]["tokens"]  # held back: the case this test is about
+    assert rows["transformers"]["tokens_agree"] is True and rows["none"]["tokens_agree"] is True
+    ref = rows["none"]["tokens"]
+    assert bench.answers_agree([ref[0] + 1, 47, 47, 47], ref, {eos}, forced=True) is False
+    assert bench.answers_agree([ref[0], 47, 47, 47], ref, {eos}, forced=False) is False  # a sharp row must stop

@@ -93,6 +93,11 @@ def test_pickle_weights_are_refused(model_dirs, unicode_video, tmp_path, monkeyp
     assert "pickled" in result.stderr and "pytorch_model.bin" in result.stderr and "safetensors" in result.stderr
     assert decoded and not unpickled  # it reached the weights, and left them unopened
 
+    (folder / "pytorch_model.bin").unlink()  # no weights at all: said as such, not transformers' words
+    result = runner.invoke(app, ["ask", unicode_video, "what?", "-m", str(folder), *SMALL])
+    assert result.exit_code == 1 and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert "it has no weights (no *.safetensors file)" in result.stderr
+
 
 @pytest.mark.parametrize("dtype, padded", [(torch.float32, True), (torch.bfloat16, False)])
 def test_vision_mlps_are_padded_only_where_it_pays(dtype, padded):
