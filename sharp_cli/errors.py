@@ -9,6 +9,7 @@ SHARP_DEBUG=1 turns both back into tracebacks (`debug_enabled`).
 
 from __future__ import annotations
 
+import errno
 import os
 
 
@@ -48,10 +49,15 @@ def is_out_of_memory(exc: BaseException) -> bool:
 
 
 def describe(exc: Exception) -> str:
-    """An unexpected exception as one line: out-of-memory gets advice, anything else its type."""
+    """An unexpected exception as one line: out-of-memory gets advice, a failed file operation the
+    system's words and the file (a full disk: what to do), anything else its type."""
     if is_out_of_memory(exc):
         return ("out of GPU memory; lower --frames, --max-pixels or --ratio, or use --quant nf4 "
                 f"({one_line(str(exc), 160)})")
+    if isinstance(exc, OSError) and exc.strerror:
+        where = f": '{exc.filename}'" if exc.filename else ""
+        advice = "; free some space and run again" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else ""
+        return f"{exc.strerror}{where}{advice}"
     return f"{type(exc).__name__}: {exc} (SHARP_DEBUG=1 shows the traceback)"
 
 

@@ -92,6 +92,31 @@ def test_synth_never_overwrites_what_it_did_not_write(tmp_path):
         assert bad.exit_code == 2 and message in bad.stderr and len(bad.stderr.splitlines()) == 1
 
 
+def test_a_full_disk_is_one_line_and_leaves_no_half_clip(tmp_path, monkeypatch):
+    """The disk fills while the third clip is written: one line with the system's words and what to
+    do, exit 1, the clips written before kept whole, no .part file and no items.jsonl."""
+    import errno
+    import os
+
+    real = synth.write_mp4
+    written = []
+
+    def fills_up(clip, path, fps):
+        if len(written) == 2:
+            path.write_bytes(b"half a clip")
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+        written.append(path)
+        real(clip, path, fps)
+
+    monkeypatch.setattr(synth, "write_mp4", fills_up)
+    out = tmp_path / "s"
+    result = sharp("synth", out, "--n", 4, "--frames", 8, "--size", 64)
+    assert result.exit_code == 1 and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert "No space left on device" in result.stderr and "free some space and run again" in result.stderr
+    assert sorted(p.name for p in (out / "videos").iterdir()) == ["colour-0000.mp4", "direction-0001.mp4"]
+    assert not (out / "items.jsonl").exists()
+
+
 def test_synth_task_names_agree_with_the_command():
     from sharp_cli.evaluate import commands
 

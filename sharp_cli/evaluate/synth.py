@@ -68,15 +68,24 @@ def write(out: str | Path, n: int, seed: int = 0, *, frames: int = 32, size: int
     for i in range(n):
         clip, item = make_item(seed, i, tasks, frames, size)
         video = out / "videos" / f"{item['id']}.mp4"
-        write_mp4(clip, video.with_name(video.name + ".part"), fps)  # a whole file or none under its name
-        video.with_name(video.name + ".part").replace(video)
+        part = video.with_name(video.name + ".part")
+        try:
+            write_mp4(clip, part, fps)  # a whole file or none under its name
+        except BaseException:  # a full disk, Ctrl-C: no half clip left behind
+            part.unlink(missing_ok=True)
+            raise
+        part.replace(video)
         rest = {k: v for k, v in item.items() if k != "id"}
         lines.append({"id": item["id"], "video": f"videos/{item['id']}.mp4", **rest})
         if progress is not None:
             progress()
     items = out / "items.jsonl"
     part = out / "items.jsonl.part"
-    part.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    try:
+        part.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    except BaseException:
+        part.unlink(missing_ok=True)
+        raise
     part.replace(items)
     return items
 
