@@ -22,11 +22,9 @@ class LayerRetrieval(Retrieval):
     NAME = "sharp_small_train_sdpa"
 
     def __init__(self, layer: int, drop_from: int = 0, drop_share: float = 0.0):
+        """drop_from: deeper than `layer` (train_sharp_small checks it), whose loss reads the visual tokens."""
         super().__init__({layer})
         self.layer, self.drop_from, self.drop_share, self.blocked = layer, drop_from, drop_share, None
-        if drop_share and drop_from <= layer:
-            raise ValueError(f"visual drop from layer {drop_from}: must be deeper than the retrieval layer {layer}, "
-                             "whose loss reads the answer row's attention on the visual tokens")
 
     def register(self, model):
         super().register(model)

@@ -8,6 +8,7 @@ the command modules imports another; the pruning options come from PruneConfig's
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -177,9 +178,21 @@ def check_output_file(path, flag: str) -> None:
         raise UsageError(f"{flag} '{path}': cannot write in '{folder}'")
 
 
-def write_atomic(path: str, text: str) -> None:
-    """Write through a temp file so an interrupted run never leaves half a file behind."""
+@contextmanager
+def atomic_path(path):
+    """A temporary name beside `path` to write to: renamed to `path` when the block ends, removed when
+    it fails (a full disk, Ctrl-C), so an interrupted run never leaves half a file under either name."""
     tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as fh:
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        with suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def write_atomic(path, text: str) -> None:
+    """Write `text` to `path` whole or not at all (atomic_path)."""
+    with atomic_path(path) as tmp, open(tmp, "w") as fh:
         fh.write(text)
-    os.replace(tmp, path)

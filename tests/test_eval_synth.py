@@ -84,7 +84,7 @@ def test_synth_never_overwrites_what_it_did_not_write(tmp_path):
     for n in (2, 1):
         again = sharp("synth", ours, "--n", n, "--frames", 8, "--size", 64, "--tasks", "count")
         assert again.exit_code == 0, again.stderr
-    assert len(read_jsonl(ours / "items.jsonl")) == 1 and not list(ours.rglob("*.part"))
+    assert len(read_jsonl(ours / "items.jsonl")) == 1 and not list(ours.rglob("*.tmp-*"))
 
     (tmp_path / "file").write_text("x")
     for out, message in ((tmp_path / "file", "is a file"), ("/proc/no-such-folder", "cannot write in")):
@@ -94,7 +94,7 @@ def test_synth_never_overwrites_what_it_did_not_write(tmp_path):
 
 def test_a_full_disk_is_one_line_and_leaves_no_half_clip(tmp_path, monkeypatch):
     """The disk fills while the third clip is written: one line with the system's words and what to
-    do, exit 1, the clips written before kept whole, no .part file and no items.jsonl."""
+    do, exit 1, the clips written before kept whole, no temporary file and no items.jsonl."""
     import errno
     import os
 

@@ -34,6 +34,7 @@ import numpy as np
 from sharp_cli.errors import UsageError
 from sharp_cli.evaluate import scenes
 from sharp_cli.letters import LETTERS
+from sharp_cli.options import atomic_path, write_atomic
 
 BASIC = ("colour", "direction", "order", "count")
 HARD = tuple(scenes.BUILDERS)  # moving camera, textures, cuts, coverage: scenes.py
@@ -67,26 +68,14 @@ def write(out: str | Path, n: int, seed: int = 0, *, frames: int = 32, size: int
     lines = []
     for i in range(n):
         clip, item = make_item(seed, i, tasks, frames, size)
-        video = out / "videos" / f"{item['id']}.mp4"
-        part = video.with_name(video.name + ".part")
-        try:
-            write_mp4(clip, part, fps)  # a whole file or none under its name
-        except BaseException:  # a full disk, Ctrl-C: no half clip left behind
-            part.unlink(missing_ok=True)
-            raise
-        part.replace(video)
+        with atomic_path(out / "videos" / f"{item['id']}.mp4") as part:  # a whole clip or none
+            write_mp4(clip, Path(part), fps)
         rest = {k: v for k, v in item.items() if k != "id"}
         lines.append({"id": item["id"], "video": f"videos/{item['id']}.mp4", **rest})
         if progress is not None:
             progress()
     items = out / "items.jsonl"
-    part = out / "items.jsonl.part"
-    try:
-        part.write_text("".join(json.dumps(line) + "\n" for line in lines))
-    except BaseException:
-        part.unlink(missing_ok=True)
-        raise
-    part.replace(items)
+    write_atomic(items, "".join(json.dumps(line) + "\n" for line in lines))
     return items
 
 
@@ -292,7 +281,7 @@ def write_mp4(clip: np.ndarray, path: Path, fps: float) -> None:
     """H.264, near-lossless, single-threaded (so the bytes depend on the frames alone)."""
     import av
 
-    with av.open(str(path), "w", format="mp4") as out:  # the format named: the file may be NAME.mp4.part
+    with av.open(str(path), "w", format="mp4") as out:  # the format named: the name may be a temporary one
         stream = out.add_stream("libx264", rate=Fraction(fps).limit_denominator(1001),
                                 options={"preset": "ultrafast", "crf": "12", "threads": "1"})
         stream.width, stream.height, stream.pix_fmt = clip.shape[2], clip.shape[1], "yuv420p"
